@@ -1,0 +1,145 @@
+"""Reading and checking input volumes; writing label maps.
+
+Every failure raises InputError with a message that names the modality, says what is wrong and
+what to do. Nothing here modifies the input files.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+#: Modality key -> display name. Keys follow BraTS 2023 file suffixes.
+MODALITY_NAMES = {"t1c": "T1CE", "t2w": "T2W", "t2f": "FLAIR", "t1n": "T1"}
+#: File-name suffixes per modality, BraTS 2023 first then BraTS 2021.
+MODALITY_SUFFIXES = {
+    "t1c": ("t1c", "t1ce", "t1gd"),
+    "t2w": ("t2w", "t2"),
+    "t2f": ("t2f", "flair"),
+    "t1n": ("t1n", "t1"),
+}
+
+
+@dataclass
+class Volume:
+    """A 3D scalar image: ``data[i, j, k]`` in file voxel order, ``affine`` maps (i, j, k, 1) to RAS mm."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    name: str = "image"
+    header: object | None = None  # the nibabel header when read from a file
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3])))
+
+
+def check_volume(data: np.ndarray, affine: np.ndarray, name: str) -> np.ndarray:
+    """Validate an array as a 3D scalar image; returns it as float32 (a 4D image of one frame is squeezed)."""
+    data = np.asarray(data)
+    if data.size == 0:
+        raise InputError(f"{name} is empty (no voxels). Select or export the image again.")
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 4:
+        raise InputError(f"{name} is a 4D image with {data.shape[3]} volumes (shape {data.shape}); "
+                         "BrainUNet needs a single 3D volume: extract one frame first.")
+    if data.ndim > 4:
+        raise InputError(f"{name} has {data.ndim} dimensions (shape {data.shape}); BrainUNet needs a 3D volume.")
+    if data.ndim < 3 or min(data.shape) < 2:
+        raise InputError(f"{name} is a 2D image (shape {data.shape}); BrainUNet needs a 3D volume "
+                         "covering the whole brain. Load the full series, not a single slice.")
+    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise InputError(f"{name} has voxel type {data.dtype}; BrainUNet needs a real-valued scalar image.")
+    data = data.astype(np.float32, copy=False)
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise InputError(f"{name} contains {bad} NaN or infinite voxels; fix or re-export the image "
+                         "(for example with the Threshold or Mask Scalar Volume modules) and try again.")
+    lo, hi = float(data.min()), float(data.max())
+    if lo == hi:
+        raise InputError(f"{name} is constant (every voxel is {lo:g}); it holds no image. "
+                         "Check that the right series was selected.")
+    affine = np.asarray(affine, dtype=float)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(f"{name} has an invalid voxel-to-world matrix (zero or undefined spacing); "
+                         "re-export it with correct geometry.")
+    return data
+
+
+def load_volume(path, name: str | None = None) -> Volume:
+    """Read a NIfTI (or any format nibabel reads) as a checked float32 volume."""
+    import nibabel as nib
+
+    path = Path(path)
+    name = name or path.name
+    if not path.exists():
+        raise InputError(f"{name}: file not found: {path}. Check the path.")
+    if path.is_dir():
+        raise InputError(f"{name}: {path} is a folder, not an image file. Give the path of a .nii or .nii.gz file.")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for corrupt / truncated / foreign files
+        raise InputError(f"{name}: {path.name} cannot be read as an image ({type(exc).__name__}: "
+                         f"{str(exc)[:120]}). The file is corrupt, truncated or not NIfTI: export it again.") from exc
+    data = check_volume(data, img.affine, name)
+    return Volume(data=data, affine=np.asarray(img.affine, dtype=float), name=name, header=img.header)
+
+
+def check_writable(path) -> Path:
+    """Fail before any computation if ``path`` cannot be written."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.exists() and path.is_dir():
+        raise InputError(f"Output {path} is a folder; give a file name such as {path / 'segmentation.nii.gz'}.")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"Cannot create the output folder {parent}: {exc.strerror}. Choose another location.") from exc
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"Cannot write to {path}: permission denied. Choose a folder you can write to.")
+    return path
+
+
+def save_label_nifti(labels: np.ndarray, reference: Volume, path) -> Path:
+    """Write ``labels`` (reference voxel order) with the reference's affine and header geometry."""
+    import nibabel as nib
+
+    header = reference.header.copy() if reference.header is not None else None
+    img = nib.Nifti1Image(labels.astype(np.uint8), reference.affine, header=header)
+    img.set_data_dtype(np.uint8)
+    img.header["scl_slope"] = 1
+    img.header["scl_inter"] = 0
+    if header is not None:
+        # Keep the reference's exact qform/sform codes so viewers place the labels identically.
+        img.set_qform(*reference.header.get_qform(coded=True))
+        img.set_sform(*reference.header.get_sform(coded=True))
+        if img.header["qform_code"] == 0 and img.header["sform_code"] == 0:
+            img.set_sform(reference.affine, code=1)
+    path = Path(path)
+    nib.save(img, str(path))
+    return path
+
+
+def find_case_files(case_dir) -> dict[str, Path]:
+    """Map modality keys to files in a BraTS-layout case folder (2021 ``*_t1ce.nii.gz`` or 2023 ``*-t1c.nii.gz``)."""
+    case_dir = Path(case_dir)
+    found: dict[str, Path] = {}
+    files = sorted(p for p in case_dir.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
+    for p in files:
+        stem = p.name[:-7] if p.name.endswith(".nii.gz") else p.name[:-4]
+        suffix = stem.replace("-", "_").split("_")[-1].lower()
+        for key, options in MODALITY_SUFFIXES.items():
+            if suffix in options and key not in found:
+                found[key] = p
+    return found

@@ -1,0 +1,123 @@
+"""Sliding-window (or padded whole-volume) inference with optional mirroring TTA.
+
+``progress(fraction, message)`` is called after every window; ``should_cancel()`` is polled
+between windows and raises Cancelled. A CUDA out-of-memory error falls back to the CPU.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+
+import numpy as np
+
+from .errors import Cancelled, InputError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("A GPU (CUDA) was requested but none is available; choose device 'cpu' or 'auto'.")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"Unknown device '{device}'; choose auto, cpu or cuda.")
+    return device
+
+
+def _gaussian_weight(patch, sigma_scale=0.125):
+    grids = np.meshgrid(*[np.arange(p) for p in patch], indexing="ij")
+    w = np.ones(patch, np.float32)
+    for g, p in zip(grids, patch):
+        c, s = (p - 1) / 2.0, max(p * sigma_scale, 1.0)
+        w *= np.exp(-((g - c) ** 2) / (2 * s * s)).astype(np.float32)
+    w /= w.max()
+    return np.maximum(w, 1e-3)
+
+
+def _starts(size, patch, step):
+    if size <= patch:
+        return [0]
+    n = math.ceil((size - patch) / step) + 1
+    return sorted({int(round(i * (size - patch) / (n - 1))) for i in range(n)})
+
+
+def window_plan(shape, patch_size, divisor, overlap=0.5):
+    """Padded shape, effective patch and window origins for a (X, Y, Z) volume."""
+    patch = []
+    for s, p in zip(shape, patch_size):
+        # A dimension that fits in one patch is processed whole (rounded up to the divisor).
+        p_eff = min(int(p), int(math.ceil(s / divisor) * divisor))
+        patch.append(max(p_eff, divisor))
+    padded = [max(s, p) for s, p in zip(shape, patch)]
+    steps = [max(1, int(p * (1 - overlap))) for p in patch]
+    starts = [_starts(s, p, st) for s, p, st in zip(padded, patch, steps)]
+    return tuple(padded), tuple(patch), list(itertools.product(*starts))
+
+
+def predict_probabilities(model, image: np.ndarray, patch_size=(128, 128, 128), overlap=0.5, tta=False,
+                          device="cpu", progress=None, should_cancel=None, num_threads=None) -> np.ndarray:
+    """Softmax probabilities (K, X, Y, Z) for a normalised (C, X, Y, Z) image."""
+    import torch
+
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    try:
+        return _predict(model, image, patch_size, overlap, tta, device, progress, should_cancel)
+    except torch.cuda.OutOfMemoryError:
+        if not str(device).startswith("cuda"):
+            raise
+        torch.cuda.empty_cache()
+        msg = "The GPU ran out of memory; continuing on the CPU (slower)."
+        log.warning(msg)
+        if progress:
+            progress(0.0, msg)
+        return _predict(model.to("cpu"), image, patch_size, overlap, tta, "cpu", progress, should_cancel)
+
+
+def _predict(model, image, patch_size, overlap, tta, device, progress, should_cancel):
+    import torch
+
+    model = model.to(device).eval()
+    divisor = model.config.divisor
+    shape = image.shape[1:]
+    padded, patch, origins = window_plan(shape, patch_size, divisor, overlap)
+    pad = [(0, 0)] + [(0, p - s) for p, s in zip(padded, shape)]
+    x = np.pad(image, pad) if any(p[1] for p in pad) else image
+    k = model.config.out_channels
+    acc = torch.zeros((k, *padded), dtype=torch.float32)
+    norm = torch.zeros(padded, dtype=torch.float32)
+    weight = torch.from_numpy(_gaussian_weight(patch)) if len(origins) > 1 else torch.ones(patch)
+    flips = [()] + ([f for r in (1, 2, 3) for f in itertools.combinations((2, 3, 4), r)] if tta else [])
+    total = len(origins) * len(flips)
+    done = 0
+    with torch.inference_mode():
+        for origin in origins:
+            sl = tuple(slice(o, o + p) for o, p in zip(origin, patch))
+            tile = torch.from_numpy(np.ascontiguousarray(x[(slice(None),) + sl]))[None].to(device)
+            probs = torch.zeros((k, *patch), dtype=torch.float32)
+            for flip in flips:
+                if should_cancel and should_cancel():
+                    raise Cancelled()
+                inp = torch.flip(tile, flip) if flip else tile
+                out = torch.softmax(model(inp).float(), dim=1)
+                if flip:
+                    out = torch.flip(out, flip)
+                probs += out[0].cpu()
+                done += 1
+                if progress:
+                    progress(done / total, f"Inference: window {done} of {total}")
+            acc[(slice(None),) + sl] += probs / len(flips) * weight
+            norm[sl] += weight
+    acc /= norm.clamp_min(1e-6)
+    crop = (slice(None),) + tuple(slice(0, s) for s in shape)
+    return acc[crop].numpy()
+
+
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)

@@ -1,0 +1,224 @@
+"""The whole job: input files -> label map on the T1CE grid (+ .seg.nrrd, statistics CSV, PNG overlay).
+
+Used by the command line, by the Slicer module's background process and by the tests.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .imageio import MODALITY_NAMES, Volume, check_writable, load_volume, save_label_nifti
+from .labels import SUBREGIONS
+from . import weights as weights_mod
+
+log = logging.getLogger(__name__)
+
+REQUIRED_MODALITIES = ("t1c", "t2w", "t2f")
+
+
+@dataclass
+class LoadedModel:
+    entry_name: str
+    kind: str  # "network" or "baseline"
+    preprocessing: dict
+    network: object | None = None  # torch module for kind == "network"
+    description: str = ""
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.preprocessing["modalities"])
+
+
+def load_model(model: str | Path | None = None, device: str = "cpu", progress=None) -> LoadedModel:
+    """``model``: None (best installed), a registry name, or a path to a weights file."""
+    if model is not None and (str(model).endswith((".pt", ".pth")) or Path(str(model)).exists()):
+        net, payload = weights_mod.load_weights(Path(model), device=device)
+        return LoadedModel(payload.get("name", Path(model).stem), "network", payload["preprocessing"], net,
+                           f"weights file {model}")
+    entry = weights_mod.find_model(str(model)) if model else weights_mod.default_model()
+    if entry.kind == "baseline":
+        return LoadedModel(entry.name, "baseline", dict(weights_mod.DEFAULT_PREPROCESSING), None, entry.description)
+    path = weights_mod.ensure_weights(entry, progress=progress)
+    net, payload = weights_mod.load_weights(path, entry.sha256, device=device)
+    return LoadedModel(entry.name, "network", payload["preprocessing"], net, entry.description)
+
+
+@dataclass
+class SegmentationResult:
+    labels: np.ndarray  # reference voxel order, BraTS 2023 values
+    reference: Volume
+    aligned: dict[str, np.ndarray]  # raw intensities on the reference grid
+    statistics: list[dict]
+    model_name: str
+    timings: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+
+def load_inputs(paths: dict[str, str | Path | None]) -> dict[str, Volume]:
+    missing = [MODALITY_NAMES[m] for m in REQUIRED_MODALITIES if not paths.get(m)]
+    if missing:
+        raise InputError(f"Missing input: {', '.join(missing)}. BrainUNet needs T1CE, T2W and FLAIR.")
+    return {m: load_volume(p, MODALITY_NAMES.get(m, m)) for m, p in paths.items() if p}
+
+
+def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu", tta: bool = False,
+            progress=None, should_cancel=None) -> SegmentationResult:
+    from . import postprocess, preprocessing, statistics
+    from .errors import Cancelled
+
+    def report(fraction, message):
+        if progress:
+            progress(float(fraction), message)
+        if should_cancel and should_cancel():
+            raise Cancelled()
+
+    timings = {}
+    t0 = time.perf_counter()
+    report(0.02, "Aligning inputs to the T1CE grid")
+    aligned = preprocessing.align_to_reference(volumes, "t1c")
+    pp = model.preprocessing
+    prepared = preprocessing.prepare(aligned, volumes["t1c"], model.modalities, pp["spacing_mm"],
+                                     pp.get("clip_percentiles", (0.5, 99.5)))
+    timings["preprocess_s"] = time.perf_counter() - t0
+    report(0.10, f"Running {model.entry_name}")
+    t1 = time.perf_counter()
+    if model.kind == "baseline":
+        from .baseline import intensity_rule
+
+        probs = intensity_rule(prepared.image, prepared.mask, model.modalities)
+    else:
+        from .inference import predict_probabilities
+
+        def window_progress(f, msg):
+            report(0.10 + 0.80 * f, msg)
+
+        probs = predict_probabilities(model.network, prepared.image, pp.get("patch_size", (128, 128, 128)),
+                                      tta=tta, device=device, progress=window_progress,
+                                      should_cancel=should_cancel)
+    timings["inference_s"] = time.perf_counter() - t1
+    report(0.92, "Post-processing")
+    t2 = time.perf_counter()
+    probs = prepared.restore_channels(probs)
+    crop_labels = postprocess.probabilities_to_labels(probs, prepared.crop_mask)
+    crop_labels = postprocess.remove_small_components(crop_labels, int(pp.get("min_component_voxels", 0)))
+    labels = prepared.restore_labels(crop_labels)
+    ref = volumes["t1c"]
+    stats = statistics.region_statistics(labels, ref.affine, aligned)
+    timings["postprocess_s"] = time.perf_counter() - t2
+    timings["total_s"] = time.perf_counter() - t0
+    report(1.0, "Done")
+    return SegmentationResult(labels, ref, aligned, stats, model.entry_name, timings)
+
+
+def segmentation_dict(labels: np.ndarray, affine_ras: np.ndarray) -> dict:
+    """A slicerio segmentation (one layer, label values 1/2/3) with names, colours and terminology."""
+    ijk_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_ras
+    segments = []
+    for region in SUBREGIONS:
+        mask = labels == region.label
+        if mask.any():
+            idx = np.nonzero(mask)
+            extent = [int(v) for axis in idx for v in (axis.min(), axis.max())]
+        else:
+            extent = [0, -1, 0, -1, 0, -1]
+        segments.append({
+            "id": region.key, "name": region.name, "color": list(region.color), "labelValue": region.label,
+            "layer": 0, "extent": extent, "nameAutoGenerated": False, "colorAutoGenerated": False,
+            "tags": {"TerminologyEntry": region.terminology_entry(), "Segmentation.Status": "inprogress"},
+        })
+    return {"voxels": labels.astype(np.uint8), "ijkToLPS": ijk_to_lps, "segments": segments,
+            "containedRepresentationNames": ["Binary labelmap"], "masterRepresentation": "Binary labelmap"}
+
+
+def write_seg_nrrd(labels: np.ndarray, affine_ras: np.ndarray, path) -> Path:
+    import slicerio
+
+    slicerio.write_segmentation(str(path), segmentation_dict(labels, affine_ras))
+    return Path(path)
+
+
+def write_overlay_png(result: SegmentationResult, path, background: str = "t2f") -> Path:
+    """Axial, coronal and sagittal slices through the tumour centre with the labels over FLAIR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from nibabel import orientations as o
+
+    to_ras = o.ornt_transform(o.io_orientation(result.reference.affine), o.axcodes2ornt("RAS"))
+    img = o.apply_orientation(result.aligned.get(background, result.reference.data), to_ras)
+    lab = o.apply_orientation(result.labels, to_ras)
+    centre = np.argwhere(lab > 0).mean(axis=0).round().astype(int) if lab.any() else np.array(lab.shape) // 2
+    colours = np.zeros((4, 4))
+    for region in SUBREGIONS:
+        colours[region.label] = (*region.color, 0.55)
+    cmap = ListedColormap(colours)
+    lo, hi = np.percentile(img[img != 0], (1, 99)) if np.any(img) else (0, 1)
+    views = [("Axial", img[:, :, centre[2]], lab[:, :, centre[2]]),
+             ("Coronal", img[:, centre[1], :], lab[:, centre[1], :]),
+             ("Sagittal", img[centre[0], :, :], lab[centre[0], :, :])]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), facecolor="black")
+    for ax, (title, im, lb) in zip(axes, views):
+        ax.imshow(im.T, cmap="gray", origin="lower", vmin=lo, vmax=hi)
+        ax.imshow(lb.T, cmap=cmap, origin="lower", vmin=0, vmax=3, interpolation="nearest")
+        ax.set_title(title, color="white")
+        ax.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=r.color) for r in SUBREGIONS]
+    fig.legend(handles, [f"{r.key}: {r.name}" for r in SUBREGIONS], loc="lower center", ncol=3,
+               facecolor="black", labelcolor="white", frameon=False)
+    fig.suptitle(f"BrainUNet ({result.model_name})", color="white")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=90, facecolor="black")
+    plt.close(fig)
+    return Path(path)
+
+
+def output_kind(path) -> str:
+    name = str(path).lower()
+    if name.endswith(".seg.nrrd"):
+        return "seg.nrrd"
+    if name.endswith((".nii.gz", ".nii")):
+        return "nifti"
+    raise InputError(f"Output {path} must end in .nii.gz, .nii or .seg.nrrd.")
+
+
+def run(paths: dict, output, stats_csv=None, overlay_png=None, model: str | Path | None = None,
+        device: str = "auto", tta: bool = False, progress=None, should_cancel=None,
+        loaded_model: LoadedModel | None = None, seg_nrrd=None) -> SegmentationResult:
+    """Check outputs, load inputs and model, segment, write every requested output.
+
+    ``output`` is a .nii.gz / .nii / .seg.nrrd label file; ``seg_nrrd`` optionally adds a .seg.nrrd copy.
+    """
+    from .inference import resolve_device
+    from .statistics import write_csv
+
+    outputs = {"labels": output, "seg_nrrd": seg_nrrd, "stats": stats_csv, "overlay": overlay_png}
+    outputs = {k: Path(v) for k, v in outputs.items() if v}
+    kind = output_kind(outputs["labels"])
+    for p in outputs.values():
+        check_writable(p)
+    volumes = load_inputs(paths)
+    device = resolve_device(device)
+    t = time.perf_counter()
+    loaded = loaded_model or load_model(model, device=device, progress=progress)
+    load_s = time.perf_counter() - t
+    result = segment(volumes, loaded, device=device, tta=tta, progress=progress, should_cancel=should_cancel)
+    result.timings["model_load_s"] = load_s
+    if kind == "seg.nrrd":
+        write_seg_nrrd(result.labels, result.reference.affine, outputs["labels"])
+    else:
+        save_label_nifti(result.labels, result.reference, outputs["labels"])
+    if "seg_nrrd" in outputs:
+        write_seg_nrrd(result.labels, result.reference.affine, outputs["seg_nrrd"])
+    if "stats" in outputs:
+        write_csv(result.statistics, outputs["stats"])
+    if "overlay" in outputs:
+        write_overlay_png(result, outputs["overlay"])
+    result.outputs = outputs
+    return result

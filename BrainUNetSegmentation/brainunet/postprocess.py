@@ -1,0 +1,28 @@
+"""Class probabilities -> BraTS 2023 labels (1 NETC, 2 SNFH, 3 ET)."""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .labels import CLASS_LABELS
+
+
+def probabilities_to_labels(probs: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    labels = np.asarray(CLASS_LABELS, dtype=np.uint8)[np.argmax(probs, axis=0)]
+    if mask is not None:
+        labels[~mask] = 0
+    return labels
+
+
+def remove_small_components(labels: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Drop whole-tumour components smaller than ``min_voxels`` (isolated false-positive specks)."""
+    if min_voxels <= 0 or not labels.any():
+        return labels
+    comp, n = ndimage.label(labels > 0, structure=np.ones((3, 3, 3)))
+    sizes = np.bincount(comp.ravel())
+    small = np.flatnonzero(sizes < min_voxels)
+    small = small[small > 0]
+    if small.size:
+        labels = labels.copy()
+        labels[np.isin(comp, small)] = 0
+    return labels

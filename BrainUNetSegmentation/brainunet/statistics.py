@@ -1,0 +1,73 @@
+"""Per-region statistics: volume, voxel count, intensities, centroid (RAS) and largest 3D diameter."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial.distance import pdist
+
+from .imageio import MODALITY_NAMES
+from .labels import ALL_REGIONS
+
+BASE_COLUMNS = ["region", "name", "voxels", "volume_ml", "centroid_r", "centroid_a", "centroid_s", "max_diameter_mm"]
+
+
+def max_diameter_mm(mask: np.ndarray, affine: np.ndarray) -> float:
+    """Largest distance between two voxel centres of ``mask`` in mm (0 for an empty mask)."""
+    if not mask.any():
+        return 0.0
+    surface = mask & ~ndimage.binary_erosion(mask)
+    ijk = np.argwhere(surface).astype(float)
+    pts = ijk @ affine[:3, :3].T + affine[:3, 3]
+    if len(pts) > 3:
+        try:
+            pts = pts[ConvexHull(pts).vertices]  # the diameter is reached between hull vertices
+        except QhullError:  # flat or collinear sets: fall back to all surface points
+            pass
+    if len(pts) > 20000:
+        pts = pts[np.random.default_rng(0).choice(len(pts), 20000, replace=False)]
+    return float(pdist(pts).max()) if len(pts) > 1 else 0.0
+
+
+def region_statistics(labels: np.ndarray, affine: np.ndarray, intensities: dict[str, np.ndarray] | None = None):
+    """One dict per region (ET, NETC, SNFH, TC, WT); ``labels`` and intensities share the grid of ``affine``."""
+    intensities = intensities or {}
+    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    rows = []
+    for region in ALL_REGIONS:
+        mask = region.mask(labels)
+        n = int(mask.sum())
+        row = {"region": region.key, "name": region.name, "voxels": n, "volume_ml": n * voxel_ml}
+        if n:
+            centroid = np.argwhere(mask).mean(axis=0)
+            ras = affine[:3, :3] @ centroid + affine[:3, 3]
+        else:
+            ras = (np.nan, np.nan, np.nan)
+        row.update(centroid_r=float(ras[0]), centroid_a=float(ras[1]), centroid_s=float(ras[2]),
+                   max_diameter_mm=max_diameter_mm(mask, affine))
+        for key, image in intensities.items():
+            label = MODALITY_NAMES.get(key, key)
+            values = image[mask]
+            row[f"mean_{label}"] = float(values.mean()) if n else np.nan
+            row[f"median_{label}"] = float(np.median(values)) if n else np.nan
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows, path) -> Path:
+    path = Path(path)
+    columns = list(rows[0].keys()) if rows else BASE_COLUMNS
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return path
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))

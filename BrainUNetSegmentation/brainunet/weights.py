@@ -1,0 +1,183 @@
+"""Model registry and safe, checksum-verified weight files.
+
+A weights file is a ``torch.save`` of plain containers (no pickled classes) so it loads with
+``weights_only=True``::
+
+    {"format": "brainunet-weights", "version": 1, "name": str, "network": NetworkConfig dict,
+     "preprocessing": {...}, "state_dict": {name: fp16/fp32 tensor}}
+
+The registry (``models/registry.json``) lists each model with its file, SHA-256 and an optional
+download URL; the URL is only used when the file is absent and is verified like a local file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import WeightsError
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+REGISTRY_PATH = MODELS_DIR / "registry.json"
+WEIGHTS_FORMAT = "brainunet-weights"
+
+#: Preprocessing defaults stored with every model (the model decides its own working grid).
+DEFAULT_PREPROCESSING = {
+    "modalities": ["t1c", "t2w", "t2f"],
+    "spacing_mm": [1.0, 1.0, 1.0],
+    "patch_size": [128, 128, 128],
+    "clip_percentiles": [0.5, 99.5],
+}
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    kind: str  # "network" (a BrainUNet weights file) or "baseline" (the intensity rule)
+    description: str
+    file: str | None = None  # relative to the registry folder, or absolute
+    sha256: str | None = None
+    url: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def path(self, registry_dir: Path = MODELS_DIR) -> Path | None:
+        if self.file is None:
+            return None
+        p = Path(self.file)
+        return p if p.is_absolute() else registry_dir / p
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_registry(path: Path = REGISTRY_PATH) -> list[ModelEntry]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    entries = []
+    for d in data["models"]:
+        known = {k: d[k] for k in ("name", "kind", "description", "file", "sha256", "url") if k in d}
+        extra = {k: v for k, v in d.items() if k not in known}
+        entries.append(ModelEntry(**known, extra=extra))
+    return entries
+
+
+def default_model(entries: list[ModelEntry] | None = None, registry_dir: Path = MODELS_DIR) -> ModelEntry:
+    """The first registered network whose weights are present, else the intensity baseline."""
+    entries = load_registry() if entries is None else entries
+    for e in entries:
+        if e.kind == "network" and e.path(registry_dir) is not None and e.path(registry_dir).exists():
+            return e
+    for e in entries:
+        if e.kind == "baseline":
+            return e
+    raise WeightsError("No usable model is registered: reinstall BrainUNet.")
+
+
+def find_model(name: str, entries: list[ModelEntry] | None = None) -> ModelEntry:
+    entries = load_registry() if entries is None else entries
+    for e in entries:
+        if e.name == name:
+            return e
+    raise WeightsError(f"Unknown model '{name}'. Known models: {', '.join(e.name for e in entries)}.")
+
+
+def download(url: str, destination: Path, sha256: str | None, progress=None) -> Path:
+    """Fetch ``url`` to ``destination`` atomically and verify its checksum (file:// works offline)."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=destination.parent, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                done += len(chunk)
+                if progress and total:
+                    progress(done / total, f"Downloading model weights ({done >> 20} / {total >> 20} MB)")
+        if sha256 and sha256_of(Path(tmp)) != sha256:
+            raise WeightsError(f"Downloaded weights from {url} do not match their checksum; try again later.")
+        os.replace(tmp, destination)
+    except WeightsError:
+        raise
+    except OSError as exc:
+        raise WeightsError(f"Could not download model weights from {url}: {exc}. "
+                           "Check the internet connection, or copy the weights file to "
+                           f"{destination} by hand.") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return destination
+
+
+def ensure_weights(entry: ModelEntry, registry_dir: Path = MODELS_DIR, progress=None) -> Path:
+    path = entry.path(registry_dir)
+    if path is None:
+        raise WeightsError(f"Model '{entry.name}' has no weights file.")
+    if not path.exists():
+        if not entry.url:
+            raise WeightsError(f"Weights file for model '{entry.name}' is missing: {path}. Reinstall BrainUNet "
+                               "or pass --model with the path to a weights file.")
+        download(entry.url, path, entry.sha256, progress)
+    return path
+
+
+def save_weights(path: Path, model, name: str, preprocessing: dict | None = None, half: bool = True,
+                 extra: dict | None = None) -> str:
+    """Write a compact (fp16 by default) weights file; returns its SHA-256."""
+    import torch
+
+    state = {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
+             for k, v in model.state_dict().items()}
+    payload = {
+        "format": WEIGHTS_FORMAT,
+        "version": 1,
+        "name": name,
+        "network": model.config.to_dict(),
+        "preprocessing": dict(DEFAULT_PREPROCESSING, **(preprocessing or {})),
+        "extra": extra or {},
+        "state_dict": state,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    return sha256_of(path)
+
+
+def load_weights(path: Path, expected_sha256: str | None = None, device: str = "cpu"):
+    """Return ``(model, payload)``; the model is in eval mode, fp32, on ``device``."""
+    import torch
+
+    from .network import BrainUNet, NetworkConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Weights file not found: {path}.")
+    if expected_sha256 and sha256_of(path) != expected_sha256:
+        raise WeightsError(f"Weights file {path} is corrupt (checksum mismatch); reinstall BrainUNet or "
+                           "download the file again.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle refused by weights_only, ...
+        raise WeightsError(f"Weights file {path} cannot be read ({type(exc).__name__}); it is corrupt, "
+                           "truncated or not a BrainUNet weights file.") from exc
+    if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
+        raise WeightsError(f"{path} is not a BrainUNet weights file.")
+    try:
+        model = BrainUNet(NetworkConfig.from_dict(payload["network"]))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                               for k, v in payload["state_dict"].items()})
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+        raise WeightsError(f"Weights file {path} does not match the BrainUNet network: {exc}") from exc
+    payload["preprocessing"] = dict(DEFAULT_PREPROCESSING, **payload.get("preprocessing", {}))
+    return model.to(device).eval(), payload
