@@ -1,0 +1,213 @@
+"""MRML bridge: volume nodes <-> arrays, label maps -> segmentation node, statistics -> table node.
+
+Uses only MRML classes (the real ones: Slicer's, or slicer-core's without the application).
+Arrays are indexed ``[i, j, k]`` with the node's IJKToRAS (parent linear transforms applied), so
+oblique, anisotropic and left-handed volumes keep their geometry.
+"""
+from __future__ import annotations
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from .errors import InputError
+from .imageio import Volume, check_volume
+from .labels import SUBREGIONS
+
+
+def new_headless_scene():
+    """A scene with what Slicer's start-up registers for segmentations (tests and scripts only)."""
+    scene = slicer.vtkMRMLScene()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)  # registers the binary-labelmap / closed-surface converter rules
+    _KEEP_ALIVE.append(logic)
+    return scene
+
+
+_KEEP_ALIVE: list = []
+
+
+def _matrix_to_numpy(m: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _numpy_to_matrix(a: np.ndarray) -> vtk.vtkMatrix4x4:
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(a[r, c]))
+    return m
+
+
+def ijk_to_ras(volume_node) -> np.ndarray:
+    """IJK -> world RAS, including a parent linear transform (a non-linear one must be hardened first)."""
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    affine = _matrix_to_numpy(m)
+    parent = volume_node.GetParentTransformNode()
+    if parent is not None:
+        if not parent.IsTransformToWorldLinear():
+            raise InputError(f"{volume_node.GetName()} is under a non-linear transform; harden it first "
+                             "(Data module: right-click > Harden transform).")
+        to_world = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(to_world)
+        affine = _matrix_to_numpy(to_world) @ affine
+    return affine
+
+
+def volume_from_node(volume_node, name: str | None = None) -> Volume:
+    """Checked float32 copy of a scalar volume node as a Volume (``data[i, j, k]``)."""
+    name = name or volume_node.GetName()
+    if volume_node.GetImageData() is None:
+        raise InputError(f"{name} has no image data. Load the image again.")
+    if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise InputError(f"{name} has {volume_node.GetImageData().GetNumberOfScalarComponents()} components per "
+                         "voxel (colour or vector image); BrainUNet needs a scalar MRI volume.")
+    arr = slicer.util.arrayFromVolume(volume_node)  # [k, j, i]
+    data = check_volume(np.asarray(arr).transpose(2, 1, 0), ijk_to_ras(volume_node), name)
+    return Volume(np.ascontiguousarray(data), ijk_to_ras(volume_node), name)
+
+
+def add_volume_node(scene, volume: Volume, name: str | None = None, labelmap: bool = False):
+    cls = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
+    node = scene.AddNewNodeByClass(cls, name or volume.name)
+    node.SetIJKToRASMatrix(_numpy_to_matrix(volume.affine))
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(volume.data.transpose(2, 1, 0)))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def load_volume_file(scene, path, name: str | None = None):
+    """Read a volume file with Slicer's own storage node (as File > Add Data does)."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or "volume")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        scene.RemoveNode(storage)
+        raise InputError(f"Slicer could not read {path}.")
+    return node
+
+
+def save_volume_nifti(volume: Volume, path) -> None:
+    """Write a Volume for the background process (nibabel; the scene is not touched)."""
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(volume.data, volume.affine), str(path))
+
+
+def _oriented_image(mask: np.ndarray, affine: np.ndarray):
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(*mask.shape)
+    flat = np.ascontiguousarray(mask.astype(np.uint8).ravel(order="F"))  # VTK: i varies fastest
+    scalars = numpy_support.numpy_to_vtk(flat, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR)
+    image.GetPointData().SetScalars(scalars)
+    image.SetImageToWorldMatrix(_numpy_to_matrix(affine))
+    return image
+
+
+def _set_terminology(segment, region) -> None:
+    if hasattr(segment, "SetTerminology"):
+        segment.SetTerminology(region.terminology_entry())
+    else:
+        segment.SetTag("TerminologyEntry", region.terminology_entry())
+
+
+def create_segmentation(scene, labels: np.ndarray, reference_node, name: str | None = None,
+                        segmentation_node=None):
+    """Segments ET, NETC, SNFH from ``labels`` (reference voxel order) into a segmentation node.
+
+    A new node is created unless ``segmentation_node`` is given (the user chose to overwrite it).
+    """
+    affine = ijk_to_ras(reference_node)
+    if segmentation_node is None:
+        name = name or scene.GenerateUniqueName(f"{reference_node.GetName()} BrainUNet")
+        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    else:
+        segmentation_node.GetSegmentation().RemoveAllSegments()
+    segmentation_node.CreateDefaultDisplayNodes()
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    segmentation = segmentation_node.GetSegmentation()
+    for region in SUBREGIONS:
+        segment_id = segmentation.AddEmptySegment(region.key, region.name, list(region.color))
+        segment = segmentation.GetSegment(segment_id)
+        segment.SetNameAutoGenerated(False)
+        segment.SetColorAutoGenerated(False)
+        _set_terminology(segment, region)
+        slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            _oriented_image(labels == region.label, affine), segmentation_node, segment_id,
+            slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    place_beside(scene, segmentation_node, reference_node)
+    return segmentation_node
+
+
+def segment_mask(segmentation_node, segment_id: str, reference_node) -> np.ndarray:
+    """One segment as a bool array on the reference grid (``[i, j, k]``)."""
+    labelmap = segmentation_node.GetScene().AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, ids, labelmap, reference_node)
+        if not ok:
+            raise RuntimeError(f"could not export segment {segment_id}")
+        return slicer.util.arrayFromVolume(labelmap).transpose(2, 1, 0) > 0
+    finally:
+        segmentation_node.GetScene().RemoveNode(labelmap)
+
+
+def segmentation_to_labels(segmentation_node, reference_node) -> np.ndarray:
+    """BraTS 2023 label map from the ET / NETC / SNFH segments (found by ID, then by name)."""
+    segmentation = segmentation_node.GetSegmentation()
+    shape = tuple(reference_node.GetImageData().GetDimensions())
+    labels = np.zeros(shape, np.uint8)
+    for region in (SUBREGIONS[2], SUBREGIONS[1], SUBREGIONS[0]):  # SNFH first: overlaps resolve to core labels
+        segment_id = region.key if segmentation.GetSegment(region.key) else segmentation.GetSegmentIdBySegmentName(region.name)
+        if segment_id:
+            labels[segment_mask(segmentation_node, segment_id, reference_node)] = region.label
+    return labels
+
+
+def place_beside(scene, node, reference_node) -> None:
+    """Put ``node`` under the same subject-hierarchy parent (patient / study) as ``reference_node``."""
+    sh = scene.GetSubjectHierarchyNode()
+    if sh is None:
+        return
+    ref_item = sh.GetItemByDataNode(reference_node)
+    item = sh.GetItemByDataNode(node)
+    if ref_item and item:
+        sh.SetItemParent(item, sh.GetItemParent(ref_item))
+
+
+def statistics_table(scene, rows: list[dict], name: str | None = None, table_node=None):
+    """Statistics rows -> a vtkMRMLTableNode (text columns stay text, numbers are doubles)."""
+    if table_node is None:
+        table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name or "BrainUNet statistics"))
+    table = table_node.GetTable()
+    table.Initialize()
+    if not rows:
+        return table_node
+    for column in rows[0].keys():
+        values = [r[column] for r in rows]
+        numeric = all(isinstance(v, (int, float, np.floating, np.integer)) for v in values)
+        if not numeric:
+            try:
+                values = [float(v) for v in values]
+                numeric = column not in ("region", "name")
+            except (TypeError, ValueError):
+                numeric = False
+        arr = vtk.vtkDoubleArray() if numeric else vtk.vtkStringArray()
+        arr.SetName(column)
+        for v in values:
+            arr.InsertNextValue(float(v) if numeric else str(v))
+        table.AddColumn(arr)
+    table_node.Modified()
+    return table_node
+
+
+def table_to_rows(table_node) -> list[dict]:
+    table = table_node.GetTable()
+    cols = [table.GetColumn(c) for c in range(table.GetNumberOfColumns())]
+    return [{c.GetName(): c.GetValue(r) for c in cols} for r in range(table.GetNumberOfRows())]

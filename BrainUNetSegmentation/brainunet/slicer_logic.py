@@ -1,0 +1,252 @@
+"""The BrainUNet module's logic, free of Qt: input guessing, background run, import of results.
+
+The network runs in a separate Python process (PythonSlicer inside Slicer) so the application never
+freezes; the widget polls ``BackgroundRun.poll()`` from a timer, and Cancel terminates the process.
+Nothing is added to the scene until a run has finished successfully.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import mrml
+from .cli import PROGRESS_PREFIX, RESULT_PREFIX
+from .errors import BrainUNetError, InputError
+from .imageio import MODALITY_NAMES
+from .statistics import read_csv
+
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # folder that contains the brainunet package
+
+#: Name patterns per input role, tried in order (case-insensitive, on word-ish boundaries).
+NAME_PATTERNS = {
+    "t1c": [r"t1[\W_]*(ce|c|gd|post|contrast|\+c?)(?![a-z])", r"gad", r"contrast"],
+    "t2f": [r"t2f", r"flair"],
+    "t2w": [r"t2w", r"t2(?![\W_]*f)(?!.*flair)"],
+    "t1n": [r"t1n", r"t1(?![\W_]*(ce|c|gd|post|contrast|\+))(?!.*gad)"],
+}
+
+
+def guess_role(name: str) -> str | None:
+    low = name.lower()
+    for role in ("t1c", "t2f", "t2w", "t1n"):
+        for pattern in NAME_PATTERNS[role]:
+            if re.search(r"(?<![a-z0-9])" + pattern, low):
+                return role
+    return None
+
+
+def guess_inputs(scene) -> dict:
+    """Role -> scalar volume node, from node names (t1c/t1ce/t1gd, t2w/t2, flair/t2f, t1/t1n)."""
+    chosen: dict = {}
+    nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    for i in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(i)
+        if node.IsA("vtkMRMLLabelMapVolumeNode"):
+            continue
+        role = guess_role(node.GetName() or "")
+        if role and role not in chosen:
+            chosen[role] = node
+    return chosen
+
+
+@dataclass
+class RunOptions:
+    device: str = "auto"  # auto | cpu | cuda
+    tta: bool = False  # "quality: TTA" in the panel
+    model: str | None = None
+
+
+@dataclass
+class BackgroundRun:
+    """A running ``brainunet segment`` process and what it reported."""
+
+    process: subprocess.Popen
+    workdir: Path
+    reference_node: object
+    outputs: dict
+    on_progress: object = None
+    on_log: object = None
+    state: str = "running"  # running | done | failed | cancelled
+    progress: float = 0.0
+    message: str = ""
+    error: str = ""
+    log: list = field(default_factory=list)
+    _lines: queue.Queue = field(default_factory=queue.Queue)
+
+    def __post_init__(self):
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def poll(self) -> str:
+        """Handle what the process printed since the last call; returns the state."""
+        if self.state != "running":
+            return self.state
+        ended = False
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                ended = True
+                break
+            self._handle(line)
+        if ended:
+            code = self.process.wait()
+            if code == 0:
+                self.state = "done"
+                self.progress = 1.0
+            else:
+                self.state = "failed"
+                self.error = self.error or f"The segmentation process stopped unexpectedly (exit code {code})."
+        return self.state
+
+    def _handle(self, line: str):
+        if line.startswith(PROGRESS_PREFIX):
+            _, fraction, *text = line.split(" ", 2)
+            text = text[0] if text else ""
+            if float(fraction) >= 0:
+                self.progress = float(fraction)
+            self.message = text
+            if self.on_progress:
+                self.on_progress(self.progress, text)
+            if float(fraction) < 0:
+                self._log(text)
+            return
+        if line.startswith(RESULT_PREFIX):
+            line = line[len(RESULT_PREFIX):].strip()
+        elif line.startswith("error: "):
+            self.error = line[len("error: "):]
+        self._log(line)
+
+    def _log(self, text):
+        self.log.append(text)
+        if self.on_log:
+            self.on_log(text)
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> str:
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.poll() == "running":
+            if end is not None and time.monotonic() > end:
+                raise TimeoutError("segmentation did not finish in time")
+            time.sleep(interval)
+        return self.state
+
+    def cancel(self):
+        if self.state == "running":
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.state = "cancelled"
+            self.error = "Cancelled by the user; nothing was changed."
+        self.cleanup()
+
+    def cleanup(self):
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class BrainUNetLogic:
+    """Dependency-injected: the scene, the Python that runs the network, and the temp folder."""
+
+    def __init__(self, scene, python_executable: str | None = None, temp_root: str | None = None):
+        self.scene = scene
+        self.python_executable = python_executable or default_python()
+        self.temp_root = temp_root
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def guess_inputs(self) -> dict:
+        return guess_inputs(self.scene)
+
+    def check_inputs(self, inputs: dict) -> dict:
+        """Volumes per role, checked; raises InputError naming what to fix."""
+        missing = [MODALITY_NAMES[r] for r in ("t1c", "t2w", "t2f") if inputs.get(r) is None]
+        if missing:
+            raise InputError(f"Select the {', '.join(missing)} volume{'s' if len(missing) > 1 else ''} first.")
+        return {role: mrml.volume_from_node(node, f"{MODALITY_NAMES[role]} ({node.GetName()})")
+                for role, node in inputs.items() if node is not None}
+
+    # -- running ----------------------------------------------------------------------------------
+    def command(self, files: dict, outputs: dict, options: RunOptions) -> list[str]:
+        cmd = [self.python_executable, "-m", "brainunet", "segment", "--progress", "machine",
+               "--device", options.device, "--output", str(outputs["labels"]), "--stats", str(outputs["stats"])]
+        for role, path in files.items():
+            cmd += [f"--{role}", str(path)]
+        if options.tta:
+            cmd.append("--tta")
+        if options.model:
+            cmd += ["--model", options.model]
+        return cmd
+
+    def start(self, inputs: dict, options: RunOptions | None = None, on_progress=None, on_log=None) -> BackgroundRun:
+        options = options or RunOptions()
+        volumes = self.check_inputs(inputs)
+        workdir = Path(tempfile.mkdtemp(prefix="brainunet-", dir=self.temp_root))
+        files = {}
+        for role, volume in volumes.items():
+            files[role] = workdir / f"{role}.nii.gz"
+            mrml.save_volume_nifti(volume, files[role])
+        outputs = {"labels": workdir / "labels.nii.gz", "stats": workdir / "stats.csv"}
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["PYTHONUNBUFFERED"] = "1"
+        process = subprocess.Popen(self.command(files, outputs, options), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1, env=env, cwd=str(workdir))
+        return BackgroundRun(process, workdir, inputs["t1c"], outputs, on_progress, on_log)
+
+    def import_results(self, run: BackgroundRun, segmentation_node=None, table_node=None):
+        """Segmentation and statistics table from a finished run; returns (segmentation, table)."""
+        import nibabel as nib
+        import numpy as np
+
+        if run.state != "done":
+            raise BrainUNetError(run.error or f"The run has not finished (state: {run.state}).")
+        try:
+            labels = np.asarray(nib.load(str(run.outputs["labels"])).dataobj).astype(np.uint8)
+            rows = read_csv(run.outputs["stats"])
+            reference = run.reference_node
+            seg = mrml.create_segmentation(self.scene, labels, reference, segmentation_node=segmentation_node)
+            table = mrml.statistics_table(self.scene, rows, f"{seg.GetName()} statistics", table_node)
+            mrml.place_beside(self.scene, table, reference)
+        finally:
+            run.cleanup()
+        return seg, table
+
+    def segment(self, inputs: dict, options: RunOptions | None = None, timeout: float | None = None, **kw):
+        """Blocking run (scripts, tests, the self-test)."""
+        run = self.start(inputs, options, **kw)
+        try:
+            state = run.wait(timeout)
+        except BaseException:
+            run.cancel()
+            raise
+        if state != "done":
+            run.cleanup()
+            raise BrainUNetError(run.error)
+        return self.import_results(run)
+
+
+def default_python() -> str:
+    """PythonSlicer inside Slicer (same site-packages as the application), else this interpreter."""
+    exe_dir = Path(sys.executable).parent
+    for name in ("PythonSlicer", "PythonSlicer.exe"):
+        candidate = exe_dir / name
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("PythonSlicer")
+    return found or sys.executable
