@@ -101,6 +101,9 @@ def check_writable(path) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if path.exists() and path.is_dir():
         raise InputError(f"Output {path} is a folder; give a file name such as {path / 'segmentation.nii.gz'}.")
+    blocker = next((p for p in [parent, *parent.parents] if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise InputError(f"Cannot write to {path}: {blocker} is a file, not a folder. Choose another location.")
     if not parent.exists():
         try:
             parent.mkdir(parents=True, exist_ok=True)

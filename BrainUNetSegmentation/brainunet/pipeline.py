@@ -201,7 +201,10 @@ def run(paths: dict, output, stats_csv=None, overlay_png=None, model: str | Path
     outputs = {"labels": output, "seg_nrrd": seg_nrrd, "stats": stats_csv, "overlay": overlay_png}
     outputs = {k: Path(v) for k, v in outputs.items() if v}
     kind = output_kind(outputs["labels"])
+    inputs = {Path(p).resolve() for p in paths.values() if p}
     for p in outputs.values():
+        if p.resolve() in inputs:
+            raise InputError(f"Output {p} is one of the input images; choose another file name so no input is overwritten.")
         check_writable(p)
     volumes = load_inputs(paths)
     device = resolve_device(device)

@@ -1,0 +1,78 @@
+"""End-to-end scenarios on a real MRML scene, shared by the pytest suite and Slicer's self-test.
+
+Each function raises AssertionError on failure and leaves the scene with only what it added.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import mrml, synthetic
+from .labels import SUBREGIONS
+from .slicer_logic import BrainUNetLogic, RunOptions
+
+CASE_NAMES = {"t1c": "Case_T1CE", "t2w": "Case_T2", "t2f": "Case_FLAIR", "t1n": "Case_T1"}
+
+
+def load_synthetic_case(scene, seed: int = 0, shape=(40, 48, 36), affine=None):
+    volumes, labels = synthetic.make_case(seed=seed, shape=shape, affine=affine)
+    nodes = {role: mrml.add_volume_node(scene, vol, CASE_NAMES[role]) for role, vol in volumes.items()}
+    return nodes, labels
+
+
+def scenario_segmentation_from_labels(scene):
+    """Label map -> segmentation node -> label map is lossless, names/colours/terminology come from labels.py."""
+    nodes, labels = load_synthetic_case(scene, seed=1)
+    seg = mrml.create_segmentation(scene, labels, nodes["t1c"])
+    segmentation = seg.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == len(SUBREGIONS)
+    for region in SUBREGIONS:
+        segment = segmentation.GetSegment(region.key)
+        assert segment is not None, region.key
+        assert segment.GetName() == region.name
+        assert np.allclose(segment.GetColor(), region.color, atol=1e-6)
+        entry = segment.GetTerminology() if hasattr(segment, "GetTerminology") else segment.GetTag("TerminologyEntry")
+        assert region.snomed_type[1] in entry, entry
+    back = mrml.segmentation_to_labels(seg, nodes["t1c"])
+    assert np.array_equal(back, labels), "segmentation does not round-trip the label map"
+    return seg
+
+
+def scenario_background_run(scene, python_executable=None, tmp_root=None):
+    """Auto-selected inputs -> background process -> segmentation + statistics table; inputs untouched."""
+    nodes, labels = load_synthetic_case(scene, seed=2)
+    before = {role: mrml.volume_from_node(n).data.copy() for role, n in nodes.items()}
+    logic = BrainUNetLogic(scene, python_executable=python_executable, temp_root=tmp_root)
+    inputs = logic.guess_inputs()
+    assert {r: n.GetID() for r, n in inputs.items()} == {r: n.GetID() for r, n in nodes.items()}, "auto-selection failed"
+    seen = []
+    seg, table = logic.segment(inputs, RunOptions(device="cpu"), timeout=300, on_progress=lambda f, m: seen.append(f))
+    assert seen and max(seen) == 1.0, "no progress reported"
+    assert seg.GetSegmentation().GetNumberOfSegments() == 3
+    rows = mrml.table_to_rows(table)
+    assert [r["region"] for r in rows] == ["ET", "NETC", "SNFH", "TC", "WT"]
+    result = mrml.segmentation_to_labels(seg, nodes["t1c"])
+    wt_rows = next(r for r in rows if r["region"] == "WT")
+    assert int(float(wt_rows["voxels"])) == int((result > 0).sum())
+    for role, node in nodes.items():
+        assert np.array_equal(mrml.volume_from_node(node).data, before[role]), f"input {role} was modified"
+    return seg, table
+
+
+def scenario_cancel(scene, python_executable=None, tmp_root=None):
+    """Cancel right after start: nothing is added to the scene and the temp folder is gone."""
+    nodes, _ = load_synthetic_case(scene, seed=3)
+    count = scene.GetNumberOfNodes()
+    logic = BrainUNetLogic(scene, python_executable=python_executable, temp_root=tmp_root)
+    run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"))
+    run.cancel()
+    assert run.state == "cancelled"
+    assert not run.workdir.exists()
+    assert scene.GetNumberOfNodes() == count, "cancel changed the scene"
+
+
+def run_all_scenarios(scene, python_executable=None):
+    for scenario in (scenario_segmentation_from_labels, scenario_cancel, scenario_background_run):
+        if scenario is scenario_segmentation_from_labels:
+            scenario(scene)
+        else:
+            scenario(scene, python_executable)

@@ -1,0 +1,219 @@
+"""The command line end to end, in a separate process as users run it, and its bad-input messages."""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import ROOT, case_args
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT / "BrainUNetSegmentation"))
+
+
+def brainunet(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "brainunet", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+
+
+def digest(paths):
+    return {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
+
+
+def test_segment_with_network_writes_all_outputs_on_t1ce_grid(tmp_path, synthetic_case, tiny_weights):
+    before = digest(synthetic_case.values())
+    out, seg, stats, png = tmp_path / "l.nii.gz", tmp_path / "l.seg.nrrd", tmp_path / "s.csv", tmp_path / "o.png"
+    r = brainunet("segment", *case_args(synthetic_case), "--output", out, "--seg-nrrd", seg, "--stats", stats,
+                  "--overlay", png, "--model", tiny_weights[0], "--device", "cpu", "--tta")
+    assert r.returncode == 0, r.stderr
+    assert "tiny-test" in r.stdout + r.stderr  # says which model ran
+    ref = nib.load(str(synthetic_case["t1c"]))
+    lab = nib.load(str(out))
+    assert lab.shape == ref.shape and np.allclose(lab.affine, ref.affine)
+    assert set(np.unique(np.asarray(lab.dataobj))) <= {0, 1, 2, 3}
+    assert stats.read_text().splitlines()[0].startswith("region,name,voxels,volume_ml")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import slicerio
+
+    s = slicerio.read_segmentation(str(seg))
+    assert [x["name"] for x in s["segments"]] == ["Enhancing tumour", "Necrotic / non-enhancing tumour core",
+                                                  "Surrounding FLAIR hyperintensity"]
+    assert [x["labelValue"] for x in s["segments"]] == [3, 1, 2]
+    assert s["segments"][1]["terminology"]["type"] == ["SCT", "6574001", "Necrosis"]
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    assert np.allclose(lps_to_ras @ s["ijkToLPS"], ref.affine, atol=1e-4)
+    assert np.array_equal(s["voxels"], np.asarray(lab.dataobj))
+    assert digest(synthetic_case.values()) == before  # inputs untouched
+
+
+def test_segment_to_seg_nrrd_only(tmp_path, synthetic_case):
+    r = brainunet("segment", *case_args(synthetic_case), "--output", tmp_path / "x.seg.nrrd", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "x.seg.nrrd").exists()
+
+
+def test_machine_progress_protocol(tmp_path, synthetic_case):
+    r = brainunet("segment", *case_args(synthetic_case), "--output", tmp_path / "x.nii.gz", "--progress", "machine")
+    assert r.returncode == 0
+    fractions = [float(l.split()[1]) for l in r.stdout.splitlines() if l.startswith("BRAINUNET_PROGRESS") and float(l.split()[1]) >= 0]
+    assert fractions[-1] == 1.0 and fractions == sorted(fractions)
+    assert any(l.startswith("BRAINUNET_RESULT") for l in r.stdout.splitlines())
+
+
+def test_batch_reads_brats2021_and_2023_layouts(tmp_path):
+    from brainunet import synthetic
+
+    data = tmp_path / "data"
+    p23 = synthetic.write_case(data / "BraTS-GLI-00001-000", "BraTS-GLI-00001-000", seed=1, shape=(40, 48, 36))
+    c21 = data / "BraTS2021_00001"
+    p = synthetic.write_case(c21, "tmp", seed=2, shape=(40, 48, 36))
+    for key, new in (("t1c", "t1ce"), ("t2w", "t2"), ("t2f", "flair"), ("t1n", "t1"), ("seg", "seg")):
+        p[key].rename(c21 / f"BraTS2021_00001_{new}.nii.gz")
+    (data / "notes").mkdir()  # a folder without images is reported, not fatal
+    r = brainunet("batch", data, "--output-dir", tmp_path / "out", "--progress", "none")
+    assert (tmp_path / "out" / "BraTS-GLI-00001-000-seg.nii.gz").exists()
+    assert (tmp_path / "out" / "BraTS2021_00001-seg.nii.gz").exists()
+    assert (tmp_path / "out" / "BraTS2021_00001-stats.csv").exists()
+    assert "notes: skipped" in r.stderr and "Missing input" in r.stderr
+    assert r.returncode == 1  # one case could not be done
+
+
+def test_demo_writes_the_four_outputs(tmp_path):
+    r = brainunet("demo", "--output-dir", tmp_path / "out", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    for name in ("demo-seg.nii.gz", "demo.seg.nrrd", "demo-stats.csv", "demo-overlay.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert "intensity-baseline" in r.stderr or "intensity-baseline" in r.stdout
+
+
+def test_models_lists_registry():
+    r = brainunet("models")
+    assert r.returncode == 0 and "intensity-baseline" in r.stdout
+
+
+# ---- bad input: one clear line, exit status != 0, nothing written, inputs unchanged ------------------------
+
+def _bad(tmp_path, synthetic_case, **replace):
+    files = {k: synthetic_case[k] for k in ("t1c", "t2w", "t2f")}
+    files.update(replace)
+    out = tmp_path / "out" / "labels.nii.gz"
+    args = []
+    for k, v in files.items():
+        args += [f"--{k}", v]
+    before = digest([v for v in files.values() if Path(v).is_file()])
+    r = brainunet("segment", *args, "--output", out, "--progress", "none")
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+    assert digest(before.keys()) == before
+    return lines[0]
+
+
+def _save(tmp_path, name, data, affine=None):
+    p = tmp_path / name
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(p))
+    return p
+
+
+def test_missing_modality_file(tmp_path, synthetic_case):
+    assert "FLAIR: file not found" in _bad(tmp_path, synthetic_case, t2f=tmp_path / "nope.nii.gz")
+
+
+def test_2d_image(tmp_path, synthetic_case):
+    p = _save(tmp_path, "2d.nii.gz", np.random.rand(64, 64).astype(np.float32))
+    assert "2D image" in _bad(tmp_path, synthetic_case, t2w=p)
+
+
+def test_single_slice_volume_is_2d(tmp_path, synthetic_case):
+    p = _save(tmp_path, "slice.nii.gz", np.random.rand(64, 64, 1).astype(np.float32))
+    assert "2D image" in _bad(tmp_path, synthetic_case, t2w=p)
+
+
+def test_4d_image(tmp_path, synthetic_case):
+    p = _save(tmp_path, "4d.nii.gz", np.random.rand(20, 20, 20, 3).astype(np.float32))
+    assert "4D image with 3 volumes" in _bad(tmp_path, synthetic_case, t2f=p)
+
+
+def test_nan_and_inf_voxels(tmp_path, synthetic_case):
+    img = nib.load(str(synthetic_case["t2w"]))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data[10, 10, 10] = np.nan
+    data[11, 10, 10] = np.inf
+    p = _save(tmp_path, "nan.nii.gz", data, img.affine)
+    assert "2 NaN or infinite voxels" in _bad(tmp_path, synthetic_case, t2w=p)
+
+
+def test_constant_image(tmp_path, synthetic_case):
+    p = _save(tmp_path, "const.nii.gz", np.full((30, 30, 30), 7, np.int16))
+    assert "constant" in _bad(tmp_path, synthetic_case, t1c=p)
+
+
+def test_grids_that_do_not_overlap(tmp_path, synthetic_case):
+    img = nib.load(str(synthetic_case["t2f"]))
+    far = img.affine.copy()
+    far[:3, 3] += 1000.0
+    p = _save(tmp_path, "far.nii.gz", np.asarray(img.dataobj), far)
+    assert "does not overlap" in _bad(tmp_path, synthetic_case, t2f=p)
+
+
+def test_corrupt_and_truncated_nifti(tmp_path, synthetic_case):
+    data = Path(synthetic_case["t2w"]).read_bytes()
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    assert "cannot be read" in _bad(tmp_path, synthetic_case, t2w=cut)
+    junk = tmp_path / "junk.nii"
+    junk.write_bytes(b"this is not an image" * 10)
+    assert "cannot be read" in _bad(tmp_path, synthetic_case, t2w=junk)
+
+
+def test_folder_given_instead_of_file(tmp_path, synthetic_case):
+    assert "is a folder" in _bad(tmp_path, synthetic_case, t1c=tmp_path)
+
+
+def test_unwritable_output_path(tmp_path, synthetic_case):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    r = brainunet("segment", *case_args(synthetic_case), "--output", blocker / "labels.nii.gz", "--progress", "none")
+    assert r.returncode == 2 and "is a file, not a folder" in r.stderr
+    r = brainunet("segment", *case_args(synthetic_case), "--output", "/proc/brainunet/labels.nii.gz", "--progress", "none")
+    assert r.returncode == 2 and "error: " in r.stderr and "Traceback" not in r.stderr
+
+
+def test_output_must_not_overwrite_an_input(tmp_path, synthetic_case):
+    before = digest([synthetic_case["t2w"]])
+    r = brainunet("segment", *case_args(synthetic_case), "--output", synthetic_case["t2w"], "--progress", "none")
+    assert r.returncode == 2 and "one of the input images" in r.stderr
+    assert digest([synthetic_case["t2w"]]) == before
+
+
+def test_wrong_output_extension(tmp_path, synthetic_case):
+    r = brainunet("segment", *case_args(synthetic_case), "--output", tmp_path / "x.png", "--progress", "none")
+    assert r.returncode == 2 and ".seg.nrrd" in r.stderr
+
+
+def test_missing_weights_file(tmp_path, synthetic_case):
+    r = brainunet("segment", *case_args(synthetic_case), "--output", tmp_path / "x.nii.gz", "--model",
+                  tmp_path / "missing.pt", "--progress", "none")
+    assert r.returncode == 3 and "error: " in r.stderr
+
+
+def test_cancel_by_sigterm_leaves_no_output(tmp_path, synthetic_case, tiny_weights):
+    import signal
+    import time
+
+    out = tmp_path / "x.nii.gz"
+    p = subprocess.Popen([sys.executable, "-m", "brainunet", "segment", *case_args(synthetic_case), "--output",
+                          str(out), "--model", str(tiny_weights[0]), "--tta", "--progress", "machine"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    for line in p.stdout:  # wait until inference runs
+        if "Inference" in line:
+            break
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Cancelled" in err
+    assert not out.exists()

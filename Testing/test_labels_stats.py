@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from brainunet import labels as L
+from brainunet.statistics import max_diameter_mm, region_statistics, write_csv, read_csv
+
+
+def test_label_values_follow_brats2023():
+    assert (L.NETC.label, L.SNFH.label, L.ET.label) == (1, 2, 3)
+    assert L.TC.labels == (1, 3) and L.WT.labels == (1, 2, 3)
+    assert L.CLASS_LABELS == (0, 1, 2, 3)
+    assert len({r.color for r in L.SUBREGIONS}) == 3
+
+
+def test_terminology_entries_are_slicer_format():
+    for r in L.SUBREGIONS:
+        parts = r.terminology_entry().split("~")
+        assert len(parts) == 7
+        assert parts[1] == "SCT^49755003^Morphologically Altered Structure"
+        assert parts[2] == "^".join(r.snomed_type)
+    with pytest.raises(ValueError):
+        L.WT.terminology_entry()
+
+
+def test_brats2021_labels_are_converted():
+    a = np.array([0, 1, 2, 4])
+    assert L.to_brats2023(a).tolist() == [0, 1, 2, 3]
+    assert L.to_brats2023(np.array([0, 1, 2, 3])).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="mixes"):
+        L.to_brats2023(np.array([3, 4]))
+    with pytest.raises(ValueError, match="values"):
+        L.to_brats2023(np.array([0, 7]))
+
+
+def test_statistics_match_numpy():
+    rng = np.random.default_rng(0)
+    labels = np.zeros((30, 32, 20), np.uint8)
+    labels[5:15, 6:20, 4:10] = 2
+    labels[8:12, 9:14, 5:8] = 3
+    labels[9:11, 10:12, 6:7] = 1
+    affine = np.array([[0.0, -1.2, 0, 10], [0.9, 0, 0, -5], [0, 0, 3.0, 2], [0, 0, 0, 1]])
+    t1c = rng.normal(100, 10, labels.shape).astype(np.float32)
+    rows = {r["region"]: r for r in region_statistics(labels, affine, {"t1c": t1c})}
+    voxel_ml = 1.2 * 0.9 * 3.0 / 1000
+    for key, values in {"ET": [3], "NETC": [1], "SNFH": [2], "TC": [1, 3], "WT": [1, 2, 3]}.items():
+        mask = np.isin(labels, values)
+        r = rows[key]
+        assert r["voxels"] == mask.sum()
+        assert r["volume_ml"] == pytest.approx(mask.sum() * voxel_ml)
+        assert r["mean_T1CE"] == pytest.approx(t1c[mask].mean(), rel=1e-5)
+        assert r["median_T1CE"] == pytest.approx(np.median(t1c[mask]), rel=1e-5)
+        centroid = affine[:3, :3] @ np.argwhere(mask).mean(0) + affine[:3, 3]
+        assert [r["centroid_r"], r["centroid_a"], r["centroid_s"]] == pytest.approx(centroid.tolist())
+        pts = np.argwhere(mask) @ affine[:3, :3].T
+        brute = np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1)).max() if len(pts) < 3000 else None
+        if brute is not None:
+            assert r["max_diameter_mm"] == pytest.approx(brute)
+
+
+def test_diameter_of_box_and_empty():
+    m = np.zeros((10, 10, 10), bool)
+    assert max_diameter_mm(m, np.eye(4)) == 0.0
+    m[2:7, 1:4, 3:5] = True  # corners 4, 2, 1 voxels apart
+    assert max_diameter_mm(m, np.diag([1.0, 2.0, 3.0, 1.0])) == pytest.approx(np.sqrt(4**2 + 4**2 + 3**2))
+
+
+def test_csv_round_trip(tmp_path):
+    labels = np.zeros((8, 8, 8), np.uint8)
+    labels[2:4, 2:4, 2:4] = 3
+    rows = region_statistics(labels, np.eye(4))
+    write_csv(rows, tmp_path / "s.csv")
+    back = read_csv(tmp_path / "s.csv")
+    assert [r["region"] for r in back] == ["ET", "NETC", "SNFH", "TC", "WT"]
+    assert float(back[0]["volume_ml"]) == pytest.approx(0.008)

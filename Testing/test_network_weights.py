@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+import torch
+
+from brainunet import weights
+from brainunet.errors import Cancelled, WeightsError
+from brainunet.inference import predict_probabilities, resolve_device, window_plan
+from brainunet.network import PAPER_CONFIG, BrainUNet, NetworkConfig, count_parameters
+
+
+def test_paper_configuration_size():
+    n = count_parameters(BrainUNet(PAPER_CONFIG))
+    assert 20e6 < n < 25e6  # the paper's ~22 M parameters (~90 MB fp32)
+
+
+def test_attention_gates_on_every_skip_and_residual_blocks():
+    net = BrainUNet(NetworkConfig(features=(4, 8, 16)))
+    assert len(net.gates) == 2 and all(g.__class__.__name__ == "AttentionGate" for g in net.gates)
+    assert all(m[0].__class__.__name__ == "ResidualBlock" for m in list(net.encoders) + list(net.decoders))
+    out = net(torch.zeros(1, 3, 16, 16, 16))
+    assert out.shape == (1, 4, 16, 16, 16)
+
+
+def test_deep_supervision_outputs_in_training():
+    net = BrainUNet(NetworkConfig(features=(4, 8, 16), deep_supervision=True)).train()
+    outs = net(torch.zeros(1, 3, 16, 16, 16))
+    assert [o.shape[-1] for o in outs] == [16, 8]
+
+
+def test_weights_round_trip_fp16_and_checksum(tmp_path):
+    torch.manual_seed(0)
+    net = BrainUNet(NetworkConfig(features=(4, 8)))
+    sha = weights.save_weights(tmp_path / "w.pt", net, "t")
+    model, payload = weights.load_weights(tmp_path / "w.pt", sha)
+    assert payload["name"] == "t"
+    for k, v in net.state_dict().items():
+        assert torch.allclose(model.state_dict()[k], v.half().float())
+    with pytest.raises(WeightsError, match="checksum"):
+        weights.load_weights(tmp_path / "w.pt", "0" * 64)
+
+
+def test_missing_truncated_and_foreign_weights(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        weights.load_weights(tmp_path / "nope.pt")
+    net = BrainUNet(NetworkConfig(features=(4, 8)))
+    weights.save_weights(tmp_path / "w.pt", net, "t")
+    data = (tmp_path / "w.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="corrupt|truncated"):
+        weights.load_weights(tmp_path / "cut.pt")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(WeightsError):  # weights_only refuses arbitrary pickled objects
+        weights.load_weights(tmp_path / "evil.pt")
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(WeightsError, match="not a BrainUNet"):
+        weights.load_weights(tmp_path / "other.pt")
+
+
+def test_registry_default_and_offline_download(tmp_path):
+    net = BrainUNet(NetworkConfig(features=(4, 8)))
+    src = tmp_path / "src.pt"
+    sha = weights.save_weights(src, net, "remote")
+    entries = [weights.ModelEntry("remote", "network", "d", file="remote.pt", sha256=sha, url=src.as_uri()),
+               weights.ModelEntry("intensity-baseline", "baseline", "b")]
+    reg = tmp_path / "models"
+    assert weights.default_model(entries, reg).name == "intensity-baseline"  # not downloaded yet
+    path = weights.ensure_weights(entries[0], reg)
+    assert path.exists() and weights.sha256_of(path) == sha
+    assert weights.default_model(entries, reg).name == "remote"
+    bad = weights.ModelEntry("bad", "network", "d", file="bad.pt", sha256="0" * 64, url=src.as_uri())
+    with pytest.raises(WeightsError, match="checksum"):
+        weights.ensure_weights(bad, reg)
+    assert not (reg / "bad.pt").exists()
+    gone = weights.ModelEntry("gone", "network", "d", file="gone.pt", url=(tmp_path / "missing.pt").as_uri())
+    with pytest.raises(WeightsError, match="download"):
+        weights.ensure_weights(gone, reg)
+    assert [e.name for e in weights.load_registry()]  # the shipped registry parses
+
+
+def test_window_plan_covers_volume_without_cropping():
+    padded, patch, origins = window_plan((70, 40, 20), (32, 32, 32), divisor=8)
+    assert patch == (32, 32, 24)
+    assert padded == (70, 40, 24)
+    for axis in range(3):
+        covered = np.zeros(padded[axis], bool)
+        for o in origins:
+            covered[o[axis]:o[axis] + patch[axis]] = True
+        assert covered.all()
+
+
+def test_sliding_window_probabilities_tta_progress_and_cancel():
+    torch.manual_seed(0)
+    net = BrainUNet(NetworkConfig(features=(4, 8)))
+    image = np.random.default_rng(0).normal(size=(3, 40, 30, 20)).astype(np.float32)
+    seen = []
+    probs = predict_probabilities(net, image, (16, 16, 16), progress=lambda f, m: seen.append(f))
+    assert probs.shape == (4, 40, 30, 20)
+    assert np.allclose(probs.sum(0), 1, atol=1e-4)
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    tta = predict_probabilities(net, image, (48, 32, 32), tta=True)
+    assert tta.shape == probs.shape and np.allclose(tta.sum(0), 1, atol=1e-4)
+    calls = []
+    with pytest.raises(Cancelled):
+        predict_probabilities(net, image, (16, 16, 16), should_cancel=lambda: calls.append(1) or len(calls) > 2)
+
+
+def test_device_choice():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        from brainunet.errors import InputError
+
+        with pytest.raises(InputError, match="GPU"):
+            resolve_device("cuda")

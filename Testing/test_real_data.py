@@ -1,0 +1,35 @@
+"""The CLI on the real cases in ../shared/data/real (skipped when that folder is absent)."""
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import SHARED_REAL, dice
+from test_cli import brainunet
+
+pytestmark = pytest.mark.skipif(not SHARED_REAL.is_dir(), reason="../shared/data/real is not present")
+
+CASES = {
+    "BraTS2021_00006": {"t1c": "BraTS2021_00006_t1ce.nii.gz", "t2w": "BraTS2021_00006_t2.nii.gz",
+                        "t2f": "BraTS2021_00006_flair.nii.gz", "ref": "BraTS2021_00006_seg.nii.gz"},
+    "unlabelled_demo_case": {"t1c": "t1c.nii.gz", "t2w": "t2w.nii.gz", "t2f": "t2f.nii.gz",
+                             "ref": "algo_segmentation_NOT_GT.nii.gz"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cli_on_real_case_gives_labels_on_input_grid(tmp_path, case):
+    files = {k: SHARED_REAL / case / v for k, v in CASES[case].items()}
+    out = tmp_path / "labels.nii.gz"
+    r = brainunet("segment", "--t1c", files["t1c"], "--t2w", files["t2w"], "--t2f", files["t2f"], "--output", out,
+                  "--stats", tmp_path / "s.csv", "--device", "cpu", "--progress", "none", timeout=600)
+    assert r.returncode == 0, r.stderr
+    ref = nib.load(str(files["t1c"]))
+    lab = nib.load(str(out))
+    assert lab.shape == ref.shape and np.allclose(lab.affine, ref.affine)
+    labels = np.asarray(lab.dataobj)
+    assert set(np.unique(labels)) <= {0, 1, 2, 3} and (labels > 0).any()
+    # Sanity, not a bar: the whole tumour found overlaps the reference's.
+    from brainunet.labels import to_brats2023
+
+    reference = to_brats2023(np.asarray(nib.load(str(files["ref"])).dataobj))
+    assert dice(labels > 0, reference > 0) > 0.3

@@ -1,0 +1,72 @@
+"""The scenarios that Slicer's in-app self-test runs, here on a real slicer-core scene."""
+import sys
+
+from brainunet import scenarios
+
+
+def test_segmentation_from_labels(scene):
+    scenarios.scenario_segmentation_from_labels(scene)
+
+
+def test_background_run_imports_segmentation_and_table(scene, tmp_path):
+    seg, table = scenarios.scenario_background_run(scene, sys.executable, str(tmp_path))
+    sh = scene.GetSubjectHierarchyNode()
+    ref = scene.GetFirstNodeByName("Case_T1CE")
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == sh.GetItemParent(sh.GetItemByDataNode(ref))
+    assert seg.GetName().startswith("Case_T1CE BrainUNet")
+    assert list(tmp_path.iterdir()) == []  # temp files cleaned
+
+
+def test_cancel_leaves_scene_unchanged(scene, tmp_path):
+    scenarios.scenario_cancel(scene, sys.executable, str(tmp_path))
+
+
+def test_second_run_does_not_overwrite_first(scene, tmp_path):
+    from brainunet.slicer_logic import BrainUNetLogic, RunOptions
+
+    nodes, _ = scenarios.load_synthetic_case(scene, seed=6)
+    logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
+    first, _ = logic.segment(logic.guess_inputs(), RunOptions(device="cpu"), timeout=300)
+    second, _ = logic.segment(logic.guess_inputs(), RunOptions(device="cpu"), timeout=300)
+    assert first.GetID() != second.GetID() and first.GetName() != second.GetName()
+    assert first.GetSegmentation().GetNumberOfSegments() == 3
+    # ... unless the user chose the existing node as output.
+    run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"))
+    assert run.wait(300) == "done"
+    again, _ = logic.import_results(run, segmentation_node=first)
+    assert again is first and first.GetSegmentation().GetNumberOfSegments() == 3
+
+
+def test_logic_rejects_missing_and_bad_inputs_without_touching_scene(scene, tmp_path):
+    import numpy as np
+    import pytest
+
+    from brainunet import mrml
+    from brainunet.errors import InputError
+    from brainunet.imageio import Volume
+    from brainunet.slicer_logic import BrainUNetLogic
+
+    nodes, _ = scenarios.load_synthetic_case(scene, seed=7)
+    logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
+    count = scene.GetNumberOfNodes()
+    inputs = dict(logic.guess_inputs())
+    inputs["t2w"] = None
+    with pytest.raises(InputError, match="Select the T2W"):
+        logic.start(inputs)
+    flat = mrml.add_volume_node(scene, Volume(np.ones((8, 8, 8), np.float32), np.eye(4), "flat"))
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match="constant"):
+        logic.start(dict(logic.guess_inputs(), t2f=flat))
+    assert scene.GetNumberOfNodes() == count
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_process_reports_its_error(scene, tmp_path):
+    from brainunet.slicer_logic import BrainUNetLogic, RunOptions
+
+    scenarios.load_synthetic_case(scene, seed=8)
+    logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
+    run = logic.start(logic.guess_inputs(), RunOptions(device="cpu", model=str(tmp_path / "missing.pt")))
+    assert run.wait(120) == "failed"
+    assert "not found" in run.error
+    run.cleanup()
