@@ -117,3 +117,24 @@ def test_device_choice():
 
         with pytest.raises(InputError, match="GPU"):
             resolve_device("cuda")
+
+
+def test_cuda_out_of_memory_falls_back_to_cpu(monkeypatch):
+    from brainunet import inference
+
+    original = inference._predict
+    devices = []
+
+    def fake_predict(model, image, patch, overlap, tta, device, progress, should_cancel):
+        devices.append(device)
+        if device == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(model, image, patch, overlap, tta, device, progress, should_cancel)
+
+    monkeypatch.setattr(inference, "_predict", fake_predict)
+    messages = []
+    net = BrainUNet(NetworkConfig(features=(4, 8)))
+    probs = inference.predict_probabilities(net, np.zeros((3, 16, 16, 16), np.float32), (16, 16, 16), device="cuda",
+                                            progress=lambda f, m: messages.append(m))
+    assert devices == ["cuda", "cpu"] and probs.shape == (4, 16, 16, 16)
+    assert any("out of memory" in m for m in messages)
