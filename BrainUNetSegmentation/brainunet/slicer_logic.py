@@ -22,7 +22,6 @@ from . import mrml
 from .cli import PROGRESS_PREFIX, RESULT_PREFIX
 from .errors import BrainUNetError, InputError
 from .imageio import MODALITY_NAMES
-from .statistics import read_csv
 
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # folder that contains the brainunet package
 
@@ -112,6 +111,7 @@ class BackgroundRun:
             else:
                 self.state = "failed"
                 self.error = self.error or f"The segmentation process stopped unexpectedly (exit code {code})."
+                self.cleanup()
         return self.state
 
     def _handle(self, line: str):
@@ -149,7 +149,7 @@ class BackgroundRun:
         if self.state == "running":
             self.process.terminate()
             try:
-                self.process.wait(10)
+                self.process.wait(3)  # the process stops between windows; do not freeze the caller long
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -213,6 +213,8 @@ class BrainUNetLogic:
         """Segmentation and statistics table from a finished run; returns (segmentation, table)."""
         import nibabel as nib
         import numpy as np
+
+        from .statistics import read_csv
 
         if run.state != "done":
             raise BrainUNetError(run.error or f"The run has not finished (state: {run.state}).")

@@ -1,0 +1,569 @@
+"""BrainUNet Segmentation: 3D Slicer module for glioma segmentation (ET, NETC, SNFH) on brain MRI.
+
+This file is the thin Slicer layer: module description, parameter node, widget and the module logic.
+The work is done by the ``brainunet`` package next to this file (``brainunet.slicer_logic`` holds the
+Qt-free logic; the network runs in a background PythonSlicer process so the application never freezes).
+
+Only light modules are imported here: Slicer imports every scripted module at start-up, and
+``brainunet`` pulls in numpy/scipy (and torch in the background process). ``brainunet`` is imported
+on first use, inside methods.
+
+Signals are connected with the attribute style (``button.clicked.connect(...)``) and Qt properties are
+read with ``widget.property("name")`` and written with setters, so the same code runs in Slicer
+(PythonQt) and in the PySide6 widget test (Testing/test_widget.py).
+"""
+
+import os
+
+import ctk  # noqa: F401  (Slicer modules' standard import; the CTK widgets come from the .ui file)
+import qt
+import slicer
+import vtk  # noqa: F401
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+#: Input role -> selector widget name in the .ui file.
+INPUT_SELECTORS = {"t1c": "t1cSelector", "t2w": "t2wSelector", "t2f": "t2fSelector", "t1n": "t1nSelector"}
+#: Items of the device combo box, in order.
+DEVICES = ("auto", "cpu", "cuda")
+#: Python packages the background process needs besides torch (import name -> pip requirement).
+PYTHON_REQUIREMENTS = {
+    "nibabel": "nibabel>=5.0",
+    "scipy": "scipy>=1.10",
+    "tqdm": "tqdm>=4.60",
+    "slicerio": "slicerio>=1.4",
+}
+MINIMUM_TORCH_VERSION = (2, 1)
+TORCH_REQUIREMENT = ">=2.1"
+#: Node reference from a BrainUNet segmentation to its statistics table (re-runs update the same table).
+STATISTICS_TABLE_REFERENCE = "BrainUNetStatistics"
+POLL_INTERVAL_MS = 200
+
+
+#
+# BrainUNetSegmentation
+#
+
+
+class BrainUNetSegmentation(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "BrainUNet Segmentation"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["BrainUNet developers"]
+        self.parent.helpText = """
+Segments a glioma on brain MRI into enhancing tumour (ET), non-enhancing tumour core (NETC) and
+surrounding FLAIR hyperintensity (SNFH), following the BraTS 2023 labels, and measures each region
+(volume, centroid, largest diameter, mean intensities; TC = ET + NETC and WT = TC + SNFH).
+<br><br>
+Inputs: T1CE (contrast T1), T2W and FLAIR of one study, in any orientation and spacing; T1 native
+is optional. Click <b>Auto-detect</b> to choose them from the volume names. The segmentation runs in
+the background: Slicer stays usable and the run can be cancelled. Nothing is added to the scene
+until a run has finished.
+<br><br>
+For research use only; not a medical device.
+"""
+        self.parent.acknowledgementText = """
+Uses PyTorch through the SlicerPyTorch extension. Label definitions follow the BraTS 2023 adult
+glioma challenge.
+"""
+
+
+#
+# BrainUNetSegmentationParameterNode
+#
+
+
+@parameterNodeWrapper
+class BrainUNetSegmentationParameterNode:
+    """
+    t1c, t2w, t2f, t1n - input volumes (t1n optional).
+    outputSegmentation - segmentation to overwrite; None creates a new one on Apply.
+    device - "auto", "cpu" or "cuda".
+    tta - test-time augmentation ("Accurate" quality).
+    show3D - create closed-surface models after the run.
+    """
+
+    t1c: vtkMRMLScalarVolumeNode
+    t2w: vtkMRMLScalarVolumeNode
+    t2f: vtkMRMLScalarVolumeNode
+    t1n: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    device: str = "auto"
+    tta: bool = False
+    show3D: bool = True
+
+
+#
+# BrainUNetSegmentationWidget
+#
+
+
+class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.ui = None
+        self.uiWidget = None
+        self._parameterNode = None
+        self._updatingGUI = False
+        self._entered = False
+        self._run = None  # brainunet.slicer_logic.BackgroundRun while a segmentation is running
+        self._runOutputSegmentation = None
+        self._dependenciesReady = False
+        self._resultTableNodeID = None
+        self._timer = None
+
+    # -- set-up and tear-down -----------------------------------------------------------------
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+
+        self.uiWidget = slicer.util.loadUI(self.resourcePath("UI/BrainUNetSegmentation.ui"))
+        self.layout.addWidget(self.uiWidget)
+        self.ui = slicer.util.childWidgetVariables(self.uiWidget)
+        # The .ui connects mrmlSceneChanged(vtkMRMLScene*) to each selector's setMRMLScene.
+        self.uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = _logicClass()()
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.timeout.connect(self.onPollTimer)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        for selectorName in INPUT_SELECTORS.values():
+            getattr(self.ui, selectorName).currentNodeChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.outputSegmentationSelector.currentNodeChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.deviceComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.qualityComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.show3DCheckBox.toggled.connect(self.updateParameterNodeFromGUI)
+        self.ui.autoDetectButton.clicked.connect(self.onAutoDetectButton)
+        self.ui.applyButton.clicked.connect(self.onApplyButton)
+        self.ui.exportCsvButton.clicked.connect(self.onExportCsvButton)
+
+        self.ui.progressBar.setRange(0, 100)
+        self.ui.progressBar.setValue(0)
+        self._showResults(None)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Called when the application closes or the module is reloaded: stop the run, drop observers."""
+        if self._timer is not None:
+            self._timer.stop()
+        if self._run is not None:
+            self._run.cancel()
+            self._run = None
+        self.removeObservers()
+        self._parameterNode = None
+
+    def enter(self) -> None:
+        self._entered = True
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self._entered = False  # a running segmentation keeps going; the timer still polls it
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._run is not None:  # its input nodes are about to disappear
+            self.cancelRun("Cancelled because the scene was closed; nothing was changed.")
+        self._parameterNode = None
+        self._showResults(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self._entered:
+            self.initializeParameterNode()
+
+    # -- parameter node <-> GUI ---------------------------------------------------------------
+    def initializeParameterNode(self) -> None:
+        """Use the scene's parameter node; fill empty inputs from the volume names."""
+        self._parameterNode = self.logic.getParameterNode()
+        for role, node in self.logic.guess_inputs().items():
+            if getattr(self._parameterNode, role) is None:
+                setattr(self._parameterNode, role, node)
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self) -> None:
+        if self._parameterNode is None:
+            return
+        p = self._parameterNode
+        self._updatingGUI = True
+        try:
+            for role, selectorName in INPUT_SELECTORS.items():
+                getattr(self.ui, selectorName).setCurrentNode(getattr(p, role))
+            self.ui.outputSegmentationSelector.setCurrentNode(p.outputSegmentation)
+            self.ui.deviceComboBox.setCurrentIndex(DEVICES.index(p.device) if p.device in DEVICES else 0)
+            self.ui.qualityComboBox.setCurrentIndex(1 if p.tta else 0)
+            self.ui.show3DCheckBox.setChecked(bool(p.show3D))
+        finally:
+            self._updatingGUI = False
+
+    def updateParameterNodeFromGUI(self, *args) -> None:
+        """Slot for every input widget (the signal's arguments are not used: PythonQt and PySide6 differ)."""
+        if self._updatingGUI or self._parameterNode is None:
+            return
+        p = self._parameterNode
+        for role, selectorName in INPUT_SELECTORS.items():
+            setattr(p, role, getattr(self.ui, selectorName).currentNode())
+        p.outputSegmentation = self.ui.outputSegmentationSelector.currentNode()
+        deviceIndex = self.ui.deviceComboBox.property("currentIndex")
+        p.device = DEVICES[deviceIndex] if 0 <= deviceIndex < len(DEVICES) else "auto"
+        p.tta = self.ui.qualityComboBox.property("currentIndex") == 1
+        p.show3D = bool(self.ui.show3DCheckBox.property("checked"))
+
+    def selectedInputs(self) -> dict:
+        return {role: getattr(self.ui, name).currentNode() for role, name in INPUT_SELECTORS.items()}
+
+    # -- actions ------------------------------------------------------------------------------
+    def onAutoDetectButton(self, *args) -> None:
+        if self._parameterNode is None:
+            self.initializeParameterNode()
+        guesses = self.logic.guess_inputs()
+        if not guesses:
+            self._setStatus("No volume name looks like T1CE, T2W, FLAIR or T1. Select the volumes by hand.")
+            return
+        for role, node in guesses.items():
+            setattr(self._parameterNode, role, node)
+        self.updateGUIFromParameterNode()
+        found = ", ".join(f"{role.upper()} = {node.GetName()}" for role, node in guesses.items())
+        self._setStatus(f"Detected: {found}")
+
+    def onApplyButton(self, *args) -> None:
+        """Apply starts a run; while a run is going the same button cancels it."""
+        if self._run is not None:
+            self.cancelRun()
+            return
+        from brainunet.errors import BrainUNetError
+
+        if self._parameterNode is None:
+            self.initializeParameterNode()
+        self.updateParameterNodeFromGUI()
+        inputs = self.selectedInputs()
+        try:
+            if not self._dependenciesReady:
+                self.logic.check_inputs(inputs)  # say what is missing before offering to install anything
+                if not self.logic.ensureDependencies():
+                    self._setStatus("BrainUNet needs PyTorch and a few Python packages; nothing was run.")
+                    return
+                self._dependenciesReady = True
+            options = self.logic.runOptions(self._parameterNode.device, self._parameterNode.tta)
+            self._run = self.logic.start(inputs, options, on_progress=self._onProgress, on_log=self._onLog)
+        except BrainUNetError as exc:
+            self._setStatus(str(exc))
+            slicer.util.errorDisplay(str(exc), windowTitle="BrainUNet")
+            return
+        except Exception as exc:  # unexpected: report it and keep the module usable
+            import traceback
+
+            traceback.print_exc()
+            self._setStatus(f"Could not start the segmentation: {exc}")
+            slicer.util.errorDisplay(f"Could not start the segmentation: {exc}", windowTitle="BrainUNet",
+                                     detailedText=traceback.format_exc())
+            return
+        self._runOutputSegmentation = self._parameterNode.outputSegmentation
+        self.ui.logTextEdit.clear()
+        self._setRunning(True)
+        self._setStatus("Starting the segmentation...")
+        self._timer.start()
+
+    def cancelRun(self, message: str = "Cancelled; nothing was changed.") -> None:
+        if self._run is None:
+            return
+        self._timer.stop()
+        self._run.cancel()
+        self._run = None
+        self._setRunning(False)
+        self.ui.progressBar.setValue(0)
+        self._onLog(message)
+        self._setStatus(message)
+
+    def onPollTimer(self) -> None:
+        if self._run is None:
+            self._timer.stop()
+            return
+        state = self._run.poll()
+        if state == "running":
+            return
+        self._timer.stop()
+        run, self._run = self._run, None
+        self._setRunning(False)
+        if state == "done":
+            self._finishRun(run)
+        else:
+            run.cleanup()
+            message = run.error or f"The segmentation ended ({state})."
+            self._setStatus(f"Segmentation failed: {message}")
+            slicer.util.errorDisplay(f"Segmentation failed: {message}", windowTitle="BrainUNet",
+                                     detailedText="\n".join(run.log[-50:]))
+
+    def _finishRun(self, run) -> None:
+        try:
+            segmentationNode, tableNode = self.logic.importAndShow(
+                run, self._runOutputSegmentation, show3D=self._parameterNode.show3D if self._parameterNode else False)
+        except Exception as exc:
+            message = str(exc) or exc.__class__.__name__
+            self._setStatus(f"Could not load the results: {message}")
+            slicer.util.errorDisplay(f"Could not load the results: {message}", windowTitle="BrainUNet")
+            return
+        if self._parameterNode is not None:
+            self._parameterNode.outputSegmentation = segmentationNode  # Apply again updates this segmentation
+            self.updateGUIFromParameterNode()
+        self.ui.progressBar.setValue(100)
+        self._showResults(tableNode)
+        self._setStatus(f"Done: segmentation \"{segmentationNode.GetName()}\" and table \"{tableNode.GetName()}\".")
+
+    def onExportCsvButton(self, *args) -> None:
+        tableNode = slicer.mrmlScene.GetNodeByID(self._resultTableNodeID) if self._resultTableNodeID else None
+        if tableNode is None:
+            slicer.util.errorDisplay("There is no statistics table to export: run the segmentation first.",
+                                     windowTitle="BrainUNet")
+            return
+        defaultPath = os.path.join(os.path.expanduser("~"), f"{tableNode.GetName()}.csv")
+        path = qt.QFileDialog.getSaveFileName(self.uiWidget, "Export statistics", defaultPath, "CSV files (*.csv)")
+        if isinstance(path, tuple):  # PySide6 returns (path, filter); PythonQt the path only
+            path = path[0]
+        if not path:
+            return
+        if not path.lower().endswith(".csv"):
+            path += ".csv"
+        try:
+            self.logic.exportStatisticsCsv(tableNode, path)
+        except OSError as exc:
+            slicer.util.errorDisplay(f"Could not write {path}: {exc.strerror or exc}", windowTitle="BrainUNet")
+            return
+        self._setStatus(f"Statistics saved to {path}")
+
+    # -- display helpers ----------------------------------------------------------------------
+    def _onProgress(self, fraction, text) -> None:
+        self.ui.progressBar.setValue(int(round(100 * max(0.0, min(1.0, fraction)))))
+        if text:
+            self._setStatus(text)
+
+    def _onLog(self, line) -> None:
+        self.ui.logTextEdit.appendPlainText(line)
+
+    def _setStatus(self, text) -> None:
+        self.ui.statusLabel.setText(text)
+
+    def _setRunning(self, running) -> None:
+        self.ui.applyButton.setText("Cancel" if running else "Apply")
+        self.ui.applyButton.setToolTip(
+            "Stop the running segmentation; nothing is added to the scene." if running
+            else "Segment the tumour (ET, NETC, SNFH). Runs in the background; click again to cancel.")
+        for name in ("inputsCollapsibleButton", "outputsCollapsibleButton", "advancedCollapsibleButton"):
+            getattr(self.ui, name).setEnabled(not running)
+        if running:
+            self.ui.progressBar.setValue(0)
+
+    def _showResults(self, tableNode) -> None:
+        table = self.ui.resultsTableView
+        table.clear()
+        self._resultTableNodeID = tableNode.GetID() if tableNode is not None else None
+        self.ui.exportCsvButton.setEnabled(tableNode is not None)
+        if tableNode is None:
+            table.setRowCount(0)
+            table.setColumnCount(0)
+            return
+        headers, rows = self.logic.statisticsForDisplay(tableNode)
+        table.setColumnCount(len(headers))
+        table.setRowCount(len(rows))
+        table.setHorizontalHeaderLabels(headers)
+        for r, row in enumerate(rows):
+            for c, text in enumerate(row):
+                table.setItem(r, c, qt.QTableWidgetItem(text))
+        table.resizeColumnsToContents()
+
+
+#
+# BrainUNetSegmentationLogic
+#
+
+
+class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
+    """Slicer-specific part of the module logic; see ``BrainUNetSegmentationLogic``.
+
+    The module logic class, ``BrainUNetSegmentationLogic(brainunet.slicer_logic.BrainUNetLogic,
+    BrainUNetSegmentationLogicBase)``, is built on first use (``_logicClass``) so that importing this
+    file does not import brainunet. Outside this file get it as usual:
+    ``from BrainUNetSegmentation import BrainUNetSegmentationLogic`` (module ``__getattr__``).
+    """
+
+    def getParameterNode(self):
+        return BrainUNetSegmentationParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def runOptions(device="auto", tta=False):
+        from brainunet.slicer_logic import RunOptions
+
+        return RunOptions(device=device or "auto", tta=bool(tta))
+
+    # -- dependencies -------------------------------------------------------------------------
+    @staticmethod
+    def missingPythonPackages() -> list:
+        import importlib.util
+
+        return [requirement for module, requirement in PYTHON_REQUIREMENTS.items()
+                if importlib.util.find_spec(module) is None]
+
+    def ensureDependencies(self, askConfirmation: bool = True) -> bool:
+        """Install PyTorch (through the PyTorch extension) and the Python packages the run needs.
+
+        Returns False if the user declined; raises BrainUNetError if the PyTorch extension is missing.
+        Tests replace this method on the instance.
+        """
+        from brainunet.errors import BrainUNetError
+
+        try:
+            import PyTorchUtils
+        except ImportError:
+            raise BrainUNetError("BrainUNet needs the PyTorch extension. Install \"PyTorch\" from the Extensions "
+                                 "Manager, restart Slicer and try again.")
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT)
+            if torch is None:
+                return False
+        else:
+            import importlib.metadata
+            import re
+
+            version = importlib.metadata.version("torch")
+            if tuple(int(x) for x in re.findall(r"\d+", version)[:2]) < MINIMUM_TORCH_VERSION:
+                raise BrainUNetError(f"PyTorch {version} is installed but BrainUNet needs version "
+                                     f"{'.'.join(map(str, MINIMUM_TORCH_VERSION))} or newer. Update it in the "
+                                     "PyTorch Utils module (uninstall, restart Slicer, install), then try again.")
+        missing = self.missingPythonPackages()
+        if missing:
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                    "BrainUNet needs these Python packages: " + ", ".join(missing)
+                    + ". Download and install them now? This takes a minute or two.", windowTitle="BrainUNet"):
+                return False
+            slicer.util.pip_install(" ".join(missing))
+        return True
+
+    # -- results ------------------------------------------------------------------------------
+    def importAndShow(self, run, segmentationNode=None, show3D=False):
+        """Import a finished run into ``segmentationNode`` (or a new one) and show it; (segmentation, table).
+
+        A re-run into the same segmentation updates its statistics table instead of adding another one.
+        """
+        tableNode = segmentationNode.GetNodeReference(STATISTICS_TABLE_REFERENCE) if segmentationNode else None
+        segmentationNode, tableNode = self.import_results(run, segmentation_node=segmentationNode, table_node=tableNode)
+        segmentationNode.SetNodeReferenceID(STATISTICS_TABLE_REFERENCE, tableNode.GetID())
+        displayNode = segmentationNode.GetDisplayNode()
+        if displayNode is not None:
+            displayNode.SetVisibility(True)
+        if show3D:
+            segmentationNode.CreateClosedSurfaceRepresentation()
+        return segmentationNode, tableNode
+
+    @staticmethod
+    def statisticsForDisplay(tableNode):
+        """(column titles, rows of strings) for the results table widget."""
+        from brainunet import mrml
+
+        rows = mrml.table_to_rows(tableNode)
+        if not rows:
+            return [], []
+        columns = list(rows[0].keys())
+        return [columnTitle(c) for c in columns], [[formatValue(c, row[c]) for c in columns] for row in rows]
+
+    @staticmethod
+    def exportStatisticsCsv(tableNode, path) -> None:
+        from brainunet import mrml
+        from brainunet.statistics import write_csv
+
+        write_csv(mrml.table_to_rows(tableNode), path)
+
+
+_COLUMN_TITLES = {
+    "region": "Region", "name": "Name", "voxels": "Voxels", "volume_ml": "Volume (mL)",
+    "centroid_r": "Centroid R (mm)", "centroid_a": "Centroid A (mm)", "centroid_s": "Centroid S (mm)",
+    "max_diameter_mm": "Max diameter (mm)",
+}
+
+
+def columnTitle(column: str) -> str:
+    if column in _COLUMN_TITLES:
+        return _COLUMN_TITLES[column]
+    for prefix in ("mean_", "median_"):
+        if column.startswith(prefix):
+            return f"{prefix[:-1].capitalize()} {column[len(prefix):]}"
+    return column
+
+
+def formatValue(column: str, value) -> str:
+    if isinstance(value, float):
+        if value != value:  # NaN: empty region
+            return "-"
+        return str(int(round(value))) if column == "voxels" else f"{value:.4g}"
+    return str(value)
+
+
+_LOGIC_CLASS = None
+
+
+def _logicClass():
+    """The BrainUNetSegmentationLogic class (built once, on first use)."""
+    global _LOGIC_CLASS
+    if _LOGIC_CLASS is None:
+        from brainunet.slicer_logic import BrainUNetLogic
+
+        class BrainUNetSegmentationLogic(BrainUNetLogic, BrainUNetSegmentationLogicBase):
+            """Module logic: brainunet's BrainUNetLogic (guess_inputs, check_inputs, start, import_results,
+            segment) on ``slicer.mrmlScene`` plus ScriptedLoadableModuleLogic (parameter node) and the
+            Slicer-only helpers of BrainUNetSegmentationLogicBase."""
+
+            def __init__(self, scene=None, python_executable=None, temp_root=None) -> None:
+                # BrainUNetLogic comes first in the MRO: ScriptedLoadableModuleLogic.__init__ calls
+                # super().__init__(), which must not reach BrainUNetLogic.__init__ (it needs the scene).
+                ScriptedLoadableModuleLogic.__init__(self)
+                scene = slicer.mrmlScene if scene is None else scene
+                BrainUNetLogic.__init__(self, scene, python_executable, temp_root)
+
+        BrainUNetSegmentationLogic.__module__ = __name__
+        _LOGIC_CLASS = BrainUNetSegmentationLogic
+    return _LOGIC_CLASS
+
+
+def __getattr__(name):
+    # PEP 562: ``BrainUNetSegmentation.BrainUNetSegmentationLogic`` builds the class on first access.
+    if name == "BrainUNetSegmentationLogic":
+        return _logicClass()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+#
+# BrainUNetSegmentationTest
+#
+
+
+class BrainUNetSegmentationTest(ScriptedLoadableModuleTest):
+    """In-application self-test: runs the same scenarios as the pytest suite, on Slicer's own scene."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_BrainUNetScenarios()
+
+    def test_BrainUNetScenarios(self):
+        from brainunet.scenarios import run_all_scenarios
+
+        self.delayDisplay("Checking PyTorch and Python packages")
+        self.assertTrue(_logicClass()().ensureDependencies(askConfirmation=False),
+                        "PyTorch or Python packages could not be installed")
+        self.delayDisplay("Running the BrainUNet scenarios")
+        run_all_scenarios(slicer.mrmlScene)
+        self.delayDisplay("Test passed")

@@ -1,0 +1,317 @@
+"""The module widget (BrainUNetSegmentation.py) with its real .ui file, offscreen under PySide6.
+
+Slicer's C++ widgets and Python modules are replaced by the test-only stand-ins of widget_harness.py;
+the scene, the MRML nodes and the background segmentation process are real. These tests prove the
+module's wiring (names, signals, parameter node, run/cancel/import flow), not the C++ widgets.
+"""
+from __future__ import annotations
+
+import ast
+import sys
+import types
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+
+pytest.importorskip("PySide6.QtUiTools")
+
+import widget_harness  # noqa: E402
+from widget_harness import MODULE_FILE, UI_FILE, WidgetHarness, process_events  # noqa: E402
+
+RUN_TIMEOUT_S = 120
+SHAPE = (40, 48, 36)
+
+
+@pytest.fixture
+def harness(tmp_path):
+    with WidgetHarness() as h:
+        h.widget.logic.python_executable = sys.executable
+        h.widget.logic.temp_root = str(tmp_path)
+        h.dependency_checks = []
+
+        def no_install(askConfirmation=True):
+            h.dependency_checks.append(askConfirmation)
+            return True
+
+        h.widget.logic.ensureDependencies = no_install  # never install packages from a test
+        yield h
+
+
+def add_case(h, names=("Case_T1CE", "Case_T2", "Case_FLAIR"), seed=0):
+    from brainunet import mrml, synthetic
+
+    volumes, _ = synthetic.make_case(seed=seed, shape=SHAPE)
+    return {role: mrml.add_volume_node(h.scene, volumes[role], name)
+            for role, name in zip(("t1c", "t2w", "t2f"), names)}
+
+
+def text(widget) -> str:
+    return widget.text()
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the .ui file
+# ---------------------------------------------------------------------------------------------
+
+EXPECTED_WIDGETS = {
+    "inputsCollapsibleButton": "ctkCollapsibleButton",
+    "outputsCollapsibleButton": "ctkCollapsibleButton",
+    "advancedCollapsibleButton": "ctkCollapsibleButton",
+    "resultsCollapsibleButton": "ctkCollapsibleButton",
+    "t1cSelector": "qMRMLNodeComboBox",
+    "t2wSelector": "qMRMLNodeComboBox",
+    "t2fSelector": "qMRMLNodeComboBox",
+    "t1nSelector": "qMRMLNodeComboBox",
+    "outputSegmentationSelector": "qMRMLNodeComboBox",
+    "autoDetectButton": "QPushButton",
+    "deviceComboBox": "QComboBox",
+    "qualityComboBox": "QComboBox",
+    "show3DCheckBox": "QCheckBox",
+    "applyButton": "QPushButton",
+    "progressBar": "QProgressBar",
+    "statusLabel": "QLabel",
+    "logTextEdit": "QPlainTextEdit",
+    "resultsTableView": "QTableWidget",
+    "exportCsvButton": "QPushButton",
+}
+
+
+def test_ui_file_declares_slicer_widgets_and_scene_connections():
+    root = ElementTree.parse(UI_FILE).getroot()
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == "BrainUNetSegmentation"
+    declared = {cw.findtext("class"): (cw.findtext("extends"), cw.findtext("header"))
+                for cw in root.iter("customwidget")}
+    assert declared["qMRMLNodeComboBox"] == ("QWidget", "qMRMLNodeComboBox.h")
+    assert declared["ctkCollapsibleButton"] == ("QWidget", "ctkCollapsibleButton.h")
+    assert declared["qMRMLWidget"] == ("QWidget", "qMRMLWidget.h")
+    used = {w.get("class") for w in root.iter("widget")}
+    qt_classes = {"QLabel", "QPushButton", "QComboBox", "QCheckBox", "QProgressBar", "QPlainTextEdit", "QTableWidget"}
+    assert used - qt_classes <= set(declared), "a custom widget is used without a <customwidget> declaration"
+    selectors = {w.get("name") for w in root.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
+    connected = {receiver for sender, signal, receiver, slot in widget_harness.ui_connections(UI_FILE)
+                 if sender == "BrainUNetSegmentation" and signal == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and slot == "setMRMLScene(vtkMRMLScene*)"}
+    assert selectors == connected
+
+
+def test_ui_loads_with_expected_widgets(harness):
+    ui = harness.ui
+    for name, cls in EXPECTED_WIDGETS.items():
+        widget = getattr(ui, name, None)
+        assert widget is not None, f"{name} missing from the .ui file"
+        assert widget.metaObject().className() == cls or type(widget).__name__ == cls, name
+    # selectors: types and flags as Slicer modules set them; each got the scene through the .ui connections
+    for name in ("t1cSelector", "t2wSelector", "t2fSelector", "t1nSelector"):
+        sel = getattr(ui, name)
+        assert sel.property("nodeTypes") == ["vtkMRMLScalarVolumeNode"]
+        assert sel.property("showChildNodeTypes") is False  # label maps are not MRI inputs
+        assert sel.property("addEnabled") is False and sel.property("removeEnabled") is False
+        assert sel.mrmlScene() is harness.scene
+    assert ui.t1nSelector.property("noneEnabled") is True
+    out = ui.outputSegmentationSelector
+    assert out.property("nodeTypes") == ["vtkMRMLSegmentationNode"]
+    assert out.property("noneEnabled") is True and out.property("addEnabled") is False
+    assert out.property("noneDisplay") == "Create new segmentation"
+    assert out.mrmlScene() is harness.scene
+    assert [ui.deviceComboBox.itemText(i) for i in range(ui.deviceComboBox.count())] == ["auto", "cpu", "cuda"]
+    assert [ui.qualityComboBox.itemText(i) for i in range(ui.qualityComboBox.count())] == [
+        "Fast", "Accurate (test-time augmentation)"]
+    assert ui.logTextEdit.isReadOnly()
+    assert text(ui.applyButton) == "Apply"
+    assert not ui.exportCsvButton.isEnabled()
+    assert ui.inputsCollapsibleButton.property("text") == "Inputs"
+    assert ui.advancedCollapsibleButton.property("collapsed") is True
+
+
+def test_module_description_and_light_imports(harness):
+    parent = types.SimpleNamespace()
+    harness.module.BrainUNetSegmentation(parent)
+    assert parent.title == "BrainUNet Segmentation"
+    assert parent.categories == ["Segmentation"]
+    assert parent.contributors and parent.helpText.strip() and parent.acknowledgementText.strip()
+    # Slicer imports every module at start-up: nothing heavy at module scope.
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    allowed = {"os", "qt", "ctk", "slicer", "vtk", "slicer.ScriptedLoadableModule", "slicer.util",
+               "slicer.parameterNodeWrapper"}
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            assert {a.name for a in node.names} <= allowed, ast.unparse(node)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.module in allowed, ast.unparse(node)
+    # the logic class: both bases, built on first use
+    from brainunet.slicer_logic import BrainUNetLogic
+
+    cls = harness.module.BrainUNetSegmentationLogic
+    assert issubclass(cls, BrainUNetLogic)
+    assert issubclass(cls, sys.modules["slicer.ScriptedLoadableModule"].ScriptedLoadableModuleLogic)
+    assert isinstance(harness.widget.logic, cls) and harness.widget.logic.scene is harness.scene
+    assert harness.module.BrainUNetSegmentationTest  # the in-app self-test exists
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) auto-fill on enter
+# ---------------------------------------------------------------------------------------------
+
+
+def test_enter_auto_fills_selectors_from_volume_names(harness):
+    ui = harness.ui
+    nodes = add_case(harness)
+    # the selectors list the new volumes but (noneEnabled) do not pick one by themselves
+    assert ui.t2wSelector.currentNode() is None
+    harness.widget.enter()
+    assert ui.t1cSelector.currentNode() is nodes["t1c"]
+    assert ui.t2wSelector.currentNode() is nodes["t2w"]
+    assert ui.t2fSelector.currentNode() is nodes["t2f"]
+    assert ui.t1nSelector.currentNode() is None
+    p = harness.widget.logic.getParameterNode()
+    assert (p.t1c, p.t2w, p.t2f, p.t1n) == (nodes["t1c"], nodes["t2w"], nodes["t2f"], None)
+    # a choice made by the user is kept on the next enter; Auto-detect overrides it
+    ui.t2wSelector.setCurrentNode(nodes["t2f"])
+    harness.widget.exit()
+    harness.widget.enter()
+    assert ui.t2wSelector.currentNode() is nodes["t2f"]
+    ui.autoDetectButton.click()
+    assert ui.t2wSelector.currentNode() is nodes["t2w"]
+    assert "Case_T2" in ui.statusLabel.text()
+    # GUI -> parameter node for the other settings
+    ui.deviceComboBox.setCurrentIndex(1)
+    ui.qualityComboBox.setCurrentIndex(1)
+    ui.show3DCheckBox.setChecked(False)
+    assert (p.device, p.tta, p.show3D) == ("cpu", True, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) a real background run
+# ---------------------------------------------------------------------------------------------
+
+
+def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
+    ui, widget = harness.ui, harness.widget
+    add_case(harness)
+    widget.enter()
+    ui.deviceComboBox.setCurrentIndex(1)  # cpu
+    ui.applyButton.click()
+    assert text(ui.applyButton) == "Cancel"
+    assert not ui.inputsCollapsibleButton.isEnabled()
+    assert harness.dependency_checks == [True]
+    harness.wait_until(lambda: widget._run is None, RUN_TIMEOUT_S)
+
+    assert harness.errors() == []
+    assert text(ui.applyButton) == "Apply" and ui.inputsCollapsibleButton.isEnabled()
+    assert ui.statusLabel.text().startswith("Done"), ui.statusLabel.text()
+    assert ui.progressBar.value() == 100
+    assert ui.logTextEdit.toPlainText().strip()
+    segs = harness.nodes_of("vtkMRMLSegmentationNode")
+    tables = harness.nodes_of("vtkMRMLTableNode")
+    assert len(segs) == 1 and len(tables) == 1
+    seg, table = segs[0], tables[0]
+    assert seg.GetSegmentation().GetNumberOfSegments() == 3
+    assert sorted(seg.GetSegmentation().GetNthSegmentID(i) for i in range(3)) == ["ET", "NETC", "SNFH"]
+    assert seg.GetSegmentation().ContainsRepresentation("Closed surface")  # show3D is on by default
+    assert seg.GetDisplayNode().GetVisibility()
+    assert table.GetNumberOfRows() == 5
+    assert ui.resultsTableView.rowCount() == 5
+    headers = [ui.resultsTableView.horizontalHeaderItem(c).text() for c in range(ui.resultsTableView.columnCount())]
+    assert headers[:4] == ["Region", "Name", "Voxels", "Volume (mL)"]
+    assert [ui.resultsTableView.item(r, 0).text() for r in range(5)] == ["ET", "NETC", "SNFH", "TC", "WT"]
+    assert ui.outputSegmentationSelector.currentNode() is seg  # the next Apply updates this segmentation
+
+    # export CSV
+    assert ui.exportCsvButton.isEnabled()
+    widget_harness.FileDialog.answers[:] = [tmp_path / "stats"]
+    ui.exportCsvButton.click()
+    lines = (tmp_path / "stats.csv").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 6 and lines[0].startswith("region,name,voxels,volume_ml")
+
+    # a second run into the chosen segmentation updates it and its table
+    ui.applyButton.click()
+    harness.wait_until(lambda: widget._run is None, RUN_TIMEOUT_S)
+    assert harness.errors() == []
+    assert harness.dependency_checks == [True]  # checked once per session
+    assert harness.nodes_of("vtkMRMLSegmentationNode") == [seg]
+    assert harness.nodes_of("vtkMRMLTableNode") == [table]
+    assert seg.GetSegmentation().GetNumberOfSegments() == 3 and table.GetNumberOfRows() == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) invalid inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_apply_without_t2w_shows_error_and_leaves_scene_unchanged(harness):
+    ui = harness.ui
+    add_case(harness)
+    harness.widget.enter()
+    ui.t2wSelector.setCurrentNode(None)
+    assert harness.widget.logic.getParameterNode().t2w is None
+    count = harness.scene.GetNumberOfNodes()
+    ui.applyButton.click()
+    process_events(0.3)
+    errors = harness.errors()
+    assert len(errors) == 1 and "T2W" in errors[0], harness.messages
+    assert "T2W" in ui.statusLabel.text()
+    assert harness.scene.GetNumberOfNodes() == count
+    assert text(ui.applyButton) == "Apply" and harness.widget._run is None
+    assert harness.dependency_checks == []  # nothing offered for install before the inputs are right
+
+
+def test_failed_run_reports_error_and_adds_nothing(harness):
+    ui, widget = harness.ui, harness.widget
+    add_case(harness)
+    widget.enter()
+    fail = [sys.executable, "-c", "import sys; print('error: Simulated failure of the network.'); sys.exit(2)"]
+    widget.logic.command = lambda files, outputs, options: fail
+    count = harness.scene.GetNumberOfNodes()
+    ui.applyButton.click()
+    harness.wait_until(lambda: widget._run is None, 30)
+    assert harness.errors() and "Simulated failure of the network." in harness.errors()[0]
+    assert ui.statusLabel.text().startswith("Segmentation failed")
+    assert text(ui.applyButton) == "Apply"
+    assert harness.scene.GetNumberOfNodes() == count
+    assert not ui.exportCsvButton.isEnabled()
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) cancel
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cancel_restores_button_and_adds_nothing(harness, tmp_path):
+    ui, widget = harness.ui, harness.widget
+    add_case(harness)
+    widget.enter()
+    count = harness.scene.GetNumberOfNodes()
+    ui.applyButton.click()
+    run = widget._run
+    assert run is not None and text(ui.applyButton) == "Cancel"
+    ui.applyButton.click()
+    assert text(ui.applyButton) == "Apply"
+    assert widget._run is None and run.state == "cancelled"
+    assert run.process.poll() is not None  # the background process is gone
+    assert "Cancelled" in ui.statusLabel.text()
+    process_events(0.5)  # nothing arrives late
+    assert harness.nodes_of("vtkMRMLSegmentationNode") == []
+    assert harness.nodes_of("vtkMRMLTableNode") == []
+    assert harness.scene.GetNumberOfNodes() == count
+    assert not run.workdir.exists()
+    assert harness.errors() == []
+
+
+def test_closing_the_scene_cancels_the_run(harness):
+    ui, widget = harness.ui, harness.widget
+    add_case(harness)
+    widget.enter()
+    ui.applyButton.click()
+    run = widget._run
+    assert run is not None
+    harness.scene.Clear(0)  # File > Close scene: the inputs disappear
+    assert widget._run is None and run.state == "cancelled" and run.process.poll() is not None
+    assert text(ui.applyButton) == "Apply" and "scene was closed" in ui.statusLabel.text()
+    process_events(0.3)
+    assert harness.nodes_of("vtkMRMLSegmentationNode") == [] and harness.nodes_of("vtkMRMLTableNode") == []
+    # the module is usable again on the new scene
+    nodes = add_case(harness)
+    ui.autoDetectButton.click()
+    assert ui.t1cSelector.currentNode() is nodes["t1c"]
+    assert widget.logic.getParameterNode().t1c is nodes["t1c"]
