@@ -29,7 +29,7 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=100, desc=desc, unit="%", file=sys.stderr,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
         self._last = -1.0
 
     def __call__(self, fraction: float, message: str = ""):
@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _say(args, text):
-    if getattr(args, "progress", "bar") != "machine":
+    if getattr(args, "progress", "bar") == "bar":
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr)  # printed above a running bar, not through it
+    elif getattr(args, "progress", "bar") == "none":
         print(text, file=sys.stderr)
     else:
         print(f"{PROGRESS_PREFIX} -1 {text}", flush=True)
