@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="out")
     _add_model_args(p)
 
+    p = sub.add_parser("evaluate", help="segment every labelled case in DIR and report Dice and HD95 per region")
+    p.add_argument("--data", required=True, help="folder of BraTS-layout case folders with a *_seg / *-seg file")
+    p.add_argument("--output-dir", default="evaluation", help="where to write metrics.csv and metrics.png")
+    _add_model_args(p)
+
     sub.add_parser("models", help="list registered models and which one is the default")
     return parser
 
@@ -183,6 +188,47 @@ def cmd_demo(args) -> int:
                  "--stats", str(out / "demo-stats.csv"), "--overlay", str(out / "demo-overlay.png")])
 
 
+def cmd_evaluate(args) -> int:
+    import nibabel as nib
+    import numpy as np
+
+    from . import evaluation, pipeline
+    from .imageio import find_case_files
+    from .labels import to_brats2023
+
+    data_dir = Path(args.data)
+    if not data_dir.is_dir():
+        raise InputError(f"{data_dir} is not a folder of case folders.")
+    cases = [c for c in sorted(data_dir.iterdir()) if c.is_dir() and evaluation.find_reference(c)]
+    if not cases:
+        raise InputError(f"No labelled cases in {data_dir}: each case folder needs a *_seg.nii.gz or *-seg.nii.gz.")
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress(args.progress, "BrainUNet evaluate")
+    loaded = _load_model(args, progress)
+    rows = []
+    try:
+        for n, case in enumerate(cases):
+            files = find_case_files(case)
+            pred = out_dir / f"{case.name}-pred.nii.gz"
+
+            def case_progress(f, msg, n=n):
+                progress((n + f) / len(cases), f"{case.name}: {msg}")
+
+            result = pipeline.run({k: files.get(k) for k in ("t1c", "t2w", "t2f")}, pred, device=args.device,
+                                  tta=args.tta, progress=case_progress, loaded_model=loaded)
+            ref = to_brats2023(np.asarray(nib.load(str(evaluation.find_reference(case))).dataobj))
+            if ref.shape != result.labels.shape:
+                raise InputError(f"{case.name}: reference labels {ref.shape} are not on the T1CE grid {result.labels.shape}.")
+            rows.append({"case": case.name, **evaluation.evaluate_case(result.labels, ref, result.reference.spacing)})
+    finally:
+        progress.close()
+    mean = evaluation.write_results(rows, out_dir / "metrics.csv", out_dir / "metrics.png")
+    summary = "  ".join(f"{k[5:]} {mean[k]:.3f}" for k in mean if k.startswith("dice_"))
+    print(f"{loaded.entry_name} on {len(rows)} case(s): Dice {summary} -> {out_dir / 'metrics.csv'}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from . import weights
 
@@ -201,7 +247,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     # The Slicer module cancels by terminating the process: exit cleanly, leaving no partial output.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(Cancelled()))
-    handlers = {"segment": cmd_segment, "batch": cmd_batch, "demo": cmd_demo, "models": cmd_models}
+    handlers = {"segment": cmd_segment, "batch": cmd_batch, "demo": cmd_demo, "models": cmd_models,
+                "evaluate": cmd_evaluate}
     try:
         return handlers[args.command](args)
     except Cancelled as exc:

@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+
+from brainunet import evaluation
+from test_cli import brainunet
+
+
+def test_dice_and_hd95_conventions():
+    a = np.zeros((20, 20, 20), bool)
+    assert evaluation.dice(a, a) == 1.0 and evaluation.hd95(a, a) == 0.0
+    b = a.copy()
+    b[5:10, 5:10, 5:10] = True
+    assert evaluation.dice(a, b) == 0.0 and evaluation.hd95(a, b) == evaluation.HD95_EMPTY_MM
+    assert evaluation.dice(b, b) == 1.0 and evaluation.hd95(b, b) == 0.0
+
+
+def test_hd95_of_shifted_box_with_anisotropic_spacing():
+    a = np.zeros((30, 30, 30), bool)
+    a[5:15, 5:15, 5:15] = True
+    b = np.roll(a, 3, axis=2)  # shifted 3 voxels along k, spacing 2 mm there
+    h = evaluation.hd95(a, b, spacing=(1.0, 1.0, 2.0))
+    # brute force on surfaces
+    def surf(m):
+        from scipy import ndimage
+        return m & ~ndimage.binary_erosion(m)
+    pa, pb = np.argwhere(surf(a)) * [1, 1, 2], np.argwhere(surf(b)) * [1, 1, 2]
+    d_ab = np.sqrt(((pa[:, None] - pb[None]) ** 2).sum(-1)).min(1)
+    d_ba = np.sqrt(((pb[:, None] - pa[None]) ** 2).sum(-1)).min(1)
+    assert h == pytest.approx(np.percentile(np.concatenate([d_ab, d_ba]), 95))
+    assert evaluation.dice(a, b) == pytest.approx(2 * 7 / 20)
+
+
+def test_evaluate_command(tmp_path):
+    from brainunet import synthetic
+
+    synthetic.write_case(tmp_path / "data" / "BraTS-GLI-00002-000", "BraTS-GLI-00002-000", seed=3, shape=(40, 48, 36))
+    r = brainunet("evaluate", "--data", tmp_path / "data", "--output-dir", tmp_path / "ev", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "ev" / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("case,dice_ET,hd95_ET") and lines[-1].startswith("mean,")
+    assert float(lines[1].split(",")[lines[0].split(",").index("dice_WT")]) > 0.8
+    assert (tmp_path / "ev" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
