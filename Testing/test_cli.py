@@ -7,7 +7,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from conftest import ROOT, case_args
 
@@ -67,7 +66,7 @@ def test_batch_reads_brats2021_and_2023_layouts(tmp_path):
     from brainunet import synthetic
 
     data = tmp_path / "data"
-    p23 = synthetic.write_case(data / "BraTS-GLI-00001-000", "BraTS-GLI-00001-000", seed=1, shape=(40, 48, 36))
+    synthetic.write_case(data / "BraTS-GLI-00001-000", "BraTS-GLI-00001-000", seed=1, shape=(40, 48, 36))
     c21 = data / "BraTS2021_00001"
     p = synthetic.write_case(c21, "tmp", seed=2, shape=(40, 48, 36))
     for key, new in (("t1c", "t1ce"), ("t2w", "t2"), ("t2f", "flair"), ("t1n", "t1"), ("seg", "seg")):
@@ -204,7 +203,6 @@ def test_missing_weights_file(tmp_path, synthetic_case):
 
 def test_cancel_by_sigterm_leaves_no_output(tmp_path, synthetic_case, tiny_weights):
     import signal
-    import time
 
     out = tmp_path / "x.nii.gz"
     p = subprocess.Popen([sys.executable, "-m", "brainunet", "segment", *case_args(synthetic_case), "--output",

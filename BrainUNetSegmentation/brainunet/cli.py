@@ -10,7 +10,6 @@ import argparse
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 
 from .errors import BrainUNetError, Cancelled, InputError, WeightsError

@@ -4,7 +4,7 @@ Imported lazily (it needs torch): the Slicer module never imports this at module
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
