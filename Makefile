@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	# torch is pinned to the CPU build available offline; a newer torch also works.
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,train]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,0 +1,424 @@
+"""Procedural gliomas in deformed healthy anatomy, rendered as T1CE, T2W and FLAIR.
+
+One case is a pure function of (seed, anatomy, config): every random number comes from a numpy
+Generator or a CPU torch Generator seeded with ``seed``, so a case is the same on any machine and
+device. The work is torch tensor operations, so on a GPU machine cases are generated on the fly
+next to the training step.
+
+The order of operations:
+1. mass effect: the anatomy is pushed radially away from the tumour centre;
+2. tumour in that space: a lobulated core (NETC inside an ET rim of varying thickness and
+   completeness, or solid ET, or no enhancement), SNFH grown from the core through white matter
+   (geodesic dilation; cortex, CSF and the midline stop it, the corpus callosum lets it cross),
+   sometimes several foci; enhancing distractors (choroid plexus, vessels, dura) labelled background;
+3. one random affine + elastic warp of anatomy and tumour together (no two brains alike);
+4. rendering with random per-tissue intensities that keep the real contrast orderings, texture;
+5. scanner degradations: partial-volume blur, thick slices, bias field, Rician noise, gamma,
+   and torchio's motion and ghosting artefacts;
+6. skull-stripped background, crop to the brain and the same normalisation as inference.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..labels import ET, NETC, SNFH
+from .templates import Anatomy
+
+ENGINE_VERSION = "1.0"
+MODALITIES = ("t1c", "t2w", "t2f")
+
+
+@dataclass
+class EngineConfig:
+    # healthy-anatomy variation
+    rotation_deg: float = 15.0
+    scale_range: tuple[float, float] = (0.88, 1.12)
+    translation_mm: float = 8.0
+    elastic_mm: float = 5.0
+    # tumour morphology
+    tumour_radius_mm: tuple[float, float] = (10.0, 55.0)  # whole tumour, log-uniform
+    core_fraction: tuple[float, float] = (0.4, 0.95)  # core radius / whole-tumour radius
+    p_in_white_matter: float = 0.85
+    p_no_core: float = 0.05  # oedema-like lesion only
+    p_solid: float = 0.15  # enhancing core without necrosis
+    p_no_enhancement: float = 0.12  # core without ET
+    p_incomplete_rim: float = 0.35
+    rim_mm: tuple[float, float] = (1.5, 7.0)
+    p_multifocal: float = 0.12
+    p_mass_effect: float = 0.7
+    mass_effect: tuple[float, float] = (0.1, 0.5)
+    oedema_reach: tuple[float, float] = (0.1, 1.3)  # beyond the core, in whole-tumour radii
+    # contrast
+    p_fluid_bright_netc: float = 0.65  # necrosis / cyst bright on T2W (and FLAIR unless suppressed)
+    p_flair_suppressed_netc: float = 0.15  # cyst-like NETC dark on FLAIR
+    p_distractors: float = 0.85
+    # degradations
+    blur_voxels: tuple[float, float] = (0.0, 0.8)
+    p_thick_slices: float = 0.3
+    thick_factor: tuple[float, float] = (1.5, 3.0)
+    bias_strength: tuple[float, float] = (0.0, 0.4)
+    noise: tuple[float, float] = (0.01, 0.08)  # sigma / white-matter intensity
+    p_gamma: float = 0.4
+    gamma: tuple[float, float] = (0.7, 1.5)
+    p_motion: float = 0.08
+    p_ghosting: float = 0.08
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "EngineConfig":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            from ..errors import InputError
+
+            raise InputError(f"Unknown engine setting(s): {', '.join(sorted(unknown))}.")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass
+class SyntheticCase:
+    image: torch.Tensor  # (3, X, Y, Z) float32, t1c/t2w/t2f, normalised like preprocessing.normalise
+    labels: torch.Tensor  # (X, Y, Z) uint8, BraTS 2023 (1 NETC, 2 SNFH, 3 ET)
+    mask: torch.Tensor  # (X, Y, Z) bool brain
+    tissue: torch.Tensor  # (X, Y, Z) uint8 dominant healthy tissue: 0 bg, 1 GM, 2 WM, 3 CSF
+    spacing: tuple[float, float, float]
+    raw: torch.Tensor | None = None  # (3, X, Y, Z) before normalisation (montage, tests)
+    meta: dict = field(default_factory=dict)
+
+
+class _Random:
+    """Scalar draws from numpy, fields from a CPU torch Generator: both seeded, device-independent."""
+
+    def __init__(self, seed: int, device):
+        self.np = np.random.default_rng(seed)
+        self.torch = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
+        self.device = device
+
+    def uniform(self, lo_hi) -> float:
+        return float(self.np.uniform(*lo_hi))
+
+    def chance(self, p: float) -> bool:
+        return bool(self.np.random() < p)
+
+    def field(self, shape, grid: int = 6, channels: int = 1) -> torch.Tensor:
+        """Smooth noise (channels, *shape), unit-ish std, from a coarse Gaussian grid."""
+        coarse = torch.randn((1, channels, grid, grid, grid), generator=self.torch).to(self.device)
+        return F.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=True)[0]
+
+
+def _mm_grid(shape, spacing, device) -> torch.Tensor:
+    """(3, X, Y, Z) voxel positions in mm."""
+    axes = [torch.arange(n, device=device, dtype=torch.float32) * s for n, s in zip(shape, spacing)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+
+def _sample(volume: torch.Tensor, positions_mm: torch.Tensor, spacing, mode="bilinear") -> torch.Tensor:
+    """Sample (C, X, Y, Z) at (3, X', Y', Z') mm positions (zero outside)."""
+    shape = volume.shape[1:]
+    norm = [positions_mm[i] / spacing[i] / max(shape[i] - 1, 1) * 2 - 1 for i in range(3)]
+    # grid_sample wants (x, y, z) = (last, middle, first) axis
+    grid = torch.stack([norm[2], norm[1], norm[0]], dim=-1)[None]
+    return F.grid_sample(volume[None], grid, mode=mode, padding_mode="zeros", align_corners=True)[0]
+
+
+def _rotation(angles) -> torch.Tensor:
+    a, b, c = angles
+    rx = torch.tensor([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+    ry = torch.tensor([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+    rz = torch.tensor([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
+    return (rz @ ry @ rx).float()
+
+
+def _blur(volume: torch.Tensor, sigma_vox) -> torch.Tensor:
+    """Separable Gaussian blur of (C, X, Y, Z); sigma per axis in voxels."""
+    out = volume[None]
+    for axis, sigma in enumerate(sigma_vox):
+        if sigma < 0.2:
+            continue
+        radius = max(1, int(math.ceil(2.5 * sigma)))
+        x = torch.arange(-radius, radius + 1, device=volume.device, dtype=torch.float32)
+        kernel = torch.exp(-x * x / (2 * sigma * sigma))
+        kernel = (kernel / kernel.sum()).view(1, 1, -1, 1, 1).permute(0, 1, *[2 + ((i - axis) % 3) for i in range(3)])
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = kernel.numel()
+        kernel = kernel.reshape(shape).repeat(out.shape[1], 1, 1, 1, 1)
+        padding = [0, 0, 0]
+        padding[axis] = radius
+        out = F.conv3d(out, kernel, padding=tuple(padding), groups=out.shape[1])
+    return out[0]
+
+
+def _lobulated(pos, centre, radius_mm, axes_ratio, rotation, bumps, amplitude) -> torch.Tensor:
+    """Level function of a rotated, stretched ellipsoid with smooth bumps: < 1 inside."""
+    d = pos - centre.view(3, 1, 1, 1)
+    d = torch.einsum("ij,jxyz->ixyz", rotation.to(pos.device), d) / (radius_mm * axes_ratio.view(3, 1, 1, 1))
+    return d.norm(dim=0) + amplitude * bumps
+
+
+def _grow(seed: torch.Tensor, passable: torch.Tensor, steps: int) -> torch.Tensor:
+    """Geodesic dilation of a 0/1 volume through 0/1 ``passable``, one voxel per step."""
+    current = seed[None, None]
+    for _ in range(steps):
+        grown = F.max_pool3d(current, 3, stride=1, padding=1) * passable
+        current = torch.maximum(current, grown)
+    return current[0, 0]
+
+
+def _torchio_artefacts(image: torch.Tensor, rnd: _Random, config: EngineConfig, meta: dict) -> torch.Tensor:
+    """Motion and ghosting (k-space artefacts of older scanners), per channel, from torchio."""
+    import torchio as tio
+
+    transforms = []
+    if rnd.chance(config.p_motion):
+        transforms.append(tio.RandomMotion(degrees=5, translation=5, num_transforms=2))
+    if rnd.chance(config.p_ghosting):
+        transforms.append(tio.RandomGhosting(num_ghosts=(2, 6), intensity=(0.2, 0.6)))
+    if not transforms:
+        return image
+    meta["artefacts"] = [type(t).__name__ for t in transforms]
+    channel = int(rnd.np.integers(0, image.shape[0]))  # one sequence of the protocol is hit
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(rnd.np.integers(0, 2**31)))
+        sub = tio.ScalarImage(tensor=image[channel:channel + 1].detach().cpu())
+        for t in transforms:
+            sub = t(sub)
+    image = image.clone()
+    image[channel] = sub.data[0].to(image.device, torch.float32).abs()
+    return image
+
+
+def normalise(image: torch.Tensor, mask: torch.Tensor, percentiles=(0.5, 99.5)) -> torch.Tensor:
+    """Per channel: clip to percentiles inside ``mask``, z-score inside ``mask``, zero outside.
+    The torch twin of ``preprocessing.normalise`` (a test keeps them equal)."""
+    out = torch.zeros_like(image)
+    q = torch.tensor([p / 100.0 for p in percentiles], device=image.device, dtype=torch.float64)
+    for c in range(image.shape[0]):
+        values = image[c][mask].double()
+        lo, hi = torch.quantile(values, q).tolist()
+        clipped = image[c].clamp(lo, hi)
+        inside = clipped[mask].double()
+        std = float(inside.std(unbiased=False))
+        out[c] = (clipped - float(inside.mean())) / (std if std > 1e-6 else 1.0)
+        out[c][~mask] = 0.0
+    return out
+
+
+def _intensities(rnd: _Random, config: EngineConfig, meta: dict) -> dict[str, dict[str, float]]:
+    """Mean intensity per tissue and sequence, relative to white matter, with real orderings:
+    T1CE: ET bright, NETC and CSF dark, oedema slightly below WM; T2W: fluid brightest, oedema
+    bright; FLAIR: oedema brightest, CSF dark. NETC is fluid-bright on T2W in most gliomas and
+    bright on FLAIR unless it is a suppressed cyst."""
+    u = rnd.uniform
+    fluid_netc = rnd.chance(config.p_fluid_bright_netc)
+    suppressed = rnd.chance(config.p_flair_suppressed_netc)
+    meta.update(fluid_bright_netc=fluid_netc, flair_suppressed_netc=suppressed)
+    t2_csf = u((2.2, 3.4))
+    t2_oedema = u((1.8, 2.7))
+    flair_oedema = u((1.5, 2.4))
+    return {
+        "t1c": {"wm": 1.0, "gm": u((0.68, 0.85)), "csf": u((0.2, 0.45)), "snfh": u((0.55, 0.82)),
+                "netc": u((0.2, 0.6)), "et": u((1.35, 2.3)), "distractor": u((1.2, 2.4))},
+        "t2w": {"wm": 1.0, "gm": u((1.2, 1.5)), "csf": t2_csf, "snfh": t2_oedema,
+                "netc": u((0.85, 1.05)) * t2_csf if fluid_netc else u((1.3, 2.0)),
+                "et": u((1.5, 2.4)), "distractor": u((0.4, 1.0))},
+        "t2f": {"wm": 1.0, "gm": u((1.08, 1.35)), "csf": u((0.25, 0.6)), "snfh": flair_oedema,
+                "netc": u((0.35, 0.9)) if suppressed else u((0.85, 1.4)) * flair_oedema,
+                "et": u((1.15, 1.9)), "distractor": u((0.8, 1.3))},
+    }
+
+
+def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = None, device="cpu",
+                  keep_raw: bool = False) -> SyntheticCase:
+    config = config or EngineConfig()
+    device = torch.device(device)
+    rnd = _Random(seed, device)
+    meta: dict = {"seed": int(seed), "engine_version": ENGINE_VERSION}
+    spacing = anatomy.spacing
+    shape = anatomy.shape
+    tissues = anatomy.tissues.to(device)
+    tissues = tissues / tissues.sum(0, keepdim=True).clamp_min(1.0)
+    structures = anatomy.structures.to(device)
+    if rnd.chance(0.5):  # left-right mirror: the atlas is one brain
+        tissues, structures = tissues.flip(1), structures.flip(1)
+    gm, wm, csf = tissues
+    brain = tissues.sum(0)
+    pos = _mm_grid(shape, spacing, device)
+    midline_mm = float((pos[0] * brain).sum() / brain.sum())
+
+    # --- 1. tumour centre and mass effect -------------------------------------------------------
+    in_wm = rnd.chance(config.p_in_white_matter)
+    candidates = torch.nonzero((wm > 0.6) if in_wm else ((gm > 0.5) & (brain > 0.9)))
+    if len(candidates) == 0:
+        candidates = torch.nonzero(brain > 0.5)
+    centre_vox = candidates[int(rnd.np.integers(0, len(candidates)))].float()
+    centre = centre_vox * torch.tensor(spacing, device=device)
+    log_lo, log_hi = (math.log(r) for r in config.tumour_radius_mm)
+    radius_wt = math.exp(rnd.uniform((log_lo, log_hi)))
+    radius_core = radius_wt * rnd.uniform(config.core_fraction)
+    meta.update(centre_mm=[round(float(c), 1) for c in centre], radius_wt_mm=round(radius_wt, 1),
+                in_white_matter=in_wm)
+    if rnd.chance(config.p_mass_effect):
+        strength = rnd.uniform(config.mass_effect)
+        d = pos - centre.view(3, 1, 1, 1)
+        r = d.norm(dim=0, keepdim=True)
+        # sample closer to the centre -> tissue is pushed outward; monotonic for strength < 1
+        source = centre.view(3, 1, 1, 1) + d * (1 - strength * torch.exp(-(r / (2 * radius_core)) ** 2))
+        warped = _sample(torch.cat([tissues, structures]), source, spacing)
+        tissues, structures = warped[:3], warped[3:]
+        gm, wm, csf = tissues
+        brain = tissues.sum(0)
+        meta["mass_effect"] = round(strength, 2)
+
+    # --- 2. tumour, oedema, distractors -----------------------------------------------------------
+    netc = torch.zeros(shape, device=device)
+    et = torch.zeros(shape, device=device)
+    core_all = torch.zeros(shape, device=device)
+    oedema = torch.zeros(shape, device=device)
+    foci = 1 + (int(rnd.np.integers(1, 3)) if rnd.chance(config.p_multifocal) else 0)
+    hemisphere = 1.0 if float(centre[0]) > midline_mm else -1.0
+    same_side = ((pos[0] - midline_mm) * hemisphere > -spacing[0]).float()
+    crossing = torch.maximum(same_side, (structures[1] > 0.5).float())
+    cortex = structures[2]
+    # white matter carries oedema; grey matter a little; cortex ribbon, CSF and midline stop it
+    permeability = (wm + 0.3 * gm * (1 - cortex)) * (1 - csf.clamp(0, 1)) * crossing
+    pass_noise = rnd.field(shape, grid=10)[0]
+    passable = ((permeability * (1.0 + 0.35 * pass_noise)) > rnd.uniform((0.35, 0.55))).float()
+    kind = "ring"
+    for focus in range(foci):
+        if focus == 0:
+            c, rc = centre, radius_core
+        else:
+            other = torch.nonzero(wm > 0.6)
+            c = other[int(rnd.np.integers(0, len(other)))].float() * torch.tensor(spacing, device=device)
+            rc = radius_core * rnd.uniform((0.3, 0.8))
+        axes_ratio = torch.tensor([rnd.uniform((0.7, 1.3)) for _ in range(3)], device=device)
+        rotation = _rotation([rnd.uniform((-math.pi, math.pi)) for _ in range(3)])
+        bumps = rnd.field(shape, grid=int(rnd.np.integers(5, 12)))[0]
+        level = _lobulated(pos, c, rc, axes_ratio, rotation, bumps, rnd.uniform((0.08, 0.3)))
+        core = ((level < 1) & (brain > 0.3)).float()
+        if focus == 0 and rnd.chance(config.p_no_core):
+            kind = "oedema-only"
+            seed_region = ((level < 0.5) & (brain > 0.3)).float()
+        else:
+            seed_region = core
+            rim = rnd.uniform(config.rim_mm) * (1 + 0.4 * rnd.field(shape, grid=8)[0]).clamp(0.3, 2.0)
+            inner = (level < 1 - rim / rc).float() * core
+            roll = rnd.np.random()
+            if focus == 0:
+                kind = ("solid" if roll < config.p_solid else
+                        "non-enhancing" if roll < config.p_solid + config.p_no_enhancement else "ring")
+                if rc < 5 and kind == "ring":
+                    kind = "solid"  # small lesions rarely have a visible necrotic centre
+            if kind == "solid":
+                et_part, netc_part = core, torch.zeros_like(core)
+            elif kind == "non-enhancing":
+                et_part, netc_part = torch.zeros_like(core), core
+            else:
+                et_part, netc_part = core - inner, inner
+                if rnd.chance(config.p_incomplete_rim):
+                    gap = (rnd.field(shape, grid=4)[0] > rnd.uniform((-0.3, 0.5))).float()
+                    netc_part = netc_part + et_part * gap
+                    et_part = et_part * (1 - gap)
+            et = torch.maximum(et, et_part)
+            netc = torch.maximum(netc, netc_part)
+        core_all = torch.maximum(core_all, seed_region)
+        reach_mm = radius_wt * rnd.uniform(config.oedema_reach) + spacing[0]
+        steps = max(1, int(round(reach_mm / spacing[0])))
+        grown = _grow(seed_region, passable, steps)
+        # infiltration right around the core, whatever the tissue
+        halo = _grow(seed_region, (brain > 0.5).float(), max(1, int(round(2.0 / spacing[0]))))
+        oedema = torch.maximum(oedema, torch.maximum(grown, halo))
+    if kind == "oedema-only":
+        netc.zero_(), et.zero_()
+    et = et * (1 - netc).clamp(0, 1)
+    snfh = (oedema * (1 - torch.maximum(et, netc))).clamp(0, 1)
+    meta["kind"], meta["foci"] = kind, foci
+
+    distractor = torch.zeros(shape, device=device)
+    if rnd.chance(config.p_distractors):
+        ventricles = structures[0]
+        plexus = ventricles * (rnd.field(shape, grid=14)[0] > 1.0).float()
+        sheet_a, sheet_b = rnd.field(shape, grid=16, channels=2)
+        vessels = ((sheet_a.abs() < 0.08) & (sheet_b.abs() < 0.08)).float() * (brain > 0.3).float()
+        shell = ((brain > 0.1) & (brain < 0.6)).float() * (rnd.field(shape, grid=10)[0] > 0.6).float()
+        distractor = torch.clamp(plexus + vessels * (1 - wm) + shell, 0, 1) * (1 - oedema)
+        meta["distractors"] = True
+
+    # --- 3. one random affine + elastic warp of everything ---------------------------------------
+    angles = [math.radians(rnd.uniform((-config.rotation_deg, config.rotation_deg))) for _ in range(3)]
+    scales = torch.tensor([rnd.uniform(config.scale_range) for _ in range(3)], device=device)
+    shift = torch.tensor([rnd.uniform((-config.translation_mm, config.translation_mm)) for _ in range(3)],
+                         device=device)
+    centre_of_grid = torch.tensor([(n - 1) * s / 2 for n, s in zip(shape, spacing)], device=device)
+    d = pos - centre_of_grid.view(3, 1, 1, 1)
+    matrix = _rotation(angles).to(device) / scales.view(3, 1)
+    source = torch.einsum("ij,jxyz->ixyz", matrix, d) + centre_of_grid.view(3, 1, 1, 1) + shift.view(3, 1, 1, 1)
+    source = source + config.elastic_mm * rnd.field(shape, grid=5, channels=3) / 1.5
+    stack = torch.stack([gm, wm, csf, netc, et, snfh, distractor, brain])
+    gm, wm, csf, netc, et, snfh, distractor, brain = _sample(stack, source, spacing)
+
+    labels = torch.zeros(shape, dtype=torch.uint8, device=device)
+    labels[snfh > 0.5] = SNFH.label
+    labels[netc > 0.5] = NETC.label
+    labels[(et > 0.5) & (et >= netc)] = ET.label
+    mask = (brain > 0.5) | (labels > 0)
+
+    # --- 4. rendering -------------------------------------------------------------------------------
+    means = _intensities(rnd, config, meta)
+    channels = []
+    healthy_texture = 0.08 * rnd.uniform((0.0, 1.0))
+    tumour_texture = rnd.uniform((0.05, 0.25))
+    tex = rnd.field(shape, grid=24, channels=3)
+    oedema_grade = (0.6 + 0.4 * rnd.field(shape, grid=8)[0].clamp(-1, 1)) * snfh  # denser near the core
+    for ci, name in enumerate(MODALITIES):
+        m = means[name]
+        healthy = (gm * m["gm"] + wm * m["wm"] + csf * m["csf"]) * (1 + healthy_texture * tex[ci])
+        img = healthy * (1 - oedema_grade) + oedema_grade * m["snfh"] * (1 + tumour_texture * tex[(ci + 1) % 3])
+        core_weight = (netc + et).clamp(0, 1)
+        tumour = (netc * m["netc"] + et * m["et"] * (1 + tumour_texture * tex[(ci + 2) % 3])) / core_weight.clamp_min(1e-3)
+        img = img * (1 - core_weight) + core_weight * tumour
+        img = img * (1 - distractor) + distractor * m["distractor"]
+        channels.append(img.clamp_min(0))
+    image = torch.stack(channels)
+
+    # --- 5. degradations --------------------------------------------------------------------------
+    sigma = rnd.uniform(config.blur_voxels)
+    image = _blur(image, (sigma, sigma, sigma))
+    if rnd.chance(config.p_thick_slices):
+        axis = int(rnd.np.integers(0, 3))
+        factor = rnd.uniform(config.thick_factor)
+        low = list(shape)
+        low[axis] = max(2, int(round(shape[axis] / factor)))
+        image = F.interpolate(F.interpolate(image[None], size=low, mode="area"), size=shape,
+                              mode="trilinear", align_corners=False)[0]
+        meta["thick_slices"] = {"axis": axis, "factor": round(factor, 2)}
+    strength = rnd.uniform(config.bias_strength)
+    image = image * torch.exp(strength * rnd.field(shape, grid=3, channels=3))
+    noise_sigma = rnd.uniform(config.noise)
+    n1, n2 = torch.randn((2, *image.shape), generator=rnd.torch).to(device) * noise_sigma
+    image = torch.sqrt((image + n1) ** 2 + n2 ** 2)  # Rician, as in magnitude images
+    if rnd.chance(config.p_gamma):
+        g = rnd.uniform(config.gamma)
+        peak = image.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+        image = (image / peak) ** g * peak
+        meta["gamma"] = round(g, 2)
+    image = _torchio_artefacts(image, rnd, config, meta)
+    image = image * mask  # skull-stripped
+
+    # --- 6. crop to the brain and normalise as inference does --------------------------------------
+    idx = [torch.nonzero(mask.any(dim=tuple(a for a in range(3) if a != ax))).flatten() for ax in range(3)]
+    crop = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)
+    image, labels, mask = image[(slice(None),) + crop], labels[crop], mask[crop]
+    tissue = torch.stack([gm, wm, csf])[(slice(None),) + crop]
+    tissue = ((tissue.argmax(0) + 1) * ((tissue.amax(0) > 0.5) & mask)).to(torch.uint8)
+    mask = mask & (image != 0).any(0)  # inference's foreground: any channel non-zero
+    normalised = normalise(image, mask, config.clip_percentiles)
+    return SyntheticCase(normalised, labels, mask, tissue, tuple(spacing), image if keep_raw else None, meta)

