@@ -60,10 +60,31 @@ class SegmentationResult:
 
 
 def load_inputs(paths: dict[str, str | Path | None]) -> dict[str, Volume]:
+    """Load the given images. Two of T1CE, T2W and FLAIR are the least any model can use; whether
+    the model at hand copes with one missing is checked by ``check_modalities``."""
     missing = [MODALITY_NAMES[m] for m in REQUIRED_MODALITIES if not paths.get(m)]
-    if missing:
-        raise InputError(f"Missing input: {', '.join(missing)}. BrainUNet needs T1CE, T2W and FLAIR.")
+    if len(missing) > 1:
+        raise InputError(f"Missing input: {', '.join(missing)}. BrainUNet needs T1CE, T2W and FLAIR "
+                         "(models trained with modality dropout can do without one of them).")
     return {m: load_volume(p, MODALITY_NAMES.get(m, m)) for m, p in paths.items() if p}
+
+
+def check_modalities(volumes: dict, model: LoadedModel) -> list[str]:
+    """The model's modalities that are missing (allowed only for a model trained with modality
+    dropout, one at most); raises InputError otherwise."""
+    missing = [m for m in model.modalities if m not in volumes]
+    if not missing:
+        return []
+    names = ", ".join(MODALITY_NAMES.get(m, m) for m in missing)
+    if not model.preprocessing.get("modality_dropout") or len(missing) > 1:
+        needs = ", ".join(MODALITY_NAMES.get(m, m) for m in model.modalities)
+        raise InputError(f"Missing input: {names}. The model '{model.entry_name}' needs {needs}.")
+    return missing
+
+
+def reference_key(volumes: dict) -> str:
+    """The grid the output lives on: T1CE when present, else FLAIR, else T2W."""
+    return next(k for k in ("t1c", "t2f", "t2w") + tuple(volumes) if k in volumes)
 
 
 def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu", tta: bool = False,
@@ -79,11 +100,16 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
 
     timings = {}
     t0 = time.perf_counter()
-    report(0.02, "Aligning inputs to the T1CE grid")
-    aligned = preprocessing.align_to_reference(volumes, "t1c")
+    missing = check_modalities(volumes, model)
+    ref_key = reference_key(volumes)
+    if missing:
+        names = ", ".join(MODALITY_NAMES.get(m, m) for m in missing)
+        log.warning("%s missing: segmenting without it (expect lower accuracy, above all for ET without T1CE).", names)
+    report(0.02, f"Aligning inputs to the {MODALITY_NAMES.get(ref_key, ref_key)} grid")
+    aligned = preprocessing.align_to_reference(volumes, ref_key)
     pp = model.preprocessing
-    prepared = preprocessing.prepare(aligned, volumes["t1c"], model.modalities, pp["spacing_mm"],
-                                     pp.get("clip_percentiles", (0.5, 99.5)))
+    prepared = preprocessing.prepare(aligned, volumes[ref_key], model.modalities, pp["spacing_mm"],
+                                     pp.get("clip_percentiles", (0.5, 99.5)), allow_missing=bool(missing))
     timings["preprocess_s"] = time.perf_counter() - t0
     report(0.10, f"Running {model.entry_name}")
     t1 = time.perf_counter()
@@ -107,7 +133,7 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
     crop_labels = postprocess.probabilities_to_labels(probs, prepared.crop_mask)
     crop_labels = postprocess.remove_small_components(crop_labels, int(pp.get("min_component_voxels", 0)))
     labels = prepared.restore_labels(crop_labels)
-    ref = volumes["t1c"]
+    ref = volumes[ref_key]
     stats = statistics.region_statistics(labels, ref.affine, aligned)
     timings["postprocess_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0

@@ -113,20 +113,23 @@ def align_to_reference(volumes: dict[str, Volume], reference_key: str = "t1c") -
 
 
 def prepare(aligned: dict[str, np.ndarray], reference: Volume, modalities, working_spacing=(1.0, 1.0, 1.0),
-            clip_percentiles=(0.5, 99.5)) -> PreparedCase:
+            clip_percentiles=(0.5, 99.5), allow_missing: bool = False) -> PreparedCase:
+    """``allow_missing``: a missing modality becomes an all-zero channel (the value a model trained
+    with modality dropout saw for a dropped sequence); at least one must be present."""
     missing = [MODALITY_NAMES.get(m, m) for m in modalities if m not in aligned]
-    if missing:
+    if missing and (not allow_missing or len(missing) == len(modalities)):
         raise InputError(f"Missing input: {', '.join(missing)}. Select every required image and try again.")
     to_ras = ornt_mod.ornt_transform(ornt_mod.io_orientation(reference.affine), ornt_mod.axcodes2ornt("RAS"))
     from_ras = ornt_mod.ornt_transform(ornt_mod.axcodes2ornt("RAS"), ornt_mod.io_orientation(reference.affine))
-    stack = [ornt_mod.apply_orientation(aligned[m], to_ras) for m in modalities]
-    mask = np.zeros(stack[0].shape, bool)
-    for ch in stack:
+    stack = {m: ornt_mod.apply_orientation(aligned[m], to_ras) for m in modalities if m in aligned}
+    mask = np.zeros(next(iter(stack.values())).shape, bool)
+    for ch in stack.values():
         mask |= ch != 0
     crop = foreground_bbox(mask)
     mask = mask[crop]
     native = tuple(float(reference.spacing[a]) for a in _ras_axes(to_ras))
-    channels = [normalise(ch[crop], mask, clip_percentiles) for ch in stack]
+    channels = [normalise(stack[m][crop], mask, clip_percentiles) if m in stack else np.zeros(mask.shape, np.float32)
+                for m in modalities]
     image = np.stack(channels)
     crop_shape = tuple(int(s) for s in mask.shape)
     working = tuple(float(s) for s in working_spacing)
