@@ -55,7 +55,7 @@ class EngineConfig:
     oedema_reach: tuple[float, float] = (0.1, 1.3)  # beyond the core, in whole-tumour radii
     # contrast
     p_fluid_bright_netc: float = 0.65  # necrosis / cyst bright on T2W (and FLAIR unless suppressed)
-    p_flair_suppressed_netc: float = 0.15  # cyst-like NETC dark on FLAIR
+    p_flair_suppressed_netc: float = 0.08  # cyst-like NETC dark on FLAIR
     p_distractors: float = 0.85
     # degradations
     blur_voxels: tuple[float, float] = (0.0, 0.8)
@@ -220,17 +220,17 @@ def _intensities(rnd: _Random, config: EngineConfig, meta: dict) -> dict[str, di
     fluid_netc = rnd.chance(config.p_fluid_bright_netc)
     suppressed = rnd.chance(config.p_flair_suppressed_netc)
     meta.update(fluid_bright_netc=fluid_netc, flair_suppressed_netc=suppressed)
-    t2_csf = u((2.2, 3.4))
+    t2_csf = u((1.6, 2.6))
     t2_oedema = u((1.8, 2.7))
-    flair_oedema = u((1.5, 2.4))
+    flair_oedema = u((1.8, 2.8))
     return {
-        "t1c": {"wm": 1.0, "gm": u((0.68, 0.85)), "csf": u((0.2, 0.45)), "snfh": u((0.55, 0.82)),
-                "netc": u((0.2, 0.6)), "et": u((1.35, 2.3)), "distractor": u((1.2, 2.4))},
-        "t2w": {"wm": 1.0, "gm": u((1.2, 1.5)), "csf": t2_csf, "snfh": t2_oedema,
-                "netc": u((0.85, 1.05)) * t2_csf if fluid_netc else u((1.3, 2.0)),
+        "t1c": {"wm": 1.0, "gm": u((0.76, 0.92)), "csf": u((0.4, 0.7)), "snfh": u((0.45, 0.7)),
+                "netc": u((0.25, 0.65)), "et": u((1.6, 3.0)), "distractor": u((1.2, 2.4))},
+        "t2w": {"wm": 1.0, "gm": u((1.04, 1.3)), "csf": t2_csf, "snfh": t2_oedema,
+                "netc": u((1.0, 1.25)) * t2_csf if fluid_netc else u((1.3, 2.0)),
                 "et": u((1.5, 2.4)), "distractor": u((0.4, 1.0))},
-        "t2f": {"wm": 1.0, "gm": u((1.08, 1.35)), "csf": u((0.25, 0.6)), "snfh": flair_oedema,
-                "netc": u((0.35, 0.9)) if suppressed else u((0.85, 1.4)) * flair_oedema,
+        "t2f": {"wm": 1.0, "gm": u((1.0, 1.2)), "csf": u((0.5, 0.9)), "snfh": flair_oedema,
+                "netc": u((0.35, 0.9)) if suppressed else u((0.55, 1.2)) * flair_oedema,
                 "et": u((1.15, 1.9)), "distractor": u((0.8, 1.3))},
     }
 
@@ -347,7 +347,7 @@ def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = Non
         ventricles = structures[0]
         plexus = ventricles * (rnd.field(shape, grid=14)[0] > 1.0).float()
         sheet_a, sheet_b = rnd.field(shape, grid=16, channels=2)
-        vessels = ((sheet_a.abs() < 0.08) & (sheet_b.abs() < 0.08)).float() * (brain > 0.3).float()
+        vessels = ((sheet_a.abs() < 0.05) & (sheet_b.abs() < 0.05)).float() * (brain > 0.3).float()
         shell = ((brain > 0.1) & (brain < 0.6)).float() * (rnd.field(shape, grid=10)[0] > 0.6).float()
         distractor = torch.clamp(plexus + vessels * (1 - wm) + shell, 0, 1) * (1 - oedema)
         meta["distractors"] = True
@@ -375,7 +375,7 @@ def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = Non
     means = _intensities(rnd, config, meta)
     channels = []
     healthy_texture = 0.08 * rnd.uniform((0.0, 1.0))
-    tumour_texture = rnd.uniform((0.05, 0.25))
+    tumour_texture = rnd.uniform((0.15, 0.4))
     tex = rnd.field(shape, grid=24, channels=3)
     oedema_grade = (0.6 + 0.4 * rnd.field(shape, grid=8)[0].clamp(-1, 1)) * snfh  # denser near the core
     for ci, name in enumerate(MODALITIES):
@@ -383,7 +383,8 @@ def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = Non
         healthy = (gm * m["gm"] + wm * m["wm"] + csf * m["csf"]) * (1 + healthy_texture * tex[ci])
         img = healthy * (1 - oedema_grade) + oedema_grade * m["snfh"] * (1 + tumour_texture * tex[(ci + 1) % 3])
         core_weight = (netc + et).clamp(0, 1)
-        tumour = (netc * m["netc"] + et * m["et"] * (1 + tumour_texture * tex[(ci + 2) % 3])) / core_weight.clamp_min(1e-3)
+        tumour = (netc * m["netc"] * (1 + tumour_texture * tex[ci]) + et * m["et"] * (1 + tumour_texture * tex[(ci + 2) % 3]))
+        tumour = tumour / core_weight.clamp_min(1e-3)
         img = img * (1 - core_weight) + core_weight * tumour
         img = img * (1 - distractor) + distractor * m["distractor"]
         channels.append(img.clamp_min(0))
