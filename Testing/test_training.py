@@ -1,0 +1,262 @@
+"""Training, resuming, fine-tuning and their command line, on the engine's phantom anatomy at 4 mm
+with a two-level network (fast, offline, CPU)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+from brainunet import cli, synthetic
+from brainunet.errors import InputError
+from brainunet.training import TrainConfig, finetune, read_history, train
+
+TINY = {"network": {"features": [4, 8]}, "anatomy": "phantom", "spacing_mm": 4.0, "patch_size": [16, 16, 16],
+        "inference_patch_size": [32, 32, 32], "batch_size": 2, "crops_per_case": 2, "lr": 1e-2, "warmup_steps": 5,
+        "validate_every": 0, "validation_cases": 1, "checkpoint_every": 1000, "device": "cpu",
+        # one thread: on a shared 2-core machine, two OpenMP threads competing with other processes can be 100x slower
+        "threads": 1}
+
+
+def tiny_config(**changes) -> TrainConfig:
+    return TrainConfig.from_dict({**TINY, **changes})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    real = tmp_path_factory.mktemp("real")
+    synthetic.write_case(real / "case0", "case0", seed=5, shape=(40, 48, 36), spacing=(2.4, 2.4, 2.4))
+    config = tiny_config(steps=60, validate_every=30, validation_data=str(real))
+    return train(config, out, progress=False), out
+
+
+def test_tversky_is_zero_for_a_perfect_prediction_and_grows_when_worse():
+    from brainunet.losses import build_loss, tversky_loss
+
+    torch.manual_seed(0)
+    target = torch.randint(0, 4, (2, 8, 8, 8))
+    onehot = torch.nn.functional.one_hot(target, 4).movedim(-1, 1).float()
+    assert float(tversky_loss(onehot, target)) == pytest.approx(0.0, abs=1e-6)
+    noisy = 0.7 * onehot + 0.3 * torch.rand_like(onehot)
+    noisy = noisy / noisy.sum(1, keepdim=True)
+    worse = torch.roll(onehot, 1, dims=1)  # every voxel in the wrong class
+    assert 0 < float(tversky_loss(noisy, target)) < float(tversky_loss(worse, target))
+    # beta > alpha: missing tumour costs more than the same amount of false alarm
+    missed = onehot.clone()
+    missed[:, 0] += missed[:, 3]
+    missed[:, 3] = 0
+    alarm = onehot.clone()
+    alarm[:, 3] += alarm[:, 0]
+    alarm[:, 0] = 0
+    assert float(tversky_loss(missed, target, classes=(3,))) > float(tversky_loss(alarm, target, classes=(3,)))
+    # the training loss (with CE and deep supervision over a coarser output) follows the same order
+    loss = build_loss()
+    assert float(loss([onehot * 50, onehot[..., ::2, ::2, ::2] * 50], target)) < 1e-4
+    assert float(loss([worse * 50, worse[..., ::2, ::2, ::2] * 50], target)) > 1.0
+
+
+def test_training_decreases_the_loss_and_writes_every_output(tiny_run):
+    result, out = tiny_run
+    assert result.step == 60 and result.finished
+    losses = [r["loss"] for r in result.history]
+    assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:10])
+    for name in ("config.json", "checkpoint.pt", "history.csv", "model.pt"):
+        assert (out / name).is_file(), name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "config.json").read_text())["patch_size"] == [16, 16, 16]
+    history = read_history(out / "history.csv")
+    assert [r["step"] for r in history] == list(range(1, 61))
+    validated = [r for r in history if r["val_dice_WT"] is not None]
+    assert [r["step"] for r in validated] == [30, 60]
+    assert all(0 <= r[f"{kind}_dice_{k}"] <= 1 for r in validated for k in ("ET", "NETC", "SNFH", "TC", "WT")
+               for kind in ("val", "real"))  # synthetic and real (validation_data) validation
+
+
+def test_the_weights_file_loads_and_segments(tiny_run, synthetic_case):
+    from brainunet import pipeline, weights
+
+    _, out = tiny_run
+    loaded = pipeline.load_model(out / "model.pt")
+    assert loaded.kind == "network" and loaded.preprocessing["spacing_mm"] == [4.0, 4.0, 4.0]
+    assert loaded.preprocessing["modalities"] == ["t1c", "t2w", "t2f"]
+    _, payload = weights.load_weights(out / "model.pt")
+    training = payload["extra"]["training"]
+    assert training["steps"] == 60 and training["finished"] and training["engine_version"]
+    assert payload["state_dict"]["heads.0.weight"].dtype == torch.float16
+    volumes = pipeline.load_inputs({k: synthetic_case[k] for k in ("t1c", "t2w", "t2f")})
+    result = pipeline.segment(volumes, loaded)
+    assert result.labels.shape == volumes["t1c"].data.shape
+    assert set(np.unique(result.labels)) <= {0, 1, 2, 3}
+    # trained with modality dropout: the model says so, and a case without T2W is accepted
+    assert loaded.preprocessing["modality_dropout"]
+    without_t2w = pipeline.segment({k: v for k, v in volumes.items() if k != "t2w"}, loaded)
+    assert without_t2w.labels.shape == volumes["t1c"].data.shape
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
+    config = tiny_config(steps=12, crops_per_case=3, validation_cases=0)
+    whole = train(config, tmp_path / "whole", progress=False)
+    part = train(config, tmp_path / "part", progress=False, stop_after_step=5)  # mid-chunk
+    assert part.step == 5 and not part.finished
+    assert len(read_history(tmp_path / "part" / "history.csv")) == 5
+    with pytest.raises(InputError, match="--resume"):
+        train(config, tmp_path / "part", progress=False)  # never silently overwrites a run
+    with pytest.raises(InputError, match="network"):
+        train(tiny_config(steps=12, network={"features": [4, 16]}), tmp_path / "part", resume=True, progress=False)
+    resumed = train(config, tmp_path / "part", resume=True, progress=False)
+    assert resumed.step == 12 and resumed.finished
+    assert [r["step"] for r in resumed.history] == list(range(1, 13))
+    # the data stream is a function of the step, so the resumed run matches the uninterrupted one
+    assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in whole.history], rel=1e-5)
+
+
+def _write_brats_folder(root, layouts=("2023", "2021", "2023")):
+    """Labelled synthetic cases of different tumour sizes; one in BraTS 2021 naming with label 4 for ET."""
+    import nibabel as nib
+
+    for i, layout in enumerate(layouts):
+        name = f"BraTS-GLI-{i:05d}-000" if layout == "2023" else f"BraTS2021_{i:05d}"
+        folder = root / name
+        paths = synthetic.write_case(folder, "tmp", seed=i + 1, shape=(40, 48, 36), spacing=(2.4, 2.4, 2.4),
+                                     tumour_radius_mm=14.0 + 5 * i)
+        for key in ("t1c", "t2w", "t2f", "t1n", "seg"):
+            suffix = {"t1c": "t1ce", "t2w": "t2", "t2f": "flair", "t1n": "t1"}.get(key, key) if layout == "2021" else key
+            sep = "_" if layout == "2021" else "-"
+            paths[key].rename(folder / f"{name}{sep}{suffix}.nii.gz")
+        if layout == "2021":
+            seg = folder / f"{name}_seg.nii.gz"
+            img = nib.load(str(seg))
+            labels = np.asarray(img.dataobj).copy()
+            labels[labels == 3] = 4
+            nib.save(nib.Nifti1Image(labels, img.affine), str(seg))
+    return root
+
+
+def test_real_cases_are_preprocessed_like_inference_with_aligned_labels(tmp_path):
+    from brainunet.realdata import load_labelled_case
+
+    shape = (40, 48, 36)
+    flipped = synthetic.default_affine(shape, (2.4, 2.4, 2.4))
+    flipped[:3, :2] *= -1  # LPS voxel order (same brain): labels must follow the reorientation
+    flipped[:2, 3] *= -1
+    synthetic.write_case(tmp_path / "c", "c", seed=3, shape=shape, affine=flipped)
+    case = load_labelled_case(tmp_path / "c", (4.0, 4.0, 4.0))
+    assert case.image.shape[1:] == case.labels.shape == case.mask.shape
+    assert set(np.unique(case.labels)) <= {0, 1, 2, 3} and (case.labels == 3).any()
+    flair = case.image[2]
+    assert flair[case.labels == 2].mean() > flair[case.mask & (case.labels == 0)].mean() + 1.0
+    t1c = case.image[0]
+    assert t1c[case.labels == 3].mean() > t1c[case.mask & (case.labels == 0)].mean() + 1.0
+
+
+def test_real_data_errors_are_clear(tmp_path):
+    import nibabel as nib
+
+    from brainunet.realdata import find_labelled_cases, load_labelled_case, stratified_folds
+
+    with pytest.raises(InputError, match="No labelled cases"):
+        find_labelled_cases(tmp_path)
+    paths = synthetic.write_case(tmp_path / "a", "a", seed=1, shape=(40, 48, 36))
+    paths["t2w"].unlink()
+    with pytest.raises(InputError, match=r"a: missing T2W"):
+        load_labelled_case(tmp_path / "a")
+    paths = synthetic.write_case(tmp_path / "b", "b", seed=1, shape=(40, 48, 36))
+    nib.save(nib.Nifti1Image(np.zeros((20, 24, 18), np.uint8), np.eye(4)), str(paths["seg"]))
+    with pytest.raises(InputError, match="not on the T1CE grid"):
+        load_labelled_case(tmp_path / "b")
+    with pytest.raises(InputError, match="only 2"):
+        stratified_folds([1.0, 2.0], 3)
+    folds = stratified_folds(list(range(10)), 3, seed=1)
+    assert folds == stratified_folds(list(range(10)), 3, seed=1)
+    assert sorted(i for f in folds for i in f) == list(range(10)) and sorted(map(len, folds)) == [3, 3, 4]
+    terciles = [{0, 1, 2}, {3, 4, 5}, {6, 7, 8}]
+    assert all(len(t & set(f)) == 1 for f in stratified_folds(list(range(9)), 3) for t in terciles)
+
+
+def test_finetune_with_folds_on_brats_2021_and_2023_cases(tiny_run, tmp_path):
+    _, base = tiny_run
+    data = _write_brats_folder(tmp_path / "data")
+    out = tmp_path / "ft"
+    result = finetune(base / "model.pt", data, out, steps=6, folds=3, progress=False,
+                      overrides={"validation_cases": 1, "threads": 1, "device": "cpu"})
+    assert result.finished and (out / "model.pt").is_file()
+    with open(out / "folds.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["fold"] for r in rows] == ["0", "1", "2", "mean"]
+    assert sorted(r["cases"] for r in rows[:3]) == sorted(p.name for p in data.iterdir())
+    assert all(0 <= float(r["dice_WT"]) <= 1 for r in rows)
+    for i in range(3):
+        history = read_history(out / f"fold{i}" / "history.csv")
+        assert history[-1]["real_dice_WT"] is not None  # validated on its held-out fold
+    config = json.loads((out / "config.json").read_text())
+    assert config["init_weights"].endswith("model.pt") and config["engine_fraction"] == 0.25
+    assert config["spacing_mm"] == 4.0 and config["patch_size"] == [16, 16, 16]
+
+
+def test_cli_finetune(tiny_run, tmp_path, capsys):
+    _, base = tiny_run
+    data = _write_brats_folder(tmp_path / "data", ("2021", "2023"))
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"validation_cases": 0, "threads": 1, "engine_fraction": 0.0}))
+    code = cli.main(["finetune", "--data", str(data), "--output", str(tmp_path / "ft"), "--model", str(base / "model.pt"),
+                     "--steps", "3", "--config", str(settings), "--device", "cpu", "--progress", "none"])
+    out = capsys.readouterr().out
+    assert code == 0 and "Training finished at step 3 of 3" in out
+    from brainunet import weights
+
+    _, payload = weights.load_weights(tmp_path / "ft" / "model.pt")
+    assert payload["name"].endswith("-finetuned") and payload["extra"]["training"]["real_cases"] == 2
+
+
+def test_cli_bad_inputs_exit_2_with_a_clear_message(tmp_path, capsys):
+    def run(*args):
+        code = cli.main([str(a) for a in args])
+        return code, capsys.readouterr().err
+
+    code, err = run("train", "--config", tmp_path / "missing.json", "--output", tmp_path / "o")
+    assert code == 2 and err.startswith("error: ") and "missing.json not found" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**TINY, "stepz": 10}))
+    code, err = run("train", "--config", bad, "--output", tmp_path / "o")
+    assert code == 2 and "unknown setting(s) stepz" in err and err.count("\n") == 1
+    bad.write_text("{not json")
+    code, err = run("train", "--config", bad, "--output", tmp_path / "o")
+    assert code == 2 and "not valid JSON" in err
+    (tmp_path / "empty").mkdir()
+    code, err = run("finetune", "--data", tmp_path / "empty", "--output", tmp_path / "o")
+    assert code == 2 and "No labelled cases" in err
+    _write_brats_folder(tmp_path / "two", ("2023", "2023"))
+    code, err = run("finetune", "--data", tmp_path / "two", "--output", tmp_path / "o", "--folds", "3")
+    assert code == 2 and "only 2" in err
+
+
+def test_distributed_training_with_torchrun(tmp_path):
+    import importlib.util
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or importlib.util.find_spec("torch.distributed.run") is None:
+        pytest.skip("torch.distributed / torchrun is not available")
+    config = tmp_path / "ddp.json"
+    config.write_text(json.dumps({**TINY, "steps": 3, "crops_per_case": 1, "warmup_steps": 1}))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "BrainUNetSegmentation"), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "brainunet", "train", "--config", config, "--output", tmp_path / "run",
+                        "--progress", "none"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("Training finished at step 3 of 3") == 1  # only rank 0 reports
+    assert [h["step"] for h in read_history(tmp_path / "run" / "history.csv")] == [1, 2, 3]
+    assert (tmp_path / "run" / "model.pt").is_file()
