@@ -215,3 +215,33 @@ def test_cancel_by_sigterm_leaves_no_output(tmp_path, synthetic_case, tiny_weigh
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "Cancelled" in err
     assert not out.exists()
+
+
+def test_missing_sequence_is_refused_by_a_model_without_modality_dropout(tmp_path, synthetic_case):
+    out = tmp_path / "labels.nii.gz"
+    r = brainunet("segment", "--t1c", synthetic_case["t1c"], "--t2f", synthetic_case["t2f"], "--output", out,
+                  "--progress", "none")
+    assert r.returncode == 2 and "Missing input: T2W" in r.stderr and not out.exists()
+    r = brainunet("segment", "--t1c", synthetic_case["t1c"], "--output", out, "--progress", "none")
+    assert r.returncode == 2 and "T2W, FLAIR" in r.stderr
+
+
+def test_model_trained_with_modality_dropout_segments_without_t1ce(tmp_path, synthetic_case):
+    """Without T1CE the output lives on the FLAIR grid and the run says what was missing."""
+    import torch
+
+    from brainunet import weights
+    from brainunet.network import BrainUNet, NetworkConfig
+
+    torch.manual_seed(0)
+    path = tmp_path / "dropout.pt"
+    weights.save_weights(path, BrainUNet(NetworkConfig(features=(4, 8))), "dropout-test",
+                         {"spacing_mm": [2.0, 2.0, 2.0], "patch_size": [32, 32, 32], "modality_dropout": True})
+    out = tmp_path / "labels.nii.gz"
+    r = brainunet("segment", "--t2w", synthetic_case["t2w"], "--t2f", synthetic_case["t2f"], "--output", out,
+                  "--model", path, "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert "T1CE missing" in r.stderr
+    flair = nib.load(str(synthetic_case["t2f"]))
+    result = nib.load(str(out))
+    assert result.shape == flair.shape and np.allclose(result.affine, flair.affine, atol=1e-4)

@@ -40,3 +40,21 @@ def test_evaluate_command(tmp_path):
     assert lines[0].startswith("case,dice_ET,hd95_ET") and lines[-1].startswith("mean,")
     assert float(lines[1].split(",")[lines[0].split(",").index("dice_WT")]) > 0.8
     assert (tmp_path / "ev" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_against_another_algorithms_output(tmp_path):
+    """--reference GLOB scores agreement with another label file (e.g. a peer algorithm's output)."""
+    import shutil
+
+    from brainunet import synthetic
+
+    case = tmp_path / "data" / "case1"
+    synthetic.write_case(case, "BraTS-GLI-00003-000", seed=4, shape=(40, 48, 36))
+    truth = next(case.glob("*-seg.nii.gz"))
+    shutil.move(truth, case / "algo_output.nii.gz")
+    r = brainunet("evaluate", "--data", tmp_path / "data", "--output-dir", tmp_path / "none", "--progress", "none")
+    assert r.returncode == 2 and "No labelled cases" in r.stderr
+    r = brainunet("evaluate", "--data", tmp_path / "data", "--reference", "algo_*.nii.gz",
+                  "--output-dir", tmp_path / "ev", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "ev" / "metrics.csv").read_text().splitlines()[-1].startswith("mean,")

@@ -57,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("segment", help="segment one case")
-    p.add_argument("--t1c", required=True, help="T1 contrast-enhanced (reference grid of the output)")
-    p.add_argument("--t2w", required=True, help="T2-weighted")
-    p.add_argument("--t2f", required=True, help="T2-FLAIR")
+    # All three are needed, except that a model trained with modality dropout copes with one missing
+    # (old protocols often lack a sequence); pipeline.load_inputs says what is missing.
+    p.add_argument("--t1c", help="T1 contrast-enhanced (reference grid of the output)")
+    p.add_argument("--t2w", help="T2-weighted")
+    p.add_argument("--t2f", help="T2-FLAIR (reference grid when T1CE is missing)")
     p.add_argument("--t1n", help="native T1 (optional; used in statistics)")
     p.add_argument("--output", required=True, help="labels: .nii.gz (1 NETC, 2 SNFH, 3 ET) or .seg.nrrd")
     p.add_argument("--seg-nrrd", help="also write a Slicer .seg.nrrd with named, coloured segments")
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="segment every labelled case in DIR and report Dice and HD95 per region")
     p.add_argument("--data", required=True, help="folder of BraTS-layout case folders with a *_seg / *-seg file")
     p.add_argument("--output-dir", default="evaluation", help="where to write metrics.csv and metrics.png")
+    p.add_argument("--reference", metavar="GLOB",
+                   help="reference label file name inside each case folder (default *_seg / *-seg); e.g. "
+                        "'algo_segmentation*.nii.gz' to measure agreement with another algorithm")
     _add_model_args(p)
 
     sub.add_parser("models", help="list registered models and which one is the default")
@@ -235,7 +240,7 @@ def cmd_evaluate(args) -> int:
     data_dir = Path(args.data)
     if not data_dir.is_dir():
         raise InputError(f"{data_dir} is not a folder of case folders.")
-    cases = [c for c in sorted(data_dir.iterdir()) if c.is_dir() and evaluation.find_reference(c)]
+    cases = [c for c in sorted(data_dir.iterdir()) if c.is_dir() and evaluation.find_reference(c, args.reference)]
     if not cases:
         raise InputError(f"No labelled cases in {data_dir}: each case folder needs a *_seg.nii.gz or *-seg.nii.gz.")
     out_dir = Path(args.output_dir)
@@ -253,7 +258,7 @@ def cmd_evaluate(args) -> int:
 
             result = pipeline.run({k: files.get(k) for k in ("t1c", "t2w", "t2f")}, pred, device=args.device,
                                   tta=args.tta, progress=case_progress, loaded_model=loaded)
-            ref = to_brats2023(np.asarray(nib.load(str(evaluation.find_reference(case))).dataobj))
+            ref = to_brats2023(np.asarray(nib.load(str(evaluation.find_reference(case, args.reference))).dataobj))
             if ref.shape != result.labels.shape:
                 raise InputError(f"{case.name}: reference labels {ref.shape} are not on the T1CE grid {result.labels.shape}.")
             rows.append({"case": case.name, **evaluation.evaluate_case(result.labels, ref, result.reference.spacing)})

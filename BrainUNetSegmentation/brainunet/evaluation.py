@@ -80,7 +80,12 @@ def write_results(rows: list[dict], csv_path, png_path=None) -> dict:
     return mean
 
 
-def find_reference(case_dir: Path) -> Path | None:
+def find_reference(case_dir: Path, pattern: str | None = None) -> Path | None:
+    """The case's label file: ``*_seg`` / ``*-seg`` NIfTI, or the first match of ``pattern`` (a glob,
+    e.g. another algorithm's output to measure agreement with)."""
+    if pattern:
+        matches = sorted(Path(case_dir).glob(pattern))
+        return matches[0] if matches else None
     for p in sorted(Path(case_dir).iterdir()):
         name = p.name.lower()
         if name.endswith((".nii.gz", ".nii")) and (name.split(".")[0].endswith(("_seg", "-seg"))):
