@@ -132,6 +132,8 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
     probs = prepared.restore_channels(probs)
     crop_labels = postprocess.probabilities_to_labels(probs, prepared.crop_mask)
     crop_labels = postprocess.remove_small_components(crop_labels, int(pp.get("min_component_voxels", 0)))
+    if pp.get("fill_core_holes"):
+        crop_labels = postprocess.fill_core_holes(crop_labels)
     labels = prepared.restore_labels(crop_labels)
     ref = volumes[ref_key]
     stats = statistics.region_statistics(labels, ref.affine, aligned)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .labels import CLASS_LABELS
+from .labels import CLASS_LABELS, ET, NETC
 
 
 def probabilities_to_labels(probs: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -25,4 +25,23 @@ def remove_small_components(labels: np.ndarray, min_voxels: int) -> np.ndarray:
     if small.size:
         labels = labels.copy()
         labels[np.isin(comp, small)] = 0
+    return labels
+
+
+def fill_core_holes(labels: np.ndarray) -> np.ndarray:
+    """Everything enclosed by tumour core is tumour core: background or SNFH voxels inside an
+    enhancing rim become NETC (the BraTS definition of necrosis inside a ring). Holes are filled in
+    3D and in every axial slice (RAS order: axis 2), since a rim open at one pole still encloses
+    its necrosis in-plane."""
+    core = np.isin(labels, (NETC.label, ET.label))
+    if not core.any():
+        return labels
+    filled = ndimage.binary_fill_holes(core)
+    for z in np.flatnonzero(core.any(axis=(0, 1))):
+        filled[:, :, z] |= ndimage.binary_fill_holes(core[:, :, z])
+    enclosed = filled & ~core
+    if not enclosed.any():
+        return labels
+    labels = labels.copy()
+    labels[enclosed] = NETC.label
     return labels

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..labels import ET, NETC, SNFH
 from .templates import Anatomy
 
-ENGINE_VERSION = "1.0"
+ENGINE_VERSION = "1.1"
 MODALITIES = ("t1c", "t2w", "t2f")
 
 
@@ -220,12 +220,14 @@ def _intensities(rnd: _Random, config: EngineConfig, meta: dict) -> dict[str, di
     fluid_netc = rnd.chance(config.p_fluid_bright_netc)
     suppressed = rnd.chance(config.p_flair_suppressed_netc)
     meta.update(fluid_bright_netc=fluid_netc, flair_suppressed_netc=suppressed)
+    t1c_csf = u((0.4, 0.7))
     t2_csf = u((1.6, 2.6))
     t2_oedema = u((1.8, 2.7))
     flair_oedema = u((1.8, 2.8))
     return {
-        "t1c": {"wm": 1.0, "gm": u((0.76, 0.92)), "csf": u((0.4, 0.7)), "snfh": u((0.45, 0.7)),
-                "netc": u((0.25, 0.65)), "et": u((1.6, 3.0)), "distractor": u((1.2, 2.4))},
+        # necrosis is as dark as CSF or darker on T1CE; oedema lies between CSF and white matter
+        "t1c": {"wm": 1.0, "gm": u((0.76, 0.92)), "csf": t1c_csf, "snfh": t1c_csf + u((0.15, 0.6)) * (1 - t1c_csf),
+                "netc": u((0.6, 1.05)) * t1c_csf, "et": u((1.6, 3.0)), "distractor": u((1.2, 2.4))},
         "t2w": {"wm": 1.0, "gm": u((1.04, 1.3)), "csf": t2_csf, "snfh": t2_oedema,
                 "netc": u((1.0, 1.25)) * t2_csf if fluid_netc else u((1.3, 2.0)),
                 "et": u((1.5, 2.4)), "distractor": u((0.4, 1.0))},
