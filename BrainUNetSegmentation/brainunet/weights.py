@@ -180,3 +180,26 @@ def load_weights(path: Path, expected_sha256: str | None = None, device: str = "
         raise WeightsError(f"Weights file {path} does not match the BrainUNet network: {exc}") from exc
     payload["preprocessing"] = dict(DEFAULT_PREPROCESSING, **payload.get("preprocessing", {}))
     return model.to(device).eval(), payload
+
+
+def register_model(weights_file: Path, name: str, description: str = "", settings: dict | None = None,
+                   registry_path: Path = REGISTRY_PATH) -> ModelEntry:
+    """Install a trained weights file in the registry as ``<registry folder>/<name>.pt``, first in
+    the list (so it becomes the default), with ``settings`` overriding its preprocessing /
+    post-processing options (e.g. ``fill_core_holes``). Replaces an entry of the same name."""
+    import torch
+
+    _, payload = load_weights(Path(weights_file))
+    payload["preprocessing"].update(settings or {})
+    payload["name"] = name
+    target = Path(registry_path).parent / f"{name}.pt"
+    torch.save(payload, target)
+    entry = {"name": name, "kind": "network", "description": description or f"BrainUNet weights {name}",
+             "file": target.name, "sha256": sha256_of(target)}
+    with open(registry_path, encoding="utf-8") as f:
+        registry = json.load(f)
+    registry["models"] = [entry] + [m for m in registry["models"] if m.get("name") != name]
+    tmp = Path(str(registry_path) + ".tmp")
+    tmp.write_text(json.dumps(registry, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, registry_path)
+    return load_registry(registry_path)[0]
