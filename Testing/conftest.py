@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "BrainUNetSegmentation"))
 SHARED_REAL = ROOT.parent / "shared" / "data" / "real"
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# The plumbing tests (geometry round trips, outputs, bad input) run the exact voxel-wise baseline, which
+# is fast and orientation-exact; the bundled network is tested on its own (test_bundled_model.py).
+os.environ["BRAINUNET_MODEL"] = "intensity-baseline"
 
 
 @pytest.fixture

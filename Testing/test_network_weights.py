@@ -61,7 +61,8 @@ def test_missing_truncated_and_foreign_weights(tmp_path):
         weights.load_weights(tmp_path / "other.pt")
 
 
-def test_registry_default_and_offline_download(tmp_path):
+def test_registry_default_and_offline_download(tmp_path, monkeypatch):
+    monkeypatch.delenv("BRAINUNET_MODEL", raising=False)
     net = BrainUNet(NetworkConfig(features=(4, 8)))
     src = tmp_path / "src.pt"
     sha = weights.save_weights(src, net, "remote")
@@ -140,7 +141,8 @@ def test_cuda_out_of_memory_falls_back_to_cpu(monkeypatch):
     assert any("out of memory" in m for m in messages)
 
 
-def test_register_installs_a_trained_model_as_default_with_inference_options(tmp_path):
+def test_register_installs_a_trained_model_as_default_with_inference_options(tmp_path, monkeypatch):
+    monkeypatch.delenv("BRAINUNET_MODEL", raising=False)
     import json
     import shutil
 
@@ -161,3 +163,12 @@ def test_register_installs_a_trained_model_as_default_with_inference_options(tmp
     weights.register_model(src, "clinic-finetuned", registry_path=registry)
     assert [e.name for e in weights.load_registry(registry)].count("clinic-finetuned") == 1
     assert json.loads(registry.read_text())["models"][0]["file"] == "clinic-finetuned.pt"
+
+
+def test_brainunet_model_environment_variable_picks_the_default(monkeypatch):
+    entries = [weights.ModelEntry("intensity-baseline", "baseline", "b")]
+    monkeypatch.setenv("BRAINUNET_MODEL", "intensity-baseline")
+    assert weights.default_model(entries).name == "intensity-baseline"
+    monkeypatch.setenv("BRAINUNET_MODEL", "nope")
+    with pytest.raises(WeightsError, match="Unknown model 'nope'"):
+        weights.default_model(entries)

@@ -71,8 +71,12 @@ def load_registry(path: Path = REGISTRY_PATH) -> list[ModelEntry]:
 
 
 def default_model(entries: list[ModelEntry] | None = None, registry_dir: Path = MODELS_DIR) -> ModelEntry:
-    """The first registered network whose weights are present, else the intensity baseline."""
+    """``$BRAINUNET_MODEL`` if set (a registry name), else the first registered network whose
+    weights are present, else the intensity baseline."""
     entries = load_registry() if entries is None else entries
+    chosen = os.environ.get("BRAINUNET_MODEL")
+    if chosen:
+        return find_model(chosen, entries)
     for e in entries:
         if e.kind == "network" and e.path(registry_dir) is not None and e.path(registry_dir).exists():
             return e
