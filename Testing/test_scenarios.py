@@ -50,8 +50,8 @@ def test_logic_rejects_missing_and_bad_inputs_without_touching_scene(scene, tmp_
     logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
     count = scene.GetNumberOfNodes()
     inputs = dict(logic.guess_inputs())
-    inputs["t2w"] = None
-    with pytest.raises(InputError, match="Select the T2W"):
+    inputs["t2w"] = inputs["t2f"] = None
+    with pytest.raises(InputError, match="Select the T2W, FLAIR volumes"):
         logic.start(inputs)
     flat = mrml.add_volume_node(scene, Volume(np.ones((8, 8, 8), np.float32), np.eye(4), "flat"))
     count = scene.GetNumberOfNodes()
@@ -70,3 +70,16 @@ def test_failed_process_reports_its_error(scene, tmp_path):
     assert run.wait(120) == "failed"
     assert "not found" in run.error
     run.cleanup()
+
+
+def test_one_missing_sequence_is_decided_by_the_model(scene, tmp_path):
+    """The baseline needs all three: the background process says which one is missing."""
+    from brainunet.slicer_logic import BrainUNetLogic, RunOptions
+
+    scenarios.load_synthetic_case(scene, seed=9)
+    logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
+    count = scene.GetNumberOfNodes()
+    run = logic.start(dict(logic.guess_inputs(), t2w=None), RunOptions(device="cpu", model="intensity-baseline"))
+    assert run.wait(120) == "failed"
+    assert "Missing input: T2W" in run.error
+    assert scene.GetNumberOfNodes() == count

@@ -239,11 +239,13 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_apply_without_t2w_shows_error_and_leaves_scene_unchanged(harness):
+def test_apply_without_t2w_and_flair_shows_error_and_leaves_scene_unchanged(harness):
+    """(One missing sequence is for the model to accept or refuse: test_scenarios.)"""
     ui = harness.ui
     add_case(harness)
     harness.widget.enter()
     ui.t2wSelector.setCurrentNode(None)
+    ui.t2fSelector.setCurrentNode(None)
     assert harness.widget.logic.getParameterNode().t2w is None
     count = harness.scene.GetNumberOfNodes()
     ui.applyButton.click()

@@ -176,8 +176,10 @@ class BrainUNetLogic:
     def check_inputs(self, inputs: dict) -> dict:
         """Volumes per role, checked; raises InputError naming what to fix."""
         missing = [MODALITY_NAMES[r] for r in ("t1c", "t2w", "t2f") if inputs.get(r) is None]
-        if missing:
-            raise InputError(f"Select the {', '.join(missing)} volume{'s' if len(missing) > 1 else ''} first.")
+        # One missing sequence is left to the model to accept (modality dropout) or refuse, with its
+        # own message from the background process; two missing is never enough.
+        if len(missing) > 1:
+            raise InputError(f"Select the {', '.join(missing)} volumes first.")
         return {role: mrml.volume_from_node(node, f"{MODALITY_NAMES[role]} ({node.GetName()})")
                 for role, node in inputs.items() if node is not None}
 
@@ -207,7 +209,8 @@ class BrainUNetLogic:
         env["PYTHONUNBUFFERED"] = "1"
         process = subprocess.Popen(self.command(files, outputs, options), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1, env=env, cwd=str(workdir))
-        return BackgroundRun(process, workdir, inputs["t1c"], outputs, on_progress, on_log)
+        reference = next(inputs[r] for r in ("t1c", "t2f", "t2w") if inputs.get(r) is not None)  # output grid
+        return BackgroundRun(process, workdir, reference, outputs, on_progress, on_log)
 
     def import_results(self, run: BackgroundRun, segmentation_node=None, table_node=None):
         """Segmentation and statistics table from a finished run; returns (segmentation, table)."""
