@@ -355,19 +355,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    import json
+    from .training import finetune, read_json
 
-    from .training import finetune
-
-    overrides = None
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise InputError(f"Settings file {path} not found.")
-        try:
-            overrides = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"Settings file {path} is not valid JSON: {exc}.") from exc
+    overrides = read_json(args.config) if args.config else None
     result = finetune(args.model, args.data, args.output, args.steps, folds=args.folds, lr=args.lr,
                       engine_fraction=args.engine_fraction, device=args.device, resume=args.resume,
                       progress=args.progress == "bar", seed=args.seed, overrides=overrides,

@@ -40,6 +40,17 @@ def _default_network() -> dict:
     return {"features": [16, 32, 64, 128], "blocks_per_level": 1, "attention": True, "dropout": 0.0}
 
 
+def read_json(path, what: str = "Settings file"):
+    """A JSON settings file, or an InputError saying what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path} not found.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what} {path} is not valid JSON: {exc}.") from exc
+
+
 @dataclass
 class TrainConfig:
     name: str = ""  # model name in the weights file (default: the output folder's name)
@@ -95,14 +106,7 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path) -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"Training config {path} not found.")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"Training config {path} is not valid JSON: {exc}.") from exc
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json(path, "Training config"), str(path))
 
     def to_dict(self) -> dict:
         return asdict(self)
