@@ -40,6 +40,10 @@ def test_evaluate_command(tmp_path):
     assert lines[0].startswith("case,dice_ET,hd95_ET") and lines[-1].startswith("mean,")
     assert float(lines[1].split(",")[lines[0].split(",").index("dice_WT")]) > 0.8
     assert (tmp_path / "ev" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    # leaving a sequence out is for models trained with modality dropout; the baseline says what is missing
+    r = brainunet("evaluate", "--data", tmp_path / "data", "--without", "t2w", "--output-dir", tmp_path / "ev2",
+                  "--progress", "none")
+    assert r.returncode == 2 and "Missing input: T2W" in r.stderr
 
 
 def test_evaluate_against_another_algorithms_output(tmp_path):

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", metavar="GLOB",
                    help="reference label file name inside each case folder (default *_seg / *-seg); e.g. "
                         "'algo_segmentation*.nii.gz' to measure agreement with another algorithm")
+    p.add_argument("--without", choices=["t1c", "t2w", "t2f"],
+                   help="leave one sequence out, as an old protocol would (models trained with modality dropout)")
     _add_model_args(p)
 
     sub.add_parser("models", help="list registered models and which one is the default")
@@ -265,8 +267,9 @@ def cmd_evaluate(args) -> int:
             def case_progress(f, msg, n=n):
                 progress((n + f) / len(cases), f"{case.name}: {msg}")
 
-            result = pipeline.run({k: files.get(k) for k in ("t1c", "t2w", "t2f")}, pred, device=args.device,
-                                  tta=args.tta, progress=case_progress, loaded_model=loaded)
+            inputs = {k: files.get(k) for k in ("t1c", "t2w", "t2f") if k != args.without}
+            result = pipeline.run(inputs, pred, device=args.device, tta=args.tta, progress=case_progress,
+                                  loaded_model=loaded)
             ref = to_brats2023(np.asarray(nib.load(str(evaluation.find_reference(case, args.reference))).dataobj))
             if ref.shape != result.labels.shape:
                 raise InputError(f"{case.name}: reference labels {ref.shape} are not on the T1CE grid {result.labels.shape}.")
