@@ -22,8 +22,10 @@ def test_bundled_model_is_registered_verified_compact_and_default(monkeypatch):
     pp = payload["preprocessing"]
     assert pp["modalities"] == ["t1c", "t2w", "t2f"] and pp["modality_dropout"] is True
     assert payload["extra"]["training"]["engine_version"]
-    assert all(v.dtype.is_floating_point is False or str(v.dtype) == "torch.float16"
-               for v in __import__("torch").load(path, weights_only=True)["state_dict"].values())
+    import torch
+
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +34,11 @@ def loaded():
 
 
 def _volumes(case):
+    """An engine case as input volumes (already normalised; the pipeline's normalisation is idempotent)."""
     from brainunet.imageio import Volume
 
     affine = np.diag([*case.spacing, 1.0])
-    image = case.image.numpy()
-    # undo the z-score's zero background: inference sees raw-like positive intensities outside nothing
-    return {m: Volume(image[i] - image[i].min() * case.mask.numpy(), affine, m)
-            for i, m in enumerate(("t1c", "t2w", "t2f"))}
+    return {m: Volume(case.image[i].numpy(), affine, m) for i, m in enumerate(("t1c", "t2w", "t2f"))}
 
 
 def test_bundled_model_segments_an_engine_case(loaded):
@@ -48,4 +48,4 @@ def test_bundled_model_segments_an_engine_case(loaded):
     assert dice(result.labels > 0, ref > 0) > WT_FLOOR
 
 
-WT_FLOOR = 0.7
+WT_FLOOR = 0.85  # measured 0.98 for this seed

@@ -21,15 +21,22 @@ def test_cli_on_real_case_gives_labels_on_input_grid(tmp_path, case):
     files = {k: SHARED_REAL / case / v for k, v in CASES[case].items()}
     out = tmp_path / "labels.nii.gz"
     r = brainunet("segment", "--t1c", files["t1c"], "--t2w", files["t2w"], "--t2f", files["t2f"], "--output", out,
-                  "--stats", tmp_path / "s.csv", "--device", "cpu", "--progress", "none", timeout=600)
+                  "--stats", tmp_path / "s.csv", "--device", "cpu", "--progress", "none", "--model", BUNDLED,
+                  timeout=600)
     assert r.returncode == 0, r.stderr
     ref = nib.load(str(files["t1c"]))
     lab = nib.load(str(out))
     assert lab.shape == ref.shape and np.allclose(lab.affine, ref.affine)
     labels = np.asarray(lab.dataobj)
     assert set(np.unique(labels)) <= {0, 1, 2, 3} and (labels > 0).any()
-    # Sanity, not a bar: the whole tumour found overlaps the reference's.
+    # Regression guards a little below what MODEL_CARD.md reports (dev WT 0.77, ET 0.77; agreement
+    # WT 0.90): a change that loses them must be looked at, not absorbed.
     from brainunet.labels import to_brats2023
 
     reference = to_brats2023(np.asarray(nib.load(str(files["ref"])).dataobj))
-    assert dice(labels > 0, reference > 0) > 0.3
+    assert dice(labels > 0, reference > 0) > FLOOR_WT[case]
+    assert dice(labels == 3, reference == 3) > 0.7
+
+
+BUNDLED = "brainunet-2mm-synthetic"
+FLOOR_WT = {"BraTS2021_00006": 0.72, "unlabelled_demo_case": 0.85}
