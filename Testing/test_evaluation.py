@@ -62,3 +62,10 @@ def test_evaluate_against_another_algorithms_output(tmp_path):
                   "--output-dir", tmp_path / "ev", "--progress", "none")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "ev" / "metrics.csv").read_text().splitlines()[-1].startswith("mean,")
+
+
+def test_evaluate_needs_data_or_synthetic_and_a_network_for_synthetic(tmp_path):
+    r = brainunet("evaluate", "--output-dir", tmp_path / "ev", "--progress", "none")
+    assert r.returncode == 2 and "--data DIR" in r.stderr
+    r = brainunet("evaluate", "--synthetic", "2", "--model", "intensity-baseline", "--progress", "none")
+    assert r.returncode == 2 and "trained network" in r.stderr
