@@ -9,6 +9,7 @@ from brainunet.engine import generate_case, phantom_anatomy
 from brainunet.evaluation import dice
 
 BUNDLED = "brainunet-2mm-synthetic"
+WT_FLOOR = 0.85  # whole-tumour Dice on engine case 12345 (measured 0.98)
 
 
 def test_bundled_model_is_registered_verified_compact_and_default(monkeypatch):
@@ -47,5 +48,3 @@ def test_bundled_model_segments_an_engine_case(loaded):
     ref = case.labels.numpy()
     assert dice(result.labels > 0, ref > 0) > WT_FLOOR
 
-
-WT_FLOOR = 0.85  # measured 0.98 for this seed
