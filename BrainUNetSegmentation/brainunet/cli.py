@@ -228,13 +228,13 @@ def cmd_batch(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from . import synthetic
+    from .engine import write_case
 
     out = Path(args.output_dir)
-    case = synthetic.write_case(out / "demo_case")
+    case = write_case(out / "demo_case")  # a data-engine glioma in a phantom brain: no data needed
     _say(args, f"Built-in synthetic case written to {out / 'demo_case'}")
     common = ["--t1c", str(case["t1c"]), "--t2w", str(case["t2w"]), "--t2f", str(case["t2f"]),
-              "--t1n", str(case["t1n"]), "--device", args.device, "--progress", args.progress]
+              "--device", args.device, "--progress", args.progress]
     if args.model:
         common += ["--model", args.model]
     if args.tta:

@@ -425,3 +425,30 @@ def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = Non
     mask = mask & (image != 0).any(0)  # inference's foreground: any channel non-zero
     normalised = normalise(image, mask, config.clip_percentiles)
     return SyntheticCase(normalised, labels, mask, tissue, tuple(spacing), image if keep_raw else None, meta)
+
+
+def write_case(folder, seed: int = 0, anatomy: Anatomy | None = None, case_id: str = "BrainUNet-Demo-00000"):
+    """An engine case on disk in BraTS 2023 layout (``<id>-t1c/-t2w/-t2f/-seg.nii.gz``), raw
+    (un-normalised) intensities as int16: the built-in demo case. Default anatomy: the phantom
+    at 1.5 mm, so it needs no templates. Returns {modality or "seg": path}."""
+    from pathlib import Path
+
+    import nibabel as nib
+
+    from ..synthetic import default_affine
+    from .templates import phantom_anatomy
+
+    anatomy = anatomy or phantom_anatomy(1.5)
+    case = generate_case(seed, anatomy, keep_raw=True)
+    affine = default_affine(tuple(case.labels.shape), case.spacing)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = case.raw.cpu().numpy()
+    scale = 1000.0 / max(float(np.percentile(raw[raw > 0], 99)), 1e-6)  # scanner-like integer range
+    paths = {}
+    for i, modality in enumerate(MODALITIES):
+        paths[modality] = folder / f"{case_id}-{modality}.nii.gz"
+        nib.save(nib.Nifti1Image(np.round(raw[i] * scale).astype(np.int16), affine), str(paths[modality]))
+    paths["seg"] = folder / f"{case_id}-seg.nii.gz"
+    nib.save(nib.Nifti1Image(case.labels.cpu().numpy().astype(np.uint8), affine), str(paths["seg"]))
+    return paths
