@@ -5,14 +5,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.brainunet-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch is pinned to the CPU build available offline; a newer torch also works.
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch
-	$(PY) -m pip install -q -e ".[test,train]"
+	# The installed torch is a constraint: nnunetv2 (benchmarks) would otherwise pull the newest CUDA build.
+	$(PY) -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -e ".[test,train,bench]" -c $(VENV)/constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,6 +24,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q Testing
+
+# Benchmarks (not part of the tests; ~25 min on 2 cores with the real case in ../shared): BENCHMARKS.md
+bench: $(STAMP)
+	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/peers.py
+	$(PY) benchmarks/variants.py
+	$(PY) benchmarks/accuracy.py
+	$(PY) benchmarks/robustness.py
+	$(PY) benchmarks/where_time_goes.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,90 @@
+"""The benchmark scripts stay runnable: each one, in --smoke mode (tiny synthetic case, one run), writes
+its JSON and Markdown with sane contents. No timing is asserted: speed lives in BENCHMARKS.md."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def run_smoke(script: str, tmp_path: Path, *extra: str) -> dict:
+    env = dict(os.environ)
+    env.pop("BRAINUNET_MODEL", None)  # benchmarks measure the bundled model, not the tests' baseline
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--output", str(tmp_path), *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name = script.removesuffix(".py")
+    payload = json.loads((tmp_path / f"{name}.json").read_text())
+    assert (tmp_path / f"{name}.md").read_text().count("|") > 10
+    assert payload["command"].startswith("python ") and "--smoke" in payload["command"]
+    return payload
+
+
+def test_pipeline_smoke(tmp_path):
+    out = run_smoke("pipeline.py", tmp_path)
+    assert out["whole"]["wall_s"] > 0 and out["whole"]["peak_rss_gb"] > 0.1
+    stages = out["stages_median"]
+    assert stages["inference_s"] > 0
+    parts = sum(v for k, v in stages.items() if k != "total_s")
+    assert parts <= stages["total_s"] * 1.001  # the stages are disjoint pieces of one run
+
+
+def test_variants_smoke(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = run_smoke("variants.py", tmp_path, "--variants", "fp32,channels_last,bf16,onnx,paper_2mm")
+    results = out["results"]
+    assert set(results) == {"fp32", "channels_last", "bf16", "onnx", "paper_2mm"}
+    for name, r in results.items():
+        assert "error" not in r, (name, r)
+        assert r["median_s"] > 0
+    # exact formats must give the fp32 answer; the paper-size network is bigger
+    assert results["onnx"]["agreement_with_fp32"]["WT"] > 0.99
+    assert results["channels_last"]["agreement_with_fp32"]["WT"] > 0.99
+    assert results["paper_2mm"]["parameters_m"] > 3 * results["fp32"]["parameters_m"]
+
+
+def test_accuracy_smoke(tmp_path):
+    pytest.importorskip("brats_evaluation")
+    out = run_smoke("accuracy.py", tmp_path, "--models", "intensity-baseline")
+    (row,) = out["results"]
+    assert row["reference"] == "ground truth"
+    # the official package's whole-image Dice must equal ours on the same label maps
+    for region in ("ET", "TC", "WT"):
+        assert row["lesionwise"][region]["global_dice"] == pytest.approx(row[f"dice_{region}"], abs=1e-6)
+
+
+def test_robustness_smoke(tmp_path):
+    pytest.importorskip("torchio")
+    out = run_smoke("robustness.py", tmp_path, "--degradations", "clean,5 mm slices,low SNR,missing T2W")
+    assert set(out["results"]) == {"clean", "5 mm slices", "low SNR", "missing T2W"}
+    assert all(0 <= r["WT"] <= 1 for r in out["results"].values())
+    assert (tmp_path / "robustness.png").stat().st_size > 1000
+
+
+def test_where_time_goes_smoke(tmp_path):
+    out = run_smoke("where_time_goes.py", tmp_path)
+    assert out["flops"] > 1e9 and out["gemm_peak_gflops_fp32"] > 1
+    assert 0 < out["floor_s"] < out["inference_s"]  # nothing runs faster than the floor
+
+
+def test_thick_slices_keep_geometry():
+    """The thick-slice simulation keeps the physical extent: the slab centres sit where they should."""
+    import numpy as np
+
+    sys.path.insert(0, str(BENCH))
+    from robustness import thick_slices
+
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    data = np.arange(10, dtype=np.float32)[None, None, :].repeat(2, 0).repeat(2, 1)
+    thick, new_affine = thick_slices(data, affine, 5)
+    assert thick.shape == (2, 2, 2)
+    assert thick[0, 0].tolist() == [2.0, 7.0]  # means of slices 0-4 and 5-9
+    centre_first = new_affine @ np.array([0, 0, 0, 1.0])
+    assert centre_first[2] == pytest.approx(2.0)  # centre of slices 0..4 in mm
