@@ -29,14 +29,14 @@ def test_cli_on_real_case_gives_labels_on_input_grid(tmp_path, case):
     assert lab.shape == ref.shape and np.allclose(lab.affine, ref.affine)
     labels = np.asarray(lab.dataobj)
     assert set(np.unique(labels)) <= {0, 1, 2, 3} and (labels > 0).any()
-    # Regression guards a little below what MODEL_CARD.md reports (dev WT 0.77, ET 0.77; agreement
-    # WT 0.90): a change that loses them must be looked at, not absorbed.
+    # Regression guards a little below what MODEL_CARD.md reports with N4 bias correction (dev WT 0.88,
+    # ET 0.85; agreement WT 0.92, ET 0.87): a change that loses them must be looked at, not absorbed.
     from brainunet.labels import to_brats2023
 
     reference = to_brats2023(np.asarray(nib.load(str(files["ref"])).dataobj))
     assert dice(labels > 0, reference > 0) > FLOOR_WT[case]
-    assert dice(labels == 3, reference == 3) > 0.7
+    assert dice(labels == 3, reference == 3) > 0.8
 
 
 BUNDLED = "brainunet-2mm-synthetic"
-FLOOR_WT = {"BraTS2021_00006": 0.72, "unlabelled_demo_case": 0.85}
+FLOOR_WT = {"BraTS2021_00006": 0.85, "unlabelled_demo_case": 0.89}

@@ -37,7 +37,7 @@ def child_stages(case: Path, model: str | None):
     import numpy as np  # noqa: F401
     import torch  # noqa: F401
 
-    from brainunet import pipeline, postprocess, preprocessing, statistics
+    from brainunet import pipeline, postprocess, statistics
     from brainunet.inference import predict_probabilities
 
     common.child_setup()
@@ -51,10 +51,8 @@ def child_stages(case: Path, model: str | None):
     t["load_s"] = time.perf_counter() - s
     s = time.perf_counter()
     ref_key = pipeline.reference_key(volumes)
-    aligned = preprocessing.align_to_reference(volumes, ref_key)
+    aligned, prepared = pipeline.prepare_inputs(volumes, loaded)
     pp = loaded.preprocessing
-    prepared = preprocessing.prepare(aligned, volumes[ref_key], loaded.modalities, pp["spacing_mm"],
-                                     pp.get("clip_percentiles", (0.5, 99.5)))
     t["preprocess_s"] = time.perf_counter() - s
     s = time.perf_counter()
     probs = predict_probabilities(loaded.network, prepared.image, pp.get("patch_size", (128, 128, 128)))
@@ -104,7 +102,7 @@ def main(argv=None):
     stages = {k: st.median(r["child"][k] for r in stage_runs) for k in STAGES}
     rows = [["whole pipeline (`brainunet segment`, fresh process)", whole["wall_s"], whole["peak_rss_gb"], len(whole_runs)]]
     names = {"import_s": "Python + torch + brainunet imports", "model_load_s": "model load (fp16 file → fp32)",
-             "load_s": "read 3 NIfTI files", "preprocess_s": "align, reorient, crop, normalise, resample to 2 mm",
+             "load_s": "read 3 NIfTI files", "preprocess_s": "align, reorient, crop, bias-correct (N4), normalise, resample to 2 mm",
              "inference_s": "network inference", "label_map_s": "probabilities → label map on the T1CE grid",
              "seg_nrrd_s": "write .seg.nrrd (slicerio)", "statistics_s": "region statistics + CSV",
              "total_s": "sum of stages (in-process)"}

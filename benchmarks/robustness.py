@@ -10,7 +10,8 @@ so the pipeline sees what a clinician's files would look like:
 - ``low SNR``: Rician noise with sigma = brain median / 5 (SNR 5) in each sequence.
 - ``motion``, ``ghosting``, ``bias field``: torchio's RandomMotion / RandomGhosting / RandomBiasField
   with torchio's default ranges, a fixed seed per sequence; torchio's k-space artefacts spread into the
-  background, which is masked again as the skull-stripped input was.
+  background, which is masked again as the skull-stripped input was. The bias field's strength is
+  recorded as the 95th/5th percentile ratio of the multiplicative field inside the brain.
 - ``missing T2W`` / ``missing T1CE``: the sequence is not given (the bundled model was trained with
   modality dropout).
 - ``old scanner``: 5 mm slices + SNR 10 + bias field together.
@@ -75,8 +76,17 @@ def torchio_artefact(data: np.ndarray, kind: str, seed: int) -> np.ndarray:
     return np.where(data != 0, out, 0).astype(np.float32)  # skull-stripped input: background stays empty
 
 
-def degrade(volumes: dict, kind: str, seed: int = 0) -> dict:
-    """{key: (data, affine)} -> degraded {key: (data, affine)}; a missing sequence is left out."""
+def field_spread(before: np.ndarray, after: np.ndarray) -> float:
+    """How strong a multiplicative artefact is: 95th / 5th percentile of after/before in the brain."""
+    brain = (before > 0) & (after > 0)
+    ratio = after[brain] / before[brain]
+    lo, hi = np.percentile(ratio, (5, 95))
+    return float(hi / lo)
+
+
+def degrade(volumes: dict, kind: str, seed: int = 0, notes: dict | None = None) -> dict:
+    """{key: (data, affine)} -> degraded {key: (data, affine)}; a missing sequence is left out.
+    ``notes`` collects the measured bias-field spread per sequence."""
     rng = np.random.default_rng(seed)
     out = {}
     for i, (key, (data, affine)) in enumerate(volumes.items()):
@@ -89,7 +99,10 @@ def degrade(volumes: dict, kind: str, seed: int = 0) -> dict:
         elif kind == "low SNR":
             data = rician(data, 5.0, rng)
         elif kind in ("motion", "ghosting", "bias field"):
+            before = data
             data = torchio_artefact(data, kind, seed * 10 + i)
+            if kind == "bias field" and notes is not None:
+                notes[f"bias_spread_p95_p5_{key}"] = field_spread(before, data)
         elif kind == "old scanner":
             data, affine = thick_slices(data, affine, 5)
             data = rician(data, 10.0, rng)
@@ -136,7 +149,8 @@ def main(argv=None):
             folder = Path(tmp) / kind.replace(" ", "_")
             folder.mkdir()
             paths = {}
-            for key, (data, affine) in degrade(volumes, kind, args.seed).items():
+            notes = {}
+            for key, (data, affine) in degrade(volumes, kind, args.seed, notes).items():
                 paths[key] = folder / f"{key}.nii.gz"
                 nib.save(nib.Nifti1Image(data, affine), str(paths[key]))
             result = pipeline.run(paths, folder / "labels.nii.gz", device="cpu", loaded_model=loaded)
@@ -146,6 +160,7 @@ def main(argv=None):
                                           ref_img.affine, order=0).astype(np.uint8)
             results[kind] = {k: dice(REGIONS_BY_KEY[k].mask(labels), REGIONS_BY_KEY[k].mask(reference)) for k in REGIONS}
             results[kind]["seconds"] = result.timings["total_s"]
+            results[kind].update(notes)
             print(f"{kind}: WT {results[kind]['WT']:.3f} TC {results[kind]['TC']:.3f} ET {results[kind]['ET']:.3f}")
     clean = results["clean"]
     rows = [[k] + [results[k][r] for r in REGIONS] + [f"{results[k]['WT'] - clean['WT']:+.3f}"] for k in kinds]

@@ -140,7 +140,7 @@ def child(args):
     """One variant in this process: prepare the case, build, time, save the label map."""
     import torch
 
-    from brainunet import pipeline, postprocess, preprocessing
+    from brainunet import pipeline, postprocess
     from brainunet.inference import predict_probabilities, window_plan
     from brainunet.network import PAPER_CONFIG, BrainUNet, count_parameters
 
@@ -156,10 +156,8 @@ def child(args):
             pp["spacing_mm"] = [1.0, 1.0, 1.0]
     patch = tuple(pp.get("patch_size", (128, 128, 128)))
     volumes = pipeline.load_inputs({k: files[k] for k in ("t1c", "t2w", "t2f")})
-    ref_key = pipeline.reference_key(volumes)
-    aligned = preprocessing.align_to_reference(volumes, ref_key)
-    prepared = preprocessing.prepare(aligned, volumes[ref_key], loaded.modalities, pp["spacing_mm"],
-                                     pp.get("clip_percentiles", (0.5, 99.5)))
+    loaded.preprocessing = pp
+    _, prepared = pipeline.prepare_inputs(volumes, loaded)
     padded, eff_patch, origins = window_plan(prepared.image.shape[1:], patch, net.config.divisor)
     example = np.zeros((1, prepared.image.shape[0], *eff_patch), np.float32)
     with tempfile.TemporaryDirectory() as tmp:

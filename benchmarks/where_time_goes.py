@@ -52,7 +52,7 @@ def main(argv=None):
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(args.threads)
-    from brainunet import pipeline, preprocessing
+    from brainunet import pipeline
     from brainunet.inference import predict_probabilities, window_plan
 
     case = common.resolve_case(args)
@@ -82,11 +82,7 @@ def main(argv=None):
             break
 
     # the network alone, on the prepared input exactly as the pipeline feeds it
-    volumes = pipeline.load_inputs(inputs)
-    ref_key = pipeline.reference_key(volumes)
-    aligned = preprocessing.align_to_reference(volumes, ref_key)
-    prepared = preprocessing.prepare(aligned, volumes[ref_key], loaded.modalities, pp["spacing_mm"],
-                                     pp.get("clip_percentiles", (0.5, 99.5)))
+    _, prepared = pipeline.prepare_inputs(pipeline.load_inputs(inputs), loaded)
     patch = tuple(pp.get("patch_size", (128, 128, 128)))
     padded, eff_patch, origins = window_plan(prepared.image.shape[1:], patch, loaded.network.config.divisor)
     net = loaded.network.eval()

@@ -45,7 +45,9 @@ def load_model(model: str | Path | None = None, device: str = "cpu", progress=No
         return LoadedModel(entry.name, "baseline", dict(weights_mod.DEFAULT_PREPROCESSING), None, entry.description)
     path = weights_mod.ensure_weights(entry, progress=progress)
     net, payload = weights_mod.load_weights(path, entry.sha256, device=device)
-    return LoadedModel(entry.name, "network", payload["preprocessing"], net, entry.description)
+    # the registry entry's settings (e.g. bias_correction) override those stored with the weights
+    preprocessing = dict(payload["preprocessing"], **entry.extra.get("settings", {}))
+    return LoadedModel(entry.name, "network", preprocessing, net, entry.description)
 
 
 @dataclass
@@ -87,6 +89,19 @@ def reference_key(volumes: dict) -> str:
     return next(k for k in ("t1c", "t2f", "t2w") + tuple(volumes) if k in volumes)
 
 
+def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing: bool = False):
+    """(raw intensities on the reference grid, the network's input) as the model's settings say."""
+    from . import preprocessing
+
+    ref_key = reference_key(volumes)
+    aligned = preprocessing.align_to_reference(volumes, ref_key)
+    pp = model.preprocessing
+    prepared = preprocessing.prepare(aligned, volumes[ref_key], model.modalities, pp["spacing_mm"],
+                                     pp.get("clip_percentiles", (0.5, 99.5)), allow_missing=allow_missing,
+                                     bias_correction=bool(pp.get("bias_correction", False)))
+    return aligned, prepared
+
+
 def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu", tta: bool = False,
             progress=None, should_cancel=None) -> SegmentationResult:
     from . import postprocess, preprocessing, statistics
@@ -106,10 +121,8 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
         names = ", ".join(MODALITY_NAMES.get(m, m) for m in missing)
         log.warning("%s missing: segmenting without it (expect lower accuracy, above all for ET without T1CE).", names)
     report(0.02, f"Aligning inputs to the {MODALITY_NAMES.get(ref_key, ref_key)} grid")
-    aligned = preprocessing.align_to_reference(volumes, ref_key)
+    aligned, prepared = prepare_inputs(volumes, model, allow_missing=bool(missing))
     pp = model.preprocessing
-    prepared = preprocessing.prepare(aligned, volumes[ref_key], model.modalities, pp["spacing_mm"],
-                                     pp.get("clip_percentiles", (0.5, 99.5)), allow_missing=bool(missing))
     timings["preprocess_s"] = time.perf_counter() - t0
     report(0.10, f"Running {model.entry_name}")
     t1 = time.perf_counter()

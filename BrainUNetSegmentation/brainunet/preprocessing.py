@@ -113,9 +113,10 @@ def align_to_reference(volumes: dict[str, Volume], reference_key: str = "t1c") -
 
 
 def prepare(aligned: dict[str, np.ndarray], reference: Volume, modalities, working_spacing=(1.0, 1.0, 1.0),
-            clip_percentiles=(0.5, 99.5), allow_missing: bool = False) -> PreparedCase:
+            clip_percentiles=(0.5, 99.5), allow_missing: bool = False, bias_correction: bool = False) -> PreparedCase:
     """``allow_missing``: a missing modality becomes an all-zero channel (the value a model trained
-    with modality dropout saw for a dropped sequence); at least one must be present."""
+    with modality dropout saw for a dropped sequence); at least one must be present.
+    ``bias_correction``: divide each sequence by its N4 bias field (``biasfield``) before normalising."""
     missing = [MODALITY_NAMES.get(m, m) for m in modalities if m not in aligned]
     if missing and (not allow_missing or len(missing) == len(modalities)):
         raise InputError(f"Missing input: {', '.join(missing)}. Select every required image and try again.")
@@ -128,7 +129,12 @@ def prepare(aligned: dict[str, np.ndarray], reference: Volume, modalities, worki
     crop = foreground_bbox(mask)
     mask = mask[crop]
     native = tuple(float(reference.spacing[a]) for a in _ras_axes(to_ras))
-    channels = [normalise(stack[m][crop], mask, clip_percentiles) if m in stack else np.zeros(mask.shape, np.float32)
+    cropped = {m: stack[m][crop] for m in stack}
+    if bias_correction:
+        from .biasfield import correct_all
+
+        cropped = correct_all(cropped, mask, native)
+    channels = [normalise(cropped[m], mask, clip_percentiles) if m in cropped else np.zeros(mask.shape, np.float32)
                 for m in modalities]
     image = np.stack(channels)
     crop_shape = tuple(int(s) for s in mask.shape)

@@ -62,7 +62,7 @@ def read_labels(path, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_labelled_case(case_dir, spacing_mm=(1.0, 1.0, 1.0), modalities=("t1c", "t2w", "t2f"),
-                       clip_percentiles=(0.5, 99.5)) -> LabelledCase:
+                       clip_percentiles=(0.5, 99.5), bias_correction: bool = False) -> LabelledCase:
     import torch
     import torch.nn.functional as F
     from nibabel import orientations as ornt
@@ -87,7 +87,8 @@ def load_labelled_case(case_dir, spacing_mm=(1.0, 1.0, 1.0), modalities=("t1c", 
     if labels.shape != reference.data.shape or not np.allclose(label_affine, reference.affine, atol=1e-3):
         raise InputError(f"{name}: the label map {reference_path.name} (shape {labels.shape}) is not on the T1CE "
                          f"grid (shape {reference.data.shape}); labels must share the T1CE image's grid, as in BraTS.")
-    prepared = prepare(align_to_reference(volumes, "t1c"), reference, modalities, spacing_mm, clip_percentiles)
+    prepared = prepare(align_to_reference(volumes, "t1c"), reference, modalities, spacing_mm, clip_percentiles,
+                       bias_correction=bias_correction)
     crop_labels = ornt.apply_orientation(labels, prepared.to_ras)[prepared.crop]
     working = prepared.image.shape[1:]
     if tuple(crop_labels.shape) != tuple(working):
@@ -100,14 +101,14 @@ def load_labelled_case(case_dir, spacing_mm=(1.0, 1.0, 1.0), modalities=("t1c", 
 
 
 def load_labelled_cases(data_dir, spacing_mm=(1.0, 1.0, 1.0), modalities=("t1c", "t2w", "t2f"),
-                        clip_percentiles=(0.5, 99.5), progress=None) -> list[LabelledCase]:
+                        clip_percentiles=(0.5, 99.5), progress=None, bias_correction: bool = False) -> list[LabelledCase]:
     """Every labelled case in ``data_dir``; a broken case stops with a message naming it."""
     case_dirs = find_labelled_cases(data_dir)
     cases = []
     for n, case_dir in enumerate(case_dirs):
         if progress:
             progress(n / len(case_dirs), f"Loading {case_dir.name}")
-        cases.append(load_labelled_case(case_dir, spacing_mm, modalities, clip_percentiles))
+        cases.append(load_labelled_case(case_dir, spacing_mm, modalities, clip_percentiles, bias_correction))
     return cases
 
 

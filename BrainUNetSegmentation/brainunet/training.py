@@ -83,6 +83,9 @@ class TrainConfig:
     engine_fraction: float = 1.0  # with real training data: share of batch slots from the engine
     init_weights: str | None = None  # weights file to start from (fine-tuning)
     min_component_voxels: int = 50  # stored in model.pt: post-processing at inference (native voxels)
+    # stored in model.pt: N4 bias-field correction of real inputs (inference and real training cases);
+    # engine cases are rendered with their own bias fields and are not corrected
+    bias_correction: bool = False
     seed: int = 0
     num_workers: int = 0  # DataLoader worker processes generating cases (each with 1 torch thread)
     threads: int = 0  # torch CPU threads of the training process (0: torch's default)
@@ -507,7 +510,7 @@ def train(config: TrainConfig, output_dir, resume: bool = False, progress: bool 
             from .realdata import load_labelled_cases
 
             validation_data = load_labelled_cases(config.validation_data, [config.spacing_mm] * 3, MODALITIES,
-                                                  config.clip_percentiles)
+                                                  config.clip_percentiles, bias_correction=config.bias_correction)
         real_val = [(c.image, c.labels, c.mask) for c in validation_data or []]
     stream = ChunkStream(config, anatomy, data, step, rank, world, engine_device)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers,
@@ -543,6 +546,7 @@ def train(config: TrainConfig, output_dir, resume: bool = False, progress: bool 
                          "patch_size": [int(p) for p in config.inference_patch_size],
                          "clip_percentiles": config.clip_percentiles,
                          "min_component_voxels": int(config.min_component_voxels),
+                         "bias_correction": bool(config.bias_correction),
                          # lets the pipeline accept a case with one sequence missing (zero channel)
                          "modality_dropout": bool(config.modality_dropout > 0)}
         training = {"engine_version": ENGINE_VERSION, "seed": config.seed, "steps": step, "planned_steps": config.steps,
@@ -652,6 +656,16 @@ def resolve_model_file(model) -> Path:
     return weights_mod.ensure_weights(entry)
 
 
+def registry_settings(base_model) -> dict:
+    """Settings the registry entry of ``base_model`` (a name, or None = the default) adds to its weights."""
+    from . import weights as weights_mod
+
+    if base_model is not None and (str(base_model).endswith((".pt", ".pth")) or Path(str(base_model)).exists()):
+        return {}
+    entry = weights_mod.find_model(str(base_model)) if base_model else weights_mod.default_model()
+    return dict(entry.extra.get("settings", {}))
+
+
 def finetune_config(base_model, steps: int, lr: float | None = None, engine_fraction: float | None = None,
                     device: str = "auto", seed: int = 0, overrides: dict | None = None) -> TrainConfig:
     """A TrainConfig that continues ``base_model``: same network, spacing and patch, lower LR."""
@@ -659,7 +673,7 @@ def finetune_config(base_model, steps: int, lr: float | None = None, engine_frac
 
     path = resolve_model_file(base_model)
     net, payload = weights_mod.load_weights(path)
-    pp = payload["preprocessing"]
+    pp = dict(payload["preprocessing"], **registry_settings(base_model))
     trained = payload.get("extra", {}).get("training", {})
     if list(pp["modalities"]) != list(MODALITIES):
         raise InputError(f"{path} uses inputs {pp['modalities']}; fine-tuning supports {list(MODALITIES)}.")
@@ -669,6 +683,7 @@ def finetune_config(base_model, steps: int, lr: float | None = None, engine_frac
     settings = {"name": f"{payload.get('name', path.stem)}-finetuned", "network": network, "spacing_mm": spacing,
                 "patch_size": trained.get("patch_size", [64, 64, 64]), "anatomy": trained.get("anatomy", "sri24"),
                 "inference_patch_size": list(pp["patch_size"]), "min_component_voxels": int(pp.get("min_component_voxels", 50)),
+                "bias_correction": bool(pp.get("bias_correction", False)),
                 "steps": int(steps), "lr": 2e-4, "warmup_steps": 20, "device": device, "seed": seed,
                 "init_weights": str(path.resolve())}
     settings.update(overrides or {})  # a settings file, then the explicit arguments, win
@@ -721,7 +736,8 @@ def finetune(base_model, data_dir, output_dir, steps: int, folds: int | None = N
     if folds:
         stratified_folds([0.0] * case_count, int(folds))  # too few cases: say so before loading anything
     config = finetune_config(base_model, steps, lr, engine_fraction, device, seed, overrides)
-    cases = load_labelled_cases(data_dir, [config.spacing_mm] * 3, MODALITIES, config.clip_percentiles)
+    cases = load_labelled_cases(data_dir, [config.spacing_mm] * 3, MODALITIES, config.clip_percentiles,
+                                bias_correction=config.bias_correction)
     output_dir = Path(output_dir)
     if folds:
         splits = stratified_folds([c.wt_volume_ml for c in cases], int(folds), seed)
