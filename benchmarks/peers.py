@@ -379,7 +379,7 @@ class Contender:
     runs: list[dict] = field(default_factory=list)
 
     def output_args(self, folder: Path) -> list[str]:
-        return ["--output", str(folder / "pred.nii.gz")] if self.key == "brainunet" else ["--out", str(folder)]
+        return ["--output", str(folder / "pred.nii.gz")] if self.key.startswith("brainunet") else ["--out", str(folder)]
 
 
 def contenders_for(args, case: Path, files: dict[str, Path], nnunet_model: dict) -> list[Contender]:
@@ -395,11 +395,14 @@ def contenders_for(args, case: Path, files: dict[str, Path], nnunet_model: dict)
     monai = script + ["--child", "monai", "--case", str(case)]
     nnunet_label, nnunet_parameters = f"nnU-Net v2 {NNUNET_CONFIGURATION}", nnunet_model["parameters"]
     all_folds = ",".join(map(str, NNUNET_FOLDS))
+    brainunet = [sys.executable, "-m", "brainunet", "segment", "--t1c", str(files["t1c"]), "--t2w", str(files["t2w"]),
+                 "--t2f", str(files["t2f"]), "--progress", "none", "--threads", str(args.threads)]
     return [
-        Contender("brainunet", f"BrainUNet CLI ({brainunet_name})",
-                  [sys.executable, "-m", "brainunet", "segment", "--t1c", str(files["t1c"]), "--t2w",
-                   str(files["t2w"]), "--t2f", str(files["t2f"]), "--progress", "none", "--threads", str(args.threads)],
+        Contender("brainunet", f"BrainUNet CLI ({brainunet_name}, precision auto)", brainunet,
                   brainunet_parameters, args.repeats),
+        # what a CPU without native bf16 runs (auto picks bf16 only where the CPU has it)
+        Contender("brainunet_fp32", f"BrainUNet CLI ({brainunet_name}, --precision fp32)",
+                  brainunet + ["--precision", "fp32"], brainunet_parameters, args.repeats),
         Contender("nnunet_1fold", f"{nnunet_label}, 1 fold, no mirroring",
                   nnunet + ["--folds", "0", "--mirroring", "0"], nnunet_parameters, args.repeats),
         Contender("nnunet_1fold_mirroring", f"{nnunet_label}, 1 fold, mirroring (8 passes)",
@@ -470,7 +473,7 @@ def main(argv=None):
             label = f"nnU-Net v2 {NNUNET_CONFIGURATION}, 5 folds, {mirroring}"
             results[five_folds] = {"label": label, "parameters": nnunet_model["parameters"],
                                    **extrapolate_folds(results[one_fold], len(NNUNET_FOLDS), weights_bytes)}
-    order = ("brainunet", "nnunet_1fold", "nnunet_1fold_mirroring", "nnunet_5folds", "nnunet_5folds_mirroring",
+    order = ("brainunet", "brainunet_fp32", "nnunet_1fold", "nnunet_1fold_mirroring", "nnunet_5folds", "nnunet_5folds_mirroring",
              "monai_whole", "monai_windows")
     results = {key: results[key] for key in order if key in results}
 

@@ -22,13 +22,13 @@ STAGES = ["import_s", "model_load_s", "load_s", "preprocess_s", "inference_s", "
           "statistics_s", "total_s"]
 
 
-def cli_argv(files: dict, out_dir: Path, threads: int, model: str | None = None) -> list[str]:
+def cli_argv(files: dict, out_dir: Path, threads: int, model: str | None = None, precision: str | None = None) -> list[str]:
     """The user's command: labels + .seg.nrrd + statistics CSV."""
     argv = [sys.executable, "-m", "brainunet", "segment", "--t1c", str(files["t1c"]), "--t2w", str(files["t2w"]),
             "--t2f", str(files["t2f"]), "--output", str(out_dir / "labels.nii.gz"),
             "--seg-nrrd", str(out_dir / "labels.seg.nrrd"), "--stats", str(out_dir / "statistics.csv"),
             "--progress", "none", "--threads", str(threads), "--device", "cpu"]
-    return argv + (["--model", model] if model else [])
+    return argv + (["--model", model] if model else []) + (["--precision", precision] if precision else [])
 
 
 def child_stages(case: Path, model: str | None):
@@ -38,7 +38,7 @@ def child_stages(case: Path, model: str | None):
     import torch  # noqa: F401
 
     from brainunet import pipeline, postprocess, statistics
-    from brainunet.inference import predict_probabilities
+    from brainunet.inference import predict_probabilities, resolve_precision
 
     common.child_setup()
     t = {"import_s": time.perf_counter() - t0}
@@ -57,6 +57,7 @@ def child_stages(case: Path, model: str | None):
     s = time.perf_counter()
     probs = predict_probabilities(loaded.network, prepared.image, pp.get("patch_size", (128, 128, 128)))
     t["inference_s"] = time.perf_counter() - s
+    t["precision"] = resolve_precision(None, "cpu")
     s = time.perf_counter()
     probs = prepared.restore_channels(probs)
     crop_labels = postprocess.probabilities_to_labels(probs, prepared.crop_mask)
@@ -87,10 +88,11 @@ def main(argv=None):
         return child_stages(case, args.model)
     repeats = 1 if args.smoke else args.repeats
     files = common.case_files(case)
-    whole_runs, stage_runs = [], []
+    whole_runs, fp32_runs, stage_runs = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(repeats):  # interleaved so that machine noise hits both alike
+        for _ in range(repeats):  # interleaved so that machine noise hits all alike
             whole_runs.append(common.measure(cli_argv(files, Path(tmp), args.threads, args.model), args.threads))
+            fp32_runs.append(common.measure(cli_argv(files, Path(tmp), args.threads, args.model, "fp32"), args.threads))
             child = [sys.executable, __file__, "--child", "--case", str(case)] + (["--model", args.model] if args.model else [])
             stage_runs.append(common.measure(child, args.threads))
     import statistics as st
@@ -99,17 +101,25 @@ def main(argv=None):
              "peak_rss_gb": st.median(r["peak_rss_gb"] for r in whole_runs),
              "max_peak_rss_gb": max(r["peak_rss_gb"] for r in whole_runs),
              "runs_wall_s": [r["wall_s"] for r in whole_runs]}
+    fp32 = {"wall_s": st.median(r["wall_s"] for r in fp32_runs),
+            "peak_rss_gb": st.median(r["peak_rss_gb"] for r in fp32_runs),
+            "runs_wall_s": [r["wall_s"] for r in fp32_runs]}
     stages = {k: st.median(r["child"][k] for r in stage_runs) for k in STAGES}
-    rows = [["whole pipeline (`brainunet segment`, fresh process)", whole["wall_s"], whole["peak_rss_gb"], len(whole_runs)]]
+    precision = stage_runs[0]["child"].get("precision")
+    rows = [[f"whole pipeline (`brainunet segment`, fresh process; precision auto = {precision} here)",
+             whole["wall_s"], whole["peak_rss_gb"], len(whole_runs)],
+            ["whole pipeline, `--precision fp32` (what a CPU without native bf16 runs)", fp32["wall_s"],
+             fp32["peak_rss_gb"], len(fp32_runs)]]
     names = {"import_s": "Python + torch + brainunet imports", "model_load_s": "model load (fp16 file → fp32)",
              "load_s": "read 3 NIfTI files", "preprocess_s": "align, reorient, crop, bias-correct (N4), normalise, resample to 2 mm",
-             "inference_s": "network inference", "label_map_s": "probabilities → label map on the T1CE grid",
+             "inference_s": f"network inference ({precision})", "label_map_s": "probabilities → label map on the T1CE grid",
              "seg_nrrd_s": "write .seg.nrrd (slicerio)", "statistics_s": "region statistics + CSV",
              "total_s": "sum of stages (in-process)"}
     rows += [[f"stage: {names[k]}", stages[k], "", len(stage_runs)] for k in STAGES]
     table = common.md_table(["what", "median wall s", "peak RSS GB", "runs"], rows)
     payload = {"case": str(case), "model": stage_runs[0]["child"].get("model"), "threads": args.threads,
-               "working_shape": stage_runs[0]["child"].get("working_shape"), "whole": whole,
+               "working_shape": stage_runs[0]["child"].get("working_shape"), "whole": whole, "whole_fp32": fp32,
+               "precision_auto": precision,
                "stages_median": stages, "stage_runs": [r["child"] for r in stage_runs],
                "stage_process_peak_rss_gb": [r["peak_rss_gb"] for r in stage_runs]}
     common.save("pipeline", args, payload, table)

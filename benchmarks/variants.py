@@ -168,7 +168,7 @@ def child(args):
         times = []
         for _ in range(1 + args.inner_repeats):
             t = time.perf_counter()
-            probs = predict_probabilities(runner, prepared.image, patch)
+            probs = predict_probabilities(runner, prepared.image, patch, precision="fp32")  # variants set their own
             times.append(time.perf_counter() - t)
     probs = prepared.restore_channels(probs)
     labels = postprocess.probabilities_to_labels(probs, prepared.crop_mask)

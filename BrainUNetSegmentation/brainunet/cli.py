@@ -48,6 +48,9 @@ def _add_model_args(p):
     p.add_argument("--model", help="registry name or weights file (default: best installed model)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the network")
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (slower, smoother)")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="network arithmetic; auto (default, or $BRAINUNET_PRECISION): bf16 only on a CPU with "
+                        "native bf16 (AVX512-BF16/AMX), else fp32")
     p.add_argument("--progress", default="bar", choices=["bar", "machine", "none"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
 
@@ -161,6 +164,7 @@ def cmd_segment(args) -> int:
     try:
         loaded = _load_model(args, progress)
         result = pipeline.run(paths, args.output, args.stats, args.overlay, device=args.device, tta=args.tta,
+                              precision=args.precision,
                               progress=progress, loaded_model=loaded, seg_nrrd=args.seg_nrrd)
     finally:
         progress.close()
@@ -217,7 +221,8 @@ def cmd_batch(args) -> int:
                     progress((n + f) / len(cases), f"{case.name}: {msg}")
 
                 pipeline.run({k: files.get(k) for k in ("t1c", "t2w", "t2f", "t1n")}, out, stats,
-                             device=args.device, tta=args.tta, progress=case_progress, loaded_model=loaded)
+                             device=args.device, tta=args.tta, precision=args.precision, progress=case_progress,
+                             loaded_model=loaded)
             except InputError as exc:
                 failures += 1
                 _say(args, f"{case.name}: skipped: {exc}")
@@ -275,7 +280,8 @@ def cmd_evaluate(args) -> int:
                 progress((n + f) / len(cases), f"{case.name}: {msg}")
 
             inputs = {k: files.get(k) for k in ("t1c", "t2w", "t2f") if k != args.without}
-            result = pipeline.run(inputs, pred, device=args.device, tta=args.tta, progress=case_progress,
+            result = pipeline.run(inputs, pred, device=args.device, tta=args.tta, precision=args.precision,
+                                  progress=case_progress,
                                   loaded_model=loaded)
             ref = to_brats2023(np.asarray(nib.load(str(evaluation.find_reference(case, args.reference))).dataobj))
             if ref.shape != result.labels.shape:

@@ -103,7 +103,7 @@ def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing
 
 
 def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu", tta: bool = False,
-            progress=None, should_cancel=None) -> SegmentationResult:
+            progress=None, should_cancel=None, precision: str | None = None) -> SegmentationResult:
     from . import postprocess, preprocessing, statistics
     from .errors import Cancelled
 
@@ -137,7 +137,7 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
             report(0.10 + 0.80 * f, msg)
 
         probs = predict_probabilities(model.network, prepared.image, pp.get("patch_size", (128, 128, 128)),
-                                      tta=tta, device=device, progress=window_progress,
+                                      tta=tta, device=device, progress=window_progress, precision=precision,
                                       should_cancel=should_cancel)
     timings["inference_s"] = time.perf_counter() - t1
     report(0.92, "Post-processing")
@@ -231,7 +231,7 @@ def output_kind(path) -> str:
 
 def run(paths: dict, output, stats_csv=None, overlay_png=None, model: str | Path | None = None,
         device: str = "auto", tta: bool = False, progress=None, should_cancel=None,
-        loaded_model: LoadedModel | None = None, seg_nrrd=None) -> SegmentationResult:
+        loaded_model: LoadedModel | None = None, seg_nrrd=None, precision: str | None = None) -> SegmentationResult:
     """Check outputs, load inputs and model, segment, write every requested output.
 
     ``output`` is a .nii.gz / .nii / .seg.nrrd label file; ``seg_nrrd`` optionally adds a .seg.nrrd copy.
@@ -252,7 +252,8 @@ def run(paths: dict, output, stats_csv=None, overlay_png=None, model: str | Path
     t = time.perf_counter()
     loaded = loaded_model or load_model(model, device=device, progress=progress)
     load_s = time.perf_counter() - t
-    result = segment(volumes, loaded, device=device, tta=tta, progress=progress, should_cancel=should_cancel)
+    result = segment(volumes, loaded, device=device, tta=tta, progress=progress, should_cancel=should_cancel,
+                     precision=precision)
     result.timings["model_load_s"] = load_s
     if kind == "seg.nrrd":
         write_seg_nrrd(result.labels, result.reference.affine, outputs["labels"])

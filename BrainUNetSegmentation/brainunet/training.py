@@ -299,7 +299,7 @@ def _worker_init(_):
 def predict_labels(model, image: np.ndarray, mask: np.ndarray, patch_size, device) -> np.ndarray:
     from .inference import predict_probabilities
 
-    probs = predict_probabilities(model, image, patch_size, device=device)
+    probs = predict_probabilities(model, image, patch_size, device=device, precision="fp32")
     labels = np.asarray(CLASS_LABELS, np.uint8)[probs.argmax(0)]
     labels[~mask] = 0
     return labels
