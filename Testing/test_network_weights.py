@@ -126,11 +126,11 @@ def test_cuda_out_of_memory_falls_back_to_cpu(monkeypatch):
     original = inference._predict
     devices = []
 
-    def fake_predict(model, image, patch, overlap, tta, device, progress, should_cancel):
+    def fake_predict(model, image, patch, overlap, tta, device, progress, should_cancel, precision="fp32"):
         devices.append(device)
         if device == "cuda":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(model, image, patch, overlap, tta, device, progress, should_cancel)
+        return original(model, image, patch, overlap, tta, device, progress, should_cancel, precision)
 
     monkeypatch.setattr(inference, "_predict", fake_predict)
     messages = []
