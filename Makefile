@@ -27,12 +27,13 @@ test: $(STAMP)
 
 # Benchmarks (not part of the tests; ~25 min on 2 cores with the real case in ../shared): BENCHMARKS.md
 bench: $(STAMP)
-	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/pipeline.py --repeats 5
 	$(PY) benchmarks/peers.py
 	$(PY) benchmarks/variants.py
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/robustness.py
 	$(PY) benchmarks/where_time_goes.py
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -88,3 +88,14 @@ def test_thick_slices_keep_geometry():
     assert thick[0, 0].tolist() == [2.0, 7.0]  # means of slices 0-4 and 5-9
     centre_first = new_affine @ np.array([0, 0, 0, 1.0])
     assert centre_first[2] == pytest.approx(2.0)  # centre of slices 0..4 in mm
+
+
+def test_benchmarks_md_quotes_the_committed_results():
+    """BENCHMARKS.md's tables are exactly what benchmarks/results/ says (run report.py after a bench)."""
+    sys.path.insert(0, str(BENCH))
+    import common
+    import report
+
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    assert report.render(text, common.RESULTS) == text
+    assert text.count("<!-- table:") >= 7 and "not run" not in text
