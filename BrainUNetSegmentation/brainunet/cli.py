@@ -350,7 +350,9 @@ def cmd_models(args) -> int:
         path = e.path()
         state = "baseline" if e.kind == "baseline" else ("installed" if path and path.exists() else "not installed")
         mark = "*" if e.name == default.name else " "
-        print(f"{mark} {e.name:28s} {state:14s} {e.description}")
+        settings = e.extra.get("settings")
+        extra = f" [settings: {', '.join(f'{k}={v}' for k, v in settings.items())}]" if settings else ""
+        print(f"{mark} {e.name:28s} {state:14s} {e.description}{extra}")
     return 0
 
 
