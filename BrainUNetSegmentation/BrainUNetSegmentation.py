@@ -39,6 +39,7 @@ PYTHON_REQUIREMENTS = {
     "scipy": "scipy>=1.10",
     "tqdm": "tqdm>=4.60",
     "slicerio": "slicerio>=1.4",
+    "SimpleITK": "SimpleITK>=2.2",  # bundled with Slicer; N4 bias-field correction
 }
 MINIMUM_TORCH_VERSION = (2, 1)
 TORCH_REQUIREMENT = ">=2.1"
