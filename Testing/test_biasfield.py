@@ -85,3 +85,22 @@ def test_finetuning_keeps_the_base_models_registry_settings(monkeypatch):
 def test_tiny_volumes_are_left_alone():
     image = np.ones((6, 6, 6), np.float32)
     assert np.array_equal(biasfield.correct(image, image > 0, SPACING), image)
+
+
+def test_an_n4_failure_leaves_the_sequence_uncorrected(monkeypatch, caplog):
+    import SimpleITK as sitk
+
+    class Failing:
+        def __getattr__(self, name):
+            if name == "Execute":
+                def execute(*args):
+                    raise RuntimeError("ITK ERROR: simulated")
+                return execute
+            return lambda *args: None
+
+    monkeypatch.setattr(sitk, "N4BiasFieldCorrectionImageFilter", Failing)
+    clean, brain, _ = _phantom(3)
+    with caplog.at_level("WARNING"):
+        out = biasfield.correct(clean, brain, SPACING)
+    assert np.array_equal(out, clean)
+    assert "Bias-field correction skipped" in caplog.text

@@ -10,9 +10,13 @@ Testing/test_biasfield.py's phantom), and it costs about a second per sequence.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from .errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 GRID_MM = 12.0  # coarse grid of the fit: ~2,000 points for a brain, plenty for a 4×4×4 control-point field
@@ -56,8 +60,12 @@ def n4_log_field(channel: np.ndarray, mask: np.ndarray, spacing, grid_mm: float 
     n4.SetConvergenceThreshold(1e-5)
     if threads:
         n4.SetNumberOfThreads(int(threads))
-    n4.Execute(image, sitk_mask)
-    log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image)).astype(np.float32)
+    try:
+        n4.Execute(image, sitk_mask)
+        log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image)).astype(np.float32)
+    except RuntimeError as exc:  # an ITK exception on odd data must not cost the user the segmentation
+        log.warning("Bias-field correction skipped for one sequence (N4 failed: %s).", str(exc).splitlines()[0])
+        return np.zeros(channel.shape, np.float32)
     full = F.interpolate(torch.from_numpy(log_field)[None, None], size=tuple(channel.shape), mode="trilinear",
                          align_corners=False)[0, 0].numpy()
     return np.where(mask, full, 0.0).astype(np.float32)
