@@ -58,7 +58,7 @@ def render(text: str, results: Path) -> str:
             body = path.read_text().strip() if path.exists() else f"*(not run: `{name}` has no results yet)*"
         return f"<!-- table:{name} -->\n{body}\n<!-- /table -->"
 
-    return re.sub(r"<!-- table:([a-z_]+) -->.*?<!-- /table -->", replace, text, flags=re.S)
+    return re.sub(r"<!-- table:([a-z_/]+) -->.*?<!-- /table -->", replace, text, flags=re.S)
 
 
 def main(argv=None):
