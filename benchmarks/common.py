@@ -89,9 +89,8 @@ def thread_env(threads: int) -> dict[str, str]:
         env[var] = str(threads)
     env["BENCH_THREADS"] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(ROOT / "benchmarks"), env.get("PYTHONPATH", "")])
-    env.setdefault("BRAINUNET_MODEL", "")  # the registry default (the bundled model), not a test override
-    if not env["BRAINUNET_MODEL"]:
-        env.pop("BRAINUNET_MODEL")
+    if not env.get("BRAINUNET_MODEL"):  # empty: the registry default (the bundled model)
+        env.pop("BRAINUNET_MODEL", None)
     return env
 
 
@@ -203,8 +202,9 @@ def save(name: str, args, payload: dict, table: str) -> Path:
     if args.smoke and out == RESULTS:
         out = Path(tempfile.mkdtemp(prefix="brainunet-bench-"))
     out.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
-                                    and ROOT in Path(sys.argv[0]).parents else sys.argv[0]] + sys.argv[1:])
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if ROOT in script.parents else Path(sys.argv[0])
+    command = " ".join(["python", str(shown), *sys.argv[1:]])
     payload = {"command": command, "machine": machine(), **payload}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
     (out / f"{name}.md").write_text(f"<!-- written by: {command} -->\n{table}\n")
