@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Light imports only at module level: nnU-Net spawns workers that re-import this file as __mp_main__.
-from common import ROOT, base_parser, case_files, child_report, child_setup, md_table, measure, resolve_case, save
+from common import base_parser, case_files, child_report, child_setup, md_table, measure, resolve_case, save
 
 NNUNET_DATASET_ID = 990
 NNUNET_DATASET_NAME = f"Dataset{NNUNET_DATASET_ID:03d}_BraTSLikeBench"

@@ -104,7 +104,7 @@ def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing
 
 def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu", tta: bool = False,
             progress=None, should_cancel=None, precision: str | None = None) -> SegmentationResult:
-    from . import postprocess, preprocessing, statistics
+    from . import postprocess, statistics
     from .errors import Cancelled
 
     def report(fraction, message):
