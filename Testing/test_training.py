@@ -221,6 +221,27 @@ def test_cli_finetune(tiny_run, tmp_path, capsys):
     assert payload["name"].endswith("-finetuned") and payload["extra"]["training"]["real_cases"] == 2
 
 
+def test_cli_finetune_on_pseudo_labels_named_by_a_pattern(tiny_run, tmp_path, capsys):
+    """--labels GLOB trains on another algorithm's output; a case holding only a *-seg file (e.g. a
+    held-out ground truth) is not picked up."""
+    _, base = tiny_run
+    data = _write_brats_folder(tmp_path / "data", ("2023", "2023"))
+    pseudo = data / "BraTS-GLI-00000-000"
+    (pseudo / "BraTS-GLI-00000-000-seg.nii.gz").rename(pseudo / "algo_segmentation_NOT_GT.nii.gz")
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"validation_cases": 0, "threads": 1, "engine_fraction": 0.0}))
+    args = ["finetune", "--data", str(data), "--output", str(tmp_path / "ft"), "--model", str(base / "model.pt"),
+            "--steps", "2", "--config", str(settings), "--device", "cpu", "--progress", "none"]
+    assert cli.main(args + ["--labels", "algo_segmentation*.nii.gz"]) == 0
+    from brainunet import weights
+
+    _, payload = weights.load_weights(tmp_path / "ft" / "model.pt")
+    assert payload["extra"]["training"]["real_cases"] == 1
+    capsys.readouterr()
+    assert cli.main(args + ["--labels", "nothing*.nii.gz"]) == 2
+    assert "matching 'nothing*.nii.gz'" in capsys.readouterr().err
+
+
 def test_cli_bad_inputs_exit_2_with_a_clear_message(tmp_path, capsys):
     def run(*args):
         code = cli.main([str(a) for a in args])

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a trained model on labelled real cases (optionally K-fold)")
     p.add_argument("--data", required=True, help="folder of BraTS-layout case folders with a *_seg / *-seg file")
+    p.add_argument("--labels", metavar="PATTERN",
+                   help="glob of each case's label file instead of *_seg / *-seg, e.g. 'algo_segmentation*.nii.gz' "
+                        "to fine-tune on another algorithm's output as pseudo-labels")
     p.add_argument("--output", required=True, help="run folder (with --folds: fold<i>/ subfolders and folds.csv)")
     p.add_argument("--model", help="registry name or weights file to start from (default: best installed model)")
     p.add_argument("--steps", type=int, default=500, help="training steps per model (default 500)")
@@ -403,7 +406,7 @@ def cmd_finetune(args) -> int:
     result = finetune(args.model, args.data, args.output, args.steps, folds=args.folds, lr=args.lr,
                       engine_fraction=args.engine_fraction, device=args.device, resume=args.resume,
                       progress=args.progress == "bar", seed=args.seed, overrides=overrides,
-                      time_limit_s=args.time_limit * 60 if args.time_limit else None)
+                      time_limit_s=args.time_limit * 60 if args.time_limit else None, label_pattern=args.labels)
     if args.folds and result.finished and _is_main_process():
         print(f"Cross-validation: {Path(args.output) / 'folds.csv'}")
     return _report_training(result)

@@ -29,16 +29,18 @@ class LabelledCase:
     wt_volume_ml: float  # whole tumour in the reference label map (stratifies the folds)
 
 
-def find_labelled_cases(data_dir) -> list[Path]:
-    """Case folders inside ``data_dir`` that hold a ``*_seg`` / ``*-seg`` label map."""
+def find_labelled_cases(data_dir, label_pattern: str | None = None) -> list[Path]:
+    """Case folders inside ``data_dir`` that hold a ``*_seg`` / ``*-seg`` label map, or a file matching
+    ``label_pattern`` (a glob: e.g. a trusted algorithm's output used as pseudo-labels)."""
     from .evaluation import find_reference
 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise InputError(f"{data_dir} is not a folder; give a folder of labelled cases ({LAYOUT_HINT}).")
-    cases = [c for c in sorted(data_dir.iterdir()) if c.is_dir() and find_reference(c)]
+    cases = [c for c in sorted(data_dir.iterdir()) if c.is_dir() and find_reference(c, label_pattern)]
     if not cases:
-        raise InputError(f"No labelled cases in {data_dir}: expected {LAYOUT_HINT}.")
+        expected = f"case folders holding a file matching '{label_pattern}'" if label_pattern else LAYOUT_HINT
+        raise InputError(f"No labelled cases in {data_dir}: expected {expected}.")
     return cases
 
 
@@ -62,7 +64,8 @@ def read_labels(path, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_labelled_case(case_dir, spacing_mm=(1.0, 1.0, 1.0), modalities=("t1c", "t2w", "t2f"),
-                       clip_percentiles=(0.5, 99.5), bias_correction: bool = False) -> LabelledCase:
+                       clip_percentiles=(0.5, 99.5), bias_correction: bool = False,
+                       label_pattern: str | None = None) -> LabelledCase:
     import torch
     import torch.nn.functional as F
     from nibabel import orientations as ornt
@@ -78,9 +81,9 @@ def load_labelled_case(case_dir, spacing_mm=(1.0, 1.0, 1.0), modalities=("t1c", 
         wanted = ", ".join(f"{MODALITY_NAMES[m]} (*-{MODALITY_SUFFIXES[m][0]} or *_{MODALITY_SUFFIXES[m][1]})"
                            for m in missing)
         raise InputError(f"{name}: missing {wanted}. Add the image or move the case out of the folder.")
-    reference_path = find_reference(case_dir)
+    reference_path = find_reference(case_dir, label_pattern)
     if reference_path is None:
-        raise InputError(f"{name}: no label map (*-seg.nii.gz or *_seg.nii.gz).")
+        raise InputError(f"{name}: no label map ({label_pattern or '*-seg.nii.gz or *_seg.nii.gz'}).")
     volumes = {m: load_volume(files[m], f"{name} {MODALITY_NAMES[m]}") for m in modalities}
     reference = volumes["t1c"]
     labels, label_affine = read_labels(reference_path, name)
@@ -101,14 +104,16 @@ def load_labelled_case(case_dir, spacing_mm=(1.0, 1.0, 1.0), modalities=("t1c", 
 
 
 def load_labelled_cases(data_dir, spacing_mm=(1.0, 1.0, 1.0), modalities=("t1c", "t2w", "t2f"),
-                        clip_percentiles=(0.5, 99.5), progress=None, bias_correction: bool = False) -> list[LabelledCase]:
+                        clip_percentiles=(0.5, 99.5), progress=None, bias_correction: bool = False,
+                        label_pattern: str | None = None) -> list[LabelledCase]:
     """Every labelled case in ``data_dir``; a broken case stops with a message naming it."""
-    case_dirs = find_labelled_cases(data_dir)
+    case_dirs = find_labelled_cases(data_dir, label_pattern)
     cases = []
     for n, case_dir in enumerate(case_dirs):
         if progress:
             progress(n / len(case_dirs), f"Loading {case_dir.name}")
-        cases.append(load_labelled_case(case_dir, spacing_mm, modalities, clip_percentiles, bias_correction))
+        cases.append(load_labelled_case(case_dir, spacing_mm, modalities, clip_percentiles, bias_correction,
+                                        label_pattern))
     return cases
 
 
@@ -135,7 +140,7 @@ def stratified_folds(wt_volumes, k: int, seed: int = 0) -> list[list[int]]:
     return [sorted(f) for f in folds]
 
 
-def evaluate_model(model, case_dirs, device: str = "cpu", progress=None) -> list[dict]:
+def evaluate_model(model, case_dirs, device: str = "cpu", progress=None, label_pattern: str | None = None) -> list[dict]:
     """Segment each labelled case exactly as ``brainunet evaluate`` does; Dice and HD95 per region."""
     from . import pipeline
     from .evaluation import evaluate_case, find_reference
@@ -149,6 +154,6 @@ def evaluate_model(model, case_dirs, device: str = "cpu", progress=None) -> list
         files = find_case_files(case_dir)
         volumes = pipeline.load_inputs({m: files.get(m) for m in loaded.modalities})
         result = pipeline.segment(volumes, loaded, device=device)
-        reference, _ = read_labels(find_reference(case_dir), case_dir.name)
+        reference, _ = read_labels(find_reference(case_dir, label_pattern), case_dir.name)
         rows.append({"case": case_dir.name, **evaluate_case(result.labels, reference, result.reference.spacing)})
     return rows

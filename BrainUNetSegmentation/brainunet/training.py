@@ -718,11 +718,13 @@ FOLD_FIELDS = ["fold", "cases", "n"] + [f"dice_{k}" for k in REGION_KEYS] + [f"h
 def finetune(base_model, data_dir, output_dir, steps: int, folds: int | None = None, lr: float | None = None,
              engine_fraction: float | None = None, device: str = "auto", resume: bool = False,
              progress: bool = True, seed: int = 0, overrides: dict | None = None,
-             time_limit_s: float | None = None) -> TrainResult:
+             time_limit_s: float | None = None, label_pattern: str | None = None) -> TrainResult:
     """Fine-tune ``base_model`` (weights file or registry name) on the labelled cases in ``data_dir``.
 
     With ``folds=K``: K models, each trained without one fold and scored on it (``fold<i>/``,
-    ``folds.csv``), then the final model on every case in ``output_dir``.
+    ``folds.csv``), then the final model on every case in ``output_dir``. ``label_pattern``: a glob
+    naming each case's label file instead of ``*-seg`` / ``*_seg`` (e.g. pseudo-labels from another
+    algorithm).
     """
     from .evaluation import write_results
     from .realdata import evaluate_model, find_labelled_cases, load_labelled_cases, stratified_folds
@@ -732,12 +734,12 @@ def finetune(base_model, data_dir, output_dir, steps: int, folds: int | None = N
     def remaining():
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
-    case_count = len(find_labelled_cases(data_dir))  # a bad folder is reported before any model is loaded
+    case_count = len(find_labelled_cases(data_dir, label_pattern))  # a bad folder is reported before any model is loaded
     if folds:
         stratified_folds([0.0] * case_count, int(folds))  # too few cases: say so before loading anything
     config = finetune_config(base_model, steps, lr, engine_fraction, device, seed, overrides)
     cases = load_labelled_cases(data_dir, [config.spacing_mm] * 3, MODALITIES, config.clip_percentiles,
-                                bias_correction=config.bias_correction)
+                                bias_correction=config.bias_correction, label_pattern=label_pattern)
     output_dir = Path(output_dir)
     if folds:
         splits = stratified_folds([c.wt_volume_ml for c in cases], int(folds), seed)
@@ -753,7 +755,8 @@ def finetune(base_model, data_dir, output_dir, steps: int, folds: int | None = N
                 return result
             if int(os.environ.get("RANK", "0")) != 0:
                 continue  # under torchrun rank 0 alone scores the folds and writes
-            rows = evaluate_model(result.weights, [c.path for c in held_cases], device=_eval_device(device))
+            rows = evaluate_model(result.weights, [c.path for c in held_cases], device=_eval_device(device),
+                                  label_pattern=label_pattern)
             mean = write_results(rows, fold_dir / "heldout.csv")
             summary.append({"fold": i, "cases": ";".join(c.name for c in held_cases), "n": len(held_cases),
                             **{k: mean[k] for k in FOLD_FIELDS[3:]}})

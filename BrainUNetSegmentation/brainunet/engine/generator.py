@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..labels import ET, NETC, SNFH
 from .templates import Anatomy
 
-ENGINE_VERSION = "1.1"
+ENGINE_VERSION = "1.2"
 MODALITIES = ("t1c", "t2w", "t2f")
 
 
@@ -226,13 +226,13 @@ def _intensities(rnd: _Random, config: EngineConfig, meta: dict) -> dict[str, di
     flair_oedema = u((1.8, 2.8))
     return {
         # necrosis is as dark as CSF or darker on T1CE; oedema lies between CSF and white matter
-        "t1c": {"wm": 1.0, "gm": u((0.76, 0.92)), "csf": t1c_csf, "snfh": t1c_csf + u((0.15, 0.6)) * (1 - t1c_csf),
+        "t1c": {"wm": 1.0, "gm": u((0.76, 0.92)), "csf": t1c_csf, "snfh": t1c_csf + u((-0.15, 0.35)) * (1 - t1c_csf),
                 "netc": u((0.6, 1.05)) * t1c_csf, "et": u((1.6, 3.0)), "distractor": u((1.2, 2.4))},
         "t2w": {"wm": 1.0, "gm": u((1.04, 1.3)), "csf": t2_csf, "snfh": t2_oedema,
                 "netc": u((1.0, 1.25)) * t2_csf if fluid_netc else u((1.3, 2.0)),
                 "et": u((1.5, 2.4)), "distractor": u((0.4, 1.0))},
         "t2f": {"wm": 1.0, "gm": u((1.0, 1.2)), "csf": u((0.5, 0.9)), "snfh": flair_oedema,
-                "netc": u((0.35, 0.9)) if suppressed else u((0.55, 1.2)) * flair_oedema,
+                "netc": u((0.35, 0.9)) if suppressed else u((0.45, 1.05)) * flair_oedema,
                 "et": u((1.15, 1.9)), "distractor": u((0.8, 1.3))},
     }
 
@@ -379,7 +379,7 @@ def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = Non
     healthy_texture = 0.08 * rnd.uniform((0.0, 1.0))
     tumour_texture = rnd.uniform((0.15, 0.4))
     tex = rnd.field(shape, grid=24, channels=3)
-    oedema_grade = (0.6 + 0.4 * rnd.field(shape, grid=8)[0].clamp(-1, 1)) * snfh  # denser near the core
+    oedema_grade = (0.75 + 0.25 * rnd.field(shape, grid=8)[0].clamp(-1, 1)) * snfh  # denser near the core
     for ci, name in enumerate(MODALITIES):
         m = means[name]
         healthy = (gm * m["gm"] + wm * m["wm"] + csf * m["csf"]) * (1 + healthy_texture * tex[ci])
