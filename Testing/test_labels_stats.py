@@ -62,6 +62,9 @@ def test_diameter_of_box_and_empty():
     assert max_diameter_mm(m, np.eye(4)) == 0.0
     m[2:7, 1:4, 3:5] = True  # corners 4, 2, 1 voxels apart
     assert max_diameter_mm(m, np.diag([1.0, 2.0, 3.0, 1.0])) == pytest.approx(np.sqrt(4**2 + 4**2 + 3**2))
+    m[:] = False
+    m[0:3, 5:10, 0:10] = True  # touching the volume's edges on three sides
+    assert max_diameter_mm(m, np.eye(4)) == pytest.approx(np.sqrt(2**2 + 4**2 + 9**2))
 
 
 def test_csv_round_trip(tmp_path):
