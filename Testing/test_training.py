@@ -242,6 +242,52 @@ def test_cli_finetune_on_pseudo_labels_named_by_a_pattern(tiny_run, tmp_path, ca
     assert "matching 'nothing*.nii.gz'" in capsys.readouterr().err
 
 
+def test_tumour_threshold_corrects_over_segmentation():
+    """A network that spreads low-confidence tumour around the true lesion: argmax over-segments,
+    a higher P(tumour) threshold trims it, and the sweep picks that threshold."""
+    from brainunet import calibration, postprocess
+
+    grid = np.stack(np.meshgrid(*[np.arange(32)] * 3, indexing="ij"))
+    radius = np.sqrt(((grid - 16) ** 2).sum(0))
+    reference = np.where(radius < 8, 2, 0).astype(np.uint8)
+    reference[radius < 4] = 3
+    # sure inside the lesion (0.8-1), a 3-voxel halo at 0.75 around it, unlikely further out
+    p_tumour = np.where(radius < 8, np.clip(1.2 - radius / 20, 0.8, 1.0), np.where(radius < 11, 0.75, 0.2))
+    probs = np.zeros((4, 32, 32, 32), np.float32)
+    probs[0] = 1 - p_tumour
+    probs[3] = np.where(radius < 4, p_tumour, 0.1 * p_tumour)
+    probs[2] = p_tumour - probs[3]
+    mask = np.ones_like(reference, bool)
+    rows = calibration.sweep([probs], [reference], [mask], thresholds=(0.5, 0.7, 0.78, 0.9))
+    assert [r["threshold"] for r in rows] == ["argmax", 0.5, 0.7, 0.78, 0.9]
+    fp = [r["wt_false_positive_voxels"] for r in rows[1:]]
+    fn = [r["wt_false_negative_voxels"] for r in rows[1:]]
+    assert fp == sorted(fp, reverse=True) and fn == sorted(fn)  # a stricter rule never adds tumour
+    assert rows[0]["wt_false_positive_voxels"] > 0
+    chosen = calibration.best(rows)
+    assert chosen["threshold"] == 0.78 and chosen["dice_WT"] == 1.0 > rows[0]["dice_WT"]
+    labels = postprocess.probabilities_to_labels(probs, mask, 0.78)
+    assert np.array_equal(labels, reference)
+    # one voxel: background most likely, yet tumour (NETC) is more likely than not overall
+    voxel = np.array([0.45, 0.3, 0.15, 0.1]).reshape(4, 1, 1, 1)
+    assert postprocess.probabilities_to_labels(voxel).item() == 0
+    assert postprocess.probabilities_to_labels(voxel, tumour_threshold=0.5).item() == 1
+    assert postprocess.probabilities_to_labels(voxel, tumour_threshold=0.6).item() == 0
+
+
+def test_cli_calibrate_on_engine_cases(tiny_run, tmp_path, capsys):
+    _, base = tiny_run
+    out = tmp_path / "calibration.csv"
+    code = cli.main(["calibrate", "--model", str(base / "model.pt"), "--synthetic", "2", "--anatomy", "phantom",
+                     "--thresholds", "0.5,0.9", "--output", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and "Best: " in text and out.is_file()
+    with open(out) as f:
+        assert [r["threshold"] for r in csv.DictReader(f)] == ["argmax", "0.5000", "0.9000"]
+    assert cli.main(["calibrate", "--model", str(base / "model.pt"), "--thresholds", "0.5,1.5"]) == 2
+    assert "strictly between 0 and 1" in capsys.readouterr().err
+
+
 def test_cli_bad_inputs_exit_2_with_a_clear_message(tmp_path, capsys):
     def run(*args):
         code = cli.main([str(a) for a in args])

@@ -60,7 +60,7 @@ def child_stages(case: Path, model: str | None):
     t["precision"] = resolve_precision(None, "cpu")
     s = time.perf_counter()
     probs = prepared.restore_channels(probs)
-    crop_labels = postprocess.probabilities_to_labels(probs, prepared.crop_mask)
+    crop_labels = postprocess.probabilities_to_labels(probs, prepared.crop_mask, pp.get("tumour_threshold"))
     crop_labels = postprocess.remove_small_components(crop_labels, int(pp.get("min_component_voxels", 0)))
     labels = prepared.restore_labels(crop_labels)
     t["label_map_s"] = time.perf_counter() - s

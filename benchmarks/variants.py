@@ -171,7 +171,7 @@ def child(args):
             probs = predict_probabilities(runner, prepared.image, patch, precision="fp32")  # variants set their own
             times.append(time.perf_counter() - t)
     probs = prepared.restore_channels(probs)
-    labels = postprocess.probabilities_to_labels(probs, prepared.crop_mask)
+    labels = postprocess.probabilities_to_labels(probs, prepared.crop_mask, pp.get("tumour_threshold"))
     labels = prepared.restore_labels(postprocess.remove_small_components(labels, int(pp.get("min_component_voxels", 0))))
     np.save(args.labels_out, labels.astype(np.uint8))
     common.child_report({"setup_s": setup_s, "first_s": times[0],

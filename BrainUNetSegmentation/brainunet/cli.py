@@ -121,9 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop with a checkpoint after this long; run again with --resume to continue")
     p.add_argument("--progress", default="bar", choices=["bar", "none"])
 
-    from . import montage  # its options live beside the code they drive
+    from . import calibration, montage  # their options live beside the code they drive
 
     montage.add_parser(sub)
+
+    p = sub.add_parser("calibrate", help="choose a model's tumour threshold on held-out data-engine cases "
+                                         "(corrects systematic over- or under-segmentation)")
+    p.add_argument("--model", help="registry name or weights file (default: best installed model)")
+    p.add_argument("--synthetic", type=int, default=12, metavar="N", help="engine cases (default 12)")
+    p.add_argument("--seed", type=int, default=11,
+                   help="engine seed set (default 11; keep it apart from the one you report with evaluate)")
+    p.add_argument("--thresholds", default=",".join(str(t) for t in calibration.DEFAULT_THRESHOLDS),
+                   help="comma-separated P(tumour) thresholds to try besides argmax")
+    p.add_argument("--output", help="CSV of every rule's Dice (default: print only)")
+    p.add_argument("--anatomy", default="sri24", choices=["sri24", "phantom"], help="engine anatomy (phantom: tests)")
 
     p = sub.add_parser("finetune", help="fine-tune a trained model on labelled real cases (optionally K-fold)")
     p.add_argument("--data", required=True, help="folder of BraTS-layout case folders with a *_seg / *-seg file")
@@ -322,6 +333,39 @@ def _evaluate_synthetic(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from . import calibration, pipeline
+
+    try:
+        thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"--thresholds {args.thresholds}: expected numbers separated by commas, e.g. 0.5,0.7,0.9.")
+    if not thresholds or not all(0.0 < t < 1.0 for t in thresholds):
+        raise InputError("--thresholds: every threshold must lie strictly between 0 and 1.")
+    if args.synthetic < 1:
+        raise InputError("--synthetic needs at least 1 case.")
+    loaded = pipeline.load_model(args.model)
+    if loaded.kind != "network":
+        raise InputError("calibrate needs a trained network, not the intensity baseline.")
+    data = calibration.engine_probabilities(loaded, args.synthetic, args.seed, anatomy_source=args.anatomy)
+    rows = calibration.sweep(*data, thresholds=thresholds)
+    print(f"{loaded.entry_name} on {args.synthetic} engine case(s) (seed set {args.seed}):")
+    print("rule      " + "  ".join(f"{k[5:]:>5}" for k in rows[0] if k.startswith("dice_")) + "   WT FP / FN voxels")
+    for row in rows:
+        rule = row["threshold"] if row["threshold"] == "argmax" else f"P>={row['threshold']:.2f}"
+        print(f"{rule:<9} " + "  ".join(f"{v:5.3f}" for k, v in row.items() if k.startswith("dice_"))
+              + f"   {row['wt_false_positive_voxels']} / {row['wt_false_negative_voxels']}")
+    chosen = calibration.best(rows)
+    if args.output:
+        print(f"wrote {calibration.write_csv(rows, args.output)}")
+    if chosen["threshold"] == "argmax":
+        print("Best: argmax (no threshold needed).")
+    else:
+        print(f"Best: tumour_threshold={chosen['threshold']:g}; apply it with "
+              f"brainunet register WEIGHTS --name NAME --set tumour_threshold={chosen['threshold']:g}")
+    return 0
+
+
 def cmd_register(args) -> int:
     import json
     import re
@@ -419,7 +463,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(Cancelled()))
     handlers = {"segment": cmd_segment, "batch": cmd_batch, "demo": cmd_demo, "models": cmd_models,
                 "evaluate": cmd_evaluate, "templates": cmd_templates, "train": cmd_train, "finetune": cmd_finetune,
-                "montage": lambda a: a.func(a), "register": cmd_register}
+                "montage": lambda a: a.func(a), "register": cmd_register,
+                "calibrate": cmd_calibrate}
     try:
         return handlers[args.command](args)
     except Cancelled as exc:

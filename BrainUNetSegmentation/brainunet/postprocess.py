@@ -7,8 +7,18 @@ from scipy import ndimage
 from .labels import CLASS_LABELS, ET, NETC
 
 
-def probabilities_to_labels(probs: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    labels = np.asarray(CLASS_LABELS, dtype=np.uint8)[np.argmax(probs, axis=0)]
+def probabilities_to_labels(probs: np.ndarray, mask: np.ndarray | None = None,
+                            tumour_threshold: float | None = None) -> np.ndarray:
+    """Argmax over (background, NETC, SNFH, ET) probabilities; with ``tumour_threshold`` a voxel is
+    tumour when P(tumour) = 1 - P(background) reaches it, and then takes its most likely subregion.
+    The threshold corrects a network's systematic over- or under-segmentation (a recall-weighted
+    Tversky loss over-segments); ``brainunet calibrate`` picks it on held-out engine cases."""
+    classes = np.asarray(CLASS_LABELS, dtype=np.uint8)
+    if tumour_threshold is None:
+        labels = classes[np.argmax(probs, axis=0)]
+    else:
+        tumour = (1.0 - probs[0]) >= float(tumour_threshold)
+        labels = np.where(tumour, classes[1:][np.argmax(probs[1:], axis=0)], 0).astype(np.uint8)
     if mask is not None:
         labels[~mask] = 0
     return labels

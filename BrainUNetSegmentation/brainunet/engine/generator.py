@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..labels import ET, NETC, SNFH
 from .templates import Anatomy
 
-ENGINE_VERSION = "1.2"
+ENGINE_VERSION = "1.3"
 MODALITIES = ("t1c", "t2w", "t2f")
 
 
@@ -55,7 +55,9 @@ class EngineConfig:
     oedema_reach: tuple[float, float] = (0.1, 1.3)  # beyond the core, in whole-tumour radii
     # contrast
     p_fluid_bright_netc: float = 0.65  # necrosis / cyst bright on T2W (and FLAIR unless suppressed)
-    p_flair_suppressed_netc: float = 0.08  # cyst-like NETC dark on FLAIR
+    # cyst-like NETC dark on FLAIR: rare, and at 8 % (engine 1.2) the network took FLAIR-dark
+    # ventricles for necrosis on the unlabelled real case
+    p_flair_suppressed_netc: float = 0.02
     p_distractors: float = 0.85
     # degradations
     blur_voxels: tuple[float, float] = (0.0, 0.8)
@@ -232,7 +234,7 @@ def _intensities(rnd: _Random, config: EngineConfig, meta: dict) -> dict[str, di
                 "netc": u((1.0, 1.25)) * t2_csf if fluid_netc else u((1.3, 2.0)),
                 "et": u((1.5, 2.4)), "distractor": u((0.4, 1.0))},
         "t2f": {"wm": 1.0, "gm": u((1.0, 1.2)), "csf": u((0.5, 0.9)), "snfh": flair_oedema,
-                "netc": u((0.35, 0.9)) if suppressed else u((0.45, 1.05)) * flair_oedema,
+                "netc": u((0.35, 0.9)) if suppressed else u((0.6, 1.05)) * flair_oedema,
                 "et": u((1.15, 1.9)), "distractor": u((0.8, 1.3))},
     }
 
