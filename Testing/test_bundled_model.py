@@ -8,7 +8,7 @@ from brainunet import pipeline, weights
 from brainunet.engine import generate_case, phantom_anatomy
 from brainunet.evaluation import dice
 
-BUNDLED = "brainunet-2mm-synthetic"
+BUNDLED = "brainunet-2mm-transfer"
 WT_FLOOR = 0.85  # whole-tumour Dice on engine case 12345 (measured 0.98)
 
 

@@ -327,3 +327,17 @@ def test_distributed_training_with_torchrun(tmp_path):
     assert r.stdout.count("Training finished at step 3 of 3") == 1  # only rank 0 reports
     assert [h["step"] for h in read_history(tmp_path / "run" / "history.csv")] == [1, 2, 3]
     assert (tmp_path / "run" / "model.pt").is_file()
+
+
+def test_every_shipped_training_config_is_valid():
+    """The configs that reproduce the bundled model (and the paper-size run) parse and validate."""
+    from pathlib import Path
+
+    import brainunet
+
+    configs = sorted((Path(brainunet.__file__).parent / "configs").glob("*.json"))
+    assert len(configs) >= 5
+    for path in configs:
+        config = TrainConfig.from_file(path)
+        assert config.steps > 0, path.name
+    assert TrainConfig.from_file(configs[0].parent / "bundled-cpu-2mm-stage2.json").bias_correction
