@@ -1,8 +1,9 @@
 """Choose a model's tumour threshold on held-out data-engine cases (never on real test cases).
 
 A network trained with a recall-weighted Tversky loss (alpha 0.3, beta 0.7) over-segments: on
-held-out engine cases the bundled model's whole-tumour false positives outnumbered its false
-negatives many times over. Moving the decision from argmax to "tumour when P(tumour) >= t" corrects
+held-out engine cases such a model's whole-tumour false positives outnumbered its false negatives
+7 to 1 (MODEL_CARD.md). A threshold chosen here may not carry over to real scans; check it on
+labelled real cases before registering it. Moving the decision from argmax to "tumour when P(tumour) >= t" corrects
 that bias without retraining. The threshold is chosen where the mean Dice over the five regions is
 highest, on engine cases whose seeds are disjoint from training and from the reporting seed set.
 """

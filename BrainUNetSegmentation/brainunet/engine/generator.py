@@ -227,7 +227,8 @@ def _intensities(rnd: _Random, config: EngineConfig, meta: dict) -> dict[str, di
     t2_oedema = u((1.8, 2.7))
     flair_oedema = u((1.8, 2.8))
     return {
-        # necrosis is as dark as CSF or darker on T1CE; oedema lies between CSF and white matter
+        # necrosis is as dark as CSF or darker on T1CE; oedema sits near CSF, well below white matter
+        # (the unlabelled real case: oedema -1.1 z below white matter, necrosis another -0.65 z)
         "t1c": {"wm": 1.0, "gm": u((0.76, 0.92)), "csf": t1c_csf, "snfh": t1c_csf + u((-0.15, 0.35)) * (1 - t1c_csf),
                 "netc": u((0.6, 1.05)) * t1c_csf, "et": u((1.6, 3.0)), "distractor": u((1.2, 2.4))},
         "t2w": {"wm": 1.0, "gm": u((1.04, 1.3)), "csf": t2_csf, "snfh": t2_oedema,
