@@ -162,6 +162,26 @@ def test_real_cases_are_preprocessed_like_inference_with_aligned_labels(tmp_path
     assert t1c[case.labels == 3].mean() > t1c[case.mask & (case.labels == 0)].mean() + 1.0
 
 
+def test_real_case_augmentation_warps_image_labels_and_mask_together(tmp_path):
+    from brainunet.realdata import load_labelled_case
+    from brainunet.training import augment_real
+
+    synthetic.write_case(tmp_path / "c", "c", seed=3, shape=(40, 48, 36))
+    case = load_labelled_case(tmp_path / "c", (2.4, 2.4, 2.4))
+    image, labels, mask = (torch.from_numpy(a) for a in (case.image, case.labels, case.mask))
+    draws = [augment_real(image, labels, mask, case.spacing, np.random.default_rng(s)) for s in (0, 0, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(draws[0], draws[1]))  # deterministic by seed
+    assert not torch.equal(draws[0][1], draws[2][1])  # another seed, another warp
+    for img, lab, msk in draws:
+        assert img.shape[0] == 3 and img.shape[1:] == lab.shape == msk.shape
+        assert lab.dtype == torch.uint8 and set(lab.unique().tolist()) <= {0, 1, 2, 3}
+        assert not lab[~msk].any() and not img[:, ~msk].any()  # nothing outside the warped brain
+        # the tumour moved but kept its size (scale 0.85-1.15 per axis) and its look
+        assert 0.5 < (lab > 0).sum() / (labels > 0).sum() < 1.6
+        flair = img[2]
+        assert flair[lab == 2].mean() > flair[msk & (lab == 0)].mean() + 1.0
+
+
 def test_real_data_errors_are_clear(tmp_path):
     import nibabel as nib
 

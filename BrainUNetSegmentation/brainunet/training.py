@@ -81,6 +81,9 @@ class TrainConfig:
     validation_cases: int = 4  # fixed synthetic cases, seeds disjoint from training seeds
     validation_data: str | None = None  # optional folder of real labelled cases to validate on too
     engine_fraction: float = 1.0  # with real training data: share of batch slots from the engine
+    # real cases are few (often one to a handful per clinic): each use of one is a new random affine
+    # and elastic warp, sometimes thick slices, blur and noise (torchio), so steps do not repeat it
+    real_augmentation: bool = True
     init_weights: str | None = None  # weights file to start from (fine-tuning)
     min_component_voxels: int = 50  # stored in model.pt: post-processing at inference (native voxels)
     # stored in model.pt: N4 bias-field correction of real inputs (inference and real training cases);
@@ -227,6 +230,40 @@ def augment(image, labels, mask, rng: np.random.Generator, config: TrainConfig):
     return image, labels, mask
 
 
+def augment_real(image, labels, mask, spacing, rng: np.random.Generator):
+    """A real case, spatially and (mildly) in quality re-drawn: random affine (±12°, scale 0.85-1.15),
+    elastic warp half the time, and sometimes the thick slices, blur or noise of an older scanner.
+    Labels and mask follow by nearest neighbour; outside the warped brain stays 0, as inference's
+    normalisation leaves it. Deterministic given ``rng``."""
+    import torchio as tio
+
+    transforms = [tio.RandomAffine(scales=(0.85, 1.15), degrees=12, translation=0, default_pad_value=0.0)]
+    if rng.random() < 0.5:
+        transforms.append(tio.RandomElasticDeformation(num_control_points=7, max_displacement=3 * float(spacing[0])))
+    if rng.random() < 0.2:
+        transforms.append(tio.RandomAnisotropy(downsampling=(1.5, 3.0), image_interpolation="linear",
+                                               include=["image"]))  # labels keep the annotator's resolution
+    if rng.random() < 0.2:
+        transforms.append(tio.RandomBlur(std=(0.0, 0.5 * float(spacing[0]))))
+    if rng.random() < 0.2:
+        transforms.append(tio.RandomNoise(std=(0.0, 0.1)))
+    # a margin, so a brain scaled up or rotated is not cut at the edges of its brain-tight crop
+    margin = [max(4, int(0.1 * n)) for n in labels.shape]
+    pad = [m for m in reversed(margin) for _ in (0, 1)]  # F.pad lists the last dimension first
+    image, labels, mask = F.pad(image, pad), F.pad(labels, pad), F.pad(mask, pad)
+    affine = np.diag([*map(float, spacing), 1.0])
+    subject = tio.Subject(image=tio.ScalarImage(tensor=image.float(), affine=affine),
+                          labels=tio.LabelMap(tensor=labels[None].to(torch.int16), affine=affine),
+                          mask=tio.LabelMap(tensor=mask[None].to(torch.int16), affine=affine))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(rng.integers(0, 2**31)))
+        subject = tio.Compose(transforms)(subject)
+    mask = subject["mask"].data[0] > 0
+    labels = (subject["labels"].data[0].to(torch.uint8)) * mask
+    image = subject["image"].data.float() * mask
+    return image, labels, mask
+
+
 def training_seed(config: TrainConfig, case_index: int) -> int:
     return int(config.seed) * SEED_STRIDE + int(case_index)
 
@@ -239,7 +276,7 @@ class ChunkStream(torch.utils.data.IterableDataset):
     """Iterable of chunks ``(first_step, images (G, B, C, *P), labels (G, B, *P))``, G = crops_per_case.
 
     ``real`` (LabelledCase list) makes each batch slot a real crop with probability
-    1 - ``engine_fraction``; real crops are drawn anew every step (they cost nothing to make).
+    1 - ``engine_fraction``; with ``real_augmentation`` each such slot warps its real case anew.
     """
 
     def __init__(self, config: TrainConfig, anatomy, real=None, start_step: int = 0, rank: int = 0,
@@ -269,19 +306,23 @@ class ChunkStream(torch.utils.data.IterableDataset):
 
     def _real_case(self, rng):
         case = self.real[int(rng.integers(len(self.real)))]
-        return torch.from_numpy(case.image), torch.from_numpy(case.labels), torch.from_numpy(case.mask)
+        image, labels, mask = torch.from_numpy(case.image), torch.from_numpy(case.labels), torch.from_numpy(case.mask)
+        if self.config.real_augmentation:
+            image, labels, mask = augment_real(image, labels, mask, case.spacing, rng)
+        return image, labels, mask
 
     def make_chunk(self, chunk: int):
         c = self.config
         rng = np.random.default_rng([c.seed, self.rank, chunk])
         engine_slot = [not self.real or rng.random() < c.engine_fraction for _ in range(c.batch_size)]
-        cases = [self._engine_case(chunk, b) if engine_slot[b] else None for b in range(c.batch_size)]
+        # one generated or augmented case per slot, shared by its crops (both cost far more than a crop)
+        cases = [self._engine_case(chunk, b) if engine_slot[b] else self._real_case(rng) for b in range(c.batch_size)]
         # on the engine's device: with the engine on the GPU, batches never leave it
         images = torch.zeros((c.crops_per_case, c.batch_size, len(MODALITIES), *c.patch_size), device=self.engine_device)
         labels = torch.zeros((c.crops_per_case, c.batch_size, *c.patch_size), dtype=torch.uint8, device=self.engine_device)
         for g in range(c.crops_per_case):
             for b in range(c.batch_size):
-                img, lab, msk = cases[b] if cases[b] is not None else self._real_case(rng)
+                img, lab, msk = cases[b]
                 img, lab, msk = crop_patch(img, lab, msk.to(img.dtype), c.patch_size, rng, c.tumour_crop_fraction)
                 img, lab, _ = augment(img, lab, msk, rng, c)
                 images[g, b], labels[g, b] = img, lab
