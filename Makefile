@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/robustness.py
 	$(PY) benchmarks/where_time_goes.py
+	$(PY) benchmarks/error_analysis.py
 	$(PY) benchmarks/report.py
 
 clean:

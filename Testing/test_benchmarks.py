@@ -99,3 +99,15 @@ def test_benchmarks_md_quotes_the_committed_results():
     text = (ROOT / "BENCHMARKS.md").read_text()
     assert report.render(text, common.RESULTS) == text
     assert text.count("<!-- table:") >= 7 and "not run" not in text
+
+
+def test_error_analysis_smoke(tmp_path):
+    out = run_smoke("error_analysis.py", tmp_path)
+    assert set(out["resolution_ceiling"]) == {"ET", "NETC", "SNFH", "TC", "WT"}
+    assert out["resolution_ceiling"]["WT"] > 0.8  # down to 2 mm and back keeps most of a tumour
+    errors = out["errors"]
+    # the distance bands partition the errors
+    assert sum(errors["fp_by_distance_mm"].values()) == pytest.approx(errors["fp_ml"], abs=1e-6)
+    assert sum(errors["fn_by_depth_mm"].values()) == pytest.approx(errors["fn_ml"], abs=1e-6)
+    assert errors["reference_wt_ml"] > 0
+    assert len(out["border_profile"]["cases"]) == 2  # the case and one engine case
