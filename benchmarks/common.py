@@ -83,6 +83,21 @@ def case_files(case_dir: Path) -> dict[str, Path]:
     return files
 
 
+def labelled_case(case_dir: Path, purpose: str):
+    """(files, reference labels in BraTS 2023 values, the label image) of a labelled case; stops with
+    a message when the case has no ``*seg*`` file."""
+    import nibabel as nib
+    import numpy as np
+
+    from brainunet.labels import to_brats2023
+
+    files = case_files(case_dir)
+    if "seg" not in files:
+        raise SystemExit(f"{case_dir} has no reference labels (*seg*): {purpose} needs a labelled case.")
+    image = nib.load(str(files["seg"]))
+    return files, to_brats2023(np.asarray(image.dataobj)), image
+
+
 def thread_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):

@@ -117,20 +117,14 @@ def main(argv=None):
     parser.add_argument("--engine-cases", type=int, default=8, help="engine cases in the border profile")
     parser.add_argument("--engine-seed", type=int, default=500)
     args = parser.parse_args(argv)
-    import nibabel as nib
     import torch
 
     torch.set_num_threads(args.threads)
     from brainunet import montage, pipeline
     from brainunet.engine import load_anatomy, phantom_anatomy
-    from brainunet.labels import to_brats2023
 
     case = common.resolve_case(args)
-    files = common.case_files(case)
-    if "seg" not in files:
-        raise SystemExit(f"{case} has no reference labels (*seg*): error analysis needs a labelled case.")
-    ref_img = nib.load(str(files["seg"]))
-    reference = to_brats2023(np.asarray(ref_img.dataobj))
+    files, reference, ref_img = common.labelled_case(case, "error analysis")
     spacing = tuple(float(s) for s in ref_img.header.get_zooms()[:3])
     loaded = pipeline.load_model(args.model)
     spacing_mm = float(loaded.preprocessing.get("spacing_mm", (2.0,))[0])

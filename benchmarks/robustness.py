@@ -126,15 +126,11 @@ def main(argv=None):
     from brainunet import pipeline
     from brainunet.evaluation import dice
     from brainunet.imageio import Volume
-    from brainunet.labels import REGIONS_BY_KEY, to_brats2023
+    from brainunet.labels import REGIONS_BY_KEY
     from brainunet.preprocessing import resample_to_grid
 
     case = common.resolve_case(args)
-    files = common.case_files(case)
-    if "seg" not in files:
-        raise SystemExit(f"{case} has no reference labels (*seg*): robustness needs a labelled case.")
-    ref_img = nib.load(str(files["seg"]))
-    reference = to_brats2023(np.asarray(ref_img.dataobj))
+    files, reference, ref_img = common.labelled_case(case, "robustness")
     volumes = {}
     for key in SEQUENCES:
         img = nib.load(str(files[key]))
