@@ -9,9 +9,6 @@ highest, on engine cases whose seeds are disjoint from training and from the rep
 """
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import numpy as np
 
 from .labels import ALL_REGIONS
@@ -69,14 +66,3 @@ def engine_probabilities(model, cases: int, seed_set: int, device: str = "cpu", 
         references.append(case.labels.numpy())
         masks.append(case.mask.numpy())
     return probabilities, references, masks
-
-
-def write_csv(rows: list[dict], path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
-    return path

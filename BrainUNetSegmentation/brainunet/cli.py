@@ -357,7 +357,9 @@ def cmd_calibrate(args) -> int:
               + f"   {row['wt_false_positive_voxels']} / {row['wt_false_negative_voxels']}")
     chosen = calibration.best(rows)
     if args.output:
-        print(f"wrote {calibration.write_csv(rows, args.output)}")
+        from .evaluation import write_metrics_csv
+
+        print(f"wrote {write_metrics_csv(rows, args.output)}")
     if chosen["threshold"] == "argmax":
         print("Best: argmax (no threshold needed).")
     else:

@@ -52,15 +52,23 @@ def evaluate_case(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing) -> d
     return row
 
 
+def write_metrics_csv(rows: list[dict], path, fieldnames=None) -> Path:
+    """Metric rows to CSV, floats to 4 decimals (evaluate, calibrate and fine-tuning folds share it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fieldnames or rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+    return path
+
+
 def write_results(rows: list[dict], csv_path, png_path=None) -> dict:
     """Per-case rows plus a 'mean' row to CSV; optional bar chart of mean Dice / HD95. Returns the mean row."""
     keys = [k for k in rows[0] if k != "case"]
     mean = {"case": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["case", *keys])
-        writer.writeheader()
-        for r in [*rows, mean]:
-            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_metrics_csv([*rows, mean], csv_path, ["case", *keys])
     if png_path:
         import matplotlib
 

@@ -767,7 +767,7 @@ def finetune(base_model, data_dir, output_dir, steps: int, folds: int | None = N
     naming each case's label file instead of ``*-seg`` / ``*_seg`` (e.g. pseudo-labels from another
     algorithm).
     """
-    from .evaluation import write_results
+    from .evaluation import write_metrics_csv, write_results
     from .realdata import evaluate_model, find_labelled_cases, load_labelled_cases, stratified_folds
 
     deadline = time.monotonic() + time_limit_s if time_limit_s else None
@@ -804,12 +804,7 @@ def finetune(base_model, data_dir, output_dir, steps: int, folds: int | None = N
     if folds and summary:
         overall = {"fold": "mean", "cases": "", "n": len(cases),
                    **{k: float(np.mean([s[k] for s in summary])) for k in FOLD_FIELDS[3:]}}
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with open(output_dir / "folds.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=FOLD_FIELDS)
-            writer.writeheader()
-            for row in [*summary, overall]:
-                writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+        write_metrics_csv([*summary, overall], output_dir / "folds.csv", FOLD_FIELDS)
     return train(config, output_dir, resume, progress, data=cases, time_limit_s=remaining())
 
 
