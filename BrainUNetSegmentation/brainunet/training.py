@@ -441,18 +441,23 @@ def _lr_factor(config: TrainConfig):
 
 
 def _setup_distributed(device: str):
-    """(rank, world_size, device); initialises the process group under torchrun."""
+    """(rank, world_size, device, created): initialises the process group under torchrun.
+
+    ``created`` says this call made the group, so the caller must destroy it when training ends: a gloo group
+    left to interpreter shutdown can abort a rank ("terminate called without an active exception") while the
+    other rank is already gone, and torchrun then reports the whole run as failed."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, device
-    if not dist.is_initialized():
+        return 0, 1, device, False
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    return dist.get_rank(), world, device
+    return dist.get_rank(), world, device, created
 
 
 def _check_resumable(saved: dict, config: TrainConfig, output_dir: Path):
@@ -482,7 +487,7 @@ def train(config: TrainConfig, output_dir, resume: bool = False, progress: bool 
     checkpoint_path = output_dir / "checkpoint.pt"
     if config.threads:
         torch.set_num_threads(int(config.threads))
-    rank, world, device = _setup_distributed(resolve_device(config.device))
+    rank, world, device, owns_process_group = _setup_distributed(resolve_device(config.device))
     is_main = rank == 0
     checkpoint = None
     if checkpoint_path.exists():
@@ -674,6 +679,8 @@ def train(config: TrainConfig, output_dir, resume: bool = False, progress: bool 
     finally:
         if bar is not None:
             bar.close()
+        if owns_process_group:
+            torch.distributed.destroy_process_group()
     return TrainResult(output_dir, output_dir / "model.pt", step, config.steps, history,
                        elapsed_before + time.perf_counter() - t_start)
 
