@@ -97,6 +97,36 @@ def test_variety_of_tumour_kinds_and_degradations(anatomy):
             "fluid-bright NETC"} <= extras
 
 
+def test_faint_oedema_changes_intensities_only_graded_inside_faint_outside(anatomy):
+    """Engine 1.4: labelled oedema fades towards its border and an unlabelled faint tail lies past it,
+    fainter than the labelled border; the labels are those of engine 1.3 (faint_oedema False)."""
+    FLAIR = 2
+    tails = 0
+    for seed in range(12):
+        faint = generate_case(seed, anatomy, EngineConfig(faint_oedema=True), keep_raw=True)
+        plain = generate_case(seed, anatomy, EngineConfig(faint_oedema=False), keep_raw=True)
+        assert torch.equal(faint.labels, plain.labels) and torch.equal(faint.mask, plain.mask)
+        assert "faint_oedema" in faint.meta and "faint_oedema" not in plain.meta
+        labels = faint.labels.numpy()
+        whole = labels > 0
+        snfh = labels == 2
+        border = snfh & ~ndimage.binary_erosion(whole)  # labelled oedema on the whole-tumour border
+        healthy = faint.mask.numpy() & (faint.tissue.numpy() != 3)
+        ring = ndimage.binary_dilation(whole) & ~whole & healthy
+        # one voxel further out, clear of the partial volume of the labelled border
+        ring2 = ndimage.binary_dilation(whole, iterations=2) & ~ndimage.binary_dilation(whole) & healthy
+        if border.sum() < 20 or ring.sum() < 20:
+            continue
+        f, p = faint.raw[FLAIR].numpy(), plain.raw[FLAIR].numpy()
+        assert np.median(f[border]) < 0.97 * np.median(p[border]), faint.meta  # graded edge
+        assert np.median(f[ring]) < np.median(f[border]), faint.meta  # the unlabelled tail stays fainter
+        reach_mm, level = faint.meta["faint_oedema"].get("tail", (0, 0))
+        if reach_mm >= 8 and level >= 0.1:
+            assert np.median(f[ring2]) > np.median(p[ring2]), faint.meta
+            tails += 1
+    assert tails >= 3
+
+
 def test_engine_normalisation_equals_inference_normalisation(cases):
     c = cases[2]
     raw, mask = c.raw, c.mask

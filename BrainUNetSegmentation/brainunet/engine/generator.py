@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..labels import ET, NETC, SNFH
 from .templates import Anatomy
 
-ENGINE_VERSION = "1.3"
+ENGINE_VERSION = "1.4"
 MODALITIES = ("t1c", "t2w", "t2f")
 
 
@@ -59,6 +59,22 @@ class EngineConfig:
     # ventricles for necrosis on the unlabelled real case
     p_flair_suppressed_netc: float = 0.02
     p_distractors: float = 0.85
+    # faint oedema (engine 1.4). Real oedema fades inside its labelled border (0.70 of its FLAIR contrast
+    # in the last 2 mm) and real brains hold faint FLAIR hyperintensity that nobody labels: a tail past the
+    # border, cortex and sulci next to the tumour, periventricular caps. Engine 1.3 oedema was uniform to
+    # its border with nothing faint around it, and the network labelled any faint brightness near a tumour
+    # (benchmarks/error_analysis.py: 21.9 mL false SNFH on the dev case, FLAIR z 0.6). False: engine 1.3
+    # cases, bit for bit (these draws come from their own random stream).
+    faint_oedema: bool = True
+    oedema_edge_mm: tuple[float, float] = (2.0, 6.0)  # labelled oedema fades over this depth ...
+    oedema_edge_level: tuple[float, float] = (0.35, 0.7)  # ... from this share of its contrast at the border
+    p_faint_tail: float = 0.8
+    faint_tail_mm: tuple[float, float] = (2.0, 10.0)  # unlabelled tail past the border, fading to nothing
+    faint_tail_level: tuple[float, float] = (0.05, 0.3)  # share of the oedema contrast just past the border
+    p_faint_patches: float = 0.5  # unlabelled patches in cortex and sulci near the tumour
+    faint_patch_level: tuple[float, float] = (0.15, 0.4)
+    p_periventricular: float = 0.3  # unlabelled periventricular caps (small-vessel disease, CSF seepage)
+    periventricular_level: tuple[float, float] = (0.1, 0.4)
     # degradations
     blur_voxels: tuple[float, float] = (0.0, 0.8)
     p_thick_slices: float = 0.3
@@ -172,6 +188,56 @@ def _grow(seed: torch.Tensor, passable: torch.Tensor, steps: int) -> torch.Tenso
         grown = F.max_pool3d(current, 3, stride=1, padding=1) * passable
         current = torch.maximum(current, grown)
     return current[0, 0]
+
+
+def _depth(region: torch.Tensor, steps: int) -> torch.Tensor:
+    """0 on the border voxels of a 0/1 region rising to 1 at ``steps`` voxels inside (0 outside)."""
+    current, total = region[None, None], torch.zeros_like(region)
+    for _ in range(steps):
+        current = -F.max_pool3d(-current, 3, stride=1, padding=1)  # erosion
+        total = total + current[0, 0]
+    return total / max(steps, 1)
+
+
+def _faint_oedema(rnd: "_Random", config: EngineConfig, oedema, core, brain, gm, csf, ventricles, crossing, pos,
+                  centre, radius_wt, spacing, meta) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labelled-oedema intensity share, unlabelled faint hyperintensity share), both 0..1 of the oedema's
+    contrast; the first is 1 deep in the oedema, the second is 0 inside it."""
+    faint_meta = {}
+    edge_steps = max(1, int(round(rnd.uniform(config.oedema_edge_mm) / spacing[0])))
+    edge_level = rnd.uniform(config.oedema_edge_level)
+    # the core is not oedema's border: measure depth in oedema + core
+    inner = (edge_level + (1 - edge_level) * _depth(torch.maximum(oedema, core), edge_steps)) * oedema
+    faint = torch.zeros_like(oedema)
+    outside = (1 - torch.maximum(oedema, core)) * (brain > 0.3).float()
+    if rnd.chance(config.p_faint_tail):
+        steps = max(1, int(round(rnd.uniform(config.faint_tail_mm) / spacing[0])))
+        level = rnd.uniform(config.faint_tail_level)
+        # through any brain tissue on the tumour's side (sulci included): voxels j steps out get 1 - j/(steps+1)
+        passable = (brain > 0.3).float() * crossing
+        current, ramp = torch.maximum(oedema, core)[None, None], torch.zeros_like(oedema)
+        for _ in range(steps):
+            current = torch.maximum(current, F.max_pool3d(current, 3, stride=1, padding=1) * passable)
+            ramp = ramp + current[0, 0]
+        faint = torch.maximum(faint, level * (ramp / (steps + 1)) * outside)
+        faint_meta["tail"] = [round(steps * spacing[0], 1), round(level, 2)]
+    if rnd.chance(config.p_faint_patches):
+        level = rnd.uniform(config.faint_patch_level)
+        r = (pos - centre.view(3, 1, 1, 1)).norm(dim=0)
+        near = torch.exp(-(r / (radius_wt * rnd.uniform((1.2, 2.0)))) ** 2)
+        blobs = (rnd.field(oedema.shape, grid=18)[0] - rnd.uniform((0.3, 0.9))).clamp(0, 1)
+        cortex_and_sulci = (gm + csf * (1 - ventricles)).clamp(0, 1)
+        faint = torch.maximum(faint, level * blobs.clamp(0, 0.5) * 2 * near * cortex_and_sulci * outside)
+        faint_meta["patches"] = round(level, 2)
+    if rnd.chance(config.p_periventricular):
+        level = rnd.uniform(config.periventricular_level)
+        width = max(1, int(round(rnd.uniform((2.0, 6.0)) / spacing[0])))
+        grown = _grow((ventricles > 0.5).float(), (brain > 0.3).float(), width)
+        caps = grown * (1 - ventricles).clamp(0, 1) * (0.6 + 0.4 * rnd.field(oedema.shape, grid=8)[0]).clamp(0, 1)
+        faint = torch.maximum(faint, level * caps * outside)
+        faint_meta["periventricular"] = round(level, 2)
+    meta["faint_oedema"] = {"edge": [round(edge_steps * spacing[0], 1), round(edge_level, 2)], **faint_meta}
+    return inner, faint
 
 
 def _torchio_artefacts(image: torch.Tensor, rnd: _Random, config: EngineConfig, meta: dict) -> torch.Tensor:
@@ -356,6 +422,15 @@ def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = Non
         shell = ((brain > 0.1) & (brain < 0.6)).float() * (rnd.field(shape, grid=10)[0] > 0.6).float()
         distractor = torch.clamp(plexus + vessels * (1 - wm) + shell, 0, 1) * (1 - oedema)
         meta["distractors"] = True
+    if config.faint_oedema:
+        # its own random stream, so that faint_oedema False gives engine 1.3 cases exactly
+        oedema_share, faint = _faint_oedema(_Random(seed + 1_000_003, device), config, snfh,
+                                            torch.maximum(et, netc), brain, gm, csf, structures[0], crossing, pos,
+                                            centre, radius_wt, spacing, meta)
+        distractor = distractor * (1 - faint)
+        oedema_share = oedema_share + faint
+    else:
+        oedema_share = snfh
 
     # --- 3. one random affine + elastic warp of everything ---------------------------------------
     angles = [math.radians(rnd.uniform((-config.rotation_deg, config.rotation_deg))) for _ in range(3)]
@@ -367,8 +442,8 @@ def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = Non
     matrix = _rotation(angles).to(device) / scales.view(3, 1)
     source = torch.einsum("ij,jxyz->ixyz", matrix, d) + centre_of_grid.view(3, 1, 1, 1) + shift.view(3, 1, 1, 1)
     source = source + config.elastic_mm * rnd.field(shape, grid=5, channels=3) / 1.5
-    stack = torch.stack([gm, wm, csf, netc, et, snfh, distractor, brain])
-    gm, wm, csf, netc, et, snfh, distractor, brain = _sample(stack, source, spacing)
+    stack = torch.stack([gm, wm, csf, netc, et, snfh, distractor, brain, oedema_share])
+    gm, wm, csf, netc, et, snfh, distractor, brain, oedema_share = _sample(stack, source, spacing)
 
     labels = torch.zeros(shape, dtype=torch.uint8, device=device)
     labels[snfh > 0.5] = SNFH.label
@@ -382,7 +457,7 @@ def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = Non
     healthy_texture = 0.08 * rnd.uniform((0.0, 1.0))
     tumour_texture = rnd.uniform((0.15, 0.4))
     tex = rnd.field(shape, grid=24, channels=3)
-    oedema_grade = (0.75 + 0.25 * rnd.field(shape, grid=8)[0].clamp(-1, 1)) * snfh  # denser near the core
+    oedema_grade = (0.75 + 0.25 * rnd.field(shape, grid=8)[0].clamp(-1, 1)) * oedema_share  # denser near the core
     for ci, name in enumerate(MODALITIES):
         m = means[name]
         healthy = (gm * m["gm"] + wm * m["wm"] + csf * m["csf"]) * (1 + healthy_texture * tex[ci])
