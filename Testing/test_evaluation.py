@@ -69,3 +69,7 @@ def test_evaluate_needs_data_or_synthetic_and_a_network_for_synthetic(tmp_path):
     assert r.returncode == 2 and "--data DIR" in r.stderr
     r = brainunet("evaluate", "--synthetic", "2", "--model", "intensity-baseline", "--progress", "none")
     assert r.returncode == 2 and "trained network" in r.stderr
+    r = brainunet("evaluate", "--synthetic", "2", "--engine", "{faint: no", "--progress", "none")
+    assert r.returncode == 2 and "not a JSON object" in r.stderr
+    r = brainunet("evaluate", "--synthetic", "2", "--engine", '{"faintest": false}', "--progress", "none")
+    assert r.returncode == 2 and "Unknown engine setting(s): faintest" in r.stderr

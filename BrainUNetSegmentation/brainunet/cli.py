@@ -7,6 +7,7 @@ lines, which the Slicer module's background process reads.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", type=int, metavar="N",
                    help="instead of --data: N data-engine cases (seeds 10**12 + 1000*SEED + i, never trained on)")
     p.add_argument("--seed", type=int, default=0, help="with --synthetic: which set of engine cases")
+    p.add_argument("--engine", metavar="JSON",
+                   help="with --synthetic: engine settings as a JSON object, e.g. '{\"faint_oedema\": false}' for "
+                        "engine 1.3 cases")
     p.add_argument("--output-dir", default="evaluation", help="where to write metrics.csv and metrics.png")
     p.add_argument("--reference", metavar="GLOB",
                    help="reference label file name inside each case folder (default *_seg / *-seg); e.g. "
@@ -312,11 +316,18 @@ def cmd_evaluate(args) -> int:
 def _evaluate_synthetic(args) -> int:
     """Dice per region on held-out engine cases, on the model's working grid."""
     from . import pipeline
-    from .engine import generate_case, load_anatomy
+    from .engine import ENGINE_VERSION, EngineConfig, generate_case, load_anatomy
     from .training import TrainConfig, mean_dice, validation_seeds
 
     if args.synthetic < 1:
         raise InputError("--synthetic needs at least 1 case.")
+    try:
+        settings = json.loads(args.engine) if args.engine else {}
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--engine {args.engine}: not a JSON object ({exc.msg}); e.g. '{{\"faint_oedema\": false}}'.")
+    if not isinstance(settings, dict):
+        raise InputError(f"--engine {args.engine}: expected a JSON object of engine settings.")
+    engine = EngineConfig.from_dict(settings)
     loaded = pipeline.load_model(args.model)
     if loaded.kind != "network":
         raise InputError("--synthetic evaluates a trained network; the baseline has no working grid to compare on.")
@@ -325,10 +336,11 @@ def _evaluate_synthetic(args) -> int:
     seeds = validation_seeds(TrainConfig(seed=args.seed, validation_cases=args.synthetic))
     cases = []
     for seed in seeds:
-        case = generate_case(seed, anatomy)
+        case = generate_case(seed, anatomy, engine)
         cases.append((case.image.numpy(), case.labels.numpy(), case.mask.numpy()))
     scores = mean_dice(loaded.network, cases, pp["patch_size"], "cpu")
-    print(f"{loaded.entry_name} on {len(cases)} engine case(s) (seed set {args.seed}): Dice "
+    what = f"engine {ENGINE_VERSION}" + (f" {json.dumps(settings)}" if settings else "")
+    print(f"{loaded.entry_name} on {len(cases)} {what} case(s) (seed set {args.seed}): Dice "
           + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     return 0
 
@@ -369,7 +381,6 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_register(args) -> int:
-    import json
     import re
 
     from . import weights
