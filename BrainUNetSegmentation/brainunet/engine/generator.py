@@ -66,8 +66,8 @@ class EngineConfig:
     # (benchmarks/error_analysis.py: 21.9 mL false SNFH on the dev case, FLAIR z 0.6). False: engine 1.3
     # cases, bit for bit (these draws come from their own random stream).
     faint_oedema: bool = True
-    oedema_edge_mm: tuple[float, float] = (2.0, 6.0)  # labelled oedema fades over this depth ...
-    oedema_edge_level: tuple[float, float] = (0.35, 0.7)  # ... from this share of its contrast at the border
+    oedema_edge_mm: tuple[float, float] = (2.0, 4.0)  # labelled oedema fades over this depth ...
+    oedema_edge_level: tuple[float, float] = (0.6, 0.9)  # ... from this share of its contrast at the border
     p_faint_tail: float = 0.8
     faint_tail_mm: tuple[float, float] = (2.0, 10.0)  # unlabelled tail past the border, fading to nothing
     faint_tail_level: tuple[float, float] = (0.05, 0.3)  # share of the oedema contrast just past the border
@@ -457,7 +457,10 @@ def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = Non
     healthy_texture = 0.08 * rnd.uniform((0.0, 1.0))
     tumour_texture = rnd.uniform((0.15, 0.4))
     tex = rnd.field(shape, grid=24, channels=3)
-    oedema_grade = (0.75 + 0.25 * rnd.field(shape, grid=8)[0].clamp(-1, 1)) * oedema_share  # denser near the core
+    # density varies within the oedema; with faint oedema less so, so labelled oedema stays brighter than the
+    # unlabelled faint signal (a first 1.4 draft let both overlap, and the network labelled faint brightness more)
+    density_spread = 0.15 if config.faint_oedema else 0.25
+    oedema_grade = (1 - density_spread + density_spread * rnd.field(shape, grid=8)[0].clamp(-1, 1)) * oedema_share
     for ci, name in enumerate(MODALITIES):
         m = means[name]
         healthy = (gm * m["gm"] + wm * m["wm"] + csf * m["csf"]) * (1 + healthy_texture * tex[ci])
