@@ -159,6 +159,7 @@ def test_register_installs_a_trained_model_as_default_with_inference_options(tmp
     assert weights.default_model(entries, registry.parent).name == "clinic-finetuned"
     _, payload = weights.load_weights(entry.path(registry.parent), entry.sha256)
     assert payload["preprocessing"]["fill_core_holes"] is True and payload["name"] == "clinic-finetuned"
+    assert entries[0].extra.get("settings") == {"fill_core_holes": True}  # shown by `brainunet models`
     # registering the same name again replaces the entry instead of duplicating it
     weights.register_model(src, "clinic-finetuned", registry_path=registry)
     assert [e.name for e in weights.load_registry(registry)].count("clinic-finetuned") == 1

@@ -200,6 +200,8 @@ def register_model(weights_file: Path, name: str, description: str = "", setting
     torch.save(payload, target)
     entry = {"name": name, "kind": "network", "description": description or f"BrainUNet weights {name}",
              "file": target.name, "sha256": sha256_of(target)}
+    if settings:
+        entry["settings"] = dict(settings)  # stored in the weights too; here so that `brainunet models` shows them
     with open(registry_path, encoding="utf-8") as f:
         registry = json.load(f)
     registry["models"] = [entry] + [m for m in registry["models"] if m.get("name") != name]
