@@ -11,6 +11,8 @@ The order of operations:
    completeness, or solid ET, or no enhancement), SNFH grown from the core through white matter
    (geodesic dilation; cortex, CSF and the midline stop it, the corpus callosum lets it cross),
    sometimes several foci; enhancing distractors (choroid plexus, vessels, dura) labelled background;
+   since engine 1.4, labelled oedema that fades towards its border and faint FLAIR hyperintensity
+   left unlabelled (a tail past the border, cortex and sulci near the tumour, periventricular caps);
 3. one random affine + elastic warp of anatomy and tumour together (no two brains alike);
 4. rendering with random per-tissue intensities that keep the real contrast orderings, texture;
 5. scanner degradations: partial-volume blur, thick slices, bias field, Rician noise, gamma,
