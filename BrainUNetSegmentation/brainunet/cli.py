@@ -339,8 +339,8 @@ def _evaluate_synthetic(args) -> int:
         case = generate_case(seed, anatomy, engine)
         cases.append((case.image.numpy(), case.labels.numpy(), case.mask.numpy()))
     scores = mean_dice(loaded.network, cases, pp["patch_size"], "cpu")
-    what = f"engine {ENGINE_VERSION}" + (f" {json.dumps(settings)}" if settings else "")
-    print(f"{loaded.entry_name} on {len(cases)} {what} case(s) (seed set {args.seed}): Dice "
+    what = f"engine case(s) with {json.dumps(settings)}" if settings else f"engine {ENGINE_VERSION} case(s)"
+    print(f"{loaded.entry_name} on {len(cases)} {what} (seed set {args.seed}): Dice "
           + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     return 0
 

@@ -183,13 +183,17 @@ def _lobulated(pos, centre, radius_mm, axes_ratio, rotation, bumps, amplitude) -
     return d.norm(dim=0) + amplitude * bumps
 
 
-def _grow(seed: torch.Tensor, passable: torch.Tensor, steps: int) -> torch.Tensor:
-    """Geodesic dilation of a 0/1 volume through 0/1 ``passable``, one voxel per step."""
+def _grow(seed: torch.Tensor, passable: torch.Tensor, steps: int, ramp: bool = False) -> torch.Tensor:
+    """Geodesic dilation of a 0/1 volume through 0/1 ``passable``, one voxel per step. With ``ramp``:
+    instead, 1 - j / (steps + 1) for a voxel reached at step j (1 in ``seed``, 0 never reached)."""
     current = seed[None, None]
+    total = torch.zeros_like(seed)
     for _ in range(steps):
         grown = F.max_pool3d(current, 3, stride=1, padding=1) * passable
         current = torch.maximum(current, grown)
-    return current[0, 0]
+        if ramp:
+            total = total + current[0, 0]
+    return (seed + total) / (steps + 1) if ramp else current[0, 0]
 
 
 def _depth(region: torch.Tensor, steps: int) -> torch.Tensor:
@@ -215,13 +219,9 @@ def _faint_oedema(rnd: "_Random", config: EngineConfig, oedema, core, brain, gm,
     if rnd.chance(config.p_faint_tail):
         steps = max(1, int(round(rnd.uniform(config.faint_tail_mm) / spacing[0])))
         level = rnd.uniform(config.faint_tail_level)
-        # through any brain tissue on the tumour's side (sulci included): voxels j steps out get 1 - j/(steps+1)
-        passable = (brain > 0.3).float() * crossing
-        current, ramp = torch.maximum(oedema, core)[None, None], torch.zeros_like(oedema)
-        for _ in range(steps):
-            current = torch.maximum(current, F.max_pool3d(current, 3, stride=1, padding=1) * passable)
-            ramp = ramp + current[0, 0]
-        faint = torch.maximum(faint, level * (ramp / (steps + 1)) * outside)
+        # through any brain tissue on the tumour's side (sulci included), fading with the distance
+        ramp = _grow(torch.maximum(oedema, core), (brain > 0.3).float() * crossing, steps, ramp=True)
+        faint = torch.maximum(faint, level * ramp * outside)
         faint_meta["tail"] = [round(steps * spacing[0], 1), round(level, 2)]
     if rnd.chance(config.p_faint_patches):
         level = rnd.uniform(config.faint_patch_level)
