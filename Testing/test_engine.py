@@ -133,6 +133,31 @@ def test_faint_oedema_changes_intensities_only_graded_inside_faint_outside(anato
     assert len(edge_ratios) >= 6 and (faint_ratio < plain_ratio).mean() >= 0.75, edge_ratios
 
 
+def test_white_matter_lesions_are_unlabelled_bright_white_matter_away_from_the_tumour(anatomy):
+    """Engine 1.5: white-matter hyperintensities change FLAIR only, brighten it, lie in white matter and
+    keep their clearance from the labelled tumour (less the warp's scaling); the labels stay the same."""
+    FLAIR, WM = 2, 2
+    with_lesions, clearance_mm = 0, EngineConfig().white_matter_lesion_clearance_mm
+    for seed in range(10):
+        on = generate_case(seed, anatomy, EngineConfig(p_white_matter_lesions=1.0), keep_raw=True)
+        off = generate_case(seed, anatomy, EngineConfig(p_white_matter_lesions=0.0), keep_raw=True)
+        assert torch.equal(on.labels, off.labels)
+        changed = np.abs(on.raw[FLAIR].numpy() - off.raw[FLAIR].numpy()) > 1e-4
+        if "white_matter_lesions" not in on.meta["faint_oedema"]:
+            assert not changed.any()  # no deep white matter clear of the tumour on this small phantom
+            continue
+        assert "white_matter_lesions" not in off.meta["faint_oedema"]
+        assert changed.sum() >= 5, on.meta
+        with_lesions += 1
+        whole = on.labels.numpy() > 0
+        distance = ndimage.distance_transform_edt(~whole, sampling=anatomy.spacing)
+        # blur and the warp smear the lesions a little: most of the change is well clear of the tumour
+        assert np.percentile(distance[changed], 5) >= 0.5 * clearance_mm, (np.percentile(distance[changed], 5), on.meta)
+        assert (on.raw[FLAIR].numpy() - off.raw[FLAIR].numpy())[changed].mean() > 0  # brighter
+        assert (on.tissue.numpy()[changed] == WM).mean() > 0.5, on.meta
+    assert with_lesions >= 3
+
+
 def test_engine_normalisation_equals_inference_normalisation(cases):
     c = cases[2]
     raw, mask = c.raw, c.mask

@@ -13,6 +13,7 @@ The order of operations:
    sometimes several foci; enhancing distractors (choroid plexus, vessels, dura) labelled background;
    since engine 1.4, labelled oedema that fades towards its border and faint FLAIR hyperintensity
    left unlabelled (a tail past the border, cortex and sulci near the tumour, periventricular caps);
+   since engine 1.5, white-matter hyperintensities away from the tumour, left unlabelled too;
 3. one random affine + elastic warp of anatomy and tumour together (no two brains alike);
 4. rendering with random per-tissue intensities that keep the real contrast orderings, texture;
 5. scanner degradations: partial-volume blur, thick slices, bias field, Rician noise, gamma,
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from ..labels import ET, NETC, SNFH
 from .templates import Anatomy
 
-ENGINE_VERSION = "1.4"
+ENGINE_VERSION = "1.5"
 MODALITIES = ("t1c", "t2w", "t2f")
 
 
@@ -72,11 +73,23 @@ class EngineConfig:
     oedema_edge_level: tuple[float, float] = (0.6, 0.9)  # ... from this share of its contrast at the border
     p_faint_tail: float = 0.8
     faint_tail_mm: tuple[float, float] = (2.0, 10.0)  # unlabelled tail past the border, fading to nothing
-    faint_tail_level: tuple[float, float] = (0.05, 0.3)  # share of the oedema contrast just past the border
+    # share of the oedema contrast just past the border. Engine 1.4 drew 0.05-0.3, brighter than the
+    # pseudo-labelled real case (0.18 of the contrast 0-2 mm outside, 0.03 at 2-4 mm; error_analysis.py)
+    faint_tail_level: tuple[float, float] = (0.03, 0.2)
     p_faint_patches: float = 0.5  # unlabelled patches in cortex and sulci near the tumour
     faint_patch_level: tuple[float, float] = (0.15, 0.4)
-    p_periventricular: float = 0.3  # unlabelled periventricular caps (small-vessel disease, CSF seepage)
-    periventricular_level: tuple[float, float] = (0.1, 0.4)
+    # unlabelled periventricular caps and bands (small-vessel disease, CSF seepage). On the pseudo-labelled
+    # real case they are nearly as bright as oedema, and models trained on engine 1.4 (0.1-0.4, p 0.3)
+    # labelled them SNFH. Engine 1.5 draws them more often and brighter.
+    p_periventricular: float = 0.5
+    periventricular_level: tuple[float, float] = (0.15, 0.7)
+    # unlabelled white-matter hyperintensities away from the tumour (engine 1.5): common in the older
+    # patients gliomas come with; on the pseudo-labelled case, 18.6 mL of a stage-2 model's false whole
+    # tumour lay more than 10 mm from the algorithm's, in such mottled brightness
+    p_white_matter_lesions: float = 0.5
+    white_matter_lesion_level: tuple[float, float] = (0.25, 0.7)
+    white_matter_lesion_share: tuple[float, float] = (0.005, 0.04)  # of the white matter, roughly
+    white_matter_lesion_clearance_mm: float = 10.0  # from the labelled tumour
     # degradations
     blur_voxels: tuple[float, float] = (0.0, 0.8)
     p_thick_slices: float = 0.3
@@ -205,8 +218,8 @@ def _depth(region: torch.Tensor, steps: int) -> torch.Tensor:
     return total / max(steps, 1)
 
 
-def _faint_oedema(rnd: "_Random", config: EngineConfig, oedema, core, brain, gm, csf, ventricles, crossing, pos,
-                  centre, radius_wt, spacing, meta) -> tuple[torch.Tensor, torch.Tensor]:
+def _faint_oedema(rnd: "_Random", config: EngineConfig, oedema, core, brain, gm, wm, csf, ventricles, crossing,
+                  pos, centre, radius_wt, spacing, meta) -> tuple[torch.Tensor, torch.Tensor]:
     """(labelled-oedema intensity share, unlabelled faint hyperintensity share), both 0..1 of the oedema's
     contrast; the first is 1 deep in the oedema, the second is 0 inside it."""
     faint_meta = {}
@@ -238,6 +251,19 @@ def _faint_oedema(rnd: "_Random", config: EngineConfig, oedema, core, brain, gm,
         caps = grown * (1 - ventricles).clamp(0, 1) * (0.6 + 0.4 * rnd.field(oedema.shape, grid=8)[0]).clamp(0, 1)
         faint = torch.maximum(faint, level * caps * outside)
         faint_meta["periventricular"] = round(level, 2)
+    if rnd.chance(config.p_white_matter_lesions):
+        level = rnd.uniform(config.white_matter_lesion_level)
+        share = rnd.uniform(config.white_matter_lesion_share)
+        clearance = max(1, int(round(config.white_matter_lesion_clearance_mm / spacing[0])))
+        near_tumour = _grow(torch.maximum(oedema, core).gt(0.5).float(), torch.ones_like(oedema), clearance)
+        deep_wm = (wm > 0.5).float() * (1 - near_tumour)
+        # small blobs (about 2-6 mm): the top ``share`` of a fine random field inside deep white matter
+        spots = rnd.field(oedema.shape, grid=max(8, int(oedema.shape[0] * spacing[0] / 5)))[0]
+        if deep_wm.sum() > 0:
+            cut = torch.quantile(spots[deep_wm > 0][:1_000_000], 1 - share)
+            soft = ((spots - cut) / 0.3 + 0.5).clamp(0, 1)
+            faint = torch.maximum(faint, level * soft * deep_wm * outside)
+            faint_meta["white_matter_lesions"] = [round(level, 2), round(share, 3)]
     meta["faint_oedema"] = {"edge": [round(edge_steps * spacing[0], 1), round(edge_level, 2)], **faint_meta}
     return inner, faint
 
@@ -427,7 +453,7 @@ def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = Non
     if config.faint_oedema:
         # its own random stream, so that faint_oedema False gives engine 1.3 cases exactly
         oedema_share, faint = _faint_oedema(_Random(seed + 1_000_003, device), config, snfh,
-                                            torch.maximum(et, netc), brain, gm, csf, structures[0], crossing, pos,
+                                            torch.maximum(et, netc), brain, gm, wm, csf, structures[0], crossing, pos,
                                             centre, radius_wt, spacing, meta)
         distractor = distractor * (1 - faint)
         oedema_share = oedema_share + faint
