@@ -347,6 +347,24 @@ def test_distributed_training_with_torchrun(tmp_path):
     assert r.stdout.count("Training finished at step 3 of 3") == 1  # only rank 0 reports
     assert [h["step"] for h in read_history(tmp_path / "run" / "history.csv")] == [1, 2, 3]
     assert (tmp_path / "run" / "model.pt").is_file()
+    # refused before the first step (a run is already there, no --resume): each rank still destroys the
+    # process group it made, so none is left to abort at interpreter exit
+    script = tmp_path / "again.py"
+    script.write_text(
+        "import sys\n"
+        "import torch.distributed as dist\n"
+        "from brainunet.errors import InputError\n"
+        "from brainunet.training import TrainConfig, train\n"
+        "try:\n"
+        "    train(TrainConfig.from_file(sys.argv[1]), sys.argv[2], progress=False)\n"
+        "except InputError as exc:\n"
+        "    print('refused:', exc, '| group left:', dist.is_initialized())\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(config), str(tmp_path / "run")], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("already holds a training run") == 2, r.stdout
+    assert r.stdout.count("group left: False") == 2, r.stdout
 
 
 def test_every_shipped_training_config_is_valid():

@@ -477,17 +477,28 @@ def train(config: TrainConfig, output_dir, resume: bool = False, progress: bool 
     validation_data: LabelledCase list to validate on (default: config.validation_data's folder).
     stop_after_step / time_limit_s: end early with a checkpoint (time-boxed jobs); resume later.
     """
-    from . import weights as weights_mod
     from .inference import resolve_device
-    from .losses import build_loss
-    from .network import BrainUNet
 
     config.validate()
-    output_dir = Path(output_dir)
-    checkpoint_path = output_dir / "checkpoint.pt"
     if config.threads:
         torch.set_num_threads(int(config.threads))
     rank, world, device, owns_process_group = _setup_distributed(resolve_device(config.device))
+    try:
+        return _train(config, Path(output_dir), resume, progress, data, validation_data, stop_after_step,
+                      time_limit_s, rank, world, device)
+    finally:
+        # also when a bad checkpoint, config or data folder stops the run before its first step
+        if owns_process_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, data, validation_data,
+           stop_after_step: int | None, time_limit_s: float | None, rank: int, world: int, device: str) -> TrainResult:
+    from . import weights as weights_mod
+    from .losses import build_loss
+    from .network import BrainUNet
+
+    checkpoint_path = output_dir / "checkpoint.pt"
     is_main = rank == 0
     checkpoint = None
     if checkpoint_path.exists():
@@ -679,8 +690,6 @@ def train(config: TrainConfig, output_dir, resume: bool = False, progress: bool 
     finally:
         if bar is not None:
             bar.close()
-        if owns_process_group:
-            torch.distributed.destroy_process_group()
     return TrainResult(output_dir, output_dir / "model.pt", step, config.steps, history,
                        elapsed_before + time.perf_counter() - t_start)
 
