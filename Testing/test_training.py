@@ -106,6 +106,24 @@ def test_the_weights_file_loads_and_segments(tiny_run, synthetic_case):
     assert without_t2w.labels.shape == volumes["t1c"].data.shape
 
 
+def test_engine_case_dice_honours_tta():
+    """mean_dice (behind ``evaluate --synthetic``) runs mirroring TTA when asked: an untrained network is not
+    mirror-symmetric, so its labels with and without TTA differ (an earlier version ignored --tta there)."""
+    from brainunet.network import BrainUNet, NetworkConfig
+    from brainunet.training import mean_dice, predict_labels
+
+    torch.manual_seed(0)
+    model = BrainUNet(NetworkConfig(features=[4, 8], deep_supervision=False)).eval()
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(3, 16, 16, 16)).astype(np.float32)
+    mask = np.ones((16, 16, 16), bool)
+    plain = predict_labels(model, image, mask, (16, 16, 16), "cpu")
+    mirrored = predict_labels(model, image, mask, (16, 16, 16), "cpu", tta=True)
+    assert (plain != mirrored).any() and (mirrored > 0).any() and (mirrored == 0).any()
+    reference = [(image, mirrored, mask)]
+    assert mean_dice(model, reference, (16, 16, 16), "cpu", tta=True)["WT"] == pytest.approx(1.0)
+
+
 def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
     config = tiny_config(steps=12, crops_per_case=3, validation_cases=0)
     whole = train(config, tmp_path / "whole", progress=False)

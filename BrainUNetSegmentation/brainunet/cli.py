@@ -338,9 +338,10 @@ def _evaluate_synthetic(args) -> int:
     for seed in seeds:
         case = generate_case(seed, anatomy, engine)
         cases.append((case.image.numpy(), case.labels.numpy(), case.mask.numpy()))
-    scores = mean_dice(loaded.network, cases, pp["patch_size"], "cpu")
+    # fp32 on the working grid, whatever --precision says, so engine figures compare across machines
+    scores = mean_dice(loaded.network, cases, pp["patch_size"], "cpu", tta=args.tta)
     what = f"engine case(s) with {json.dumps(settings)}" if settings else f"engine {ENGINE_VERSION} case(s)"
-    print(f"{loaded.entry_name} on {len(cases)} {what} (seed set {args.seed}): Dice "
+    print(f"{loaded.entry_name} on {len(cases)} {what} (seed set {args.seed}{', mirroring TTA' if args.tta else ''}): Dice "
           + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     return 0
 

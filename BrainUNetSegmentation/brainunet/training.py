@@ -337,22 +337,23 @@ def _worker_init(_):
 # validation
 
 
-def predict_labels(model, image: np.ndarray, mask: np.ndarray, patch_size, device) -> np.ndarray:
+def predict_labels(model, image: np.ndarray, mask: np.ndarray, patch_size, device, tta: bool = False) -> np.ndarray:
     from .inference import predict_probabilities
 
-    probs = predict_probabilities(model, image, patch_size, device=device, precision="fp32")
+    probs = predict_probabilities(model, image, patch_size, device=device, precision="fp32", tta=tta)
     labels = np.asarray(CLASS_LABELS, np.uint8)[probs.argmax(0)]
     labels[~mask] = 0
     return labels
 
 
-def mean_dice(model, cases, patch_size, device) -> dict:
-    """Mean Dice per region over ``cases`` [(image, labels, mask) numpy] on the working grid."""
+def mean_dice(model, cases, patch_size, device, tta: bool = False) -> dict:
+    """Mean Dice per region over ``cases`` [(image, labels, mask) numpy] on the working grid (fp32; ``tta``:
+    mirroring test-time augmentation)."""
     from .evaluation import dice
 
     scores = {k: [] for k in REGION_KEYS}
     for image, labels, mask in cases:
-        pred = predict_labels(model, image, mask, patch_size, device)
+        pred = predict_labels(model, image, mask, patch_size, device, tta=tta)
         for region in ALL_REGIONS:
             scores[region.key].append(dice(region.mask(pred), region.mask(labels)))
     return {k: float(np.mean(v)) for k, v in scores.items()}
