@@ -73,3 +73,19 @@ def test_evaluate_needs_data_or_synthetic_and_a_network_for_synthetic(tmp_path):
     assert r.returncode == 2 and "not a JSON object" in r.stderr
     r = brainunet("evaluate", "--synthetic", "2", "--engine", '{"faintest": false}', "--progress", "none")
     assert r.returncode == 2 and "Unknown engine setting(s): faintest" in r.stderr
+
+
+def test_evaluate_synthetic_without_a_sequence_is_refused_for_a_model_without_modality_dropout(tmp_path):
+    """--without on engine cases asks what segment asks: a model not trained with modality dropout is refused
+    (before any engine case is made, so no templates are needed)."""
+    import torch
+
+    from brainunet import weights
+    from brainunet.network import BrainUNet, NetworkConfig
+
+    torch.manual_seed(0)
+    path = tmp_path / "no-dropout.pt"
+    weights.save_weights(path, BrainUNet(NetworkConfig(features=(4, 8))), "no-dropout-test",
+                         {"spacing_mm": [2.0, 2.0, 2.0], "patch_size": [32, 32, 32], "modality_dropout": False})
+    r = brainunet("evaluate", "--synthetic", "1", "--without", "t2w", "--model", path, "--progress", "none")
+    assert r.returncode == 2 and "Missing input: T2W" in r.stderr

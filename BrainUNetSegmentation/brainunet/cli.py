@@ -332,16 +332,22 @@ def _evaluate_synthetic(args) -> int:
     if loaded.kind != "network":
         raise InputError("--synthetic evaluates a trained network; the baseline has no working grid to compare on.")
     pp = loaded.preprocessing
+    if args.without:  # refused, as in segment, for a model not trained with modality dropout
+        pipeline.check_modalities({m: None for m in loaded.modalities if m != args.without}, loaded)
     anatomy = load_anatomy(float(pp["spacing_mm"][0]))
     seeds = validation_seeds(TrainConfig(seed=args.seed, validation_cases=args.synthetic))
     cases = []
     for seed in seeds:
         case = generate_case(seed, anatomy, engine)
-        cases.append((case.image.numpy(), case.labels.numpy(), case.mask.numpy()))
+        image = case.image.numpy()
+        if args.without:  # the zero channel preprocessing gives a missing sequence
+            image[list(loaded.modalities).index(args.without)] = 0.0
+        cases.append((image, case.labels.numpy(), case.mask.numpy()))
     # fp32 on the working grid, whatever --precision says, so engine figures compare across machines
     scores = mean_dice(loaded.network, cases, pp["patch_size"], "cpu", tta=args.tta)
     what = f"engine case(s) with {json.dumps(settings)}" if settings else f"engine {ENGINE_VERSION} case(s)"
-    print(f"{loaded.entry_name} on {len(cases)} {what} (seed set {args.seed}{', mirroring TTA' if args.tta else ''}): Dice "
+    extras = "".join(f", {x}" for x, on in (("mirroring TTA", args.tta), (f"without {args.without}", args.without)) if on)
+    print(f"{loaded.entry_name} on {len(cases)} {what} (seed set {args.seed}{extras}): Dice "
           + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     return 0
 
