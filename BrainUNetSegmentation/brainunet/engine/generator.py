@@ -260,7 +260,7 @@ def _faint_oedema(rnd: "_Random", config: EngineConfig, oedema, core, brain, gm,
         # small blobs (about 2-6 mm): the top ``share`` of a fine random field inside deep white matter
         spots = rnd.field(oedema.shape, grid=max(8, int(oedema.shape[0] * spacing[0] / 5)))[0]
         if deep_wm.sum() > 0:
-            cut = torch.quantile(spots[deep_wm > 0][:1_000_000], 1 - share)
+            cut = torch.quantile(spots[deep_wm > 0], 1 - share)
             soft = ((spots - cut) / 0.3 + 0.5).clamp(0, 1)
             faint = torch.maximum(faint, level * soft * deep_wm * outside)
             faint_meta["white_matter_lesions"] = [round(level, 2), round(share, 3)]
