@@ -160,6 +160,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, metavar="MINUTES",
                    help="stop with a checkpoint after this long; run again with --resume to continue")
     p.add_argument("--progress", default="bar", choices=["bar", "none"])
+
+    p = sub.add_parser("cv", help="cross-validate a training recipe on labelled real cases (folds by patient, "
+                                  "stratified by institution and tumour size); resumable")
+    p.add_argument("--data", required=True, help="folder of BraTS-layout case folders with a *_seg / *-seg file")
+    p.add_argument("--output", required=True, help="run folder (fold<i>/, cases.csv, optional final/)")
+    p.add_argument("--model", help="registry name or weights file whose network and preprocessing the recipe "
+                                   "uses, and whose weights it starts from (default: best installed model)")
+    p.add_argument("--scratch", action="store_true", help="start from random weights (same network)")
+    p.add_argument("--config", help="JSON of training settings (same keys as train), e.g. a recipe in configs/")
+    p.add_argument("--steps", type=int, default=300, help="training steps per fold model (default 300)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--fold", type=int, action="append", help="run only this fold (repeatable; for parallel jobs)")
+    p.add_argument("--final", action="store_true", help="after the folds, train the recipe on every case")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in --output")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--time-limit", type=float, metavar="MINUTES",
+                   help="stop with a checkpoint after this long; run again with --resume to continue")
+    p.add_argument("--progress", default="bar", choices=["bar", "none"])
+
+    p = sub.add_parser("cv-report", help="print cross-validation tables (per region, condition, institution)")
+    p.add_argument("runs", nargs="+", help="run folders of brainunet cv")
+
+    p = sub.add_parser("cv-postprocess", help="compare post-processing rules on the held-out probabilities of "
+                                              "brainunet cv runs")
+    p.add_argument("runs", nargs="+", help="run folders of brainunet cv")
+    p.add_argument("--output", help="CSV of every rule's held-out Dice")
     return parser
 
 
@@ -476,6 +503,52 @@ def cmd_finetune(args) -> int:
     return _report_training(result)
 
 
+def cmd_cv(args) -> int:
+    from .crossval import run_cv
+    from .training import read_json
+
+    if args.folds < 2:
+        raise InputError(f"--folds {args.folds}: cross-validation needs at least 2 folds.")
+    if args.steps < 1:
+        raise InputError(f"--steps {args.steps}: give at least 1 step.")
+    overrides = read_json(args.config) if args.config else None
+    done = run_cv(args.data, args.output, args.model, args.steps, args.folds, scratch=args.scratch,
+                  overrides=overrides, device=args.device, seed=args.seed, resume=args.resume, final=args.final,
+                  progress=args.progress == "bar", time_limit_s=args.time_limit * 60 if args.time_limit else None,
+                  only_folds=set(args.fold) if args.fold else None, log=lambda m: print(m, flush=True))
+    if not done:
+        print(f"Stopped at the time limit; continue with the same command and --resume ({args.output}).")
+    return 0
+
+
+def cmd_cv_report(args) -> int:
+    from .crossval import format_report
+
+    for run in args.runs:
+        print(format_report(run))
+        print()
+    return 0
+
+
+def cmd_cv_postprocess(args) -> int:
+    from .crossval import sweep_postprocess
+    from .evaluation import write_metrics_csv
+
+    rows = sweep_postprocess(args.runs)
+    if args.output:
+        write_metrics_csv(rows, args.output)
+    base = next(r for r in rows if not any(r[k] for k in ("min_component_voxels", "min_et_component_voxels",
+                                                           "et_to_netc_below_voxels")))
+    best = max(rows, key=lambda r: r["mean"])
+    keys = [k for k in rows[0] if k.startswith("dice_")]
+    for name, r in (("none", base), ("best", best)):
+        rule = ", ".join(f"{k}={r[k]}" for k in ("min_component_voxels", "min_et_component_voxels",
+                                                  "et_to_netc_below_voxels"))
+        print(f"{name:5s} {rule}: " + "  ".join(f"{k[5:]} {r[k]:.3f}" for k in keys) + f"  mean {r['mean']:.4f}"
+              f"  ({r['cases']} held-out cases)")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
@@ -484,7 +557,8 @@ def main(argv=None) -> int:
     handlers = {"segment": cmd_segment, "batch": cmd_batch, "demo": cmd_demo, "models": cmd_models,
                 "evaluate": cmd_evaluate, "templates": cmd_templates, "train": cmd_train, "finetune": cmd_finetune,
                 "montage": lambda a: a.func(a), "register": cmd_register,
-                "calibrate": cmd_calibrate}
+                "calibrate": cmd_calibrate, "cv": cmd_cv, "cv-report": cmd_cv_report,
+                "cv-postprocess": cmd_cv_postprocess}
     try:
         return handlers[args.command](args)
     except Cancelled as exc:

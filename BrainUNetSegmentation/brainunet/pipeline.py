@@ -143,10 +143,7 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
     report(0.92, "Post-processing")
     t2 = time.perf_counter()
     probs = prepared.restore_channels(probs)
-    crop_labels = postprocess.probabilities_to_labels(probs, prepared.crop_mask, pp.get("tumour_threshold"))
-    crop_labels = postprocess.remove_small_components(crop_labels, int(pp.get("min_component_voxels", 0)))
-    if pp.get("fill_core_holes"):
-        crop_labels = postprocess.fill_core_holes(crop_labels)
+    crop_labels = postprocess.apply(probs, prepared.crop_mask, pp)
     labels = prepared.restore_labels(crop_labels)
     ref = volumes[ref_key]
     stats = statistics.region_statistics(labels, ref.affine, aligned)

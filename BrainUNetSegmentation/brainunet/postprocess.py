@@ -55,3 +55,50 @@ def fill_core_holes(labels: np.ndarray) -> np.ndarray:
     labels = labels.copy()
     labels[enclosed] = NETC.label
     return labels
+
+
+def small_et_components_to_netc(labels: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Lesion-wise: enhancing components smaller than ``min_voxels`` become NETC (a few bright voxels in a
+    core are rarely enhancing tumour, and BraTS scores ET lesion by lesion)."""
+    if min_voxels <= 0:
+        return labels
+    et = labels == ET.label
+    if not et.any():
+        return labels
+    comp, _ = ndimage.label(et, structure=np.ones((3, 3, 3)))
+    sizes = np.bincount(comp.ravel())
+    small = np.flatnonzero(sizes < min_voxels)
+    small = small[small > 0]
+    if not small.size:
+        return labels
+    labels = labels.copy()
+    labels[np.isin(comp, small)] = NETC.label
+    return labels
+
+
+def tiny_et_to_netc(labels: np.ndarray, below_voxels: int) -> np.ndarray:
+    """All ET becomes NETC when the whole ET is smaller than ``below_voxels``: the BraTS convention for a
+    tumour without enhancement (its ET is empty, and a few false ET voxels would score Dice 0)."""
+    if below_voxels <= 0:
+        return labels
+    et = labels == ET.label
+    count = int(et.sum())
+    if count == 0 or count >= below_voxels:
+        return labels
+    labels = labels.copy()
+    labels[et] = NETC.label
+    return labels
+
+
+def apply(probs: np.ndarray, mask: np.ndarray | None, settings: dict) -> np.ndarray:
+    """Probabilities (background, NETC, SNFH, ET) on the native crop grid -> labels, with every
+    post-processing rule a model's settings name (the one place the pipeline and cross-validation share):
+    tumour_threshold, min_component_voxels, min_et_component_voxels, et_to_netc_below_voxels,
+    fill_core_holes. Voxel counts are native voxels."""
+    labels = probabilities_to_labels(probs, mask, settings.get("tumour_threshold"))
+    labels = remove_small_components(labels, int(settings.get("min_component_voxels", 0) or 0))
+    labels = small_et_components_to_netc(labels, int(settings.get("min_et_component_voxels", 0) or 0))
+    labels = tiny_et_to_netc(labels, int(settings.get("et_to_netc_below_voxels", 0) or 0))
+    if settings.get("fill_core_holes"):
+        labels = fill_core_holes(labels)
+    return labels

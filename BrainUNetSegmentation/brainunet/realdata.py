@@ -6,6 +6,9 @@ same working grid by nearest neighbour.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +16,35 @@ import numpy as np
 
 from .errors import InputError
 from .imageio import MODALITY_NAMES, MODALITY_SUFFIXES, find_case_files, load_volume
+
+# bump when what a cached case holds, or how it is made, changes: old entries are then ignored
+CASE_CACHE_VERSION = 1
+
+
+def case_cache_root() -> Path:
+    """Where preprocessed training cases are kept: ``$BRAINUNET_CASE_CACHE`` or ``~/.cache/brainunet/cases``
+    (outside the repository: derived images of real cases must never be committed)."""
+    env = os.environ.get("BRAINUNET_CASE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "brainunet" / "cases"
+
+
+def settings_key(spacing_mm, modalities, clip_percentiles, bias_correction: bool) -> str:
+    """The preprocessing settings a cached case depends on, as a short folder name."""
+    settings = {"version": CASE_CACHE_VERSION, "spacing_mm": [round(float(s), 4) for s in spacing_mm],
+                "modalities": list(modalities), "clip_percentiles": [float(p) for p in clip_percentiles],
+                "bias_correction": bool(bias_correction)}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{'-'.join(f'{s:g}' for s in settings['spacing_mm'])}mm-{digest}"
+
+
+def _files_key(paths) -> str:
+    """Changes when any source file changes (name, size or modification time)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(p) for p in paths):
+        st = p.stat()
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
 
 LAYOUT_HINT = ("one folder per case with BraTS file names: <id>-t1c/-t2w/-t2f/-seg.nii.gz (2023) or "
                "<id>_t1ce/_t2/_flair/_seg.nii.gz (2021)")
@@ -65,7 +97,45 @@ def read_labels(path, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_labelled_case(case_dir, spacing_mm=(1.0, 1.0, 1.0), modalities=("t1c", "t2w", "t2f"),
                        clip_percentiles=(0.5, 99.5), bias_correction: bool = False,
-                       label_pattern: str | None = None) -> LabelledCase:
+                       label_pattern: str | None = None, cache: bool | str | Path = False) -> LabelledCase:
+    """One case, preprocessed as inference does. ``cache``: True (``case_cache_root()``) or a folder keeps
+    the result on disk, keyed by the preprocessing settings and the source files, so later runs skip the
+    bias correction and resampling. Images are stored as float16 (z-scores: ample precision)."""
+    case_dir = Path(case_dir)
+    cache_file = None
+    if cache:
+        files = find_case_files(case_dir)
+        reference_path = _find_reference(case_dir, label_pattern)
+        sources = [files[m] for m in modalities if m in files] + ([reference_path] if reference_path else [])
+        root = case_cache_root() if cache is True else Path(cache)
+        cache_file = (root / settings_key(spacing_mm, modalities, clip_percentiles, bias_correction)
+                      / f"{case_dir.name}-{_files_key(sources)}.npz")
+        if cache_file.is_file():
+            try:
+                with np.load(cache_file) as z:
+                    return LabelledCase(case_dir.name, case_dir, z["image"].astype(np.float32), z["labels"],
+                                        z["mask"], tuple(float(v) for v in z["spacing"]), float(z["wt_volume_ml"]))
+            except (OSError, ValueError, KeyError):
+                pass  # a damaged entry is rebuilt below
+    case = _load_labelled_case(case_dir, spacing_mm, modalities, clip_percentiles, bias_correction, label_pattern)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, image=case.image.astype(np.float16), labels=case.labels, mask=case.mask,
+                 spacing=np.asarray(case.spacing), wt_volume_ml=np.asarray(case.wt_volume_ml))
+        os.replace(tmp, cache_file)  # a reader never sees a half-written entry
+        case.image = case.image.astype(np.float16).astype(np.float32)  # the same values a cache hit gives
+    return case
+
+
+def _find_reference(case_dir, label_pattern):
+    from .evaluation import find_reference
+
+    return find_reference(Path(case_dir), label_pattern)
+
+
+def _load_labelled_case(case_dir, spacing_mm, modalities, clip_percentiles, bias_correction,
+                        label_pattern) -> LabelledCase:
     import torch
     import torch.nn.functional as F
     from nibabel import orientations as ornt
@@ -105,7 +175,7 @@ def load_labelled_case(case_dir, spacing_mm=(1.0, 1.0, 1.0), modalities=("t1c", 
 
 def load_labelled_cases(data_dir, spacing_mm=(1.0, 1.0, 1.0), modalities=("t1c", "t2w", "t2f"),
                         clip_percentiles=(0.5, 99.5), progress=None, bias_correction: bool = False,
-                        label_pattern: str | None = None) -> list[LabelledCase]:
+                        label_pattern: str | None = None, cache: bool | str | Path = False) -> list[LabelledCase]:
     """Every labelled case in ``data_dir``; a broken case stops with a message naming it."""
     case_dirs = find_labelled_cases(data_dir, label_pattern)
     cases = []
@@ -113,7 +183,7 @@ def load_labelled_cases(data_dir, spacing_mm=(1.0, 1.0, 1.0), modalities=("t1c",
         if progress:
             progress(n / len(case_dirs), f"Loading {case_dir.name}")
         cases.append(load_labelled_case(case_dir, spacing_mm, modalities, clip_percentiles, bias_correction,
-                                        label_pattern))
+                                        label_pattern, cache))
     return cases
 
 
@@ -136,6 +206,45 @@ def stratified_folds(wt_volumes, k: int, seed: int = 0) -> list[list[int]]:
     for tercile in np.array_split(order, min(3, n)):
         for idx in rng.permutation(tercile):
             folds[dealt % k].append(int(idx))
+            dealt += 1
+    return [sorted(f) for f in folds]
+
+
+INSTITUTIONS = ("2013", "CBICA", "TCIA", "TMC")
+
+
+def institution(case_name: str) -> str:
+    """The contributing institution in a BraTS 2018 case name (``Brats18_<institution>_...``): 2013 (the
+    older BraTS 2013 scans), CBICA, TCIA (TCIA01..13 sites) or TMC; ``other`` for any other name."""
+    parts = case_name.upper().split("_")
+    for inst in INSTITUTIONS:
+        if any(part.startswith(inst) for part in parts[1:] or parts):
+            return inst
+    return "other"
+
+
+def institution_folds(names, wt_volumes, k: int) -> list[list[int]]:
+    """``k`` held-out folds (lists of case indices) stratified by institution and tumour size.
+
+    Institutions are taken largest first; inside each, cases are sorted by whole-tumour volume and dealt
+    round-robin, continuing where the previous institution stopped. Every fold so gets its share of each
+    institution and of small and large tumours, and fold sizes differ by at most one. Deterministic: the
+    folds depend only on the cases, so every recipe is scored on the same splits.
+    """
+    n = len(names)
+    if k < 2:
+        raise InputError(f"Cross-validation needs at least 2 folds (got {k}).")
+    if n < k:
+        raise InputError(f"{k}-fold cross-validation needs at least {k} labelled cases, but there are only {n}. "
+                         f"Use --folds {n} or fewer (at least 2), or add cases.")
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(institution(name), []).append(i)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    dealt = 0
+    for inst in sorted(groups, key=lambda g: (-len(groups[g]), g)):
+        for idx in sorted(groups[inst], key=lambda i: (float(wt_volumes[i]), names[i])):
+            folds[dealt % k].append(idx)
             dealt += 1
     return [sorted(f) for f in folds]
 

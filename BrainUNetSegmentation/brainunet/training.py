@@ -187,7 +187,7 @@ class TrainResult:
 
 def crop_patch(image, labels, mask, patch, rng: np.random.Generator, tumour_fraction: float):
     """A ``patch``-sized crop (zero-padded where the volume is smaller), centred on a tumour voxel
-    of a randomly chosen present class with probability ``tumour_fraction``."""
+    of a randomly chosen present class with probability ``tumour_fraction``, else on a brain voxel."""
     shape = labels.shape
     pad = [max(0, p - s) for p, s in zip(patch, shape)]
     if any(pad):
@@ -205,7 +205,9 @@ def crop_patch(image, labels, mask, patch, rng: np.random.Generator, tumour_frac
             voxels = torch.nonzero(labels == present[int(rng.integers(len(present)))])
             centre = voxels[int(rng.integers(len(voxels)))].tolist()
     if centre is None:
-        centre = [int(rng.integers(s)) for s in shape]
+        # the other crops are centred in the brain, where every false positive lies, not in the empty margin
+        brain = torch.nonzero(mask > 0)
+        centre = brain[int(rng.integers(len(brain)))].tolist() if len(brain) else [int(rng.integers(s)) for s in shape]
     start = [min(max(c - p // 2, 0), s - p) for c, p, s in zip(centre, patch, shape)]
     sl = tuple(slice(a, a + p) for a, p in zip(start, patch))
     return image[(slice(None),) + sl], labels[sl], mask[sl]
@@ -231,10 +233,12 @@ def augment(image, labels, mask, rng: np.random.Generator, config: TrainConfig):
 
 
 def augment_real(image, labels, mask, spacing, rng: np.random.Generator):
-    """A real case, spatially and (mildly) in quality re-drawn: random affine (±12°, scale 0.85-1.15),
-    elastic warp half the time, and sometimes the thick slices, blur or noise of an older scanner.
-    Labels and mask follow by nearest neighbour; outside the warped brain stays 0, as inference's
-    normalisation leaves it. Deterministic given ``rng``."""
+    """A real case, spatially and in quality re-drawn: random affine (±12°, scale 0.85-1.15), elastic
+    warp half the time, and sometimes what older or poorer scanners add: thick slices, blur, noise,
+    a bias field, a gamma change, motion and ghosting (torchio). Labels and mask follow by nearest
+    neighbour; outside the warped brain stays 0, as inference's normalisation leaves it. Each channel
+    is z-scored inside the brain again afterwards, as inference normalises a scan after its artefacts.
+    Deterministic given ``rng``."""
     import torchio as tio
 
     transforms = [tio.RandomAffine(scales=(0.85, 1.15), degrees=12, translation=0, default_pad_value=0.0)]
@@ -243,24 +247,41 @@ def augment_real(image, labels, mask, spacing, rng: np.random.Generator):
     if rng.random() < 0.2:
         transforms.append(tio.RandomAnisotropy(downsampling=(1.5, 3.0), image_interpolation="linear",
                                                include=["image"]))  # labels keep the annotator's resolution
+    intensity = []  # on positive intensities (a bias field and a gamma change act on signal, not z-scores)
+    if rng.random() < 0.3:
+        intensity.append(tio.RandomBiasField(coefficients=0.4))
+    if rng.random() < 0.3:
+        intensity.append(tio.RandomGamma(log_gamma=(-0.3, 0.3)))
+    if rng.random() < 0.1:
+        intensity.append(tio.RandomMotion(degrees=4, translation=4, num_transforms=1))
+    if rng.random() < 0.1:
+        intensity.append(tio.RandomGhosting(num_ghosts=(2, 6), intensity=(0.2, 0.5)))
     if rng.random() < 0.2:
-        transforms.append(tio.RandomBlur(std=(0.0, 0.5 * float(spacing[0]))))
+        intensity.append(tio.RandomBlur(std=(0.0, 0.5 * float(spacing[0]))))
     if rng.random() < 0.2:
-        transforms.append(tio.RandomNoise(std=(0.0, 0.1)))
+        intensity.append(tio.RandomNoise(std=(0.0, 0.1)))
     # a margin, so a brain scaled up or rotated is not cut at the edges of its brain-tight crop
     margin = [max(4, int(0.1 * n)) for n in labels.shape]
     pad = [m for m in reversed(margin) for _ in (0, 1)]  # F.pad lists the last dimension first
     image, labels, mask = F.pad(image, pad), F.pad(labels, pad), F.pad(mask, pad)
+    brain = mask > 0
+    if intensity:
+        low = torch.stack([image[c][brain].min() if brain.any() else image[c].min() for c in range(image.shape[0])])
+        image = torch.where(brain, image - low.view(-1, 1, 1, 1) + 0.5, torch.zeros_like(image))
     affine = np.diag([*map(float, spacing), 1.0])
     subject = tio.Subject(image=tio.ScalarImage(tensor=image.float(), affine=affine),
                           labels=tio.LabelMap(tensor=labels[None].to(torch.int16), affine=affine),
                           mask=tio.LabelMap(tensor=mask[None].to(torch.int16), affine=affine))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(rng.integers(0, 2**31)))
-        subject = tio.Compose(transforms)(subject)
+        subject = tio.Compose(transforms + intensity)(subject)
     mask = subject["mask"].data[0] > 0
     labels = (subject["labels"].data[0].to(torch.uint8)) * mask
-    image = subject["image"].data.float() * mask
+    image = subject["image"].data.float()
+    if intensity and mask.any():
+        inside = image[:, mask]
+        image = (image - inside.mean(1).view(-1, 1, 1, 1)) / inside.std(1).clamp_min(1e-6).view(-1, 1, 1, 1)
+    image = image * mask
     return image, labels, mask
 
 

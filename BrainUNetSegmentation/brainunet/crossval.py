@@ -1,0 +1,279 @@
+"""Cross-validation of a training recipe over real labelled cases: the one way models are chosen here.
+
+``brainunet cv`` trains one model per fold (5 by default: folds by patient, stratified by institution and
+tumour size, ``realdata.institution_folds``), each on the other folds' cases, and scores it on the cases it
+never saw, through the inference path: every sequence, and without T2W and without T1CE (the missing
+sequence becomes the zero channel inference gives it). Held-out class probabilities are kept, so
+post-processing rules are chosen by the same cross-validation (``brainunet cv-postprocess``) without
+retraining. ``brainunet cv-report`` prints the tables (per region, per institution, per condition, mean
+and spread over folds) that MODEL_CARD.md copies.
+
+Run folder: ``recipe.json``, ``folds.json``, ``fold<i>/`` (the training run, resumable), ``fold<i>/heldout/``
+(probabilities), ``cases.csv`` (one row per held-out case and condition), optional ``final/`` (the recipe
+on every case: the model that ships).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .labels import ALL_REGIONS
+
+CONDITIONS = {"all": None, "no-t2w": "t2w", "no-t1c": "t1c"}
+REGION_KEYS = [r.key for r in ALL_REGIONS]
+CASE_FIELDS = ["fold", "case", "institution", "condition"] + [f"dice_{k}" for k in REGION_KEYS] + \
+    [f"hd95_{k}" for k in REGION_KEYS]
+
+
+def recipe_config(base_model, steps: int, scratch: bool, device: str, seed: int, overrides: dict | None):
+    """The TrainConfig of a recipe: ``base_model``'s network, spacing and preprocessing, its weights as the
+    starting point unless ``scratch``, then the recipe's settings."""
+    from .training import TrainConfig, finetune_config
+
+    overrides = dict(overrides or {})
+    config = finetune_config(base_model, steps, device=device, seed=seed, overrides=overrides)
+    if scratch:
+        config = TrainConfig(**{**config.to_dict(), "init_weights": None})
+    return config
+
+
+def load_cases(data_dir, config, cache=True, progress=None):
+    from .realdata import load_labelled_cases
+    from .training import MODALITIES
+
+    return load_labelled_cases(data_dir, [config.spacing_mm] * 3, MODALITIES, config.clip_percentiles,
+                               bias_correction=config.bias_correction, cache=cache, progress=progress)
+
+
+def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int = 5, scratch: bool = False,
+           overrides: dict | None = None, device: str = "auto", seed: int = 0, resume: bool = False,
+           final: bool = False, progress: bool = True, time_limit_s: float | None = None,
+           only_folds=None, log=print):
+    """Train and score every fold (skipping folds already scored), then optionally the final model.
+    Returns True when everything asked for is done, False when the time limit stopped it (resume later)."""
+    from .realdata import find_labelled_cases, institution_folds
+    from .training import TrainConfig, train
+
+    deadline = time.monotonic() + time_limit_s if time_limit_s else None
+    output_dir = Path(output_dir)
+    find_labelled_cases(data_dir)  # a bad folder is reported before anything is loaded
+    config = recipe_config(base_model, steps, scratch, device, seed, overrides)
+    recipe = {"data": str(Path(data_dir).resolve()), "base_model": None if scratch else str(config.init_weights),
+              "scratch": scratch, "steps": steps, "folds": folds, "overrides": overrides or {}, "seed": seed}
+    recipe_path = output_dir / "recipe.json"
+    if recipe_path.exists():
+        saved = json.loads(recipe_path.read_text(encoding="utf-8"))
+        if not resume:
+            raise InputError(f"{output_dir} already holds a cross-validation run; pass --resume to continue it, "
+                             "or choose another output folder.")
+        if {k: saved.get(k) for k in ("steps", "folds", "overrides", "scratch", "seed")} != \
+                {k: recipe[k] for k in ("steps", "folds", "overrides", "scratch", "seed")}:
+            raise InputError(f"{output_dir} was started with another recipe ({recipe_path}); resume it with the "
+                             "same settings, or choose another output folder.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    recipe_path.write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
+
+    t = time.perf_counter()
+    cases = load_cases(data_dir, config, progress=(lambda f, m: None) if not progress else None)
+    log(f"{len(cases)} cases preprocessed or read from the cache in {time.perf_counter() - t:.0f} s")
+    names = [c.name for c in cases]
+    splits = institution_folds(names, [c.wt_volume_ml for c in cases], folds)
+    (output_dir / "folds.json").write_text(json.dumps({f"fold{i}": [names[j] for j in s] for i, s in enumerate(splits)},
+                                                      indent=2) + "\n", encoding="utf-8")
+
+    def remaining():
+        return None if deadline is None else max(1.0, deadline - time.monotonic())
+
+    for i, held in enumerate(splits):
+        if only_folds is not None and i not in only_folds:
+            continue
+        fold_dir = output_dir / f"fold{i}"
+        if (fold_dir / "scores.csv").exists():
+            continue
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        fold_config = TrainConfig(**{**config.to_dict(), "name": f"{config.name}-fold{i}"})
+        train_cases = [c for j, c in enumerate(cases) if j not in held]
+        result = train(fold_config, fold_dir, resume=(fold_dir / "checkpoint.pt").exists(), progress=progress,
+                       data=train_cases, validation_data=[], time_limit_s=remaining())
+        if not result.finished:
+            return False
+        rows = score_fold(result.weights, [cases[j] for j in held], i, fold_dir / "heldout", data_dir, device)
+        _write_rows(rows, fold_dir / "scores.csv")
+        log(f"fold {i}: " + "  ".join(f"{k} {np.mean([r[f'dice_{k}'] for r in rows if r['condition'] == 'all']):.3f}"
+                                      for k in REGION_KEYS))
+    done = [output_dir / f"fold{i}" / "scores.csv" for i in range(folds)]
+    if all(p.exists() for p in done):
+        rows = [r for p in done for r in _read_rows(p)]
+        _write_rows(rows, output_dir / "cases.csv")
+        log(format_report(output_dir))
+    if final and only_folds is None:
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        final_config = TrainConfig(**config.to_dict())
+        result = train(final_config, output_dir / "final", resume=(output_dir / "final" / "checkpoint.pt").exists(),
+                       progress=progress, data=cases, validation_data=[], time_limit_s=remaining())
+        if not result.finished:
+            return False
+        log(f"final model (every case): {result.weights}")
+    return True
+
+
+def score_fold(weights, held_cases, fold: int, keep_dir, data_dir, device: str = "auto") -> list[dict]:
+    """Segment each held-out case from its files as inference does, for every condition; Dice and HD95 on
+    the case's own 1 mm grid. The 'all' condition's probabilities are kept (float16, crop grid) for
+    choosing post-processing."""
+    import nibabel as nib
+
+    from . import pipeline, postprocess
+    from .evaluation import evaluate_case, find_reference
+    from .imageio import find_case_files
+    from .inference import predict_probabilities, resolve_device
+    from .labels import to_brats2023
+    from .realdata import institution
+
+    device = resolve_device(device)
+    loaded = pipeline.load_model(weights, device=device)
+    pp = loaded.preprocessing
+    keep_dir = Path(keep_dir)
+    keep_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in held_cases:
+        files = find_case_files(case.path)
+        volumes = pipeline.load_inputs({m: files.get(m) for m in loaded.modalities})
+        _, prepared = pipeline.prepare_inputs(volumes, loaded)
+        ref_path = find_reference(case.path)
+        reference = to_brats2023(np.asarray(nib.load(str(ref_path)).dataobj))
+        spacing = volumes["t1c"].spacing
+        crop_ref = _crop_reference(reference, prepared)
+        for condition, dropped in CONDITIONS.items():
+            image = prepared.image
+            if dropped:
+                image = image.copy()
+                image[list(loaded.modalities).index(dropped)] = 0.0  # what inference feeds for a missing sequence
+            probs = predict_probabilities(loaded.network, image, pp["patch_size"], device=device, precision="fp32")
+            probs = prepared.restore_channels(probs)
+            if condition == "all":
+                np.savez_compressed(keep_dir / f"{case.name}.npz", probs=probs.astype(np.float16),
+                                    mask=prepared.crop_mask, reference=crop_ref,
+                                    spacing=np.asarray(prepared.native_spacing))
+            labels = postprocess.apply(probs, prepared.crop_mask, pp)
+            full = prepared.restore_labels(labels)
+            rows.append({"fold": fold, "case": case.name, "institution": institution(case.name),
+                         "condition": condition, **evaluate_case(full, reference, spacing)})
+    return rows
+
+
+def _crop_reference(reference, prepared):
+    from nibabel import orientations as ornt
+
+    return np.ascontiguousarray(ornt.apply_orientation(reference, prepared.to_ras)[prepared.crop], np.uint8)
+
+
+def _write_rows(rows, path):
+    from .evaluation import write_metrics_csv
+
+    write_metrics_csv(rows, path, CASE_FIELDS)
+
+
+def _read_rows(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in CASE_FIELDS[4:]:
+            r[k] = float(r[k])
+        r["fold"] = int(r["fold"])
+    return rows
+
+
+def read_cases(run_dir) -> list[dict]:
+    run_dir = Path(run_dir)
+    if (run_dir / "cases.csv").exists():
+        return _read_rows(run_dir / "cases.csv")
+    parts = sorted(run_dir.glob("fold*/scores.csv"))
+    if not parts:
+        raise InputError(f"{run_dir} holds no scored fold yet (fold*/scores.csv); run brainunet cv first.")
+    return [r for p in parts for r in _read_rows(p)]
+
+
+def summarise(rows: list[dict], condition: str = "all", group: str | None = None) -> dict:
+    """{key: (mean over cases, SD of the fold means, number of cases)} per region, for one condition,
+    optionally within one institution."""
+    sel = [r for r in rows if r["condition"] == condition and (group is None or r["institution"] == group)]
+    out = {}
+    for k in REGION_KEYS:
+        values = [r[f"dice_{k}"] for r in sel]
+        fold_means = [np.mean([r[f"dice_{k}"] for r in sel if r["fold"] == f]) for f in sorted({r["fold"] for r in sel})]
+        out[k] = (float(np.mean(values)) if values else float("nan"),
+                  float(np.std(fold_means, ddof=1)) if len(fold_means) > 1 else float("nan"), len(values))
+    return out
+
+
+def format_report(run_dir) -> str:
+    """Markdown tables: Dice per region (mean over held-out cases ± SD over fold means) per condition and
+    per institution; HD95 for all sequences."""
+    rows = read_cases(run_dir)
+    folds = sorted({r["fold"] for r in rows})
+    lines = [f"Cross-validation {run_dir}: {len({r['case'] for r in rows})} held-out cases, folds {folds}",
+             "", "| condition | n | " + " | ".join(REGION_KEYS) + " |", "|---|---|" + "---|" * len(REGION_KEYS)]
+    for condition in CONDITIONS:
+        s = summarise(rows, condition)
+        if s[REGION_KEYS[0]][2]:
+            lines.append(f"| {condition} | {s[REGION_KEYS[0]][2]} | " +
+                         " | ".join(f"{m:.3f} ± {sd:.3f}" for m, sd, _ in s.values()) + " |")
+    lines += ["", "| institution (all sequences) | n | " + " | ".join(REGION_KEYS) + " |",
+              "|---|---|" + "---|" * len(REGION_KEYS)]
+    for inst in sorted({r["institution"] for r in rows}):
+        s = summarise(rows, "all", inst)
+        lines.append(f"| {inst} | {s[REGION_KEYS[0]][2]} | " + " | ".join(f"{m:.3f}" for m, _, _ in s.values()) + " |")
+    sel = [r for r in rows if r["condition"] == "all"]
+    lines += ["", "HD95 (mm, all sequences, median over cases): " +
+              "  ".join(f"{k} {np.median([r[f'hd95_{k}'] for r in sel]):.1f}" for k in REGION_KEYS)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# post-processing chosen by cross-validation
+
+
+def postprocess_grid() -> list[dict]:
+    """The post-processing rules compared: whole-tumour minimum component, lesion-wise small ET components
+    (become NETC), and ET relabelled as NETC when the whole ET is tiny (BraTS: a tumour without
+    enhancement has ET 0)."""
+    grid = []
+    for wt_min in (0, 50, 200, 1000):
+        for et_min in (0, 20, 100):
+            for et_total in (0, 100, 500):
+                grid.append({"min_component_voxels": wt_min, "min_et_component_voxels": et_min,
+                             "et_to_netc_below_voxels": et_total})
+    return grid
+
+
+def sweep_postprocess(run_dirs, grid=None) -> list[dict]:
+    """Mean held-out Dice per region of every rule in ``grid`` over the kept probabilities of ``run_dirs``'
+    folds (native 1 mm crop grid)."""
+    from . import postprocess
+    from .evaluation import dice
+
+    grid = grid or postprocess_grid()
+    files = [p for d in run_dirs for p in sorted(Path(d).glob("fold*/heldout/*.npz"))]
+    if not files:
+        raise InputError("No kept held-out probabilities (fold*/heldout/*.npz); run brainunet cv first.")
+    scores = [{k: [] for k in REGION_KEYS} for _ in grid]
+    for path in files:
+        with np.load(path) as z:
+            probs, mask, ref = z["probs"].astype(np.float32), z["mask"], z["reference"]
+        for rule, score in zip(grid, scores):
+            labels = postprocess.apply(probs, mask, rule)
+            for region in ALL_REGIONS:
+                score[region.key].append(dice(region.mask(labels), region.mask(ref)))
+    out = []
+    for rule, score in zip(grid, scores):
+        means = {f"dice_{k}": float(np.mean(v)) for k, v in score.items()}
+        out.append({**rule, **means, "mean": float(np.mean(list(means.values()))), "cases": len(files)})
+    return out
