@@ -75,3 +75,25 @@ def test_csv_round_trip(tmp_path):
     back = read_csv(tmp_path / "s.csv")
     assert [r["region"] for r in back] == ["ET", "NETC", "SNFH", "TC", "WT"]
     assert float(back[0]["volume_ml"]) == pytest.approx(0.008)
+
+
+def test_et_post_processing_rules():
+    from brainunet import postprocess
+
+    labels = np.zeros((30, 30, 30), np.uint8)
+    labels[5:20, 5:20, 5:20] = 2
+    labels[8:14, 8:14, 8:14] = 1
+    labels[8:14, 8:14, 14:16] = 3  # an ET rim piece of 72 voxels
+    labels[17, 17, 17] = 3  # a single bright voxel
+    out = postprocess.small_et_components_to_netc(labels, 10)
+    assert out[17, 17, 17] == 1 and (out == 3).sum() == 72 and (labels == 3).sum() == 73  # input untouched
+    assert np.array_equal(postprocess.small_et_components_to_netc(labels, 0), labels)
+    assert np.array_equal(postprocess.tiny_et_to_netc(labels, 73), labels)  # not tiny: kept
+    tiny = postprocess.tiny_et_to_netc(labels, 74)
+    assert not (tiny == 3).any() and (tiny == 1).sum() == (labels == 1).sum() + 73
+    probs = np.zeros((4,) + labels.shape, np.float32)
+    for c in range(4):
+        probs[c][labels == c] = 1.0
+    assert np.array_equal(postprocess.apply(probs, None, {}), labels)
+    both = postprocess.apply(probs, None, {"min_et_component_voxels": 10, "et_to_netc_below_voxels": 50})
+    assert np.array_equal(both, out)

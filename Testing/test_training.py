@@ -397,3 +397,98 @@ def test_every_shipped_training_config_is_valid():
         config = TrainConfig.from_file(path)
         assert config.steps > 0, path.name
     assert TrainConfig.from_file(configs[0].parent / "bundled-cpu-2mm-stage2.json").bias_correction
+
+
+def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(tiny_run, tmp_path, capsys):
+    from brainunet import crossval
+
+    _, base = tiny_run
+    data = _write_brats_folder(tmp_path / "data", ("2023", "2021", "2023", "2023"))
+    settings = tmp_path / "recipe.json"
+    settings.write_text(json.dumps({"threads": 1, "device": "cpu", "validation_cases": 0, "engine_fraction": 0.0,
+                                    "modality_dropout": 0.5}))
+    out = tmp_path / "cv"
+    argv = ["cv", "--data", str(data), "--output", str(out), "--model", str(base / "model.pt"), "--steps", "3",
+            "--folds", "2", "--config", str(settings), "--progress", "none"]
+    env_cache = os.environ.get("BRAINUNET_CASE_CACHE")
+    os.environ["BRAINUNET_CASE_CACHE"] = str(tmp_path / "cache")
+    try:
+        assert cli.main(argv + ["--final"]) == 0
+        rows = crossval.read_cases(out)
+        names = sorted(p.name for p in data.iterdir())
+        for condition in crossval.CONDITIONS:
+            assert sorted(r["case"] for r in rows if r["condition"] == condition) == names
+        folds = json.loads((out / "folds.json").read_text())
+        assert sorted(c for f in folds.values() for c in f) == names
+        for i, held in enumerate(folds.values()):
+            trained = json.loads((out / f"fold{i}" / "config.json").read_text())
+            assert trained["steps"] == 3 and trained["init_weights"].endswith("model.pt")
+            assert sorted({r["case"] for r in rows if r["fold"] == i}) == sorted(held)  # scored only where held out
+            assert len(list((out / f"fold{i}" / "heldout").glob("*.npz"))) == len(held)
+        assert (out / "final" / "model.pt").is_file()
+        assert len(list((tmp_path / "cache").rglob("*.npz"))) == 4  # preprocessed once, kept outside the run
+        with pytest.raises(InputError, match="--resume"):
+            crossval.run_cv(data, out, base / "model.pt", 3, 2, overrides=json.loads(settings.read_text()),
+                            progress=False)
+        capsys.readouterr()
+        assert cli.main(argv + ["--resume"]) == 0  # everything scored already: nothing retrained
+        assert "| all | 4 |" in capsys.readouterr().out
+        assert cli.main(["cv-report", str(out)]) == 0
+        report = capsys.readouterr().out
+        assert "| no-t2w | 4 |" in report and "| no-t1c | 4 |" in report and "| other | 4 |" in report
+        assert cli.main(["cv-postprocess", str(out), "--output", str(tmp_path / "pp.csv")]) == 0
+        printed = capsys.readouterr().out
+        assert printed.startswith("none ") and "(4 held-out cases)" in printed
+        with open(tmp_path / "pp.csv") as f:
+            assert len(list(csv.DictReader(f))) == len(crossval.postprocess_grid())
+    finally:
+        if env_cache is None:
+            os.environ.pop("BRAINUNET_CASE_CACHE", None)
+        else:
+            os.environ["BRAINUNET_CASE_CACHE"] = env_cache
+
+
+def test_preprocessed_case_cache_is_keyed_by_settings_and_source_files(tmp_path):
+    from brainunet.realdata import load_labelled_case
+
+    paths = synthetic.write_case(tmp_path / "c", "c", seed=3, shape=(40, 48, 36))
+    cache = tmp_path / "cache"
+    fresh = load_labelled_case(tmp_path / "c", (4.0, 4.0, 4.0), cache=cache)
+    entries = list(cache.rglob("*.npz"))
+    assert len(entries) == 1
+    hit = load_labelled_case(tmp_path / "c", (4.0, 4.0, 4.0), cache=cache)
+    assert np.array_equal(hit.image, fresh.image) and np.array_equal(hit.labels, fresh.labels)
+    assert np.array_equal(hit.mask, fresh.mask) and hit.spacing == fresh.spacing
+    assert hit.wt_volume_ml == pytest.approx(fresh.wt_volume_ml)
+    uncached = load_labelled_case(tmp_path / "c", (4.0, 4.0, 4.0))
+    assert np.abs(uncached.image - hit.image).max() < 0.01  # float16 storage of z-scores
+    load_labelled_case(tmp_path / "c", (3.0, 3.0, 3.0), cache=cache)  # other settings: another folder
+    assert len({p.parent for p in cache.rglob("*.npz")}) == 2
+    entries[0].write_bytes(b"damaged")
+    assert np.array_equal(load_labelled_case(tmp_path / "c", (4.0, 4.0, 4.0), cache=cache).labels, fresh.labels)
+    synthetic.write_case(tmp_path / "c", "c", seed=4, shape=(40, 48, 36))  # the source changed: not the old entry
+    os.utime(paths["t1c"], ns=(1, 1))
+    changed = load_labelled_case(tmp_path / "c", (4.0, 4.0, 4.0), cache=cache)
+    assert not np.array_equal(changed.labels, fresh.labels)
+
+
+def test_institution_folds_spread_institutions_and_tumour_sizes():
+    from brainunet.realdata import institution, institution_folds
+
+    assert [institution(n) for n in ("Brats18_2013_23_1", "Brats18_CBICA_ABM_1", "Brats18_TCIA10_628_1",
+                                     "BraTS2021_00006")] == ["2013", "CBICA", "TCIA", "other"]
+    names = [f"Brats18_CBICA_A{i:02d}_1" for i in range(19)] + [f"Brats18_TCIA0{i % 9 + 1}_{i}_1" for i in range(8)] \
+        + ["Brats18_2013_3_1", "Brats18_2013_23_1"]
+    volumes = [float((7 * i) % 29) for i in range(len(names))]
+    folds = institution_folds(names, volumes, 5)
+    assert folds == institution_folds(names, volumes, 5)
+    assert sorted(i for f in folds for i in f) == list(range(len(names)))
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+    for inst, count in (("CBICA", 19), ("TCIA", 8)):
+        per_fold = [sum(institution(names[i]) == inst for i in f) for f in folds]
+        assert max(per_fold) - min(per_fold) <= 1 and sum(per_fold) == count
+    cbica = sorted((i for i in range(19)), key=lambda i: volumes[i])
+    smallest, largest = set(cbica[:5]), set(cbica[-5:])
+    assert all(len(smallest & set(f)) == 1 and len(largest & set(f)) == 1 for f in folds)
+    with pytest.raises(InputError, match="only 3"):
+        institution_folds(names[:3], volumes[:3], 5)
