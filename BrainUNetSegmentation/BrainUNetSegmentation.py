@@ -1,7 +1,7 @@
 """BrainUNet Segmentation: 3D Slicer module for glioma segmentation (ET, NETC, SNFH) on brain MRI.
 
 This file is the thin Slicer layer: module description, parameter node, widget and the module logic.
-The work is done by the ``brainunet`` package next to this file (``brainunet.slicer_logic`` holds the
+The work is done by the ``brainunet`` package next to this file (``BrainUNetSegmentationLib.logic`` holds the
 Qt-free logic; the network runs in a background PythonSlicer process so the application never freezes).
 
 Only light modules are imported here: Slicer imports every scripted module at start-up, and
@@ -118,7 +118,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._parameterNode = None
         self._updatingGUI = False
         self._entered = False
-        self._run = None  # brainunet.slicer_logic.BackgroundRun while a segmentation is running
+        self._run = None  # BrainUNetSegmentationLib.logic.BackgroundRun while a segmentation is running
         self._runOutputSegmentation = None
         self._dependenciesReady = False
         self._resultTableNodeID = None
@@ -393,7 +393,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
 class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
     """Slicer-specific part of the module logic; see ``BrainUNetSegmentationLogic``.
 
-    The module logic class, ``BrainUNetSegmentationLogic(brainunet.slicer_logic.BrainUNetLogic,
+    The module logic class, ``BrainUNetSegmentationLogic(BrainUNetSegmentationLib.logic.BrainUNetLogic,
     BrainUNetSegmentationLogicBase)``, is built on first use (``_logicClass``) so that importing this
     file does not import brainunet. Outside this file get it as usual:
     ``from BrainUNetSegmentation import BrainUNetSegmentationLogic`` (module ``__getattr__``).
@@ -404,7 +404,7 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def runOptions(device="auto", tta=False):
-        from brainunet.slicer_logic import RunOptions
+        from BrainUNetSegmentationLib.logic import RunOptions
 
         return RunOptions(device=device or "auto", tta=bool(tta))
 
@@ -471,7 +471,7 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
     @staticmethod
     def statisticsForDisplay(tableNode):
         """(column titles, rows of strings) for the results table widget."""
-        from brainunet import mrml
+        from BrainUNetSegmentationLib import mrml
 
         rows = mrml.table_to_rows(tableNode)
         if not rows:
@@ -481,7 +481,7 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def exportStatisticsCsv(tableNode, path) -> None:
-        from brainunet import mrml
+        from BrainUNetSegmentationLib import mrml
         from brainunet.statistics import write_csv
 
         write_csv(mrml.table_to_rows(tableNode), path)
@@ -518,7 +518,7 @@ def _logicClass():
     """The BrainUNetSegmentationLogic class (built once, on first use)."""
     global _LOGIC_CLASS
     if _LOGIC_CLASS is None:
-        from brainunet.slicer_logic import BrainUNetLogic
+        from BrainUNetSegmentationLib.logic import BrainUNetLogic
 
         class BrainUNetSegmentationLogic(BrainUNetLogic, BrainUNetSegmentationLogicBase):
             """Module logic: brainunet's BrainUNetLogic (guess_inputs, check_inputs, start, import_results,
@@ -560,7 +560,7 @@ class BrainUNetSegmentationTest(ScriptedLoadableModuleTest):
         self.test_BrainUNetScenarios()
 
     def test_BrainUNetScenarios(self):
-        from brainunet.scenarios import run_all_scenarios
+        from BrainUNetSegmentationLib.scenarios import run_all_scenarios
 
         self.delayDisplay("Checking PyTorch and Python packages")
         self.assertTrue(_logicClass()().ensureDependencies(askConfirmation=False),

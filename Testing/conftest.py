@@ -19,7 +19,7 @@ os.environ["BRAINUNET_MODEL"] = "intensity-baseline"
 
 @pytest.fixture
 def scene():
-    from brainunet import mrml
+    from BrainUNetSegmentationLib import mrml
 
     s = mrml.new_headless_scene()
     yield s
@@ -53,6 +53,6 @@ def case_args(case: dict) -> list[str]:
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    from brainunet.evaluation import dice as _dice
+    from brainunet_lab.evaluation import dice as _dice
 
     return _dice(a, b)

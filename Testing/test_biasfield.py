@@ -75,7 +75,7 @@ def test_bundled_model_turns_correction_on_through_its_registry_settings(monkeyp
 
 
 def test_finetuning_keeps_the_base_models_registry_settings(monkeypatch):
-    from brainunet.training import finetune_config
+    from brainunet_lab.training import finetune_config
 
     monkeypatch.delenv("BRAINUNET_MODEL", raising=False)
     config = finetune_config(None, steps=1)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from brainunet import pipeline, weights
-from brainunet.engine import generate_case, phantom_anatomy
-from brainunet.evaluation import dice
+from brainunet_lab.engine import generate_case, phantom_anatomy
+from brainunet_lab.evaluation import dice
 
 BUNDLED = "brainunet-2mm-transfer"
 WT_FLOOR = 0.85  # whole-tumour Dice on engine case 12345 (measured 0.98)

@@ -6,8 +6,8 @@ import torch
 from scipy import ndimage
 
 from brainunet import preprocessing
-from brainunet.engine import EngineConfig, generate_case, load_anatomy, normalise, phantom_anatomy
-from brainunet.engine import templates
+from brainunet_lab.engine import EngineConfig, generate_case, load_anatomy, normalise, phantom_anatomy
+from brainunet_lab.engine import templates
 from brainunet.errors import InputError
 
 SEEDS = range(8)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from brainunet import evaluation
+from brainunet_lab import evaluation
 from test_cli import brainunet
 
 

@@ -5,7 +5,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from conftest import dice
-from brainunet import mrml, pipeline, synthetic
+from brainunet import pipeline, synthetic
+from BrainUNetSegmentationLib import mrml
 from brainunet.imageio import Volume, load_volume
 from brainunet.preprocessing import resample_to_grid
 

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from brainunet import montage
+from brainunet_lab import montage
 from brainunet.errors import InputError
 
 # write_case's phantom spans the phantom anatomy's field of view (160 x 192 x 144 mm), as a BraTS
@@ -95,7 +95,7 @@ def test_every_case_weighs_the_same():
 
 def test_real_case_outside_atlas_space_gets_no_healthy_tissue(capsys):
     from brainunet import synthetic
-    from brainunet.engine import phantom_anatomy
+    from brainunet_lab.engine import phantom_anatomy
     from brainunet.preprocessing import align_to_reference, prepare
 
     volumes, _ = synthetic.make_case(seed=1, shape=(30, 36, 28), spacing=(3.0, 3.0, 3.0))  # 90 mm, not 160

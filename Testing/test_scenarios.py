@@ -1,7 +1,7 @@
 """The scenarios that Slicer's in-app self-test runs, here on a real slicer-core scene."""
 import sys
 
-from brainunet import scenarios
+from BrainUNetSegmentationLib import scenarios
 
 
 def test_segmentation_from_labels(scene):
@@ -22,7 +22,7 @@ def test_cancel_leaves_scene_unchanged(scene, tmp_path):
 
 
 def test_second_run_does_not_overwrite_first(scene, tmp_path):
-    from brainunet.slicer_logic import BrainUNetLogic, RunOptions
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic, RunOptions
 
     nodes, _ = scenarios.load_synthetic_case(scene, seed=6)
     logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
@@ -41,10 +41,10 @@ def test_logic_rejects_missing_and_bad_inputs_without_touching_scene(scene, tmp_
     import numpy as np
     import pytest
 
-    from brainunet import mrml
+    from BrainUNetSegmentationLib import mrml
     from brainunet.errors import InputError
     from brainunet.imageio import Volume
-    from brainunet.slicer_logic import BrainUNetLogic
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic
 
     nodes, _ = scenarios.load_synthetic_case(scene, seed=7)
     logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
@@ -62,7 +62,7 @@ def test_logic_rejects_missing_and_bad_inputs_without_touching_scene(scene, tmp_
 
 
 def test_failed_process_reports_its_error(scene, tmp_path):
-    from brainunet.slicer_logic import BrainUNetLogic, RunOptions
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic, RunOptions
 
     scenarios.load_synthetic_case(scene, seed=8)
     logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
@@ -74,7 +74,7 @@ def test_failed_process_reports_its_error(scene, tmp_path):
 
 def test_one_missing_sequence_is_decided_by_the_model(scene, tmp_path):
     """The baseline needs all three: the background process says which one is missing."""
-    from brainunet.slicer_logic import BrainUNetLogic, RunOptions
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic, RunOptions
 
     scenarios.load_synthetic_case(scene, seed=9)
     logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))

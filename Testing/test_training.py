@@ -14,7 +14,7 @@ from conftest import ROOT
 
 from brainunet import cli, synthetic
 from brainunet.errors import InputError
-from brainunet.training import TrainConfig, finetune, read_history, train
+from brainunet_lab.training import TrainConfig, finetune, read_history, train
 
 TINY = {"network": {"features": [4, 8]}, "anatomy": "phantom", "spacing_mm": 4.0, "patch_size": [16, 16, 16],
         "inference_patch_size": [32, 32, 32], "batch_size": 2, "crops_per_case": 2, "lr": 1e-2, "warmup_steps": 5,
@@ -44,7 +44,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_tversky_is_zero_for_a_perfect_prediction_and_grows_when_worse():
-    from brainunet.losses import build_loss, tversky_loss
+    from brainunet_lab.losses import build_loss, tversky_loss
 
     torch.manual_seed(0)
     target = torch.randint(0, 4, (2, 8, 8, 8))
@@ -110,7 +110,7 @@ def test_engine_case_dice_honours_tta():
     """mean_dice (behind ``evaluate --synthetic``) runs mirroring TTA when asked: an untrained network is not
     mirror-symmetric, so its labels with and without TTA differ (an earlier version ignored --tta there)."""
     from brainunet.network import BrainUNet, NetworkConfig
-    from brainunet.training import mean_dice, predict_labels
+    from brainunet_lab.training import mean_dice, predict_labels
 
     torch.manual_seed(0)
     model = BrainUNet(NetworkConfig(features=[4, 8], deep_supervision=False)).eval()
@@ -164,7 +164,7 @@ def _write_brats_folder(root, layouts=("2023", "2021", "2023")):
 
 
 def test_real_cases_are_preprocessed_like_inference_with_aligned_labels(tmp_path):
-    from brainunet.realdata import load_labelled_case
+    from brainunet_lab.realdata import load_labelled_case
 
     shape = (40, 48, 36)
     flipped = synthetic.default_affine(shape, (2.4, 2.4, 2.4))
@@ -181,8 +181,8 @@ def test_real_cases_are_preprocessed_like_inference_with_aligned_labels(tmp_path
 
 
 def test_real_case_augmentation_warps_image_labels_and_mask_together(tmp_path):
-    from brainunet.realdata import load_labelled_case
-    from brainunet.training import augment_real
+    from brainunet_lab.realdata import load_labelled_case
+    from brainunet_lab.training import augment_real
 
     synthetic.write_case(tmp_path / "c", "c", seed=3, shape=(40, 48, 36))
     case = load_labelled_case(tmp_path / "c", (2.4, 2.4, 2.4))
@@ -203,7 +203,7 @@ def test_real_case_augmentation_warps_image_labels_and_mask_together(tmp_path):
 def test_real_data_errors_are_clear(tmp_path):
     import nibabel as nib
 
-    from brainunet.realdata import find_labelled_cases, load_labelled_case, stratified_folds
+    from brainunet_lab.realdata import find_labelled_cases, load_labelled_case, stratified_folds
 
     with pytest.raises(InputError, match="No labelled cases"):
         find_labelled_cases(tmp_path)
@@ -283,7 +283,8 @@ def test_cli_finetune_on_pseudo_labels_named_by_a_pattern(tiny_run, tmp_path, ca
 def test_tumour_threshold_corrects_over_segmentation():
     """A network that spreads low-confidence tumour around the true lesion: argmax over-segments,
     a higher P(tumour) threshold trims it, and the sweep picks that threshold."""
-    from brainunet import calibration, postprocess
+    from brainunet import postprocess
+    from brainunet_lab import calibration
 
     grid = np.stack(np.meshgrid(*[np.arange(32)] * 3, indexing="ij"))
     radius = np.sqrt(((grid - 16) ** 2).sum(0))
@@ -372,7 +373,7 @@ def test_distributed_training_with_torchrun(tmp_path):
         "import sys\n"
         "import torch.distributed as dist\n"
         "from brainunet.errors import InputError\n"
-        "from brainunet.training import TrainConfig, train\n"
+        "from brainunet_lab.training import TrainConfig, train\n"
         "try:\n"
         "    train(TrainConfig.from_file(sys.argv[1]), sys.argv[2], progress=False)\n"
         "except InputError as exc:\n"
@@ -389,9 +390,9 @@ def test_every_shipped_training_config_is_valid():
     """The configs that reproduce the bundled model (and the paper-size run) parse and validate."""
     from pathlib import Path
 
-    import brainunet
+    import brainunet_lab
 
-    configs = sorted((Path(brainunet.__file__).parent / "configs").glob("*.json"))
+    configs = sorted((Path(brainunet_lab.__file__).parent / "configs").glob("*.json"))
     assert len(configs) >= 5
     for path in configs:
         config = TrainConfig.from_file(path)
@@ -400,7 +401,7 @@ def test_every_shipped_training_config_is_valid():
 
 
 def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(tiny_run, tmp_path, capsys):
-    from brainunet import crossval
+    from brainunet_lab import crossval
 
     _, base = tiny_run
     data = _write_brats_folder(tmp_path / "data", ("2023", "2021", "2023", "2023"))
@@ -449,7 +450,7 @@ def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(t
 
 
 def test_preprocessed_case_cache_is_keyed_by_settings_and_source_files(tmp_path):
-    from brainunet.realdata import load_labelled_case
+    from brainunet_lab.realdata import load_labelled_case
 
     paths = synthetic.write_case(tmp_path / "c", "c", seed=3, shape=(40, 48, 36))
     cache = tmp_path / "cache"
@@ -473,7 +474,7 @@ def test_preprocessed_case_cache_is_keyed_by_settings_and_source_files(tmp_path)
 
 
 def test_institution_folds_spread_institutions_and_tumour_sizes():
-    from brainunet.realdata import institution, institution_folds
+    from brainunet_lab.realdata import institution, institution_folds
 
     assert [institution(n) for n in ("Brats18_2013_23_1", "Brats18_CBICA_ABM_1", "Brats18_TCIA10_628_1",
                                      "BraTS2021_00006")] == ["2013", "CBICA", "TCIA", "other"]

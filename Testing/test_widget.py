@@ -38,7 +38,8 @@ def harness(tmp_path):
 
 
 def add_case(h, names=("Case_T1CE", "Case_T2", "Case_FLAIR"), seed=0):
-    from brainunet import mrml, synthetic
+    from brainunet import synthetic
+    from BrainUNetSegmentationLib import mrml
 
     volumes, _ = synthetic.make_case(seed=seed, shape=SHAPE)
     return {role: mrml.add_volume_node(h.scene, volumes[role], name)
@@ -140,7 +141,7 @@ def test_module_description_and_light_imports(harness):
         elif isinstance(node, ast.ImportFrom):
             assert node.module in allowed, ast.unparse(node)
     # the logic class: both bases, built on first use
-    from brainunet.slicer_logic import BrainUNetLogic
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic
 
     cls = harness.module.BrainUNetSegmentationLogic
     assert issubclass(cls, BrainUNetLogic)

@@ -521,7 +521,7 @@ class WidgetHarness:
         setattr(owner, name, value)
 
     def install(self):
-        from brainunet import mrml
+        from BrainUNetSegmentationLib import mrml
 
         application()
         self._previous_handler = QtCore.qInstallMessageHandler(_qt_message_handler)

@@ -1,4 +1,4 @@
-"""Accuracy on every labelled real case: per-region Dice and HD95 (``brainunet.evaluation``) and the
+"""Accuracy on every labelled real case: per-region Dice and HD95 (``brainunet_lab.evaluation``) and the
 BraTS lesion-wise metrics from the official ``brats-evaluation`` package (panoptica, glioma config).
 
 Cases with a ``*seg*`` file are scored against ground truth. With ``--agreement GLOB`` (default
@@ -63,7 +63,8 @@ def lesion_metrics(pred: np.ndarray, ref: np.ndarray, spacing=(1.0, 1.0, 1.0)) -
 def score_case(case: Path, reference: Path, loaded, out_dir: Path) -> dict:
     import nibabel as nib
 
-    from brainunet import evaluation, pipeline
+    from brainunet import pipeline
+    from brainunet_lab import evaluation
     from brainunet.imageio import find_case_files
     from brainunet.labels import to_brats2023
 
@@ -88,7 +89,7 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     from brainunet import pipeline
-    from brainunet.evaluation import find_reference
+    from brainunet_lab.evaluation import find_reference
 
     data = args.data or (common.resolve_case(args).parent if args.smoke else common.REAL_DATA)
     if not data.is_dir():

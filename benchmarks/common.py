@@ -73,7 +73,7 @@ def smoke_case() -> Path:
 
 def case_files(case_dir: Path) -> dict[str, Path]:
     """Modality key -> file, plus 'seg' when the case is labelled."""
-    from brainunet.evaluation import find_reference
+    from brainunet_lab.evaluation import find_reference
     from brainunet.imageio import find_case_files
 
     files = dict(find_case_files(case_dir))

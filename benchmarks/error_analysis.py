@@ -39,7 +39,7 @@ def resolution_ceiling(reference: np.ndarray, spacing_native, spacing_mm: float)
     import torch
     import torch.nn.functional as F
 
-    from brainunet.evaluation import dice
+    from brainunet_lab.evaluation import dice
     from brainunet.labels import REGIONS_BY_KEY
 
     onehot = torch.from_numpy(np.stack([reference == k for k in (0, 1, 2, 3)]).astype(np.float32))[None]
@@ -71,7 +71,7 @@ def border_profile(sample) -> list[float | None]:
     oedema's contrast over healthy white matter."""
     from scipy import ndimage
 
-    from brainunet.montage import HEALTHY_CODES
+    from brainunet_lab.montage import HEALTHY_CODES
 
     wt = sample.labels > 0
     snfh = sample.labels == 2
@@ -95,7 +95,7 @@ def border_profile(sample) -> list[float | None]:
 
 def fp_tissue(case: Path, pred_path: Path, anatomy) -> dict:
     """False-positive voxels on the working grid by healthy tissue, and FLAIR z-scores."""
-    from brainunet import montage
+    from brainunet_lab import montage
 
     truth = montage.load_real(case, anatomy)
     predicted = montage.load_real(case, anatomy, pred_path)
@@ -120,8 +120,9 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
-    from brainunet import montage, pipeline
-    from brainunet.engine import load_anatomy, phantom_anatomy
+    from brainunet import pipeline
+    from brainunet_lab import montage
+    from brainunet_lab.engine import load_anatomy, phantom_anatomy
 
     case = common.resolve_case(args)
     files, reference, ref_img = common.labelled_case(case, "error analysis")

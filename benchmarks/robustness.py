@@ -124,7 +124,7 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     from brainunet import pipeline
-    from brainunet.evaluation import dice
+    from brainunet_lab.evaluation import dice
     from brainunet.imageio import Volume
     from brainunet.labels import REGIONS_BY_KEY
     from brainunet.preprocessing import resample_to_grid

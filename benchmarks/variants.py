@@ -57,7 +57,7 @@ class _Runner:
 
 def _calibration_images(n, shape, spacing_mm, seed=1000):
     """Engine cases (never the evaluation case) cropped/padded to the network input shape."""
-    from brainunet.engine import generate_case, load_anatomy
+    from brainunet_lab.engine import generate_case, load_anatomy
 
     try:
         anatomy = load_anatomy(float(spacing_mm))
@@ -181,7 +181,7 @@ def child(args):
 
 
 def region_dice(pred, ref) -> dict:
-    from brainunet.evaluation import dice
+    from brainunet_lab.evaluation import dice
     from brainunet.labels import ALL_REGIONS
 
     return {r.key: dice(r.mask(pred), r.mask(ref)) for r in ALL_REGIONS}

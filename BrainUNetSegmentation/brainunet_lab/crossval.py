@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .labels import ALL_REGIONS
+from brainunet.errors import InputError
+from brainunet.labels import ALL_REGIONS
 
 CONDITIONS = {"all": None, "no-t2w": "t2w", "no-t1c": "t1c"}
 REGION_KEYS = [r.key for r in ALL_REGIONS]
@@ -130,11 +130,11 @@ def score_fold(weights, held_cases, fold: int, keep_dir, data_dir, device: str =
     choosing post-processing."""
     import nibabel as nib
 
-    from . import pipeline, postprocess
+    from brainunet import pipeline, postprocess
     from .evaluation import evaluate_case, find_reference
-    from .imageio import find_case_files
-    from .inference import predict_probabilities, resolve_device
-    from .labels import to_brats2023
+    from brainunet.imageio import find_case_files
+    from brainunet.inference import predict_probabilities, resolve_device
+    from brainunet.labels import to_brats2023
     from .realdata import institution
 
     device = resolve_device(device)
@@ -257,7 +257,7 @@ def postprocess_grid() -> list[dict]:
 def sweep_postprocess(run_dirs, grid=None) -> list[dict]:
     """Mean held-out Dice per region of every rule in ``grid`` over the kept probabilities of ``run_dirs``'
     folds (native 1 mm crop grid)."""
-    from . import postprocess
+    from brainunet import postprocess
     from .evaluation import dice
 
     grid = grid or postprocess_grid()

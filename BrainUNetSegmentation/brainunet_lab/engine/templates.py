@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from brainunet.errors import InputError
 
 #: name -> (wheel, member path inside the wheel)
 TEMPLATE_FILES = {

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import mrml, synthetic
-from .labels import SUBREGIONS
-from .slicer_logic import BrainUNetLogic, RunOptions
+from brainunet import synthetic
+from . import mrml
+from brainunet.labels import SUBREGIONS
+from .logic import BrainUNetLogic, RunOptions
 
 CASE_NAMES = {"t1c": "Case_T1CE", "t2w": "Case_T2", "t2f": "Case_FLAIR", "t1n": "Case_T1"}
 

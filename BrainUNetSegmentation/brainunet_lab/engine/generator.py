@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..labels import ET, NETC, SNFH
+from brainunet.labels import ET, NETC, SNFH
 from .templates import Anatomy
 
 ENGINE_VERSION = "1.5"
@@ -110,7 +110,7 @@ class EngineConfig:
         d = dict(d or {})
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            from ..errors import InputError
+            from brainunet.errors import InputError
 
             raise InputError(f"Unknown engine setting(s): {', '.join(sorted(unknown))}.")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
@@ -544,7 +544,7 @@ def write_case(folder, seed: int = 0, anatomy: Anatomy | None = None, case_id: s
 
     import nibabel as nib
 
-    from ..synthetic import default_affine
+    from brainunet.synthetic import default_affine
     from .templates import phantom_anatomy
 
     anatomy = anatomy or phantom_anatomy(1.5)

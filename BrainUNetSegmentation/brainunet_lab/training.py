@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import Cancelled, InputError
-from .labels import ALL_REGIONS, CLASS_LABELS
+from brainunet.errors import Cancelled, InputError
+from brainunet.labels import ALL_REGIONS, CLASS_LABELS
 
 SEED_STRIDE = 1_000_003  # training case seed = config.seed * SEED_STRIDE + case index
 VALIDATION_SEED_BASE = 10**12  # validation seeds live far above any training seed
@@ -125,12 +125,12 @@ class TrainConfig:
         return [float(p) for p in EngineConfig.from_dict(self.engine).clip_percentiles]
 
     def network_config(self):
-        from .network import NetworkConfig
+        from brainunet.network import NetworkConfig
 
         return NetworkConfig.from_dict({**self.network, "deep_supervision": self.deep_supervision})
 
     def validate(self, source: str = "training config"):
-        from .network import NetworkConfig
+        from brainunet.network import NetworkConfig
 
         def fail(msg):
             raise InputError(f"{source}: {msg}")
@@ -359,7 +359,7 @@ def _worker_init(_):
 
 
 def predict_labels(model, image: np.ndarray, mask: np.ndarray, patch_size, device, tta: bool = False) -> np.ndarray:
-    from .inference import predict_probabilities
+    from brainunet.inference import predict_probabilities
 
     probs = predict_probabilities(model, image, patch_size, device=device, precision="fp32", tta=tta)
     labels = np.asarray(CLASS_LABELS, np.uint8)[probs.argmax(0)]
@@ -499,7 +499,7 @@ def train(config: TrainConfig, output_dir, resume: bool = False, progress: bool 
     validation_data: LabelledCase list to validate on (default: config.validation_data's folder).
     stop_after_step / time_limit_s: end early with a checkpoint (time-boxed jobs); resume later.
     """
-    from .inference import resolve_device
+    from brainunet.inference import resolve_device
 
     config.validate()
     if config.threads:
@@ -516,9 +516,9 @@ def train(config: TrainConfig, output_dir, resume: bool = False, progress: bool 
 
 def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, data, validation_data,
            stop_after_step: int | None, time_limit_s: float | None, rank: int, world: int, device: str) -> TrainResult:
-    from . import weights as weights_mod
+    from brainunet import weights as weights_mod
     from .losses import build_loss
-    from .network import BrainUNet
+    from brainunet.network import BrainUNet
 
     checkpoint_path = output_dir / "checkpoint.pt"
     is_main = rank == 0
@@ -722,7 +722,7 @@ def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, 
 
 def resolve_model_file(model) -> Path:
     """A weights file path for a file name or a registry model name (downloading it if needed)."""
-    from . import weights as weights_mod
+    from brainunet import weights as weights_mod
 
     if model is not None and (str(model).endswith((".pt", ".pth")) or Path(str(model)).exists()):
         if not Path(model).is_file():
@@ -737,7 +737,7 @@ def resolve_model_file(model) -> Path:
 
 def registry_settings(base_model) -> dict:
     """Settings the registry entry of ``base_model`` (a name, or None = the default) adds to its weights."""
-    from . import weights as weights_mod
+    from brainunet import weights as weights_mod
 
     if base_model is not None and (str(base_model).endswith((".pt", ".pth")) or Path(str(base_model)).exists()):
         return {}
@@ -748,7 +748,7 @@ def registry_settings(base_model) -> dict:
 def finetune_config(base_model, steps: int, lr: float | None = None, engine_fraction: float | None = None,
                     device: str = "auto", seed: int = 0, overrides: dict | None = None) -> TrainConfig:
     """A TrainConfig that continues ``base_model``: same network, spacing and patch, lower LR."""
-    from . import weights as weights_mod
+    from brainunet import weights as weights_mod
 
     path = resolve_model_file(base_model)
     net, payload = weights_mod.load_weights(path)
@@ -847,6 +847,6 @@ def finetune(base_model, data_dir, output_dir, steps: int, folds: int | None = N
 
 
 def _eval_device(device: str) -> str:
-    from .inference import resolve_device
+    from brainunet.inference import resolve_device
 
     return resolve_device(device)

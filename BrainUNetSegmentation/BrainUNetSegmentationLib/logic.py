@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import mrml
-from .cli import PROGRESS_PREFIX, RESULT_PREFIX
-from .errors import BrainUNetError, InputError
-from .imageio import MODALITY_NAMES
+from brainunet.protocol import PROGRESS_PREFIX, RESULT_PREFIX
+from brainunet.errors import BrainUNetError, InputError
+from brainunet.imageio import MODALITY_NAMES
 
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # folder that contains the brainunet package
 
@@ -217,7 +217,7 @@ class BrainUNetLogic:
         import nibabel as nib
         import numpy as np
 
-        from .statistics import read_csv
+        from brainunet.statistics import read_csv
 
         if run.state != "done":
             raise BrainUNetError(run.error or f"The run has not finished (state: {run.state}).")

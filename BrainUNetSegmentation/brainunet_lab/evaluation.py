@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .labels import ALL_REGIONS
+from brainunet.labels import ALL_REGIONS
 
 HD95_EMPTY_MM = 373.128664
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .labels import ALL_REGIONS
+from brainunet.labels import ALL_REGIONS
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 
@@ -21,7 +21,7 @@ def sweep(probabilities: list[np.ndarray], references: list[np.ndarray], masks: 
     """One row per decision rule ("argmax", then each threshold): mean Dice per region over the
     cases, their mean, and the summed whole-tumour false-positive / false-negative voxels."""
     from .evaluation import dice
-    from .postprocess import probabilities_to_labels
+    from brainunet.postprocess import probabilities_to_labels
 
     rows = []
     for threshold in (None, *thresholds):
@@ -50,7 +50,7 @@ def engine_probabilities(model, cases: int, seed_set: int, device: str = "cpu", 
                          anatomy_source: str = "sri24"):
     """Probabilities of ``model`` (a LoadedModel) on held-out engine cases at its working spacing."""
     from .engine import generate_case, load_anatomy
-    from .inference import predict_probabilities
+    from brainunet.inference import predict_probabilities
     from .training import TrainConfig, validation_seeds
 
     pp = model.preprocessing

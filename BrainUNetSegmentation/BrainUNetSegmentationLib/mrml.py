@@ -11,9 +11,9 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .errors import InputError
-from .imageio import Volume, check_volume
-from .labels import SUBREGIONS
+from brainunet.errors import InputError
+from brainunet.imageio import Volume, check_volume
+from brainunet.labels import SUBREGIONS
 
 
 def new_headless_scene():

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .imageio import MODALITY_NAMES, MODALITY_SUFFIXES, find_case_files, load_volume
+from brainunet.errors import InputError
+from brainunet.imageio import MODALITY_NAMES, MODALITY_SUFFIXES, find_case_files, load_volume
 
 # bump when what a cached case holds, or how it is made, changes: old entries are then ignored
 CASE_CACHE_VERSION = 1
@@ -80,7 +80,7 @@ def read_labels(path, name: str) -> tuple[np.ndarray, np.ndarray]:
     """A label map as BraTS 2023 uint8 labels and its affine."""
     import nibabel as nib
 
-    from .labels import to_brats2023
+    from brainunet.labels import to_brats2023
 
     try:
         img = nib.load(str(path))
@@ -141,7 +141,7 @@ def _load_labelled_case(case_dir, spacing_mm, modalities, clip_percentiles, bias
     from nibabel import orientations as ornt
 
     from .evaluation import find_reference
-    from .preprocessing import align_to_reference, prepare
+    from brainunet.preprocessing import align_to_reference, prepare
 
     case_dir = Path(case_dir)
     name = case_dir.name
@@ -251,7 +251,7 @@ def institution_folds(names, wt_volumes, k: int) -> list[list[int]]:
 
 def evaluate_model(model, case_dirs, device: str = "cpu", progress=None, label_pattern: str | None = None) -> list[dict]:
     """Segment each labelled case exactly as ``brainunet evaluate`` does; Dice and HD95 per region."""
-    from . import pipeline
+    from brainunet import pipeline
     from .evaluation import evaluate_case, find_reference
 
     loaded = model if isinstance(model, pipeline.LoadedModel) else pipeline.load_model(model, device=device)

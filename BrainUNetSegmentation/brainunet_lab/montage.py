@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .labels import ET, NETC, SNFH, to_brats2023
+from brainunet.errors import InputError
+from brainunet.labels import ET, NETC, SNFH, to_brats2023
 
 MODALITIES = ("t1c", "t2w", "t2f")  # the engine's channel order
 MODALITY_LABELS = {"t1c": "T1CE", "t2w": "T2W", "t2f": "FLAIR"}
@@ -78,8 +78,8 @@ class Sample:
 def load_real(case_dir, anatomy, labels_path=None, tissue_method: str = "posterior") -> Sample:
     """A BraTS-layout folder, preprocessed as inference does, at ``anatomy``'s spacing."""
     from .evaluation import find_reference
-    from .imageio import find_case_files, load_volume
-    from .preprocessing import align_to_reference, prepare
+    from brainunet.imageio import find_case_files, load_volume
+    from brainunet.preprocessing import align_to_reference, prepare
 
     case_dir = Path(case_dir)
     if not case_dir.is_dir():
@@ -107,8 +107,8 @@ def _read_labels(path, reference) -> np.ndarray:
     """Labels resampled (nearest neighbour) onto the reference (T1CE) grid, BraTS 2023 values."""
     import nibabel as nib
 
-    from .imageio import Volume
-    from .preprocessing import resample_to_grid
+    from brainunet.imageio import Volume
+    from brainunet.preprocessing import resample_to_grid
 
     path = Path(path)
     if not path.is_file():
@@ -424,7 +424,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from .inference import resolve_device
+    from brainunet.inference import resolve_device
 
     files, rows = make_montage(args.real, args.synthetic, args.seed, args.output_dir, args.spacing, args.anatomy,
                                args.real_labels, args.coronal, resolve_device(args.device), args.real_tissue)
