@@ -76,7 +76,7 @@ def test_batch_reads_brats2021_and_2023_layouts(tmp_path):
     assert (tmp_path / "out" / "BraTS-GLI-00001-000-seg.nii.gz").exists()
     assert (tmp_path / "out" / "BraTS2021_00001-seg.nii.gz").exists()
     assert (tmp_path / "out" / "BraTS2021_00001-stats.csv").exists()
-    assert "notes: skipped" in r.stderr and "Missing input" in r.stderr
+    assert "notes: failed, nothing written" in r.stderr and "Missing input" in r.stderr
     assert r.returncode == 1  # one case could not be done
 
 

@@ -69,7 +69,7 @@ def test_registry_default_and_offline_download(tmp_path, monkeypatch):
     entries = [weights.ModelEntry("remote", "network", "d", file="remote.pt", sha256=sha, url=src.as_uri()),
                weights.ModelEntry("intensity-baseline", "baseline", "b")]
     reg = tmp_path / "models"
-    assert weights.default_model(entries, reg).name == "intensity-baseline"  # not downloaded yet
+    assert weights.default_model(entries, reg).name == "remote"  # downloadable: fetched on first use
     path = weights.ensure_weights(entries[0], reg)
     assert path.exists() and weights.sha256_of(path) == sha
     assert weights.default_model(entries, reg).name == "remote"
@@ -173,3 +173,15 @@ def test_brainunet_model_environment_variable_picks_the_default(monkeypatch):
     monkeypatch.setenv("BRAINUNET_MODEL", "nope")
     with pytest.raises(WeightsError, match="Unknown model 'nope'"):
         weights.default_model(entries)
+
+
+def test_missing_bundled_weights_are_an_error_not_a_silent_intensity_rule(tmp_path, monkeypatch):
+    monkeypatch.delenv("BRAINUNET_MODEL", raising=False)
+    entries = [weights.ModelEntry("bundled", "network", "d", file="bundled.pt", sha256="0" * 64),
+               weights.ModelEntry("intensity-baseline", "baseline", "b")]
+    with pytest.raises(WeightsError, match="weights of the default model 'bundled' are missing"):
+        weights.default_model(entries, tmp_path)
+    with pytest.raises(WeightsError, match="No trained model"):
+        weights.default_model(entries[1:], tmp_path)
+    monkeypatch.setenv("BRAINUNET_MODEL", "intensity-baseline")  # the rule runs when asked for by name
+    assert weights.default_model(entries, tmp_path).name == "intensity-baseline"

@@ -49,6 +49,16 @@ class Progress:
             self.bar.close()
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
+    return value
+
+
 def _add_model_args(p):
     p.add_argument("--model", help="registry name or weights file (default: best installed model)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the network")
@@ -57,7 +67,7 @@ def _add_model_args(p):
                    help="network arithmetic; auto (default, or $BRAINUNET_PRECISION): bf16 only on a CPU with "
                         "native bf16 (AVX512-BF16/AMX), else fp32")
     p.add_argument("--progress", default="bar", choices=["bar", "machine", "none"])
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: all cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EXIT_CODES_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("segment", help="segment one case")
+    p = sub.add_parser("segment", help="segment one case",
+                       description="Segment one case. Required: --t1c, --t2w and --t2f (a model trained with "
+                                   "modality dropout, like the bundled one, runs with one of them missing) and "
+                                   "--output. Outputs are written only when every one is complete; inputs are "
+                                   "never changed.", epilog=EXIT_CODES_HELP)
     # All three are needed, except that a model trained with modality dropout copes with one missing
     # (old protocols often lack a sequence); pipeline.load_inputs says what is missing.
     p.add_argument("--t1c", help="T1 contrast-enhanced (reference grid of the output)")
@@ -78,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", help="PNG overlay of the result")
     _add_model_args(p)
 
-    p = sub.add_parser("batch", help="segment every BraTS-layout case folder inside DIR")
+    p = sub.add_parser("batch", help="segment every BraTS-layout case folder inside DIR",
+                       description="Segment every case folder inside DIR (BraTS 2021 or 2023 file names). A case "
+                                   "that fails is reported and skipped; the others go on.",
+                       epilog="exit status: 0 every case segmented; 1 some cases failed (each named above the "
+                              "summary); 2 nothing to do (bad folder or options); 3 missing or corrupt weights")
     p.add_argument("data_dir")
     p.add_argument("--output-dir", help="where to write <case>-seg.nii.gz (default: DIR/brainunet)")
     p.add_argument("--format", default="nii.gz", choices=["nii.gz", "seg.nrrd"])
@@ -169,6 +187,7 @@ def _report(args, result):
 def cmd_batch(args) -> int:
     from . import pipeline
     from .imageio import find_case_files
+    from .outputs import OutputError
 
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
@@ -193,12 +212,13 @@ def cmd_batch(args) -> int:
                 pipeline.run({k: files.get(k) for k in ("t1c", "t2w", "t2f", "t1n")}, out, stats,
                              device=args.device, tta=args.tta, precision=args.precision, progress=case_progress,
                              loaded_model=loaded)
-            except InputError as exc:
+            except (InputError, OutputError) as exc:
                 failures += 1
-                _say(args, f"{case.name}: skipped: {exc}")
+                _say(args, f"{case.name}: failed, nothing written: {exc}")
     finally:
         progress.close()
-    print(f"{len(cases) - failures} of {len(cases)} cases segmented into {out_dir}")
+    print(f"{len(cases) - failures} of {len(cases)} cases segmented into {out_dir}"
+          + (f"; {failures} failed (named above)" if failures else ""))
     return 0 if failures == 0 else 1
 
 
@@ -243,11 +263,15 @@ def cmd_models(args) -> int:
     from . import weights
 
     entries = weights.load_registry()
-    default = weights.default_model(entries)
+    try:
+        default_name = weights.default_model(entries).name
+    except WeightsError as exc:
+        default_name = None
+        print(f"warning: {exc}", file=sys.stderr)
     for e in entries:
         path = e.path()
         state = "baseline" if e.kind == "baseline" else ("installed" if path and path.exists() else "not installed")
-        mark = "*" if e.name == default.name else " "
+        mark = "*" if e.name == default_name else " "
         settings = e.extra.get("settings")
         extra = f" [settings: {', '.join(f'{k}={v}' for k, v in settings.items())}]" if settings else ""
         print(f"{mark} {e.name:28s} {state:14s} {e.description}{extra}")

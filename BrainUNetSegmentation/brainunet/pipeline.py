@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .imageio import MODALITY_NAMES, Volume, check_writable, load_volume, save_label_nifti
+from .imageio import MODALITY_NAMES, Volume, load_volume, save_label_nifti
+from .outputs import OutputSet, check_outputs
 from .labels import SUBREGIONS
 from . import weights as weights_mod
 
@@ -237,13 +238,8 @@ def run(paths: dict, output, stats_csv=None, overlay_png=None, model: str | Path
     from .statistics import write_csv
 
     outputs = {"labels": output, "seg_nrrd": seg_nrrd, "stats": stats_csv, "overlay": overlay_png}
-    outputs = {k: Path(v) for k, v in outputs.items() if v}
+    outputs = check_outputs({k: Path(v) for k, v in outputs.items() if v}, [p for p in paths.values() if p])
     kind = output_kind(outputs["labels"])
-    inputs = {Path(p).resolve() for p in paths.values() if p}
-    for p in outputs.values():
-        if p.resolve() in inputs:
-            raise InputError(f"Output {p} is one of the input images; choose another file name so no input is overwritten.")
-        check_writable(p)
     volumes = load_inputs(paths)
     device = resolve_device(device)
     t = time.perf_counter()
@@ -252,15 +248,19 @@ def run(paths: dict, output, stats_csv=None, overlay_png=None, model: str | Path
     result = segment(volumes, loaded, device=device, tta=tta, progress=progress, should_cancel=should_cancel,
                      precision=precision)
     result.timings["model_load_s"] = load_s
-    if kind == "seg.nrrd":
-        write_seg_nrrd(result.labels, result.reference.affine, outputs["labels"])
-    else:
-        save_label_nifti(result.labels, result.reference, outputs["labels"])
-    if "seg_nrrd" in outputs:
-        write_seg_nrrd(result.labels, result.reference.affine, outputs["seg_nrrd"])
-    if "stats" in outputs:
-        write_csv(result.statistics, outputs["stats"])
-    if "overlay" in outputs:
-        write_overlay_png(result, outputs["overlay"])
-    result.outputs = outputs
+    writers = {
+        "labels": (lambda p: write_seg_nrrd(result.labels, result.reference.affine, p)) if kind == "seg.nrrd"
+        else (lambda p: save_label_nifti(result.labels, result.reference, p)),
+        "seg_nrrd": lambda p: write_seg_nrrd(result.labels, result.reference.affine, p),
+        "stats": lambda p: write_csv(result.statistics, p),
+        "overlay": lambda p: write_overlay_png(result, p),
+    }
+    with OutputSet(outputs) as out:
+        for key in outputs:
+            out.write(key, writers[key])
+            if should_cancel and should_cancel():
+                from .errors import Cancelled
+
+                raise Cancelled()
+        result.outputs = out.commit()
     return result

@@ -71,19 +71,23 @@ def load_registry(path: Path = REGISTRY_PATH) -> list[ModelEntry]:
 
 
 def default_model(entries: list[ModelEntry] | None = None, registry_dir: Path = MODELS_DIR) -> ModelEntry:
-    """``$BRAINUNET_MODEL`` if set (a registry name), else the first registered network whose
-    weights are present, else the intensity baseline."""
+    """``$BRAINUNET_MODEL`` if set (a registry name), else the first registered network. Its weights must
+    be present or downloadable: a missing weights file is an error (exit 3), never a silent switch to
+    the intensity rule, which runs only when asked for by name."""
     entries = load_registry() if entries is None else entries
     chosen = os.environ.get("BRAINUNET_MODEL")
     if chosen:
         return find_model(chosen, entries)
     for e in entries:
-        if e.kind == "network" and e.path(registry_dir) is not None and e.path(registry_dir).exists():
+        if e.kind == "network":
+            path = e.path(registry_dir)
+            if path is not None and not path.exists() and not e.url:
+                raise WeightsError(f"The weights of the default model '{e.name}' are missing ({path}). Reinstall "
+                                   "BrainUNet, or pass --model with a weights file (--model intensity-baseline runs "
+                                   "the transparent intensity rule, which is not a trained network).")
             return e
-    for e in entries:
-        if e.kind == "baseline":
-            return e
-    raise WeightsError("No usable model is registered: reinstall BrainUNet.")
+    raise WeightsError("No trained model is registered: reinstall BrainUNet, or pass --model with a weights file "
+                       "(--model intensity-baseline runs the transparent intensity rule).")
 
 
 def find_model(name: str, entries: list[ModelEntry] | None = None) -> ModelEntry:

@@ -1,0 +1,158 @@
+"""Outputs that never lose anything: checked before any work, written to temporary files beside their
+final place, and moved into place together only when every one of them has been written.
+
+- An output that is one of the inputs (same path, another spelling, a hard or symbolic link), two
+  outputs that are the same file, an output that is a folder or not a regular file (a device such as
+  /dev/full), or a folder that cannot be written is refused before anything is computed.
+- A refused run creates no folder: missing folders are made only when the outputs are moved in.
+- A write error (disk full, permission, ...) removes every temporary file, leaves existing files as they
+  were, and raises ``OutputError`` (exit 2) naming the file and the cause.
+- Ctrl-C or SIGTERM (Slicer's Cancel) before the move leaves nothing behind; the move itself runs with
+  those signals held, so a cancelled run never leaves part of a set in place. A killed process
+  (SIGKILL) can leave only a hidden ``.brainunet-*`` temporary file, never a truncated output.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import BrainUNetError, InputError
+
+TEMP_PREFIX = ".brainunet-"
+
+
+class OutputError(BrainUNetError):
+    """An output could not be written; nothing was changed."""
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Same file by path after resolving links, or by device and inode (hard links) when both exist."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _nearest_existing(path: Path) -> Path:
+    for p in [path, *path.parents]:
+        if p.exists():
+            return p
+    return Path(".")
+
+
+def check_outputs(outputs: dict[str, Path], inputs=()) -> dict[str, Path]:
+    """Refuse, with a message saying what to change, any output set that could lose or mix up a file.
+    Creates nothing."""
+    outputs = {k: Path(v) for k, v in outputs.items() if v}
+    inputs = [Path(p) for p in inputs if p]
+    for key, path in outputs.items():
+        for source in inputs:
+            if _same_file(path, source):
+                raise InputError(f"Output {path} is one of the input images ({source}); choose another file "
+                                 "name so no input is overwritten.")
+        if path.is_dir():
+            raise InputError(f"Output {path} is a folder; give a file name such as {path / 'segmentation.nii.gz'}.")
+        if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+            raise InputError(f"Output {path} is not a regular file (a device or a pipe); give a file name in a "
+                             "folder you can write to.")
+        parent = path.parent if str(path.parent) else Path(".")
+        existing = _nearest_existing(parent)
+        if not existing.is_dir():
+            raise InputError(f"Cannot write to {path}: {existing} is a file, not a folder. Choose another location.")
+        if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise InputError(f"Cannot write to {path}: permission denied. Choose a folder you can write to.")
+    keys = list(outputs)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            if _same_file(outputs[a], outputs[b]):
+                raise InputError(f"The {a} and {b} outputs are the same file ({outputs[a]}); give each its own "
+                                 "file name.")
+    return outputs
+
+
+@contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait until the block ends (POSIX main thread; elsewhere a no-op)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):  # Windows, or not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class OutputSet:
+    """Write each output with ``write(key, writer)`` (``writer(temp_path)`` writes the file), then
+    ``commit()`` moves them all into place. Use as a context manager: leaving it without a commit
+    (an error, a cancel) removes every temporary file."""
+
+    def __init__(self, outputs: dict[str, Path]):
+        self.outputs = {k: Path(v) for k, v in outputs.items()}
+        self.temps: dict[str, Path] = {}
+        self.created: list[Path] = []  # folders this set made, removed again if it is discarded
+
+    def temp_path(self, key: str) -> Path:
+        final = self.outputs[key]
+        # same folder (so the move is a rename on one file system) and same name ending (writers pick
+        # the format from it: .nii.gz, .seg.nrrd, .png)
+        return final.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{final.name}")
+
+    def write(self, key: str, writer) -> Path:
+        final = self.outputs[key]
+        missing = [p for p in [final.parent, *final.parent.parents] if not p.exists()]
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.created += [p for p in missing if p not in self.created]
+        except OSError as exc:
+            raise OutputError(f"Cannot create the folder {final.parent}: {exc.strerror or exc}. Nothing was written; "
+                              "choose another location.") from exc
+        temp = self.temp_path(key)
+        self.temps[key] = temp
+        try:
+            writer(temp)
+        except OSError as exc:
+            raise OutputError(f"Cannot write {final}: {exc.strerror or exc}. Nothing was written; free some space "
+                              "or choose another location.") from exc
+        return temp
+
+    def commit(self) -> dict[str, Path]:
+        with _signals_held():
+            for key, temp in self.temps.items():
+                try:
+                    os.replace(temp, self.outputs[key])
+                except OSError as exc:
+                    raise OutputError(f"Cannot move {self.outputs[key]} into place: {exc.strerror or exc}.") from exc
+            self.temps = {}
+            self.created = []
+        return dict(self.outputs)
+
+    def discard(self):
+        for temp in self.temps.values():
+            try:
+                temp.unlink()
+            except OSError:
+                pass
+        self.temps = {}
+        for folder in sorted(self.created, key=lambda p: len(p.parts), reverse=True):
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                pass
+        self.created = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.discard()
+        return False

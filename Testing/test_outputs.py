@@ -1,0 +1,120 @@
+"""Outputs never lose anything: inputs are never overwritten (links included), colliding outputs and
+non-regular files are refused, a write error or a cancel leaves no partial set and no temporary file,
+a refused run creates no folder, and the command line says what it needs and how it exits."""
+import errno
+import os
+
+import pytest
+
+from conftest import case_args
+
+from brainunet import cli, pipeline
+from brainunet.errors import Cancelled
+
+
+def run(*args):
+    return cli.main([*map(str, args), "--progress", "none"])
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_hard_or_symbolic_link_to_an_input_is_refused_and_the_input_kept(tmp_path, synthetic_case, capsys):
+    before = synthetic_case["t1c"].read_bytes()
+    hard = tmp_path / "labels.nii.gz"
+    os.link(synthetic_case["t1c"], hard)
+    assert run("segment", *case_args(synthetic_case), "--output", hard) == 2
+    soft = tmp_path / "soft.nii.gz"
+    soft.symlink_to(synthetic_case["t2w"])
+    assert run("segment", *case_args(synthetic_case), "--output", tmp_path / "ok.nii.gz", "--stats", soft) == 2
+    assert capsys.readouterr().err.count("one of the input images") == 2
+    assert synthetic_case["t1c"].read_bytes() == before and hard.read_bytes() == before
+    assert not (tmp_path / "ok.nii.gz").exists()
+
+
+def test_outputs_that_are_the_same_file_or_not_regular_files_are_refused(tmp_path, synthetic_case, capsys):
+    out = tmp_path / "x.nii.gz"
+    assert run("segment", *case_args(synthetic_case), "--output", out, "--seg-nrrd", tmp_path / "a.seg.nrrd",
+               "--stats", tmp_path / "same", "--overlay", tmp_path / "." / "same") == 2
+    assert "same file" in capsys.readouterr().err
+    assert run("segment", *case_args(synthetic_case), "--output", out, "--stats", "/dev/full") == 2
+    err = capsys.readouterr().err
+    assert "not a regular file" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_error_gives_exit_2_and_leaves_the_previous_outputs_as_they_were(tmp_path, synthetic_case, capsys,
+                                                                                 monkeypatch):
+    out = tmp_path / "out"
+    args = ["segment", *case_args(synthetic_case), "--output", out / "x.nii.gz", "--stats", out / "x.csv",
+            "--overlay", out / "x.png"]
+    assert run(*args) == 0
+    before = snapshot(out)
+
+    def disk_full(result, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "write_overlay_png", disk_full)
+    capsys.readouterr()
+    assert run(*args) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Nothing was written" in err and "Traceback" not in err
+    assert snapshot(out) == before  # the earlier run's files, untouched; no temporary file left
+    fresh = tmp_path / "new" / "deeper"
+    assert run("segment", *case_args(synthetic_case), "--output", fresh / "x.nii.gz", "--overlay", fresh / "x.png") == 2
+    assert not (tmp_path / "new").exists()  # the folders it made for the failed set are gone too
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, Cancelled])
+def test_an_interrupt_during_the_write_leaves_nothing_behind(tmp_path, synthetic_case, monkeypatch, interrupt):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.nii.gz").write_bytes(b"an older result")
+
+    def interrupted(rows, path):
+        with open(path, "w") as f:
+            f.write("region,volume")
+        raise interrupt()
+
+    import brainunet.statistics as statistics
+
+    monkeypatch.setattr(statistics, "write_csv", interrupted)
+    assert run("segment", *case_args(synthetic_case), "--output", out / "x.nii.gz", "--stats", out / "x.csv") == 130
+    assert snapshot(out) == {"x.nii.gz": b"an older result"}
+
+
+def test_a_refused_run_creates_no_folder(tmp_path, synthetic_case):
+    target = tmp_path / "a" / "b" / "labels.nii.gz"
+    missing = dict(synthetic_case, t2w=tmp_path / "missing.nii.gz")
+    assert run("segment", *case_args(missing), "--output", target) == 2
+    assert not (tmp_path / "a").exists()
+
+
+def test_options_are_range_checked_and_help_lists_inputs_and_exit_codes(tmp_path, synthetic_case, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run("segment", *case_args(synthetic_case), "--output", tmp_path / "x.nii.gz", "--threads", "-1")
+    assert exit_.value.code == 2 and "give 1 or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["segment", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for needed in ("--t1c", "--t2w", "--t2f", "--output", "Required", "3 missing or corrupt weights", "130 cancelled"):
+        assert needed in text
+    assert not list(tmp_path.iterdir())
+
+
+def test_batch_reports_each_failure_goes_on_and_summarises(tmp_path, capsys):
+    from brainunet import synthetic
+
+    data = tmp_path / "data"
+    for i in range(3):
+        synthetic.write_case(data / f"case{i}", f"case{i}", seed=i, shape=(40, 48, 36), spacing=(2.4, 2.4, 2.4))
+    next((data / "case1").glob("*-t2w.nii.gz")).write_bytes(b"not an image")
+    assert run("batch", data, "--output-dir", tmp_path / "out") == 1
+    captured = capsys.readouterr()
+    assert "case1: failed, nothing written" in captured.err
+    assert "2 of 3 cases segmented" in captured.out and "1 failed" in captured.out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".nii.gz")) == \
+        ["case0-seg.nii.gz", "case2-seg.nii.gz"]
