@@ -175,6 +175,8 @@ def _load_model(args, progress):
 
 
 def _report(args, result):
+    for note in result.notes:
+        _say(args, f"Note: {note}")
     wt = next(r for r in result.statistics if r["region"] == "WT")
     outs = ", ".join(str(p) for p in result.outputs.values())
     line = (f"{result.model_name}: WT {wt['volume_ml']:.1f} mL in {result.timings['total_s']:.1f} s -> {outs}")

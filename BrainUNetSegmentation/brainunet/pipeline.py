@@ -60,6 +60,7 @@ class SegmentationResult:
     model_name: str
     timings: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was done to the input ("brain extracted ...")
 
 
 def load_inputs(paths: dict[str, str | Path | None]) -> dict[str, Volume]:
@@ -90,12 +91,30 @@ def reference_key(volumes: dict) -> str:
     return next(k for k in ("t1c", "t2f", "t2w") + tuple(volumes) if k in volumes)
 
 
-def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing: bool = False):
-    """(raw intensities on the reference grid, the network's input) as the model's settings say."""
+def extract_brain_if_needed(aligned: dict[str, np.ndarray], reference: Volume, ref_key: str, notes: list) -> None:
+    """Zero everything outside the brain (in place) when the reference sequence still holds the head."""
+    from .brainmask import check_and_extract
+
+    extraction = check_and_extract(aligned[ref_key], reference.affine, reference.spacing)
+    if not extraction.needed:
+        return
+    for key in aligned:
+        aligned[key] = np.where(extraction.mask, aligned[key], 0).astype(np.float32)
+    notes.append(f"brain extracted (deepbet): {extraction.brain_ml:.0f} mL of brain kept from a "
+                 f"{extraction.head_ml:.0f} mL head, because {extraction.reason}")
+
+
+def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing: bool = False,
+                   notes: list | None = None, brain_extraction: bool = True):
+    """(raw intensities on the reference grid, the network's input) as the model's settings say.
+    ``brain_extraction``: extract the brain when the image is not skull-stripped (detected from the
+    image); what was done is appended to ``notes``."""
     from . import preprocessing
 
     ref_key = reference_key(volumes)
     aligned = preprocessing.align_to_reference(volumes, ref_key)
+    if brain_extraction:
+        extract_brain_if_needed(aligned, volumes[ref_key], ref_key, notes if notes is not None else [])
     pp = model.preprocessing
     prepared = preprocessing.prepare(aligned, volumes[ref_key], model.modalities, pp["spacing_mm"],
                                      pp.get("clip_percentiles", (0.5, 99.5)), allow_missing=allow_missing,
@@ -122,7 +141,10 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
         names = ", ".join(MODALITY_NAMES.get(m, m) for m in missing)
         log.warning("%s missing: segmenting without it (expect lower accuracy, above all for ET without T1CE).", names)
     report(0.02, f"Aligning inputs to the {MODALITY_NAMES.get(ref_key, ref_key)} grid")
-    aligned, prepared = prepare_inputs(volumes, model, allow_missing=bool(missing))
+    notes: list[str] = []
+    aligned, prepared = prepare_inputs(volumes, model, allow_missing=bool(missing), notes=notes)
+    for note in notes:
+        log.info(note)
     pp = model.preprocessing
     timings["preprocess_s"] = time.perf_counter() - t0
     report(0.10, f"Running {model.entry_name}")
@@ -151,7 +173,7 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
     timings["postprocess_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
     report(1.0, "Done")
-    return SegmentationResult(labels, ref, aligned, stats, model.entry_name, timings)
+    return SegmentationResult(labels, ref, aligned, stats, model.entry_name, timings, notes=notes)
 
 
 def segmentation_dict(labels: np.ndarray, affine_ras: np.ndarray) -> dict:
