@@ -15,6 +15,7 @@ from .errors import InputError
 from .imageio import MODALITY_NAMES, Volume, load_volume, save_label_nifti
 from .outputs import OutputSet, check_outputs
 from .labels import SUBREGIONS
+from . import plausibility
 from . import weights as weights_mod
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,10 @@ def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing
 
     ref_key = reference_key(volumes)
     aligned = preprocessing.align_to_reference(volumes, ref_key)
+    notes = notes if notes is not None else []
     if brain_extraction:
-        extract_brain_if_needed(aligned, volumes[ref_key], ref_key, notes if notes is not None else [])
+        extract_brain_if_needed(aligned, volumes[ref_key], ref_key, notes)
+    notes += plausibility.contrast_warnings(aligned)
     pp = model.preprocessing
     prepared = preprocessing.prepare(aligned, volumes[ref_key], model.modalities, pp["spacing_mm"],
                                      pp.get("clip_percentiles", (0.5, 99.5)), allow_missing=allow_missing,
@@ -135,6 +138,7 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
 
     timings = {}
     t0 = time.perf_counter()
+    plausibility.check_images(volumes)
     missing = check_modalities(volumes, model)
     ref_key = reference_key(volumes)
     if missing:
@@ -170,6 +174,8 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
     labels = prepared.restore_labels(crop_labels)
     ref = volumes[ref_key]
     stats = statistics.region_statistics(labels, ref.affine, aligned)
+    voxel_ml = float(np.prod(ref.spacing)) / 1000.0
+    notes += plausibility.size_warnings(float((labels > 0).sum()) * voxel_ml, float(prepared.crop_mask.sum()) * voxel_ml)
     timings["postprocess_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
     report(1.0, "Done")
@@ -203,6 +209,23 @@ def write_seg_nrrd(labels: np.ndarray, affine_ras: np.ndarray, path) -> Path:
     return Path(path)
 
 
+def overlay_views(result: SegmentationResult, background: str = "t2f") -> list[tuple]:
+    """(title, image slice, label slice, aspect) for the axial, coronal and sagittal slices through the
+    tumour centre, in RAS order; ``aspect`` (height / width of a pixel) draws a thick-slice scan
+    (0.9 x 0.9 x 5.5 mm) in true proportions."""
+    from nibabel import orientations as o
+
+    to_ras = o.ornt_transform(o.io_orientation(result.reference.affine), o.axcodes2ornt("RAS"))
+    img = o.apply_orientation(result.aligned.get(background, result.reference.data), to_ras)
+    lab = o.apply_orientation(result.labels, to_ras)
+    centre = np.argwhere(lab > 0).mean(axis=0).round().astype(int) if lab.any() else np.array(lab.shape) // 2
+    ras_axes = [int(np.flatnonzero(np.asarray(to_ras)[:, 0] == a)[0]) for a in range(3)]
+    size = [float(result.reference.spacing[i]) for i in ras_axes]  # voxel size along R, A, S
+    return [("Axial", img[:, :, centre[2]], lab[:, :, centre[2]], size[1] / size[0]),
+            ("Coronal", img[:, centre[1], :], lab[:, centre[1], :], size[2] / size[0]),
+            ("Sagittal", img[centre[0], :, :], lab[centre[0], :, :], size[2] / size[1])]
+
+
 def write_overlay_png(result: SegmentationResult, path, background: str = "t2f") -> Path:
     """Axial, coronal and sagittal slices through the tumour centre with the labels over FLAIR."""
     import matplotlib
@@ -210,24 +233,18 @@ def write_overlay_png(result: SegmentationResult, path, background: str = "t2f")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
-    from nibabel import orientations as o
 
-    to_ras = o.ornt_transform(o.io_orientation(result.reference.affine), o.axcodes2ornt("RAS"))
-    img = o.apply_orientation(result.aligned.get(background, result.reference.data), to_ras)
-    lab = o.apply_orientation(result.labels, to_ras)
-    centre = np.argwhere(lab > 0).mean(axis=0).round().astype(int) if lab.any() else np.array(lab.shape) // 2
+    views = overlay_views(result, background)
+    img = result.aligned.get(background, result.reference.data)
     colours = np.zeros((4, 4))
     for region in SUBREGIONS:
         colours[region.label] = (*region.color, 0.55)
     cmap = ListedColormap(colours)
     lo, hi = np.percentile(img[img != 0], (1, 99)) if np.any(img) else (0, 1)
-    views = [("Axial", img[:, :, centre[2]], lab[:, :, centre[2]]),
-             ("Coronal", img[:, centre[1], :], lab[:, centre[1], :]),
-             ("Sagittal", img[centre[0], :, :], lab[centre[0], :, :])]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), facecolor="black")
-    for ax, (title, im, lb) in zip(axes, views):
-        ax.imshow(im.T, cmap="gray", origin="lower", vmin=lo, vmax=hi)
-        ax.imshow(lb.T, cmap=cmap, origin="lower", vmin=0, vmax=3, interpolation="nearest")
+    for ax, (title, im, lb, aspect) in zip(axes, views):
+        ax.imshow(im.T, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect)
+        ax.imshow(lb.T, cmap=cmap, origin="lower", vmin=0, vmax=3, interpolation="nearest", aspect=aspect)
         ax.set_title(title, color="white")
         ax.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, color=r.color) for r in SUBREGIONS]
@@ -260,6 +277,7 @@ def run(paths: dict, output, stats_csv=None, overlay_png=None, model: str | Path
     from .statistics import write_csv
 
     outputs = {"labels": output, "seg_nrrd": seg_nrrd, "stats": stats_csv, "overlay": overlay_png}
+    plausibility.check_distinct_files(paths)
     outputs = check_outputs({k: Path(v) for k, v in outputs.items() if v}, [p for p in paths.values() if p])
     kind = output_kind(outputs["labels"])
     volumes = load_inputs(paths)

@@ -1,0 +1,99 @@
+"""Checks that the images are what they are named, before a segmentation is made from them.
+
+Refusals (``InputError``, exit 2), because no segmentation of such input can be right:
+- one file (or identical voxels) given for two sequences;
+- a label map or a binary mask given as an image;
+- an image with almost no signal.
+Warnings (a note in the run's output and in the log), because the input may still be right:
+- T2W and FLAIR that look swapped (on T2W the CSF is bright, on FLAIR it is dark);
+- a tumour implausibly large for the brain.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .imageio import MODALITY_NAMES
+
+MAX_LABEL_VALUES = 8  # an MR image has far more distinct intensities than any label map
+MIN_SIGNAL_VOXELS = 1000  # fewer non-zero voxels than this is no brain image
+BRIGHT_FACTOR = 1.5  # "bright" = above 1.5 x the brain's median
+SWAP_RATIO = 0.8  # T2W's bright (CSF) fraction below 0.8 x FLAIR's: the two look swapped
+MAX_TUMOUR_FRACTION = 0.5  # a whole tumour over half the brain is implausible
+
+
+def _name(key: str) -> str:
+    return MODALITY_NAMES.get(key, key)
+
+
+def check_distinct_files(paths: dict) -> None:
+    """One file given for two sequences (same path, link or hard link) is refused."""
+    items = [(k, Path(p)) for k, p in paths.items() if p]
+    for i, (ka, pa) in enumerate(items):
+        for kb, pb in items[i + 1:]:
+            try:
+                same = pa.resolve() == pb.resolve() or (pa.exists() and pb.exists() and os.path.samefile(pa, pb))
+            except OSError:
+                same = False
+            if same:
+                raise InputError(f"The same file ({pa}) is given as {_name(ka)} and {_name(kb)}; select the right image "
+                                 "for each sequence.")
+
+
+def check_images(volumes: dict) -> None:
+    """Refuse label maps, masks, images without signal, and identical images given for two sequences."""
+    digests = {}
+    for key, vol in volumes.items():
+        data = vol.data
+        nonzero = int(np.count_nonzero(data))
+        if nonzero < MIN_SIGNAL_VOXELS:
+            raise InputError(f"{_name(key)} has almost no signal ({nonzero} non-zero voxels); check that the right "
+                             "series was selected and exported completely.")
+        sample = data[::3, ::3, ::3]
+        values = np.unique(sample[:, :, :])
+        if values.size <= MAX_LABEL_VALUES and np.all(values == np.round(values)):
+            values = np.unique(data)  # confirm on every voxel
+            if values.size <= MAX_LABEL_VALUES and np.all(values == np.round(values)):
+                kind = "binary mask" if values.size <= 2 else "label map"
+                raise InputError(f"{_name(key)} looks like a {kind} (only the values "
+                                 f"{', '.join(f'{v:g}' for v in values)}), not an MR image; select the "
+                                 f"{_name(key)} image itself.")
+        digest = (data.shape, hash(np.ascontiguousarray(sample).tobytes()))
+        for other, d in digests.items():
+            if d == digest and np.array_equal(volumes[other].data, data):
+                raise InputError(f"{_name(key)} and {_name(other)} are the same image; select the right image for "
+                                 "each sequence.")
+        digests[key] = digest
+
+
+def bright_fraction(image: np.ndarray, brain: np.ndarray) -> float:
+    values = image[brain]
+    values = values[values > 0]
+    if values.size == 0:
+        return 0.0
+    return float((values > BRIGHT_FACTOR * np.median(values)).mean())
+
+
+def contrast_warnings(aligned: dict) -> list[str]:
+    """Warnings about a contrast order impossible for the sequences named (aligned: one grid, brain only)."""
+    if "t2w" not in aligned or "t2f" not in aligned:
+        return []
+    brain = (aligned["t2w"] != 0) & (aligned["t2f"] != 0)
+    if brain.sum() < MIN_SIGNAL_VOXELS:
+        return []
+    t2w, t2f = bright_fraction(aligned["t2w"], brain), bright_fraction(aligned["t2f"], brain)
+    if t2w < SWAP_RATIO * t2f:
+        return [f"T2W and FLAIR may be swapped: the image given as T2W has less bright fluid ({100 * t2w:.0f} % of "
+                f"the brain) than the one given as FLAIR ({100 * t2f:.0f} %), where CSF should be bright on T2W and "
+                "dark on FLAIR. Check the selection; the result may be wrong."]
+    return []
+
+
+def size_warnings(wt_ml: float, brain_ml: float) -> list[str]:
+    if brain_ml > 0 and wt_ml > MAX_TUMOUR_FRACTION * brain_ml:
+        return [f"The whole tumour ({wt_ml:.0f} mL) is over half the brain ({brain_ml:.0f} mL), which is implausible; "
+                "check that the sequences are selected correctly and that the images show a brain."]
+    return []

@@ -1,0 +1,85 @@
+"""Input that cannot be what it is named is refused with a message saying what to select; input that
+may be wrong gets a warning in the run's output."""
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import case_args
+
+from brainunet import cli, pipeline, plausibility, synthetic
+from brainunet.errors import InputError
+from brainunet.imageio import Volume
+
+
+def run(*args):
+    return cli.main([*map(str, args), "--progress", "none"])
+
+
+def test_one_file_for_two_sequences_is_refused(tmp_path, synthetic_case, capsys):
+    args = ["--t1c", synthetic_case["t1c"], "--t2w", synthetic_case["t2f"], "--t2f", synthetic_case["t2f"]]
+    assert run("segment", *args, "--output", tmp_path / "x.nii.gz") == 2
+    assert "same file" in capsys.readouterr().err
+    link = tmp_path / "copy.nii.gz"
+    os.link(synthetic_case["t2f"], link)
+    args[3] = link
+    assert run("segment", *args, "--output", tmp_path / "x.nii.gz") == 2
+    assert "given as T2W and FLAIR" in capsys.readouterr().err
+    copy = tmp_path / "bytes.nii.gz"
+    copy.write_bytes(synthetic_case["t2f"].read_bytes())  # another file, the same image
+    args[3] = copy
+    assert run("segment", *args, "--output", tmp_path / "x.nii.gz") == 2
+    assert "are the same image" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
+@pytest.mark.parametrize("kind", ["label map", "binary mask"])
+def test_a_label_map_or_mask_given_as_an_image_is_refused(tmp_path, synthetic_case, capsys, kind):
+    seg = nib.load(str(synthetic_case["seg"]))
+    if kind == "label map":
+        data = np.asarray(seg.dataobj).astype(np.int16)
+        data[data == 3] = 4  # BraTS 2021 values
+    else:
+        data = (np.asarray(nib.load(str(synthetic_case["t1c"])).dataobj) > 0).astype(np.uint8)  # a brain mask
+    path = tmp_path / "t1c.nii.gz"
+    nib.save(nib.Nifti1Image(data, seg.affine), str(path))
+    assert run("segment", *case_args(dict(synthetic_case, t1c=path)), "--output", tmp_path / "x.nii.gz") == 2
+    assert f"T1CE looks like a {kind}" in capsys.readouterr().err
+
+
+def test_an_image_with_almost_no_signal_is_refused(tmp_path, synthetic_case, capsys):
+    img = nib.load(str(synthetic_case["t2w"]))
+    data = np.zeros(img.shape, np.float32)
+    data[10:15, 10:15, 10:15] = np.random.default_rng(0).uniform(1, 100, (5, 5, 5))
+    path = tmp_path / "t2w.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), str(path))
+    assert run("segment", *case_args(dict(synthetic_case, t2w=path)), "--output", tmp_path / "x.nii.gz") == 2
+    assert "almost no signal" in capsys.readouterr().err
+
+
+def test_swapped_t2w_and_flair_give_a_warning_and_a_correct_pair_none(synthetic_case):
+    volumes, _ = synthetic.make_case(seed=0, shape=(96, 112, 80), spacing=(1.6, 1.6, 1.6))
+    model = pipeline.load_model("intensity-baseline")
+    result = pipeline.segment(volumes, model)
+    assert result.notes == []
+    swapped = dict(volumes, t2w=volumes["t2f"], t2f=volumes["t2w"])
+    swapped = {k: Volume(v.data.copy(), v.affine, k) for k, v in swapped.items()}
+    result = pipeline.segment(swapped, model)
+    assert any("T2W and FLAIR may be swapped" in n for n in result.notes)
+
+
+def test_a_tumour_over_half_the_brain_gives_a_warning():
+    assert plausibility.size_warnings(30.0, 1400.0) == []
+    assert "implausible" in plausibility.size_warnings(800.0, 1400.0)[0]
+
+
+def test_overlay_and_statistics_honour_thick_slices():
+    """A 0.9 x 0.9 x 5.5 mm scan is drawn in true proportions, and its volumes count 5.5 mm slices."""
+    shape, spacing = (120, 140, 18), (0.9, 0.9, 5.5)
+    volumes, labels = synthetic.make_case(seed=1, shape=shape, spacing=spacing)
+    result = pipeline.segment(volumes, pipeline.load_model("intensity-baseline"))
+    views = {title: aspect for title, _, _, aspect in pipeline.overlay_views(result)}
+    assert views == pytest.approx({"Axial": 1.0, "Coronal": 5.5 / 0.9, "Sagittal": 5.5 / 0.9})
+    wt = next(r for r in result.statistics if r["region"] == "WT")
+    assert wt["volume_ml"] == pytest.approx(wt["voxels"] * 0.9 * 0.9 * 5.5 / 1000)
