@@ -1,0 +1,65 @@
+"""Sequences that moved relative to the T1CE are registered back rigidly; sequences that share its grid
+are left alone; a registration that cannot have worked is refused."""
+import numpy as np
+import pytest
+
+from brainunet import pipeline, registration, synthetic
+from brainunet.errors import InputError
+from brainunet.imageio import Volume
+from brainunet.preprocessing import resample_to_grid
+
+
+def rigid(degrees_z: float, shift_mm) -> np.ndarray:
+    a = np.radians(degrees_z)
+    m = np.eye(4)
+    m[:3, :3] = [[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]
+    m[:3, 3] = shift_mm
+    return m
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return synthetic.make_case(seed=0, shape=(96, 112, 80), spacing=(1.6, 1.6, 1.6), modalities=("t1c", "t2w", "t2f"))
+
+
+def mapping_error_mm(transform, true_fixed_to_moving: np.ndarray, volume: Volume) -> float:
+    """Largest distance between where the estimated and the true transform send brain points (RAS mm)."""
+    voxels = np.argwhere(volume.data > 0)[::200]
+    points = voxels @ volume.affine[:3, :3].T + volume.affine[:3, 3]
+    worst = 0.0
+    for p in points:
+        q = np.asarray(transform.TransformPoint([-p[0], -p[1], p[2]]))  # SimpleITK works in LPS
+        estimated = np.array([-q[0], -q[1], q[2]])
+        worst = max(worst, float(np.linalg.norm(estimated - (true_fixed_to_moving[:3, :3] @ p + true_fixed_to_moving[:3, 3]))))
+    return worst
+
+
+def test_a_moved_sequence_is_registered_back_within_2_mm(phantom):
+    volumes, _ = phantom
+    motion = rigid(5.0, [4.0, -3.0, 2.0])
+    moved = dict(volumes, t2f=Volume(volumes["t2f"].data, motion @ volumes["t2f"].affine, "t2f"))
+    reg = registration.register_rigid(moved["t1c"], moved["t2f"])
+    assert mapping_error_mm(reg.transform, motion, volumes["t1c"]) < 2.0
+    notes = []
+    aligned, _ = pipeline.prepare_inputs(moved, pipeline.load_model("intensity-baseline"), notes=notes)
+    assert len(notes) == 1 and notes[0].startswith("FLAIR registered to T1CE")
+    brain = volumes["t1c"].data > 0
+    before = np.corrcoef(resample_to_grid(moved["t2f"], brain.shape, volumes["t1c"].affine)[brain],
+                         volumes["t2f"].data[brain])[0, 1]
+    after = np.corrcoef(aligned["t2f"][brain], volumes["t2f"].data[brain])[0, 1]
+    assert after > 0.97 and after > before + 0.05
+
+
+def test_sequences_on_the_reference_grid_are_left_alone(phantom):
+    volumes, _ = phantom
+    notes = []
+    aligned, _ = pipeline.prepare_inputs(volumes, pipeline.load_model("intensity-baseline"), notes=notes)
+    assert notes == [] and all(np.array_equal(aligned[k], volumes[k].data) for k in volumes)
+
+
+def test_a_registration_that_cannot_have_worked_is_refused(phantom):
+    volumes, _ = phantom
+    other = np.random.default_rng(0).uniform(0, 1000, volumes["t2f"].data.shape).astype(np.float32)
+    far = dict(volumes, t2f=Volume(other, rigid(0.0, [0.5, 0.0, 0.0]) @ volumes["t2f"].affine, "t2f"))
+    with pytest.raises(InputError, match="shares almost no structure"):
+        pipeline.prepare_inputs(far, pipeline.load_model("intensity-baseline"), notes=[])
