@@ -82,12 +82,17 @@ class BackgroundRun:
     _lines: queue.Queue = field(default_factory=queue.Queue)
 
     def __post_init__(self):
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self):
-        for line in self.process.stdout:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
+        try:
+            for line in self.process.stdout:
+                self._lines.put(line.rstrip("\n"))
+        except Exception as exc:  # e.g. undecodable output: report it; the end marker still comes
+            self._lines.put(f"error: the segmentation process's output could not be read ({type(exc).__name__}).")
+        finally:
+            self._lines.put(None)
 
     def poll(self) -> str:
         """Handle what the process printed since the last call; returns the state."""
@@ -98,6 +103,8 @@ class BackgroundRun:
             try:
                 line = self._lines.get_nowait()
             except queue.Empty:
+                # no end marker, yet the process is gone and nothing more can come: ended all the same
+                ended = self.process.poll() is not None and not self._reader.is_alive() and self._lines.empty()
                 break
             if line is None:
                 ended = True
@@ -147,12 +154,7 @@ class BackgroundRun:
 
     def cancel(self):
         if self.state == "running":
-            self.process.terminate()
-            try:
-                self.process.wait(3)  # the process stops between windows; do not freeze the caller long
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            kill_tree(self.process)
             self.state = "cancelled"
             self.error = "Cancelled by the user; nothing was changed."
         self.cleanup()
@@ -207,8 +209,7 @@ class BrainUNetLogic:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env["PYTHONUNBUFFERED"] = "1"
-        process = subprocess.Popen(self.command(files, outputs, options), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, bufsize=1, env=env, cwd=str(workdir))
+        process = launch(self.command(files, outputs, options), env, workdir)
         reference = next(inputs[r] for r in ("t1c", "t2f", "t2w") if inputs.get(r) is not None)  # output grid
         return BackgroundRun(process, workdir, reference, outputs, on_progress, on_log)
 
@@ -244,6 +245,44 @@ class BrainUNetLogic:
             run.cleanup()
             raise BrainUNetError(run.error)
         return self.import_results(run)
+
+
+def launch(cmd: list[str], env: dict, cwd) -> subprocess.Popen:
+    """Start the worker in its own process group (POSIX session, Windows process group) without a
+    console window, so that Cancel can stop it and every process it started (``kill_tree``)."""
+    kwargs = {"start_new_session": True}
+    if os.name == "nt":
+        kwargs = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+                            errors="replace", bufsize=1, env=env, cwd=str(cwd), **kwargs)
+
+
+def kill_tree(process: subprocess.Popen, grace_s: float = 0.5) -> None:
+    """Stop ``process`` and its children. Inside Slicer the worker is PythonSlicer, a launcher that
+    starts python-real as a child and does not pass signals on: terminating the launcher alone would
+    leave the network running. SIGTERM first (the worker exits cleanly, writing nothing), then SIGKILL
+    for whatever is left; blocks at most ``grace_s`` plus the kill."""
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True,
+                       creationflags=subprocess.CREATE_NO_WINDOW)
+        process.wait()
+        return
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)  # the group started by launch(): the launcher and its children
+        except (ProcessLookupError, PermissionError):
+            break
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # a child may outlive its launcher's exit
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()
 
 
 def default_python() -> str:
