@@ -76,6 +76,24 @@ For research use only; not a medical device.
 Uses PyTorch through the SlicerPyTorch extension. Label definitions follow the BraTS 2023 adult
 glioma challenge.
 """
+        # the segments' terminology context, loaded at start-up as SlicerTotalSegmentator and
+        # SlicerMONAIAuto3DSeg load theirs (so a .seg.nrrd opened before the module shows its terms)
+        app = getattr(slicer, "app", None)  # absent in the slicer-core test harness
+        if app is not None:
+            app.connect("startupCompleted()", loadTerminology)
+
+
+def loadTerminology() -> str:
+    """Load Resources/Terminology/BrainUNet.term.json into Slicer's terminology logic (once is enough;
+    loading again replaces the context). Returns the context name, or "" where the logic is absent."""
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "Resources", "Terminology", "BrainUNet.term.json")
+    try:
+        terminologies = slicer.modules.terminologies.logic()
+    except AttributeError:  # no Terminologies module (a test harness)
+        return ""
+    return terminologies.LoadTerminologyFromFile(path)
 
 
 #
@@ -135,6 +153,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = _logicClass()()
+        loadTerminology()  # also when the module was added after start-up (Additional module paths)
 
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)

@@ -1,6 +1,8 @@
 """The scenarios that Slicer's in-app self-test runs, here on a real slicer-core scene."""
 import sys
 
+from conftest import ROOT
+
 from BrainUNetSegmentationLib import scenarios
 
 
@@ -83,3 +85,31 @@ def test_one_missing_sequence_is_decided_by_the_model(scene, tmp_path):
     assert run.wait(120) == "failed"
     assert "Missing input: T2W" in run.error
     assert scene.GetNumberOfNodes() == count
+
+
+def test_every_segment_terminology_entry_resolves_in_the_shipped_context():
+    """Slicer's terminology logic (slicer-core) loads Resources/Terminology/BrainUNet.term.json, and each
+    segment's TerminologyEntry names a context, category and type that the loaded terminology holds."""
+    import json
+
+    import slicer
+
+    from brainunet.labels import SUBREGIONS, TERMINOLOGY_CONTEXT, terminology_context
+
+    path = ROOT / "BrainUNetSegmentation" / "Resources" / "Terminology" / "BrainUNet.term.json"
+    assert json.loads(path.read_text()) == terminology_context()  # the file is labels.py's, not a copy to drift
+    logic = slicer.vtkSlicerTerminologiesModuleLogic()
+    assert logic.LoadTerminologyFromFile(str(path)) == TERMINOLOGY_CONTEXT
+    category = slicer.vtkSlicerTerminologyCategory()
+    assert logic.GetNthCategoryInTerminology(TERMINOLOGY_CONTEXT, 0, category)
+    for region in SUBREGIONS:
+        entry = slicer.vtkSlicerTerminologyEntry()
+        assert logic.DeserializeTerminologyEntry(region.terminology_entry(), entry)
+        assert entry.GetTerminologyContextName() == TERMINOLOGY_CONTEXT
+        assert entry.GetCategoryObject().GetCodeValue() == category.GetCodeValue()
+        held = []
+        for i in range(logic.GetNumberOfTypesInTerminologyCategory(TERMINOLOGY_CONTEXT, category)):
+            t = slicer.vtkSlicerTerminologyType()
+            logic.GetNthTypeInTerminologyCategory(TERMINOLOGY_CONTEXT, category, i, t)
+            held.append((t.GetCodingSchemeDesignator(), t.GetCodeValue(), t.GetCodeMeaning()))
+        assert region.snomed_type in held, (region.key, held)

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+#: BrainUNet's own terminology context, shipped as Resources/Terminology/BrainUNet.term.json (built by
+#: ``terminology_context``) and loaded by the module: the general anatomy list does not hold these types.
+TERMINOLOGY_CONTEXT = "BrainUNet - glioma subregions"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 #: SNOMED CT category shared by every tumour subregion.
 CATEGORY = ("SCT", "49755003", "Morphologically Altered Structure")
@@ -60,6 +62,18 @@ REGIONS_BY_KEY = {r.key: r for r in ALL_REGIONS}
 #: Network output channel -> label value (channel 0 is background).
 CLASS_LABELS = (0, NETC.label, SNFH.label, ET.label)
 VALID_LABELS = frozenset(CLASS_LABELS)
+
+
+def terminology_context() -> dict:
+    """The terminology context file (Slicer / dcmqi segment-context schema) for the three subregions."""
+    types = [{"CodingSchemeDesignator": r.snomed_type[0], "CodeValue": r.snomed_type[1],
+              "CodeMeaning": r.snomed_type[2], "3dSlicerLabel": r.name,
+              "recommendedDisplayRGBValue": [round(255 * c) for c in r.color]} for r in SUBREGIONS]
+    return {"SegmentationCategoryTypeContextName": TERMINOLOGY_CONTEXT,
+            "@schema": "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/schemas/segment-context-schema.json#",
+            "SegmentationCodes": {"Category": [{"CodingSchemeDesignator": CATEGORY[0], "CodeValue": CATEGORY[1],
+                                                "CodeMeaning": CATEGORY[2], "showAnatomy": "false",
+                                                "Type": types}]}}
 
 
 def to_brats2023(label_map: np.ndarray) -> np.ndarray:
