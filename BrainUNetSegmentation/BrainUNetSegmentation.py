@@ -582,8 +582,9 @@ class BrainUNetSegmentationTest(ScriptedLoadableModuleTest):
         from BrainUNetSegmentationLib.scenarios import run_all_scenarios
 
         self.delayDisplay("Checking PyTorch and Python packages")
-        self.assertTrue(_logicClass()().ensureDependencies(askConfirmation=False),
-                        "PyTorch or Python packages could not be installed")
+        # asks before installing anything (a self-test must not change the installation unasked)
+        self.assertTrue(_logicClass()().ensureDependencies(askConfirmation=True),
+                        "PyTorch or the Python packages BrainUNet needs are not installed")
         self.delayDisplay("Running the BrainUNet scenarios")
         run_all_scenarios(slicer.mrmlScene)
         self.delayDisplay("Test passed")

@@ -113,3 +113,16 @@ def test_every_segment_terminology_entry_resolves_in_the_shipped_context():
             logic.GetNthTypeInTerminologyCategory(TERMINOLOGY_CONTEXT, category, i, t)
             held.append((t.GetCodingSchemeDesignator(), t.GetCodeValue(), t.GetCodeMeaning()))
         assert region.snomed_type in held, (region.key, held)
+
+
+def test_all_scenarios_run_one_after_another_in_one_scene(scene, tmp_path):
+    """As Slicer's self-test runs them: each gets a fresh scene, so the second case's volumes do not meet
+    the first's (same names) in auto-selection."""
+    scenarios.run_all_scenarios(scene, sys.executable, str(tmp_path))
+
+
+def test_a_failed_check_says_what_failed():
+    import pytest
+
+    with pytest.raises(scenarios.ScenarioFailure, match="the run is 'done' after Cancel"):
+        scenarios.check(False, "the run is 'done' after Cancel")

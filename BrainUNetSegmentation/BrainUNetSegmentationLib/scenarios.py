@@ -1,6 +1,8 @@
 """End-to-end scenarios on a real MRML scene, shared by the pytest suite and Slicer's self-test.
 
-Each function raises AssertionError on failure and leaves the scene with only what it added.
+Each function raises ScenarioFailure (an AssertionError, so test runners report it) with a message
+saying what went wrong. ``run_all_scenarios`` runs each in a fresh scene: they add volumes with the same
+names, and auto-selection must see one case at a time.
 """
 from __future__ import annotations
 
@@ -10,6 +12,15 @@ from brainunet import synthetic
 from . import mrml
 from brainunet.labels import SUBREGIONS
 from .logic import BrainUNetLogic, RunOptions
+
+class ScenarioFailure(AssertionError):
+    """A scenario's check failed; the message says which and how."""
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ScenarioFailure(message)
+
 
 CASE_NAMES = {"t1c": "Case_T1CE", "t2w": "Case_T2", "t2f": "Case_FLAIR", "t1n": "Case_T1"}
 
@@ -25,16 +36,16 @@ def scenario_segmentation_from_labels(scene):
     nodes, labels = load_synthetic_case(scene, seed=1)
     seg = mrml.create_segmentation(scene, labels, nodes["t1c"])
     segmentation = seg.GetSegmentation()
-    assert segmentation.GetNumberOfSegments() == len(SUBREGIONS)
+    check(segmentation.GetNumberOfSegments() == len(SUBREGIONS), f"{segmentation.GetNumberOfSegments()} segments, expected {len(SUBREGIONS)}")
     for region in SUBREGIONS:
         segment = segmentation.GetSegment(region.key)
-        assert segment is not None, region.key
-        assert segment.GetName() == region.name
-        assert np.allclose(segment.GetColor(), region.color, atol=1e-6)
+        check(segment is not None, f"segment {region.key} is missing")
+        check(segment.GetName() == region.name, f"segment {region.key} is named {segment.GetName()!r}")
+        check(np.allclose(segment.GetColor(), region.color, atol=1e-6), f"segment {region.key} has colour {segment.GetColor()}")
         entry = segment.GetTerminology() if hasattr(segment, "GetTerminology") else segment.GetTag("TerminologyEntry")
-        assert region.snomed_type[1] in entry, entry
+        check(region.snomed_type[1] in entry, f"segment {region.key} has terminology {entry!r}")
     back = mrml.segmentation_to_labels(seg, nodes["t1c"])
-    assert np.array_equal(back, labels), "segmentation does not round-trip the label map"
+    check(np.array_equal(back, labels), "the segmentation does not round-trip the label map")
     return seg
 
 
@@ -44,18 +55,19 @@ def scenario_background_run(scene, python_executable=None, tmp_root=None):
     before = {role: mrml.volume_from_node(n).data.copy() for role, n in nodes.items()}
     logic = BrainUNetLogic(scene, python_executable=python_executable, temp_root=tmp_root)
     inputs = logic.guess_inputs()
-    assert {r: n.GetID() for r, n in inputs.items()} == {r: n.GetID() for r, n in nodes.items()}, "auto-selection failed"
+    check({r: n.GetID() for r, n in inputs.items()} == {r: n.GetID() for r, n in nodes.items()},
+          "auto-selection did not pick the case's volumes")
     seen = []
     seg, table = logic.segment(inputs, RunOptions(device="cpu"), timeout=300, on_progress=lambda f, m: seen.append(f))
-    assert seen and max(seen) == 1.0, "no progress reported"
-    assert seg.GetSegmentation().GetNumberOfSegments() == 3
+    check(bool(seen) and max(seen) == 1.0, "no progress was reported")
+    check(seg.GetSegmentation().GetNumberOfSegments() == 3, "the result does not hold the three segments")
     rows = mrml.table_to_rows(table)
-    assert [r["region"] for r in rows] == ["ET", "NETC", "SNFH", "TC", "WT"]
+    check([r["region"] for r in rows] == ["ET", "NETC", "SNFH", "TC", "WT"], f"statistics rows {rows}")
     result = mrml.segmentation_to_labels(seg, nodes["t1c"])
     wt_rows = next(r for r in rows if r["region"] == "WT")
-    assert int(float(wt_rows["voxels"])) == int((result > 0).sum())
+    check(int(float(wt_rows["voxels"])) == int((result > 0).sum()), "the WT voxel count disagrees with the segmentation")
     for role, node in nodes.items():
-        assert np.array_equal(mrml.volume_from_node(node).data, before[role]), f"input {role} was modified"
+        check(np.array_equal(mrml.volume_from_node(node).data, before[role]), f"input {role} was modified")
     return seg, table
 
 
@@ -66,14 +78,16 @@ def scenario_cancel(scene, python_executable=None, tmp_root=None):
     logic = BrainUNetLogic(scene, python_executable=python_executable, temp_root=tmp_root)
     run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"))
     run.cancel()
-    assert run.state == "cancelled"
-    assert not run.workdir.exists()
-    assert scene.GetNumberOfNodes() == count, "cancel changed the scene"
+    check(run.state == "cancelled", f"the run is {run.state!r} after Cancel")
+    check(not run.workdir.exists(), "the temporary folder was left behind")
+    check(scene.GetNumberOfNodes() == count, "Cancel changed the scene")
 
 
-def run_all_scenarios(scene, python_executable=None):
+def run_all_scenarios(scene, python_executable=None, tmp_root=None):
+    """Every scenario, each in a fresh scene (the scene is cleared before each)."""
     for scenario in (scenario_segmentation_from_labels, scenario_cancel, scenario_background_run):
+        scene.Clear(0)
         if scenario is scenario_segmentation_from_labels:
             scenario(scene)
         else:
-            scenario(scene, python_executable)
+            scenario(scene, python_executable, tmp_root)
