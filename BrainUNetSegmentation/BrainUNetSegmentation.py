@@ -533,6 +533,23 @@ def formatValue(column: str, value) -> str:
 _LOGIC_CLASS = None
 
 
+def _userHome():
+    """BrainUNet's per-user folder (registered models) next to Slicer's user settings; None outside Slicer."""
+    import os
+
+    app = getattr(slicer, "app", None)
+    settings = getattr(app, "slicerUserSettingsFilePath", None) if app is not None else None
+    return os.path.join(os.path.dirname(settings), "BrainUNet") if settings else None
+
+
+def _slicerTempDirectory():
+    """Slicer's temporary folder (Application Settings), where the worker's inputs are exchanged."""
+    try:
+        return slicer.util.tempDirectory()
+    except Exception:  # no application (test harness): the system's temporary folder
+        return None
+
+
 def _logicClass():
     """The BrainUNetSegmentationLogic class (built once, on first use)."""
     global _LOGIC_CLASS
@@ -549,7 +566,8 @@ def _logicClass():
                 # super().__init__(), which must not reach BrainUNetLogic.__init__ (it needs the scene).
                 ScriptedLoadableModuleLogic.__init__(self)
                 scene = slicer.mrmlScene if scene is None else scene
-                BrainUNetLogic.__init__(self, scene, python_executable, temp_root)
+                temp_root = temp_root or _slicerTempDirectory()
+                BrainUNetLogic.__init__(self, scene, python_executable, temp_root, _userHome())
 
         BrainUNetSegmentationLogic.__module__ = __name__
         _LOGIC_CLASS = BrainUNetSegmentationLogic

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 # The plumbing tests (geometry round trips, outputs, bad input) run the exact voxel-wise baseline, which
 # is fast and orientation-exact; the bundled network is tested on its own (test_bundled_model.py).
 os.environ["BRAINUNET_MODEL"] = "intensity-baseline"
+# registered and downloaded models go to the user's folder: a throw-away one, never the tester's own
+os.environ["BRAINUNET_HOME"] = tempfile.mkdtemp(prefix="brainunet-home-")
 
 
 @pytest.fixture

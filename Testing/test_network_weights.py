@@ -185,3 +185,17 @@ def test_missing_bundled_weights_are_an_error_not_a_silent_intensity_rule(tmp_pa
         weights.default_model(entries[1:], tmp_path)
     monkeypatch.setenv("BRAINUNET_MODEL", "intensity-baseline")  # the rule runs when asked for by name
     assert weights.default_model(entries, tmp_path).name == "intensity-baseline"
+
+
+def test_register_writes_to_the_users_folder_and_never_the_install_tree(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRAINUNET_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("BRAINUNET_MODEL", raising=False)
+    install = {p: p.stat().st_mtime_ns for p in weights.MODELS_DIR.iterdir()}
+    net = BrainUNet(NetworkConfig(features=(4, 8)))
+    src = tmp_path / "ours.pt"
+    weights.save_weights(src, net, "ours")
+    entry = weights.register_model(src, "clinic-model", "ours")
+    assert entry.path() == tmp_path / "home" / "models" / "clinic-model.pt" and entry.path().is_file()
+    assert weights.default_model().name == "clinic-model"  # the user's model comes first
+    assert [e.name for e in weights.load_registry()][:2] == ["clinic-model", weights.load_registry(weights.REGISTRY_PATH)[0].name]
+    assert {p: p.stat().st_mtime_ns for p in weights.MODELS_DIR.iterdir()} == install  # nothing written there

@@ -166,10 +166,12 @@ class BackgroundRun:
 class BrainUNetLogic:
     """Dependency-injected: the scene, the Python that runs the network, and the temp folder."""
 
-    def __init__(self, scene, python_executable: str | None = None, temp_root: str | None = None):
+    def __init__(self, scene, python_executable: str | None = None, temp_root: str | None = None,
+                 user_home: str | None = None):
         self.scene = scene
         self.python_executable = python_executable or default_python()
         self.temp_root = temp_root
+        self.user_home = user_home  # BRAINUNET_HOME of the worker: registered models (next to Slicer's settings)
 
     # -- inputs -----------------------------------------------------------------------------------
     def guess_inputs(self) -> dict:
@@ -209,6 +211,8 @@ class BrainUNetLogic:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env["PYTHONUNBUFFERED"] = "1"
+        if self.user_home:
+            env["BRAINUNET_HOME"] = str(self.user_home)
         process = launch(self.command(files, outputs, options), env, workdir)
         reference = next(inputs[r] for r in ("t1c", "t2f", "t2w") if inputs.get(r) is not None)  # output grid
         return BackgroundRun(process, workdir, reference, outputs, on_progress, on_log)

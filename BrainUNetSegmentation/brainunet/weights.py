@@ -6,8 +6,11 @@ A weights file is a ``torch.save`` of plain containers (no pickled classes) so i
     {"format": "brainunet-weights", "version": 1, "name": str, "network": NetworkConfig dict,
      "preprocessing": {...}, "state_dict": {name: fp16/fp32 tensor}}
 
-The registry (``models/registry.json``) lists each model with its file, SHA-256 and an optional
-download URL; the URL is only used when the file is absent and is verified like a local file.
+The bundled registry (``models/registry.json``, in the read-only install tree) lists each model with
+its file, SHA-256 and an optional download URL; the URL is only used when the file is absent and is
+verified like a local file. Models a user registers, and weights downloaded later, live in a per-user
+folder (``user_models_dir``: ``$BRAINUNET_HOME/models``, else the platform's user data folder): the install
+tree is never written (it is read-only in a signed macOS bundle and replaced on every update).
 """
 from __future__ import annotations
 
@@ -23,6 +26,24 @@ from .errors import WeightsError
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 REGISTRY_PATH = MODELS_DIR / "registry.json"
+
+
+def user_models_dir() -> Path:
+    """Per-user folder for registered and downloaded models. Inside Slicer the module sets
+    ``$BRAINUNET_HOME`` next to Slicer's user settings, as the anchors keep their models in the user's home."""
+    home = os.environ.get("BRAINUNET_HOME")
+    if home:
+        return Path(home) / "models"
+    try:
+        import platformdirs
+
+        return Path(platformdirs.user_data_dir("BrainUNet", appauthor=False)) / "models"
+    except ImportError:
+        return Path.home() / ".brainunet" / "models"
+
+
+def user_registry_path() -> Path:
+    return user_models_dir() / "registry.json"
 WEIGHTS_FORMAT = "brainunet-weights"
 
 #: Preprocessing defaults stored with every model (the model decides its own working grid).
@@ -43,12 +64,18 @@ class ModelEntry:
     sha256: str | None = None
     url: str | None = None
     extra: dict = field(default_factory=dict)
+    base_dir: Path | None = None  # the folder of the registry that lists it (relative files live there)
 
-    def path(self, registry_dir: Path = MODELS_DIR) -> Path | None:
+    def path(self, registry_dir: Path | None = None) -> Path | None:
+        """Where the weights are: the registry's folder, or the user's copy of a downloaded file."""
         if self.file is None:
             return None
         p = Path(self.file)
-        return p if p.is_absolute() else registry_dir / p
+        if p.is_absolute():
+            return p
+        listed = Path(registry_dir or self.base_dir or MODELS_DIR) / p
+        downloaded = user_models_dir() / p.name
+        return downloaded if not listed.exists() and downloaded.exists() else listed
 
 
 def sha256_of(path: Path) -> str:
@@ -59,18 +86,29 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_registry(path: Path = REGISTRY_PATH) -> list[ModelEntry]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+def load_registry(path: Path | None = None) -> list[ModelEntry]:
+    """The entries of one registry file, or (``path`` None) the user's registered models first, then the
+    bundled ones (a user entry of the same name wins)."""
+    if path is None:
+        user = load_registry(user_registry_path()) if user_registry_path().is_file() else []
+        names = {e.name for e in user}
+        return user + [e for e in load_registry(REGISTRY_PATH) if e.name not in names]
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"The model registry {path} cannot be read ({exc}); reinstall BrainUNet or remove "
+                           "that file.") from exc
     entries = []
     for d in data["models"]:
         known = {k: d[k] for k in ("name", "kind", "description", "file", "sha256", "url") if k in d}
         extra = {k: v for k, v in d.items() if k not in known}
-        entries.append(ModelEntry(**known, extra=extra))
+        entries.append(ModelEntry(**known, extra=extra, base_dir=path.parent))
     return entries
 
 
-def default_model(entries: list[ModelEntry] | None = None, registry_dir: Path = MODELS_DIR) -> ModelEntry:
+def default_model(entries: list[ModelEntry] | None = None, registry_dir: Path | None = None) -> ModelEntry:
     """``$BRAINUNET_MODEL`` if set (a registry name), else the first registered network. Its weights must
     be present or downloadable: a missing weights file is an error (exit 3), never a silent switch to
     the intensity rule, which runs only when asked for by name."""
@@ -127,7 +165,7 @@ def download(url: str, destination: Path, sha256: str | None, progress=None) -> 
     return destination
 
 
-def ensure_weights(entry: ModelEntry, registry_dir: Path = MODELS_DIR, progress=None) -> Path:
+def ensure_weights(entry: ModelEntry, registry_dir: Path | None = None, progress=None) -> Path:
     path = entry.path(registry_dir)
     if path is None:
         raise WeightsError(f"Model '{entry.name}' has no weights file.")
@@ -135,7 +173,10 @@ def ensure_weights(entry: ModelEntry, registry_dir: Path = MODELS_DIR, progress=
         if not entry.url:
             raise WeightsError(f"Weights file for model '{entry.name}' is missing: {path}. Reinstall BrainUNet "
                                "or pass --model with the path to a weights file.")
-        download(entry.url, path, entry.sha256, progress)
+        # into the user's folder when the registry's own folder is the (read-only) install tree
+        target = user_models_dir() / path.name if path.parent == MODELS_DIR else path
+        download(entry.url, target, entry.sha256, progress)
+        path = target
     return path
 
 
@@ -191,12 +232,16 @@ def load_weights(path: Path, expected_sha256: str | None = None, device: str = "
 
 
 def register_model(weights_file: Path, name: str, description: str = "", settings: dict | None = None,
-                   registry_path: Path = REGISTRY_PATH) -> ModelEntry:
-    """Install a trained weights file in the registry as ``<registry folder>/<name>.pt``, first in
-    the list (so it becomes the default), with ``settings`` overriding its preprocessing /
-    post-processing options (e.g. ``fill_core_holes``). Replaces an entry of the same name."""
+                   registry_path: Path | None = None) -> ModelEntry:
+    """Install a trained weights file in the user's registry (or ``registry_path``) as ``<registry
+    folder>/<name>.pt``, first in the list (so it becomes the default), with ``settings`` overriding its
+    preprocessing / post-processing options (e.g. ``fill_core_holes``). Replaces an entry of the same name."""
     import torch
 
+    registry_path = Path(registry_path) if registry_path else user_registry_path()
+    registry_path.parent.mkdir(parents=True, exist_ok=True)
+    if not registry_path.exists():
+        registry_path.write_text(json.dumps({"models": []}, indent=2) + "\n", encoding="utf-8")
     _, payload = load_weights(Path(weights_file))
     payload["preprocessing"].update(settings or {})
     payload["name"] = name
