@@ -118,3 +118,8 @@ def test_batch_reports_each_failure_goes_on_and_summarises(tmp_path, capsys):
     assert "2 of 3 cases segmented" in captured.out and "1 failed" in captured.out
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".nii.gz")) == \
         ["case0-seg.nii.gz", "case2-seg.nii.gz"]
+
+
+def test_model_given_a_folder_says_so(tmp_path, synthetic_case, capsys):
+    assert run("segment", *case_args(synthetic_case), "--output", tmp_path / "x.nii.gz", "--model", tmp_path) == 3
+    assert "is a folder; give a weights file" in capsys.readouterr().err

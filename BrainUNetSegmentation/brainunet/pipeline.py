@@ -38,18 +38,14 @@ class LoadedModel:
 
 def load_model(model: str | Path | None = None, device: str = "cpu", progress=None) -> LoadedModel:
     """``model``: None (best installed), a registry name, or a path to a weights file."""
-    if model is not None and (str(model).endswith((".pt", ".pth")) or Path(str(model)).exists()):
-        net, payload = weights_mod.load_weights(Path(model), device=device)
-        return LoadedModel(payload.get("name", Path(model).stem), "network", payload["preprocessing"], net,
-                           f"weights file {model}")
-    entry = weights_mod.find_model(str(model)) if model else weights_mod.default_model()
-    if entry.kind == "baseline":
-        return LoadedModel(entry.name, "baseline", dict(weights_mod.DEFAULT_PREPROCESSING), None, entry.description)
-    path = weights_mod.ensure_weights(entry, progress=progress)
-    net, payload = weights_mod.load_weights(path, entry.sha256, device=device)
+    resolved = weights_mod.resolve_model(model, progress=progress)
+    if resolved.kind == "baseline":
+        return LoadedModel(resolved.name, "baseline", dict(weights_mod.DEFAULT_PREPROCESSING), None, resolved.description)
+    net, payload = weights_mod.load_weights(resolved.path, resolved.sha256, device=device)
     # the registry entry's settings (e.g. bias_correction) override those stored with the weights
-    preprocessing = dict(payload["preprocessing"], **entry.extra.get("settings", {}))
-    return LoadedModel(entry.name, "network", preprocessing, net, entry.description)
+    preprocessing = dict(payload["preprocessing"], **resolved.settings)
+    name = payload.get("name", resolved.name) if resolved.from_file else resolved.name
+    return LoadedModel(name, "network", preprocessing, net, resolved.description)
 
 
 @dataclass

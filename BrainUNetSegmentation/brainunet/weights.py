@@ -128,6 +128,37 @@ def default_model(entries: list[ModelEntry] | None = None, registry_dir: Path | 
                        "(--model intensity-baseline runs the transparent intensity rule).")
 
 
+@dataclass
+class ResolvedModel:
+    """What ``--model`` names: a registry entry or a weights file, with the settings its entry adds."""
+    name: str
+    kind: str  # "network" or "baseline"
+    path: Path | None  # the weights file (None for the baseline)
+    sha256: str | None  # expected checksum (registry entries only)
+    settings: dict  # the registry entry's overrides of the stored preprocessing / post-processing
+    description: str
+    from_file: bool = False  # named by a file path, not by the registry
+
+
+def resolve_model(model=None, progress=None) -> ResolvedModel:
+    """The one place a model argument is resolved: None (the default model), a registry name, or a path
+    to a weights file (anything ending in .pt / .pth, or an existing path). Registry weights are
+    fetched if they are missing and downloadable."""
+    if model is not None and (str(model).endswith((".pt", ".pth")) or Path(str(model)).exists()):
+        path = Path(model)
+        if path.is_dir():
+            raise WeightsError(f"--model {model} is a folder; give a weights file (.pt), e.g. {path / 'model.pt'}, "
+                               "or a registered model name (brainunet models).")
+        if not path.is_file():
+            raise WeightsError(f"Weights file not found: {path}.")
+        return ResolvedModel(path.stem, "network", path, None, {}, f"weights file {path}", from_file=True)
+    entry = find_model(str(model)) if model else default_model()
+    if entry.kind == "baseline":
+        return ResolvedModel(entry.name, "baseline", None, None, {}, entry.description)
+    return ResolvedModel(entry.name, "network", ensure_weights(entry, progress=progress), entry.sha256,
+                         dict(entry.extra.get("settings", {})), entry.description)
+
+
 def find_model(name: str, entries: list[ModelEntry] | None = None) -> ModelEntry:
     entries = load_registry() if entries is None else entries
     for e in entries:

@@ -720,29 +720,15 @@ def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, 
 # fine-tuning on real labelled cases
 
 
-def resolve_model_file(model) -> Path:
-    """A weights file path for a file name or a registry model name (downloading it if needed)."""
+def resolve_network(model):
+    """The weights file and registry settings of a trained network named by ``model`` (weights.resolve_model)."""
     from brainunet import weights as weights_mod
 
-    if model is not None and (str(model).endswith((".pt", ".pth")) or Path(str(model)).exists()):
-        if not Path(model).is_file():
-            raise InputError(f"Weights file {model} not found.")
-        return Path(model)
-    entry = weights_mod.find_model(str(model)) if model else weights_mod.default_model()
-    if entry.kind != "network":
-        raise InputError(f"Model '{entry.name}' is not a trained network and cannot be fine-tuned; pass --model "
+    resolved = weights_mod.resolve_model(model)
+    if resolved.kind != "network":
+        raise InputError(f"Model '{resolved.name}' is not a trained network and cannot be fine-tuned; pass --model "
                          "with a BrainUNet weights file (for example the model.pt of `brainunet train`).")
-    return weights_mod.ensure_weights(entry)
-
-
-def registry_settings(base_model) -> dict:
-    """Settings the registry entry of ``base_model`` (a name, or None = the default) adds to its weights."""
-    from brainunet import weights as weights_mod
-
-    if base_model is not None and (str(base_model).endswith((".pt", ".pth")) or Path(str(base_model)).exists()):
-        return {}
-    entry = weights_mod.find_model(str(base_model)) if base_model else weights_mod.default_model()
-    return dict(entry.extra.get("settings", {}))
+    return resolved
 
 
 def finetune_config(base_model, steps: int, lr: float | None = None, engine_fraction: float | None = None,
@@ -750,9 +736,10 @@ def finetune_config(base_model, steps: int, lr: float | None = None, engine_frac
     """A TrainConfig that continues ``base_model``: same network, spacing and patch, lower LR."""
     from brainunet import weights as weights_mod
 
-    path = resolve_model_file(base_model)
+    resolved = resolve_network(base_model)
+    path = resolved.path
     net, payload = weights_mod.load_weights(path)
-    pp = dict(payload["preprocessing"], **registry_settings(base_model))
+    pp = dict(payload["preprocessing"], **resolved.settings)
     trained = payload.get("extra", {}).get("training", {})
     if list(pp["modalities"]) != list(MODALITIES):
         raise InputError(f"{path} uses inputs {pp['modalities']}; fine-tuning supports {list(MODALITIES)}.")
