@@ -493,3 +493,36 @@ def test_institution_folds_spread_institutions_and_tumour_sizes():
     assert all(len(smallest & set(f)) == 1 and len(largest & set(f)) == 1 for f in folds)
     with pytest.raises(InputError, match="only 3"):
         institution_folds(names[:3], volumes[:3], 5)
+
+
+def test_gpu_script_trains_from_a_pack_and_the_folds_are_scored_here_without_retraining(tiny_run, tmp_path):
+    """The prepared GPU job, run on the CPU with a tiny network: cv-pack -> the script (train only, from
+    the pack, checkpoints dropped) -> cv --data --resume scores the fold models it brought back."""
+    _, base = tiny_run
+    data = _write_brats_folder(tmp_path / "data", ("2023", "2021", "2023", "2023", "2021"))
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"threads": 1, "validation_cases": 0, "engine_fraction": 0.0,
+                                  "real_augmentation": False, "spacing_mm": 4.0}))
+    pack = tmp_path / "pack"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "BrainUNetSegmentation"), BRAINUNET_CASE_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "brainunet_lab", "cv-pack", "--data", str(data), "--output", str(pack),
+                        "--model", str(base / "model.pt"), "--config", str(recipe)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(list(pack.glob("*.npz"))) == 5 and "5 cases packed" in r.stdout
+    script = ROOT / "BrainUNetSegmentation" / "brainunet_lab" / "scripts" / "gpu-paper-cv.sh"
+    r = subprocess.run(["bash", str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(env, STEPS="2", DEVICE="cpu", PACK=str(pack), CONFIG=str(recipe), OUT=str(tmp_path),
+                                MODEL=str(base / "model.pt"), PYTHON=sys.executable))
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = tmp_path / "paper-cv"
+    models = sorted(run.glob("fold*/model.pt")) + [run / "final" / "model.pt"]
+    assert len(models) == 6 and not list(run.rglob("checkpoint.pt"))  # 5 folds and the final model
+    stamps = {p: p.stat().st_mtime_ns for p in models}
+    from brainunet_lab import crossval
+
+    assert crossval.run_cv(data, run, base / "model.pt", 2, 5, scratch=True, overrides=json.loads(recipe.read_text()),
+                           resume=True, final=True, progress=False, log=lambda m: None)
+    assert {p: p.stat().st_mtime_ns for p in models} == stamps  # scored, not retrained
+    rows = crossval.read_cases(run)
+    assert sorted({r["case"] for r in rows}) == sorted(p.name for p in data.iterdir())

@@ -21,6 +21,7 @@ from .protocol import (EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_CODES_HELP, EXIT_WEI
                        RESULT_PREFIX)
 
 PLUGIN_GROUP = "brainunet.commands"
+PLUGIN_LOADERS: list = []  # add-on command loaders given directly (python -m brainunet_lab), besides entry points
 
 
 class Progress:
@@ -129,8 +130,13 @@ def _add_plugin_commands(sub):
         found = entry_points(group=PLUGIN_GROUP)
     except TypeError:  # Python 3.9 (Slicer 5.6): entry_points() is a dict of groups
         found = entry_points().get(PLUGIN_GROUP, [])
+    loaders = list(PLUGIN_LOADERS)
     for ep in found:
-        ep.load()(sub)
+        loader = ep.load()
+        if loader not in loaders:
+            loaders.append(loader)
+    for loader in loaders:
+        loader(sub)
 
 
 def _say(args, text):

@@ -88,7 +88,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("cv", help="cross-validate a training recipe on labelled real cases (folds by patient, "
                                   "stratified by institution and tumour size); resumable")
-    p.add_argument("--data", required=True, help="folder of BraTS-layout case folders with a *_seg / *-seg file")
+    p.add_argument("--data", help="folder of BraTS-layout case folders with a *_seg / *-seg file")
     p.add_argument("--output", required=True, help="run folder (fold<i>/, cases.csv, optional final/)")
     p.add_argument("--model", help="registry name or weights file whose network and preprocessing the recipe "
                                    "uses, and whose weights it starts from (default: best installed model)")
@@ -97,6 +97,9 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=300, help="training steps per fold model (default 300)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--fold", type=int, action="append", help="run only this fold (repeatable; for parallel jobs)")
+    p.add_argument("--pack", help="train from a case pack (brainunet cv-pack) instead of --data; needs --train-only")
+    p.add_argument("--train-only", action="store_true",
+                   help="train the fold models without scoring them (score later with --data DIR --resume)")
     p.add_argument("--final", action="store_true", help="after the folds, train the recipe on every case")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run in --output")
@@ -104,6 +107,14 @@ def add_commands(sub) -> None:
     p.add_argument("--time-limit", type=float, metavar="MINUTES",
                    help="stop with a checkpoint after this long; run again with --resume to continue")
     p.add_argument("--progress", default="bar", choices=["bar", "none"])
+
+    p = sub.add_parser("cv-pack", help="compact copies of preprocessed labelled cases (tumour box, 8-bit) for a "
+                                       "machine without the data, such as the GPU machine")
+    p.add_argument("--data", required=True, help="folder of BraTS-layout case folders with a *_seg / *-seg file")
+    p.add_argument("--output", required=True, help="pack folder (keep it out of git: e.g. .cache/pack-1mm)")
+    p.add_argument("--model", help="model whose preprocessing the recipe uses (default: best installed model)")
+    p.add_argument("--config", help="the recipe's JSON settings (its spacing_mm decides the pack's grid)")
+    p.add_argument("--margin-mm", type=float, default=24.0, help="brain kept around the tumour (default 24)")
 
     p = sub.add_parser("cv-report", help="print cross-validation tables (per region, condition, institution)")
     p.add_argument("runs", nargs="+", help="run folders of brainunet cv")
@@ -119,6 +130,7 @@ def add_commands(sub) -> None:
     sub.choices["calibrate"].set_defaults(handler=cmd_calibrate)
     sub.choices["cv"].set_defaults(handler=cmd_cv)
     sub.choices["cv-report"].set_defaults(handler=cmd_cv_report)
+    sub.choices["cv-pack"].set_defaults(handler=cmd_cv_pack)
     sub.choices["cv-postprocess"].set_defaults(handler=cmd_cv_postprocess)
 
 
@@ -310,12 +322,24 @@ def cmd_cv(args) -> int:
     if args.steps < 1:
         raise InputError(f"--steps {args.steps}: give at least 1 step.")
     overrides = read_json(args.config) if args.config else None
+    if not args.data and not args.pack:
+        raise InputError("Give --data DIR (labelled cases) or --pack DIR (brainunet cv-pack) with --train-only.")
     done = run_cv(args.data, args.output, args.model, args.steps, args.folds, scratch=args.scratch,
                   overrides=overrides, device=args.device, seed=args.seed, resume=args.resume, final=args.final,
                   progress=args.progress == "bar", time_limit_s=args.time_limit * 60 if args.time_limit else None,
-                  only_folds=set(args.fold) if args.fold else None, log=lambda m: print(m, flush=True))
+                  only_folds=set(args.fold) if args.fold else None, log=lambda m: print(m, flush=True),
+                  pack=args.pack, train_only=args.train_only)
     if not done:
         print(f"Stopped at the time limit; continue with the same command and --resume ({args.output}).")
+    return 0
+
+
+def cmd_cv_pack(args) -> int:
+    from .crossval import pack_cases
+    from .training import read_json
+
+    overrides = read_json(args.config) if args.config else None
+    pack_cases(args.data, args.output, args.model, overrides, args.margin_mm, log=lambda m: print(m, flush=True))
     return 0
 
 

@@ -50,20 +50,42 @@ def load_cases(data_dir, config, cache=True, progress=None):
                                bias_correction=config.bias_correction, cache=cache, progress=progress)
 
 
+def _finished_weights(run_dir: Path, steps: int) -> Path | None:
+    """A run folder's model.pt when it holds a finished training of ``steps`` steps (e.g. brought back
+    from the GPU machine without its checkpoint)."""
+    import torch
+
+    path = Path(run_dir) / "model.pt"
+    if not path.is_file() or (Path(run_dir) / "checkpoint.pt").exists():
+        return None
+    try:
+        training = torch.load(path, map_location="cpu", weights_only=True)["extra"]["training"]
+    except Exception:
+        return None
+    return path if training.get("finished") and int(training.get("steps", -1)) == int(steps) else None
+
+
 def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int = 5, scratch: bool = False,
            overrides: dict | None = None, device: str = "auto", seed: int = 0, resume: bool = False,
            final: bool = False, progress: bool = True, time_limit_s: float | None = None,
-           only_folds=None, log=print):
+           only_folds=None, log=print, pack=None, train_only: bool = False):
     """Train and score every fold (skipping folds already scored), then optionally the final model.
+    ``pack``: train from a case pack (``brainunet cv-pack``) instead of ``data_dir``; scoring needs the
+    cases' files, so with a pack pass ``train_only`` and score later here with ``--data ... --resume``
+    (finished fold models are then scored, not retrained).
     Returns True when everything asked for is done, False when the time limit stopped it (resume later)."""
     from .realdata import find_labelled_cases, institution_folds
     from .training import TrainConfig, train
 
     deadline = time.monotonic() + time_limit_s if time_limit_s else None
     output_dir = Path(output_dir)
-    find_labelled_cases(data_dir)  # a bad folder is reported before anything is loaded
+    if pack is None:
+        find_labelled_cases(data_dir)  # a bad folder is reported before anything is loaded
+    elif not train_only:
+        raise InputError("Held-out cases are scored from their files: with --pack, pass --train-only and score "
+                         "later with --data DIR --resume.")
     config = recipe_config(base_model, steps, scratch, device, seed, overrides)
-    recipe = {"data": str(Path(data_dir).resolve()), "base_model": None if scratch else str(config.init_weights),
+    recipe = {"data": str(Path(data_dir or pack).resolve()), "base_model": None if scratch else str(config.init_weights),
               "scratch": scratch, "steps": steps, "folds": folds, "overrides": overrides or {}, "seed": seed}
     recipe_path = output_dir / "recipe.json"
     if recipe_path.exists():
@@ -79,7 +101,12 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
     recipe_path.write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
 
     t = time.perf_counter()
-    cases = load_cases(data_dir, config, progress=(lambda f, m: None) if not progress else None)
+    if pack is not None:
+        from .realdata import load_packed_cases
+
+        cases = load_packed_cases(pack)
+    else:
+        cases = load_cases(data_dir, config, progress=(lambda f, m: None) if not progress else None)
     log(f"{len(cases)} cases preprocessed or read from the cache in {time.perf_counter() - t:.0f} s")
     names = [c.name for c in cases]
     splits = institution_folds(names, [c.wt_volume_ml for c in cases], folds)
@@ -97,22 +124,27 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
             continue
         if deadline is not None and time.monotonic() >= deadline:
             return False
-        fold_config = TrainConfig(**{**config.to_dict(), "name": f"{config.name}-fold{i}"})
-        train_cases = [c for j, c in enumerate(cases) if j not in held]
-        result = train(fold_config, fold_dir, resume=(fold_dir / "checkpoint.pt").exists(), progress=progress,
-                       data=train_cases, validation_data=[], time_limit_s=remaining())
-        if not result.finished:
-            return False
-        rows = score_fold(result.weights, [cases[j] for j in held], i, fold_dir / "heldout", data_dir, device)
+        weights = _finished_weights(fold_dir, steps)
+        if weights is None:
+            fold_config = TrainConfig(**{**config.to_dict(), "name": f"{config.name}-fold{i}"})
+            train_cases = [c for j, c in enumerate(cases) if j not in held]
+            result = train(fold_config, fold_dir, resume=(fold_dir / "checkpoint.pt").exists(), progress=progress,
+                           data=train_cases, validation_data=[], time_limit_s=remaining())
+            if not result.finished:
+                return False
+            weights = result.weights
+        if train_only:
+            continue
+        rows = score_fold(weights, [cases[j] for j in held], i, fold_dir / "heldout", data_dir, device)
         _write_rows(rows, fold_dir / "scores.csv")
         log(f"fold {i}: " + "  ".join(f"{k} {np.mean([r[f'dice_{k}'] for r in rows if r['condition'] == 'all']):.3f}"
                                       for k in REGION_KEYS))
     done = [output_dir / f"fold{i}" / "scores.csv" for i in range(folds)]
-    if all(p.exists() for p in done):
+    if not train_only and all(p.exists() for p in done):
         rows = [r for p in done for r in _read_rows(p)]
         _write_rows(rows, output_dir / "cases.csv")
         log(format_report(output_dir))
-    if final and only_folds is None:
+    if final and only_folds is None and _finished_weights(output_dir / "final", steps) is None:
         if deadline is not None and time.monotonic() >= deadline:
             return False
         final_config = TrainConfig(**config.to_dict())
@@ -277,3 +309,15 @@ def sweep_postprocess(run_dirs, grid=None) -> list[dict]:
         means = {f"dice_{k}": float(np.mean(v)) for k, v in score.items()}
         out.append({**rule, **means, "mean": float(np.mean(list(means.values()))), "cases": len(files)})
     return out
+
+
+def pack_cases(data_dir, pack_dir, base_model=None, overrides: dict | None = None, margin_mm: float = 24.0,
+               log=print) -> list[Path]:
+    """Preprocess every case in ``data_dir`` as the recipe would and write a compact pack of each."""
+    from .realdata import pack_case
+
+    config = recipe_config(base_model, 1, False, "cpu", 0, overrides)
+    paths = [pack_case(case, Path(pack_dir) / f"{case.name}.npz", margin_mm) for case in load_cases(data_dir, config)]
+    total = sum(p.stat().st_size for p in paths) / 2**20
+    log(f"{len(paths)} cases packed into {pack_dir} ({total:.1f} MiB, spacing {config.spacing_mm} mm)")
+    return paths

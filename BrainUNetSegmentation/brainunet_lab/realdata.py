@@ -46,6 +46,54 @@ def _files_key(paths) -> str:
     return h.hexdigest()[:16]
 
 
+PACK_FORMAT = "brainunet-case-pack-1"
+
+
+def pack_case(case: "LabelledCase", path, margin_mm: float = 24.0) -> Path:
+    """A compact copy of a preprocessed case for a machine without the data (the GPU machine, where only
+    the checkout travels, 64 MiB in all): the tumour's bounding box plus ``margin_mm``, each channel
+    quantised to 8 bits inside the brain (0 outside), compressed. Derived images of real cases: keep
+    packs out of the repository (git-ignored ``.cache/``)."""
+    labels = case.labels
+    tumour = np.argwhere(labels > 0) if labels.any() else np.argwhere(case.mask)
+    margin = [int(np.ceil(margin_mm / s)) for s in case.spacing]
+    lo = np.maximum(tumour.min(0) - margin, 0)
+    hi = np.minimum(tumour.max(0) + 1 + margin, labels.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    image, mask = case.image[(slice(None),) + box], case.mask[box]
+    offsets, scales, quantised = [], [], np.zeros(image.shape, np.uint8)
+    for c in range(image.shape[0]):
+        inside = image[c][mask]
+        low, high = (float(inside.min()), float(inside.max())) if inside.size else (0.0, 1.0)
+        scale = max(high - low, 1e-6) / 254.0
+        quantised[c] = np.where(mask, np.clip(np.round((image[c] - low) / scale), 0, 254) + 1, 0).astype(np.uint8)
+        offsets.append(low)
+        scales.append(scale)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, format=PACK_FORMAT, name=case.name, image=quantised, offsets=np.asarray(offsets),
+                        scales=np.asarray(scales), labels=labels[box], mask=mask, spacing=np.asarray(case.spacing),
+                        wt_volume_ml=np.asarray(case.wt_volume_ml))
+    return path
+
+
+def load_packed_cases(pack_dir) -> list["LabelledCase"]:
+    """The cases of a pack folder (``pack_case``), in name order; ``path`` is the pack file."""
+    files = sorted(Path(pack_dir).glob("*.npz"))
+    if not files:
+        raise InputError(f"No packed cases in {pack_dir}; make them with brainunet cv-pack.")
+    cases = []
+    for f in files:
+        with np.load(f) as z:
+            if str(z["format"]) != PACK_FORMAT:
+                raise InputError(f"{f} is not a BrainUNet case pack ({PACK_FORMAT}).")
+            q = z["image"].astype(np.float32)
+            image = np.where(q > 0, (q - 1) * z["scales"].reshape(-1, 1, 1, 1) + z["offsets"].reshape(-1, 1, 1, 1), 0.0)
+            cases.append(LabelledCase(str(z["name"]), f, image.astype(np.float32), z["labels"], z["mask"],
+                                      tuple(float(v) for v in z["spacing"]), float(z["wt_volume_ml"])))
+    return cases
+
+
 LAYOUT_HINT = ("one folder per case with BraTS file names: <id>-t1c/-t2w/-t2f/-seg.nii.gz (2023) or "
                "<id>_t1ce/_t2/_flair/_seg.nii.gz (2021)")
 
