@@ -18,6 +18,16 @@ from brainunet.errors import InputError
 from . import calibration, montage  # their options live beside the code they drive
 
 
+def _add_run_args(p):
+    """Options of every resumable training command (finetune, cv)."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run(s) in --output")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--time-limit", type=float, metavar="MINUTES",
+                   help="stop with a checkpoint after this long; run again with --resume to continue")
+    p.add_argument("--progress", default="bar", choices=["bar", "none"])
+
+
 def add_commands(sub) -> None:
     """Add the lab's subcommands to the ``brainunet`` parser (entry point ``brainunet.commands``)."""
     p = sub.add_parser("evaluate", help="segment every labelled case in DIR and report Dice and HD95 per region")
@@ -79,12 +89,7 @@ def add_commands(sub) -> None:
                    help="share of synthetic cases mixed in against forgetting (default 0.25 if the templates "
                         "are installed, else 0)")
     p.add_argument("--config", help="JSON of further training settings to override (same keys as train)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run(s) in --output")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--time-limit", type=float, metavar="MINUTES",
-                   help="stop with a checkpoint after this long; run again with --resume to continue")
-    p.add_argument("--progress", default="bar", choices=["bar", "none"])
+    _add_run_args(p)
 
     p = sub.add_parser("cv", help="cross-validate a training recipe on labelled real cases (folds by patient, "
                                   "stratified by institution and tumour size); resumable")
@@ -101,12 +106,7 @@ def add_commands(sub) -> None:
     p.add_argument("--train-only", action="store_true",
                    help="train the fold models without scoring them (score later with --data DIR --resume)")
     p.add_argument("--final", action="store_true", help="after the folds, train the recipe on every case")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run in --output")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--time-limit", type=float, metavar="MINUTES",
-                   help="stop with a checkpoint after this long; run again with --resume to continue")
-    p.add_argument("--progress", default="bar", choices=["bar", "none"])
+    _add_run_args(p)
 
     p = sub.add_parser("cv-pack", help="compact copies of preprocessed labelled cases (tumour box, 8-bit) for a "
                                        "machine without the data, such as the GPU machine")

@@ -235,6 +235,14 @@ def load_labelled_cases(data_dir, spacing_mm=(1.0, 1.0, 1.0), modalities=("t1c",
     return cases
 
 
+def check_fold_count(n: int, k: int) -> None:
+    if k < 2:
+        raise InputError(f"Cross-validation needs at least 2 folds (got {k}).")
+    if n < k:
+        raise InputError(f"{k}-fold cross-validation needs at least {k} labelled cases, but there are only {n}. "
+                         f"Use --folds {n} or fewer (at least 2), or add cases.")
+
+
 def stratified_folds(wt_volumes, k: int, seed: int = 0) -> list[list[int]]:
     """``k`` held-out folds (lists of case indices), balanced over whole-tumour volume terciles.
 
@@ -242,11 +250,7 @@ def stratified_folds(wt_volumes, k: int, seed: int = 0) -> list[list[int]]:
     round-robin, continuing where the previous tercile stopped, so fold sizes differ by at most one.
     """
     n = len(wt_volumes)
-    if k < 2:
-        raise InputError(f"Cross-validation needs at least 2 folds (got {k}).")
-    if n < k:
-        raise InputError(f"{k}-fold cross-validation needs at least {k} labelled cases, but there are only {n}. "
-                         f"Use --folds {n} or fewer (at least 2), or add cases.")
+    check_fold_count(n, k)
     order = np.argsort(np.asarray(wt_volumes, float), kind="stable")
     rng = np.random.default_rng(seed)
     folds: list[list[int]] = [[] for _ in range(k)]
@@ -280,11 +284,7 @@ def institution_folds(names, wt_volumes, k: int) -> list[list[int]]:
     folds depend only on the cases, so every recipe is scored on the same splits.
     """
     n = len(names)
-    if k < 2:
-        raise InputError(f"Cross-validation needs at least 2 folds (got {k}).")
-    if n < k:
-        raise InputError(f"{k}-fold cross-validation needs at least {k} labelled cases, but there are only {n}. "
-                         f"Use --folds {n} or fewer (at least 2), or add cases.")
+    check_fold_count(n, k)
     groups: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         groups.setdefault(institution(name), []).append(i)
