@@ -97,3 +97,14 @@ def test_et_post_processing_rules():
     assert np.array_equal(postprocess.apply(probs, None, {}), labels)
     both = postprocess.apply(probs, None, {"min_et_component_voxels": 10, "et_to_netc_below_voxels": 50})
     assert np.array_equal(both, out)
+
+
+def test_small_components_go_but_never_the_largest():
+    from brainunet import postprocess
+
+    labels = np.zeros((30, 30, 30), np.uint8)
+    labels[2:6, 2:6, 2:6] = 2  # 64 voxels: the tumour
+    labels[20:22, 20:22, 20:22] = 2  # 8 voxels: a speck
+    out = postprocess.remove_small_components(labels, 100)
+    assert (out[2:6, 2:6, 2:6] == 2).all() and not out[20:22, 20:22, 20:22].any()
+    assert np.array_equal(postprocess.remove_small_components(labels, 5), labels)

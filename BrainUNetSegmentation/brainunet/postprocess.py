@@ -25,13 +25,15 @@ def probabilities_to_labels(probs: np.ndarray, mask: np.ndarray | None = None,
 
 
 def remove_small_components(labels: np.ndarray, min_voxels: int) -> np.ndarray:
-    """Drop whole-tumour components smaller than ``min_voxels`` (isolated false-positive specks)."""
+    """Drop whole-tumour components smaller than ``min_voxels`` (false-positive specks and FLAIR
+    hyperintensities away from the tumour), but never the largest one: a small tumour is still a tumour."""
     if min_voxels <= 0 or not labels.any():
         return labels
     comp, n = ndimage.label(labels > 0, structure=np.ones((3, 3, 3)))
     sizes = np.bincount(comp.ravel())
-    small = np.flatnonzero(sizes < min_voxels)
-    small = small[small > 0]
+    sizes[0] = 0
+    small = np.flatnonzero((sizes < min_voxels) & (sizes > 0))
+    small = small[small != int(np.argmax(sizes))]
     if small.size:
         labels = labels.copy()
         labels[np.isin(comp, small)] = 0

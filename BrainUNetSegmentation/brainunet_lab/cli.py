@@ -353,19 +353,19 @@ def cmd_cv_report(args) -> int:
 
 
 def cmd_cv_postprocess(args) -> int:
-    from .crossval import sweep_postprocess
+    from .crossval import RULE_KEYS, sweep_postprocess
     from .evaluation import write_metrics_csv
 
-    rows = sweep_postprocess(args.runs)
+    rows, chosen = sweep_postprocess(args.runs)
     if args.output:
         write_metrics_csv(rows, args.output)
-    base = next(r for r in rows if not any(r[k] for k in ("min_component_voxels", "min_et_component_voxels",
-                                                           "et_to_netc_below_voxels")))
-    best = max(rows, key=lambda r: r["mean"])
     keys = [k for k in rows[0] if k.startswith("dice_")]
-    for name, r in (("none", base), ("best", best)):
-        rule = ", ".join(f"{k}={r[k]}" for k in ("min_component_voxels", "min_et_component_voxels",
-                                                  "et_to_netc_below_voxels"))
-        print(f"{name:5s} {rule}: " + "  ".join(f"{k[5:]} {r[k]:.3f}" for k in keys) + f"  mean {r['mean']:.4f}"
+    first = rows[0]  # argmax, nothing removed
+    best = next(r for r in rows if all(r[k] == chosen[k] for k in RULE_KEYS))
+    for name, r in (("none", first), ("chosen", best)):
+        rule = ", ".join(f"{k}={r[k]}" for k in RULE_KEYS)
+        print(f"{name:6s} {rule}: " + "  ".join(f"{k[5:]} {r[k]:.3f}" for k in keys) + f"  mean {r['mean']:.4f}"
               f"  ({r['cases']} held-out cases)")
+    settings = " ".join(f"--set {k}={'null' if chosen[k] is None else chosen[k]}" for k in RULE_KEYS)
+    print(f"register with: {settings}")
     return 0

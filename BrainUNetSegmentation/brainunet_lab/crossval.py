@@ -273,51 +273,67 @@ def format_report(run_dir) -> str:
 # post-processing chosen by cross-validation
 
 
+POSTPROCESS_STAGES = (
+    # P(tumour) threshold instead of argmax: corrects a systematic over- or under-segmentation
+    ("tumour_threshold", (None, 0.55, 0.65, 0.75, 0.85, 0.9, 0.95)),
+    # whole-tumour components smaller than this (native voxels) are dropped
+    ("min_component_voxels", (0, 50, 200, 1000, 3000, 10000)),
+    # lesion-wise small ET components become NETC; all ET becomes NETC when the whole ET is tiny
+    (("min_et_component_voxels", "et_to_netc_below_voxels"), ((0, 0), (20, 0), (100, 0), (0, 100), (0, 500),
+                                                              (20, 100), (100, 500))),
+)
+RULE_KEYS = ("tumour_threshold", "min_component_voxels", "min_et_component_voxels", "et_to_netc_below_voxels")
+
+
 def postprocess_grid() -> list[dict]:
-    """The post-processing rules compared: whole-tumour minimum component, lesion-wise small ET components
-    (become NETC), and ET relabelled as NETC when the whole ET is tiny (BraTS: a tumour without
-    enhancement has ET 0)."""
+    """Every rule of every stage, each with the other settings at their defaults (argmax, none)."""
+    base = {"tumour_threshold": None, "min_component_voxels": 0, "min_et_component_voxels": 0,
+            "et_to_netc_below_voxels": 0}
     grid = []
-    for wt_min in (0, 50, 200, 1000):
-        for et_min in (0, 20, 100):
-            for et_total in (0, 100, 500):
-                grid.append({"min_component_voxels": wt_min, "min_et_component_voxels": et_min,
-                             "et_to_netc_below_voxels": et_total})
+    for keys, values in POSTPROCESS_STAGES:
+        for value in values:
+            keys_, values_ = (keys, value) if isinstance(keys, tuple) else ((keys,), (value,))
+            grid.append({**base, **dict(zip(keys_, values_))})
     return grid
 
 
-def sweep_postprocess(run_dirs, grid=None) -> list[dict]:
-    """Mean held-out Dice per region of every rule in ``grid`` over the kept probabilities of ``run_dirs``'
-    folds (native 1 mm crop grid)."""
+def _score_rules(cases, rules) -> list[dict]:
     from brainunet import postprocess
+
     from .evaluation import dice
 
-    grid = grid or postprocess_grid()
-    files = [p for d in run_dirs for p in sorted(Path(d).glob("fold*/heldout/*.npz"))]
-    if not files:
-        raise InputError("No kept held-out probabilities (fold*/heldout/*.npz); run brainunet cv first.")
-    scores = [{k: [] for k in REGION_KEYS} for _ in grid]
-    for path in files:
-        with np.load(path) as z:
-            probs, mask, ref = z["probs"].astype(np.float32), z["mask"], z["reference"]
-        for rule, score in zip(grid, scores):
+    rows = []
+    for rule in rules:
+        score = {k: [] for k in REGION_KEYS}
+        for probs, mask, ref in cases:
             labels = postprocess.apply(probs, mask, rule)
             for region in ALL_REGIONS:
                 score[region.key].append(dice(region.mask(labels), region.mask(ref)))
-    out = []
-    for rule, score in zip(grid, scores):
         means = {f"dice_{k}": float(np.mean(v)) for k, v in score.items()}
-        out.append({**rule, **means, "mean": float(np.mean(list(means.values()))), "cases": len(files)})
-    return out
+        rows.append({**rule, **means, "mean": float(np.mean(list(means.values()))), "cases": len(cases)})
+    return rows
 
 
-def pack_cases(data_dir, pack_dir, base_model=None, overrides: dict | None = None, margin_mm: float = 24.0,
-               log=print) -> list[Path]:
-    """Preprocess every case in ``data_dir`` as the recipe would and write a compact pack of each."""
-    from .realdata import pack_case
-
-    config = recipe_config(base_model, 1, False, "cpu", 0, overrides)
-    paths = [pack_case(case, Path(pack_dir) / f"{case.name}.npz", margin_mm) for case in load_cases(data_dir, config)]
-    total = sum(p.stat().st_size for p in paths) / 2**20
-    log(f"{len(paths)} cases packed into {pack_dir} ({total:.1f} MiB, spacing {config.spacing_mm} mm)")
-    return paths
+def sweep_postprocess(run_dirs, start: dict | None = None) -> tuple[list[dict], dict]:
+    """Post-processing chosen by cross-validation: stage by stage (threshold, whole-tumour components,
+    ET rules), each stage keeps the rule with the best mean of the five regions' held-out Dice, the
+    earlier stages' choices fixed. Returns (every rule scored, the chosen rule). ``start``: the settings
+    the first stage starts from (default: argmax, nothing removed)."""
+    files = [p for d in run_dirs for p in sorted(Path(d).glob("fold*/heldout/*.npz"))]
+    if not files:
+        raise InputError("No kept held-out probabilities (fold*/heldout/*.npz); run brainunet cv first.")
+    cases = []
+    for path in files:
+        with np.load(path) as z:
+            cases.append((z["probs"].astype(np.float32), z["mask"], z["reference"]))
+    chosen = {"tumour_threshold": None, "min_component_voxels": 0, "min_et_component_voxels": 0,
+              "et_to_netc_below_voxels": 0, **(start or {})}
+    scored = []
+    for keys, values in POSTPROCESS_STAGES:
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        rules = [{**chosen, **dict(zip(keys, v if isinstance(v, tuple) else (v,)))} for v in values]
+        rows = _score_rules(cases, rules)
+        scored += rows
+        best = max(rows, key=lambda r: r["mean"])
+        chosen = {k: best[k] for k in RULE_KEYS}
+    return scored, chosen
