@@ -227,6 +227,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self.ui.show3DCheckBox.setChecked(bool(p.show3D))
         finally:
             self._updatingGUI = False
+        self._updateApplyButton()
 
     def updateParameterNodeFromGUI(self, *args) -> None:
         """Slot for every input widget (the signal's arguments are not used: PythonQt and PySide6 differ)."""
@@ -240,6 +241,27 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         p.device = DEVICES[deviceIndex] if 0 <= deviceIndex < len(DEVICES) else "auto"
         p.tta = self.ui.qualityComboBox.property("currentIndex") == 1
         p.show3D = bool(self.ui.show3DCheckBox.property("checked"))
+        self._updateApplyButton()
+
+    def _updateApplyButton(self) -> None:
+        """Apply is enabled once the inputs can run (two of T1CE, T2W and FLAIR at least); while a run
+        goes it is the Cancel button and stays enabled."""
+        if self._run is not None:
+            self.ui.applyButton.setEnabled(True)
+            return
+        from brainunet.imageio import MODALITY_NAMES
+
+        inputs = self.selectedInputs()
+        missing = [MODALITY_NAMES[r] for r in ("t1c", "t2w", "t2f") if inputs.get(r) is None]
+        self.ui.applyButton.setEnabled(len(missing) <= 1)
+        if len(missing) > 1:
+            self.ui.applyButton.setToolTip(f"Select the {' and '.join(missing)} volumes first.")
+        elif missing:
+            self.ui.applyButton.setToolTip(f"{missing[0]} is not selected: the model runs without it, with lower "
+                                           "accuracy. Runs in the background; click again to cancel.")
+        else:
+            self.ui.applyButton.setToolTip("Segment the tumour (ET, NETC, SNFH). Runs in the background; click "
+                                           "again to cancel.")
 
     def selectedInputs(self) -> dict:
         return {role: getattr(self.ui, name).currentNode() for role, name in INPUT_SELECTORS.items()}
@@ -384,6 +406,8 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             getattr(self.ui, name).setEnabled(not running)
         if running:
             self.ui.progressBar.setValue(0)
+        else:
+            self._updateApplyButton()
 
     def _showResults(self, tableNode) -> None:
         table = self.ui.resultsTableView

@@ -240,24 +240,22 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_apply_without_t2w_and_flair_shows_error_and_leaves_scene_unchanged(harness):
+def test_apply_is_disabled_until_two_sequences_are_selected(harness):
     """(One missing sequence is for the model to accept or refuse: test_scenarios.)"""
     ui = harness.ui
     add_case(harness)
     harness.widget.enter()
+    assert ui.applyButton.isEnabled()
     ui.t2wSelector.setCurrentNode(None)
+    assert ui.applyButton.isEnabled() and "T2W is not selected" in ui.applyButton.toolTip()
     ui.t2fSelector.setCurrentNode(None)
     assert harness.widget.logic.getParameterNode().t2w is None
+    assert not ui.applyButton.isEnabled() and "T2W and FLAIR" in ui.applyButton.toolTip()
     count = harness.scene.GetNumberOfNodes()
-    ui.applyButton.click()
+    ui.applyButton.click()  # disabled: nothing happens
     process_events(0.3)
-    errors = harness.errors()
-    assert len(errors) == 1 and "T2W" in errors[0], harness.messages
-    assert "T2W" in ui.statusLabel.text()
-    assert harness.scene.GetNumberOfNodes() == count
-    assert text(ui.applyButton) == "Apply" and harness.widget._run is None
-    assert harness.dependency_checks == []  # nothing offered for install before the inputs are right
-
+    assert harness.widget._run is None and harness.scene.GetNumberOfNodes() == count
+    assert harness.errors() == []
 
 def test_failed_run_reports_error_and_adds_nothing(harness):
     ui, widget = harness.ui, harness.widget
