@@ -442,6 +442,13 @@ def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(t
         assert printed.startswith("none ") and "(4 held-out cases)" in printed
         with open(tmp_path / "pp.csv") as f:
             assert len(list(csv.DictReader(f))) == len(crossval.postprocess_grid())
+        capsys.readouterr()
+        assert cli.main(["cv-rescore", str(out), "--data", str(data), "--set", "tumour_threshold=0.99",
+                         "--set", "min_component_voxels=10", "--tag", "strict"]) == 0
+        strict = crossval.read_cases(out, "strict")
+        assert len(strict) == len(rows) and "| all | 4 |" in capsys.readouterr().out
+        wt = {(r["case"], r["condition"]): r["dice_WT"] for r in rows}
+        assert any(r["dice_WT"] != wt[(r["case"], r["condition"])] for r in strict)  # the settings were applied
     finally:
         if env_cache is None:
             os.environ.pop("BRAINUNET_CASE_CACHE", None)

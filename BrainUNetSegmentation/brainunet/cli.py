@@ -246,15 +246,10 @@ def cmd_demo(args) -> int:
                  "--stats", str(out / "demo-stats.csv"), "--overlay", str(out / "demo-overlay.png")])
 
 
-def cmd_register(args) -> int:
-    import re
-
-    from . import weights
-
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
-        raise InputError(f"Model name '{args.name}' may hold only letters, digits, '-', '_' and '.'.")
+def parse_settings(items) -> dict:
+    """``--set KEY=VALUE`` options as a dict (values read as JSON: true, 0.9, null; else as text)."""
     settings = {}
-    for item in args.set:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InputError(f"--set {item}: expected KEY=VALUE, e.g. fill_core_holes=true.")
@@ -262,6 +257,17 @@ def cmd_register(args) -> int:
             settings[key] = json.loads(value)
         except json.JSONDecodeError:
             settings[key] = value
+    return settings
+
+
+def cmd_register(args) -> int:
+    import re
+
+    from . import weights
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
+        raise InputError(f"Model name '{args.name}' may hold only letters, digits, '-', '_' and '.'.")
+    settings = parse_settings(args.set)
     entry = weights.register_model(Path(args.weights), args.name, args.description, settings)
     print(f"registered {entry.name} ({entry.path()}, sha256 {entry.sha256[:12]}…); it is now the default model")
     return 0

@@ -118,6 +118,16 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("cv-report", help="print cross-validation tables (per region, condition, institution)")
     p.add_argument("runs", nargs="+", help="run folders of brainunet cv")
+    p.add_argument("--tag", help="report the cases rescored by cv-rescore --tag TAG")
+
+    p = sub.add_parser("cv-rescore", help="score a cross-validation's fold models again with post-processing "
+                                          "settings (e.g. those cv-postprocess chose), every condition")
+    p.add_argument("run", help="run folder of brainunet cv")
+    p.add_argument("--data", required=True, help="the folder of labelled cases the run used")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="post-processing setting (JSON value), e.g. tumour_threshold=0.9")
+    p.add_argument("--tag", required=True, help="name of this scoring (writes cases-TAG.csv)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     p = sub.add_parser("cv-postprocess", help="compare post-processing rules on the held-out probabilities of "
                                               "brainunet cv runs")
@@ -131,6 +141,7 @@ def add_commands(sub) -> None:
     sub.choices["cv"].set_defaults(handler=cmd_cv)
     sub.choices["cv-report"].set_defaults(handler=cmd_cv_report)
     sub.choices["cv-pack"].set_defaults(handler=cmd_cv_pack)
+    sub.choices["cv-rescore"].set_defaults(handler=cmd_cv_rescore)
     sub.choices["cv-postprocess"].set_defaults(handler=cmd_cv_postprocess)
 
 
@@ -347,8 +358,18 @@ def cmd_cv_report(args) -> int:
     from .crossval import format_report
 
     for run in args.runs:
-        print(format_report(run))
+        print(format_report(run, args.tag))
         print()
+    return 0
+
+
+def cmd_cv_rescore(args) -> int:
+    from brainunet.cli import parse_settings
+
+    from .crossval import format_report, rescore
+
+    rescore(args.run, args.data, parse_settings(args.set), args.tag, args.device, log=lambda m: print(m, flush=True))
+    print(format_report(args.run, args.tag))
     return 0
 
 

@@ -156,10 +156,12 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
     return True
 
 
-def score_fold(weights, held_cases, fold: int, keep_dir, data_dir, device: str = "auto") -> list[dict]:
+def score_fold(weights, held_cases, fold: int, keep_dir, data_dir, device: str = "auto",
+               settings: dict | None = None) -> list[dict]:
     """Segment each held-out case from its files as inference does, for every condition; Dice and HD95 on
     the case's own 1 mm grid. The 'all' condition's probabilities are kept (float16, crop grid) for
-    choosing post-processing."""
+    choosing post-processing, unless ``keep_dir`` is None. ``settings`` override the model's stored
+    post-processing (as a registry entry's settings do)."""
     import nibabel as nib
 
     from brainunet import pipeline, postprocess
@@ -171,9 +173,10 @@ def score_fold(weights, held_cases, fold: int, keep_dir, data_dir, device: str =
 
     device = resolve_device(device)
     loaded = pipeline.load_model(weights, device=device)
-    pp = loaded.preprocessing
-    keep_dir = Path(keep_dir)
-    keep_dir.mkdir(parents=True, exist_ok=True)
+    pp = {**loaded.preprocessing, **(settings or {})}
+    if keep_dir is not None:
+        keep_dir = Path(keep_dir)
+        keep_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for case in held_cases:
         files = find_case_files(case.path)
@@ -190,7 +193,7 @@ def score_fold(weights, held_cases, fold: int, keep_dir, data_dir, device: str =
                 image[list(loaded.modalities).index(dropped)] = 0.0  # what inference feeds for a missing sequence
             probs = predict_probabilities(loaded.network, image, pp["patch_size"], device=device, precision="fp32")
             probs = prepared.restore_channels(probs)
-            if condition == "all":
+            if condition == "all" and keep_dir is not None:
                 np.savez_compressed(keep_dir / f"{case.name}.npz", probs=probs.astype(np.float16),
                                     mask=prepared.crop_mask, reference=crop_ref,
                                     spacing=np.asarray(prepared.native_spacing))
@@ -223,8 +226,39 @@ def _read_rows(path) -> list[dict]:
     return rows
 
 
-def read_cases(run_dir) -> list[dict]:
+def rescore(run_dir, data_dir, settings: dict, tag: str, device: str = "auto", log=print) -> Path:
+    """Score every fold model again on its held-out cases, every condition, with post-processing
+    ``settings`` (the ones chosen by ``sweep_postprocess``, as the shipped model applies them); writes
+    ``cases-<tag>.csv`` beside ``cases.csv``."""
+    from types import SimpleNamespace
+
+    from .realdata import find_labelled_cases
+
     run_dir = Path(run_dir)
+    folds_file = run_dir / "folds.json"
+    if not folds_file.is_file():
+        raise InputError(f"{run_dir} is not a cross-validation run (no folds.json).")
+    paths = {p.name: p for p in find_labelled_cases(data_dir)}
+    rows = []
+    for i, names in enumerate(json.loads(folds_file.read_text(encoding="utf-8")).values()):
+        weights = run_dir / f"fold{i}" / "model.pt"
+        if not weights.is_file():
+            raise InputError(f"{weights} is missing; finish the cross-validation first (brainunet cv ... --resume).")
+        held = [SimpleNamespace(name=n, path=paths[n]) for n in names]
+        rows += score_fold(weights, held, i, None, data_dir, device, settings)
+        log(f"fold {i} rescored")
+    out = run_dir / f"cases-{tag}.csv"
+    _write_rows(rows, out)
+    return out
+
+
+def read_cases(run_dir, tag: str | None = None) -> list[dict]:
+    run_dir = Path(run_dir)
+    if tag:
+        path = run_dir / f"cases-{tag}.csv"
+        if not path.is_file():
+            raise InputError(f"{path} does not exist; make it with brainunet cv-rescore --tag {tag}.")
+        return _read_rows(path)
     if (run_dir / "cases.csv").exists():
         return _read_rows(run_dir / "cases.csv")
     parts = sorted(run_dir.glob("fold*/scores.csv"))
@@ -246,12 +280,13 @@ def summarise(rows: list[dict], condition: str = "all", group: str | None = None
     return out
 
 
-def format_report(run_dir) -> str:
+def format_report(run_dir, tag: str | None = None) -> str:
     """Markdown tables: Dice per region (mean over held-out cases ± SD over fold means) per condition and
-    per institution; HD95 for all sequences."""
-    rows = read_cases(run_dir)
+    per institution; HD95 for all sequences. ``tag``: the rescored cases (cv-rescore) instead."""
+    rows = read_cases(run_dir, tag)
     folds = sorted({r["fold"] for r in rows})
-    lines = [f"Cross-validation {run_dir}: {len({r['case'] for r in rows})} held-out cases, folds {folds}",
+    lines = [f"Cross-validation {run_dir}{f' ({tag})' if tag else ''}: {len({r['case'] for r in rows})} held-out "
+             f"cases, folds {folds}",
              "", "| condition | n | " + " | ".join(REGION_KEYS) + " |", "|---|---|" + "---|" * len(REGION_KEYS)]
     for condition in CONDITIONS:
         s = summarise(rows, condition)
