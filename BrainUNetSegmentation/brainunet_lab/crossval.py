@@ -311,8 +311,9 @@ def format_report(run_dir, tag: str | None = None) -> str:
 POSTPROCESS_STAGES = (
     # P(tumour) threshold instead of argmax: corrects a systematic over- or under-segmentation
     ("tumour_threshold", (None, 0.55, 0.65, 0.75, 0.85, 0.9, 0.95)),
-    # whole-tumour components smaller than this (native voxels) are dropped
-    ("min_component_voxels", (0, 50, 200, 1000, 3000, 10000)),
+    # whole-tumour components smaller than this (native voxels) are dropped, never the largest; capped at
+    # 3 mL: a second lesion of a multifocal glioma is often larger, and these 29 cases have few of them
+    ("min_component_voxels", (0, 50, 200, 1000, 3000)),
     # lesion-wise small ET components become NETC; all ET becomes NETC when the whole ET is tiny
     (("min_et_component_voxels", "et_to_netc_below_voxels"), ((0, 0), (20, 0), (100, 0), (0, 100), (0, 500),
                                                               (20, 100), (100, 500))),
