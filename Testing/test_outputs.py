@@ -123,3 +123,23 @@ def test_batch_reports_each_failure_goes_on_and_summarises(tmp_path, capsys):
 def test_model_given_a_folder_says_so(tmp_path, synthetic_case, capsys):
     assert run("segment", *case_args(synthetic_case), "--output", tmp_path / "x.nii.gz", "--model", tmp_path) == 3
     assert "is a folder; give a weights file" in capsys.readouterr().err
+
+
+def test_misleading_files_get_messages_that_say_what_to_do(tmp_path, synthetic_case, capsys):
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    named = tmp_path / "t1c.nii"
+    shutil.copy(synthetic_case["t1c"], named)  # gzip data named .nii
+    assert run("segment", *case_args(dict(synthetic_case, t1c=named)), "--output", tmp_path / "x.nii.gz") == 2
+    assert "gzip-compressed but its name does not end in .gz; rename it" in capsys.readouterr().err
+    header = nib.Nifti1Header()
+    header.set_data_shape((10000, 10000, 10000))
+    header.set_data_dtype(np.float32)
+    huge = tmp_path / "t2w.nii"
+    huge.write_bytes(header.binaryblock + b"\0" * 4 + np.zeros(1000, np.float32).tobytes())
+    assert run("segment", *case_args(dict(synthetic_case, t2w=huge)), "--output", tmp_path / "x.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert "header claims 10000 x 10000 x 10000 voxels" in err and "MemoryError" not in err

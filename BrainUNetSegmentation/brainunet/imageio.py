@@ -75,6 +75,9 @@ def check_volume(data: np.ndarray, affine: np.ndarray, name: str) -> np.ndarray:
     return data
 
 
+MAX_VOXELS = 2**30  # 1024^3: no MRI volume comes near (a 0.5 mm whole-head scan is ~2^27)
+
+
 def load_volume(path, name: str | None = None) -> Volume:
     """Read a NIfTI (or any format nibabel reads) as a checked float32 volume."""
     import nibabel as nib
@@ -85,33 +88,28 @@ def load_volume(path, name: str | None = None) -> Volume:
         raise InputError(f"{name}: file not found: {path}. Check the path.")
     if path.is_dir():
         raise InputError(f"{name}: {path} is a folder, not an image file. Give the path of a .nii or .nii.gz file.")
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    if gzipped and not path.name.lower().endswith(".gz"):
+        raise InputError(f"{name}: {path.name} is gzip-compressed but its name does not end in .gz; rename it to "
+                         f"{path.name}.gz (or {path.stem}.nii.gz) and try again.")
     try:
         img = nib.load(str(path))
+    except Exception as exc:
+        raise InputError(f"{name}: {path.name} cannot be read as an image ({type(exc).__name__}: "
+                         f"{str(exc)[:120]}). The file is corrupt, truncated or not NIfTI: export it again.") from exc
+    voxels = int(np.prod([int(n) for n in img.shape], dtype=np.int64)) if img.shape else 0
+    if voxels > MAX_VOXELS:
+        dims = " x ".join(str(int(n)) for n in img.shape)
+        raise InputError(f"{name}: {path.name}'s header claims {dims} voxels, far more than any MRI volume; the header "
+                         "is corrupt. Export the image again.")
+    try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt / truncated / foreign files
         raise InputError(f"{name}: {path.name} cannot be read as an image ({type(exc).__name__}: "
                          f"{str(exc)[:120]}). The file is corrupt, truncated or not NIfTI: export it again.") from exc
     data = check_volume(data, img.affine, name)
     return Volume(data=data, affine=np.asarray(img.affine, dtype=float), name=name, header=img.header)
-
-
-def check_writable(path) -> Path:
-    """Fail before any computation if ``path`` cannot be written."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.exists() and path.is_dir():
-        raise InputError(f"Output {path} is a folder; give a file name such as {path / 'segmentation.nii.gz'}.")
-    blocker = next((p for p in [parent, *parent.parents] if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise InputError(f"Cannot write to {path}: {blocker} is a file, not a folder. Choose another location.")
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"Cannot create the output folder {parent}: {exc.strerror}. Choose another location.") from exc
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise InputError(f"Cannot write to {path}: permission denied. Choose a folder you can write to.")
-    return path
 
 
 def save_label_nifti(labels: np.ndarray, reference: Volume, path) -> Path:
