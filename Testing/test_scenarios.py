@@ -126,3 +126,24 @@ def test_a_failed_check_says_what_failed():
 
     with pytest.raises(scenarios.ScenarioFailure, match="the run is 'done' after Cancel"):
         scenarios.check(False, "the run is 'done' after Cancel")
+
+
+def test_what_the_worker_did_reaches_the_log_and_the_table_notes(scene, tmp_path):
+    """A head with a scalp-like rim: the worker extracts the brain, and the panel's log and the statistics
+    table's notes say so."""
+    from BrainUNetSegmentationLib import mrml
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic, RunOptions
+    from brainunet import synthetic
+    from test_brain_extraction import head_with_scalp
+
+    volumes, _ = synthetic.make_case(seed=0, shape=(96, 112, 80), spacing=(1.6, 1.6, 1.6), modalities=("t1c", "t2w", "t2f"))
+    head, _ = head_with_scalp(volumes)
+    nodes = {role: mrml.add_volume_node(scene, vol, name) for (role, vol), name in
+             zip(head.items(), ("Head_T1CE", "Head_T2", "Head_FLAIR"))}
+    logic = BrainUNetLogic(scene, python_executable=sys.executable, temp_root=str(tmp_path))
+    run = logic.start(nodes, RunOptions(device="cpu"))
+    assert run.wait(timeout=300) == "done", run.error
+    assert any(line.startswith("Note: brain extracted") for line in run.log)
+    _, table = logic.import_results(run)
+    assert table.GetDescription().startswith("brain extracted (deepbet)")
+    assert table.GetAttribute(mrml.NOTES_ATTRIBUTE) == table.GetDescription()

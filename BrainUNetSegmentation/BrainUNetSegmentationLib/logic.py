@@ -79,6 +79,7 @@ class BackgroundRun:
     message: str = ""
     error: str = ""
     log: list = field(default_factory=list)
+    notes: list = field(default_factory=list)  # what the worker did to the input ("Note: ..." lines)
     _lines: queue.Queue = field(default_factory=queue.Queue)
 
     def __post_init__(self):
@@ -132,6 +133,8 @@ class BackgroundRun:
                 self.on_progress(self.progress, text)
             if float(fraction) < 0:
                 self._log(text)
+                if text.startswith("Note: "):
+                    self.notes.append(text[len("Note: "):])
             return
         if line.startswith(RESULT_PREFIX):
             line = line[len(RESULT_PREFIX):].strip()
@@ -231,7 +234,7 @@ class BrainUNetLogic:
             rows = read_csv(run.outputs["stats"])
             reference = run.reference_node
             seg = mrml.create_segmentation(self.scene, labels, reference, segmentation_node=segmentation_node)
-            table = mrml.statistics_table(self.scene, rows, f"{seg.GetName()} statistics", table_node)
+            table = mrml.statistics_table(self.scene, rows, f"{seg.GetName()} statistics", table_node, run.notes)
             mrml.place_beside(self.scene, table, reference)
         finally:
             run.cleanup()

@@ -181,10 +181,18 @@ def place_beside(scene, node, reference_node) -> None:
         sh.SetItemParent(item, sh.GetItemParent(ref_item))
 
 
-def statistics_table(scene, rows: list[dict], name: str | None = None, table_node=None):
-    """Statistics rows -> a vtkMRMLTableNode (text columns stay text, numbers are doubles)."""
+NOTES_ATTRIBUTE = "BrainUNet.Notes"
+
+
+def statistics_table(scene, rows: list[dict], name: str | None = None, table_node=None, notes=()):
+    """Statistics rows -> a vtkMRMLTableNode (text columns stay text, numbers are doubles). ``notes`` (what
+    was done to the input: "brain extracted ...", "FLAIR registered ...") become the node's description
+    and its ``BrainUNet.Notes`` attribute, so they stay with the numbers they explain."""
     if table_node is None:
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name or "BrainUNet statistics"))
+    text = "\n".join(notes)
+    table_node.SetDescription(text)
+    table_node.SetAttribute(NOTES_ATTRIBUTE, text)
     table = table_node.GetTable()
     table.Initialize()
     if not rows:
