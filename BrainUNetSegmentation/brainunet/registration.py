@@ -4,9 +4,10 @@ Scanner coordinates already align sequences of one session unless the patient mo
 registered rigidly (6 degrees of freedom) to the reference with Mattes mutual information (SimpleITK,
 which Slicer ships too), on coarse grids (8, 4, then 2 mm) so it takes about a second. A movement under
 ``MOVED_MM`` is treated as none (the images keep their scanner alignment, untouched); a larger one is
-corrected; a registration that cannot have worked (mutual information worse than before, or a
+corrected; a registration that cannot have worked (images sharing no structure, or a
 movement no patient makes in a scanner) is refused with a message instead of segmenting misaligned
-images.
+images. A movement that does not improve the match by ``MIN_GAIN`` is the optimiser's noise, not the
+patient's: the sequences are left as they are.
 """
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ from .imageio import MODALITY_NAMES, Volume
 
 MOVED_MM = 2.0  # largest displacement of a brain point below which the sequence is left as it is
 MAX_PLAUSIBLE_MM = 40.0  # a patient does not move further inside the head coil
+MAX_PLAUSIBLE_DEG = 30.0
+MIN_GAIN = 0.05  # relative mutual-information gain below which a found movement is not trusted
 MIN_SHARED_INFORMATION = 0.1  # Mattes MI (negated by SimpleITK) of unrelated images is ~0; sequences of one head: 0.4-0.9
-BRAIN_RADIUS_MM = 80.0  # how far from the centre a brain point lies, to turn a rotation into millimetres
+BRAIN_RADIUS_MM = 80.0
+MIN_LEVEL_VOXELS = 32  # a registration level needs at least this many voxels along every axis  # how far from the centre a brain point lies, to turn a rotation into millimetres
 
 
 @dataclass
@@ -79,7 +83,9 @@ def register_rigid(fixed: Volume, moving: Volume, seed: int = 0) -> Registration
     levels = {mm: (_shrunk(f, mm), _shrunk(m, mm)) for mm in (8.0, 4.0, 2.0)}
     before = metric(initial, *levels[4.0])
     transform = sitk.Euler3DTransform(initial)
-    for level_mm in (8.0, 4.0, 2.0):
+    # a level needs enough voxels to show anatomy: on a small image the coarse ones mislead the optimiser
+    usable = [mm for mm in (8.0, 4.0, 2.0) if min(levels[mm][0].GetSize()) >= MIN_LEVEL_VOXELS] or [2.0]
+    for level_mm in usable:
         fi, mi = levels[level_mm]
         method = sitk.ImageRegistrationMethod()
         method.SetMetricAsMattesMutualInformation(32)
@@ -119,17 +125,19 @@ def register_to_reference(volumes: dict, aligned: dict, ref_key: str, notes: lis
             continue
         name, ref_name = MODALITY_NAMES.get(key, key), MODALITY_NAMES.get(ref_key, ref_key)
         reg = register_rigid(reference, volumes[key])
-        if -reg.metric_after < MIN_SHARED_INFORMATION:
+        shared = max(-reg.metric_before, -reg.metric_after)
+        if shared < MIN_SHARED_INFORMATION:
             raise InputError(f"{name} shares almost no structure with {ref_name} (mutual information "
-                             f"{-reg.metric_after:.2f}); the images may be from different patients, or one is not "
-                             "a brain scan. Check the selection.")
-        if reg.moved_mm < MOVED_MM:
-            continue
-        if reg.moved_mm > MAX_PLAUSIBLE_MM or reg.metric_after > reg.metric_before:
+                             f"{shared:.2f}); the images may be from different patients, or one is not a brain "
+                             "scan. Check the selection.")
+        gain = (reg.metric_before - reg.metric_after) / max(abs(reg.metric_before), 1e-6)
+        if gain < MIN_GAIN or reg.moved_mm < MOVED_MM:
+            continue  # the sequences line up already: a move that does not match better is the optimiser's noise
+        if reg.moved_mm > MAX_PLAUSIBLE_MM or reg.rotation_deg > MAX_PLAUSIBLE_DEG:
             raise InputError(f"{name} could not be registered to {ref_name} (the best rigid match moves it "
-                             f"{reg.moved_mm:.0f} mm and does not improve the match); the images may be from "
-                             "different patients or sessions. Register them in Slicer (General Registration) "
-                             "and try again.")
+                             f"{reg.moved_mm:.0f} mm and turns it {reg.rotation_deg:.0f}°, more than a patient "
+                             "moves in the scanner); the images may be from different patients or sessions. "
+                             "Register them in Slicer (General Registration) and try again.")
         aligned[key] = resample_registered(volumes[key], reference, reg.transform)
         notes.append(f"{name} registered to {ref_name} (the patient moved: {reg.translation_mm:.1f} mm, "
                      f"{reg.rotation_deg:.1f}°)")
