@@ -373,3 +373,15 @@ def sweep_postprocess(run_dirs, start: dict | None = None) -> tuple[list[dict], 
         best = max(rows, key=lambda r: r["mean"])
         chosen = {k: best[k] for k in RULE_KEYS}
     return scored, chosen
+
+
+def pack_cases(data_dir, pack_dir, base_model=None, overrides: dict | None = None, margin_mm: float = 24.0,
+               log=print) -> list[Path]:
+    """Preprocess every case in ``data_dir`` as the recipe would and write a compact pack of each."""
+    from .realdata import pack_case
+
+    config = recipe_config(base_model, 1, False, "cpu", 0, overrides)
+    paths = [pack_case(case, Path(pack_dir) / f"{case.name}.npz", margin_mm) for case in load_cases(data_dir, config)]
+    total = sum(p.stat().st_size for p in paths) / 2**20
+    log(f"{len(paths)} cases packed into {pack_dir} ({total:.1f} MiB, spacing {config.spacing_mm} mm)")
+    return paths
