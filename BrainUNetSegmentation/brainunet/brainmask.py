@@ -38,12 +38,11 @@ class Extraction:
     head_ml: float | None = None
 
 
-def _erode_mm(mask: np.ndarray, spacing, mm: float) -> np.ndarray:
-    """Erosion by ``mm`` in physical space (anisotropic voxels: a distance transform, not a cube)."""
+def _depth_mm(mask: np.ndarray, spacing) -> np.ndarray:
+    """Distance (mm) of each voxel of ``mask`` to its outside, in physical space (anisotropic voxels)."""
     if not mask.any():
-        return mask
-    distance = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
-    return distance > mm
+        return np.zeros(mask.shape)
+    return ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
 
 
 def needs_extraction(image: np.ndarray, spacing) -> tuple[bool, str, float]:
@@ -57,8 +56,9 @@ def needs_extraction(image: np.ndarray, spacing) -> tuple[bool, str, float]:
     volume_ml = float(foreground.sum()) * voxel_ml
     if volume_ml > MAX_STRIPPED_ML:
         return True, f"the image's non-zero region is {volume_ml:.0f} mL, more than any brain", volume_ml
-    inside = _erode_mm(foreground, spacing, CORE_MM)
-    shell = foreground & ~_erode_mm(foreground, spacing, SHELL_MM)
+    depth = _depth_mm(foreground, spacing)  # one distance transform for both depths
+    inside = depth > CORE_MM
+    shell = foreground & ~(depth > SHELL_MM)
     if inside.sum() < 100 or shell.sum() < 100:
         return False, "the image is too small to hold a head", volume_ml
     ratio = float(image[shell].mean()) / max(float(np.median(image[inside])), 1e-6)

@@ -81,10 +81,12 @@ def contrast_warnings(aligned: dict) -> list[str]:
     """Warnings about a contrast order impossible for the sequences named (aligned: one grid, brain only)."""
     if "t2w" not in aligned or "t2f" not in aligned:
         return []
-    brain = (aligned["t2w"] != 0) & (aligned["t2f"] != 0)
-    if brain.sum() < MIN_SIGNAL_VOXELS:
+    # every second voxel along each axis: fractions of the brain need no more, and it costs 8x less
+    t2w_image, t2f_image = aligned["t2w"][::2, ::2, ::2], aligned["t2f"][::2, ::2, ::2]
+    brain = (t2w_image != 0) & (t2f_image != 0)
+    if brain.sum() < MIN_SIGNAL_VOXELS / 8:
         return []
-    t2w, t2f = bright_fraction(aligned["t2w"], brain), bright_fraction(aligned["t2f"], brain)
+    t2w, t2f = bright_fraction(t2w_image, brain), bright_fraction(t2f_image, brain)
     if t2w < SWAP_RATIO * t2f:
         return [f"T2W and FLAIR may be swapped: the image given as T2W has less bright fluid ({100 * t2w:.0f} % of "
                 f"the brain) than the one given as FLAIR ({100 * t2f:.0f} %), where CSF should be bright on T2W and "
