@@ -203,7 +203,7 @@ def test_real_case_augmentation_warps_image_labels_and_mask_together(tmp_path):
 def test_real_data_errors_are_clear(tmp_path):
     import nibabel as nib
 
-    from brainunet_lab.realdata import find_labelled_cases, load_labelled_case, stratified_folds
+    from brainunet_lab.realdata import find_labelled_cases, institution_folds, load_labelled_case
 
     with pytest.raises(InputError, match="No labelled cases"):
         find_labelled_cases(tmp_path)
@@ -216,12 +216,13 @@ def test_real_data_errors_are_clear(tmp_path):
     with pytest.raises(InputError, match="not on the T1CE grid"):
         load_labelled_case(tmp_path / "b")
     with pytest.raises(InputError, match="only 2"):
-        stratified_folds([1.0, 2.0], 3)
-    folds = stratified_folds(list(range(10)), 3, seed=1)
-    assert folds == stratified_folds(list(range(10)), 3, seed=1)
+        institution_folds(["a", "b"], [1.0, 2.0], 3)
+    names = [f"case{i}" for i in range(10)]
+    folds = institution_folds(names, list(range(10)), 3)
+    assert folds == institution_folds(names, list(range(10)), 3)
     assert sorted(i for f in folds for i in f) == list(range(10)) and sorted(map(len, folds)) == [3, 3, 4]
     terciles = [{0, 1, 2}, {3, 4, 5}, {6, 7, 8}]
-    assert all(len(t & set(f)) == 1 for f in stratified_folds(list(range(9)), 3) for t in terciles)
+    assert all(len(t & set(f)) == 1 for f in institution_folds(names[:9], list(range(9)), 3) for t in terciles)
 
 
 def test_finetune_with_folds_on_brats_2021_and_2023_cases(tiny_run, tmp_path):

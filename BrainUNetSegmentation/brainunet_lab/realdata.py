@@ -243,25 +243,6 @@ def check_fold_count(n: int, k: int) -> None:
                          f"Use --folds {n} or fewer (at least 2), or add cases.")
 
 
-def stratified_folds(wt_volumes, k: int, seed: int = 0) -> list[list[int]]:
-    """``k`` held-out folds (lists of case indices), balanced over whole-tumour volume terciles.
-
-    Cases are sorted by volume and cut into terciles; each tercile is shuffled (by ``seed``) and dealt
-    round-robin, continuing where the previous tercile stopped, so fold sizes differ by at most one.
-    """
-    n = len(wt_volumes)
-    check_fold_count(n, k)
-    order = np.argsort(np.asarray(wt_volumes, float), kind="stable")
-    rng = np.random.default_rng(seed)
-    folds: list[list[int]] = [[] for _ in range(k)]
-    dealt = 0
-    for tercile in np.array_split(order, min(3, n)):
-        for idx in rng.permutation(tercile):
-            folds[dealt % k].append(int(idx))
-            dealt += 1
-    return [sorted(f) for f in folds]
-
-
 INSTITUTIONS = ("2013", "CBICA", "TCIA", "TMC")
 
 

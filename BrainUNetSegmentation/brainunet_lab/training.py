@@ -793,7 +793,7 @@ def finetune(base_model, data_dir, output_dir, steps: int, folds: int | None = N
     algorithm).
     """
     from .evaluation import write_metrics_csv, write_results
-    from .realdata import evaluate_model, find_labelled_cases, load_labelled_cases, stratified_folds
+    from .realdata import check_fold_count, evaluate_model, find_labelled_cases, institution_folds, load_labelled_cases
 
     deadline = time.monotonic() + time_limit_s if time_limit_s else None
 
@@ -802,13 +802,14 @@ def finetune(base_model, data_dir, output_dir, steps: int, folds: int | None = N
 
     case_count = len(find_labelled_cases(data_dir, label_pattern))  # a bad folder is reported before any model is loaded
     if folds:
-        stratified_folds([0.0] * case_count, int(folds))  # too few cases: say so before loading anything
+        check_fold_count(case_count, int(folds))  # too few cases: say so before loading anything
     config = finetune_config(base_model, steps, lr, engine_fraction, device, seed, overrides)
     cases = load_labelled_cases(data_dir, [config.spacing_mm] * 3, MODALITIES, config.clip_percentiles,
                                 bias_correction=config.bias_correction, label_pattern=label_pattern)
     output_dir = Path(output_dir)
     if folds:
-        splits = stratified_folds([c.wt_volume_ml for c in cases], int(folds), seed)
+        # the folds of `brainunet cv`: by institution, then tumour size
+        splits = institution_folds([c.name for c in cases], [c.wt_volume_ml for c in cases], int(folds))
         summary = []
         for i, held in enumerate(splits):
             held_cases = [cases[j] for j in held]
