@@ -9,7 +9,6 @@ import pytest
 from conftest import case_args
 
 from brainunet import cli, pipeline, plausibility, synthetic
-from brainunet.errors import InputError
 from brainunet.imageio import Volume
 
 

@@ -5,7 +5,6 @@ what to do. Nothing here modifies the input files.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 

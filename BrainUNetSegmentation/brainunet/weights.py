@@ -44,6 +44,8 @@ def user_models_dir() -> Path:
 
 def user_registry_path() -> Path:
     return user_models_dir() / "registry.json"
+
+
 WEIGHTS_FORMAT = "brainunet-weights"
 
 #: Preprocessing defaults stored with every model (the model decides its own working grid).

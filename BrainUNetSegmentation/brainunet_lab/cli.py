@@ -8,11 +8,9 @@ simply lacks these commands.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
-from brainunet.cli import Progress, _add_model_args, _load_model, _say  # noqa: F401
+from brainunet.cli import Progress, _add_model_args, _load_model
 from brainunet.errors import InputError
 
 from . import calibration, montage  # their options live beside the code they drive

@@ -135,7 +135,7 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
             weights = result.weights
         if train_only:
             continue
-        rows = score_fold(weights, [cases[j] for j in held], i, fold_dir / "heldout", data_dir, device)
+        rows = score_fold(weights, [cases[j] for j in held], i, fold_dir / "heldout", device)
         _write_rows(rows, fold_dir / "scores.csv")
         log(f"fold {i}: " + "  ".join(f"{k} {np.mean([r[f'dice_{k}'] for r in rows if r['condition'] == 'all']):.3f}"
                                       for k in REGION_KEYS))
@@ -156,20 +156,18 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
     return True
 
 
-def score_fold(weights, held_cases, fold: int, keep_dir, data_dir, device: str = "auto",
+def score_fold(weights, held_cases, fold: int, keep_dir, device: str = "auto",
                settings: dict | None = None) -> list[dict]:
     """Segment each held-out case from its files as inference does, for every condition; Dice and HD95 on
     the case's own 1 mm grid. The 'all' condition's probabilities are kept (float16, crop grid) for
     choosing post-processing, unless ``keep_dir`` is None. ``settings`` override the model's stored
     post-processing (as a registry entry's settings do)."""
-    import nibabel as nib
-
     from brainunet import pipeline, postprocess
-    from .evaluation import evaluate_case, find_reference
     from brainunet.imageio import find_case_files
     from brainunet.inference import predict_probabilities, resolve_device
-    from brainunet.labels import to_brats2023
-    from .realdata import institution
+
+    from .evaluation import evaluate_case, find_reference
+    from .realdata import institution, read_labels
 
     device = resolve_device(device)
     loaded = pipeline.load_model(weights, device=device)
@@ -182,8 +180,7 @@ def score_fold(weights, held_cases, fold: int, keep_dir, data_dir, device: str =
         files = find_case_files(case.path)
         volumes = pipeline.load_inputs({m: files.get(m) for m in loaded.modalities})
         _, prepared = pipeline.prepare_inputs(volumes, loaded)
-        ref_path = find_reference(case.path)
-        reference = to_brats2023(np.asarray(nib.load(str(ref_path)).dataobj))
+        reference, _ = read_labels(find_reference(case.path), case.name)
         spacing = volumes["t1c"].spacing
         crop_ref = _crop_reference(reference, prepared)
         for condition, dropped in CONDITIONS.items():
@@ -245,7 +242,7 @@ def rescore(run_dir, data_dir, settings: dict, tag: str, device: str = "auto", l
         if not weights.is_file():
             raise InputError(f"{weights} is missing; finish the cross-validation first (brainunet cv ... --resume).")
         held = [SimpleNamespace(name=n, path=paths[n]) for n in names]
-        rows += score_fold(weights, held, i, None, data_dir, device, settings)
+        rows += score_fold(weights, held, i, None, device, settings)
         log(f"fold {i} rescored")
     out = run_dir / f"cases-{tag}.csv"
     _write_rows(rows, out)
