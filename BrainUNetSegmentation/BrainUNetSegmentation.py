@@ -81,19 +81,30 @@ glioma challenge.
         app = getattr(slicer, "app", None)  # absent in the slicer-core test harness
         if app is not None:
             app.connect("startupCompleted()", loadTerminology)
+            app.connect("startupCompleted()", registerSampleData)
 
 
 def loadTerminology() -> str:
     """Load Resources/Terminology/BrainUNet.term.json into Slicer's terminology logic (once is enough;
     loading again replaces the context). Returns the context name, or "" where the logic is absent."""
-    import os
-
     path = os.path.join(os.path.dirname(__file__), "Resources", "Terminology", "BrainUNet.term.json")
     try:
         terminologies = slicer.modules.terminologies.logic()
     except AttributeError:  # no Terminologies module (a test harness)
         return ""
     return terminologies.LoadTerminologyFromFile(path)
+
+
+def registerSampleData() -> list:
+    """Add the public BraTS sample cases to Sample Data, under "BrainUNet"; returns their names."""
+    try:
+        import SampleData
+    except ImportError:  # Sample Data module not loaded
+        return []
+    from BrainUNetSegmentationLib.sampledata import register_sample_data
+
+    icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "BrainUNetSegmentation.png")
+    return register_sample_data(SampleData.SampleDataLogic, thumbnail=icon)
 
 
 #

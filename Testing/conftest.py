@@ -43,11 +43,13 @@ def tiny_weights(tmp_path_factory):
 
     from brainunet import weights
     from brainunet.network import BrainUNet, NetworkConfig
+    from brainunet.settings import ModelSettings
 
     torch.manual_seed(0)
     model = BrainUNet(NetworkConfig(features=(4, 8), blocks_per_level=1))
     path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    sha = weights.save_weights(path, model, "tiny-test", {"spacing_mm": [2.0, 2.0, 2.0], "patch_size": [32, 32, 32]})
+    sha = weights.save_weights(path, model, "tiny-test",
+                               ModelSettings.from_flat({"spacing_mm": [2, 2, 2], "patch_size": [32, 32, 32]}))
     return path, sha
 
 

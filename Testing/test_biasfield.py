@@ -71,7 +71,7 @@ def test_bundled_model_turns_correction_on_through_its_registry_settings(monkeyp
     entry = weights.default_model()
     assert entry.extra.get("settings", {}).get("bias_correction") is True
     loaded = pipeline.load_model(entry.name)
-    assert loaded.preprocessing["bias_correction"] is True
+    assert loaded.preprocessing.bias_correction is True
 
 
 def test_finetuning_keeps_the_base_models_registry_settings(monkeypatch):

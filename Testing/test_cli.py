@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 
 from conftest import ROOT, case_args
+from brainunet.settings import ModelSettings
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT / "BrainUNetSegmentation"))
 
@@ -237,7 +238,7 @@ def test_model_trained_with_modality_dropout_segments_without_t1ce(tmp_path, syn
     torch.manual_seed(0)
     path = tmp_path / "dropout.pt"
     weights.save_weights(path, BrainUNet(NetworkConfig(features=(4, 8))), "dropout-test",
-                         {"spacing_mm": [2.0, 2.0, 2.0], "patch_size": [32, 32, 32], "modality_dropout": True})
+                         ModelSettings.from_flat({"spacing_mm": [2, 2, 2], "patch_size": [32, 32, 32], "modality_dropout": True}))
     out = tmp_path / "labels.nii.gz"
     r = brainunet("segment", "--t2w", synthetic_case["t2w"], "--t2f", synthetic_case["t2f"], "--output", out,
                   "--model", path, "--progress", "none")

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from brainunet_lab import evaluation
+from brainunet.settings import ModelSettings
 from test_cli import brainunet
 
 
@@ -86,6 +87,6 @@ def test_evaluate_synthetic_without_a_sequence_is_refused_for_a_model_without_mo
     torch.manual_seed(0)
     path = tmp_path / "no-dropout.pt"
     weights.save_weights(path, BrainUNet(NetworkConfig(features=(4, 8))), "no-dropout-test",
-                         {"spacing_mm": [2.0, 2.0, 2.0], "patch_size": [32, 32, 32], "modality_dropout": False})
+                         ModelSettings.from_flat({"spacing_mm": [2, 2, 2], "patch_size": [32, 32, 32], "modality_dropout": False}))
     r = brainunet("evaluate", "--synthetic", "1", "--without", "t2w", "--model", path, "--progress", "none")
     assert r.returncode == 2 and "Missing input: T2W" in r.stderr

@@ -3,6 +3,7 @@ import pytest
 
 from brainunet import labels as L
 from brainunet.statistics import max_diameter_mm, region_statistics, write_csv, read_csv
+from brainunet.settings import Postprocessing
 
 
 def test_label_values_follow_brats2023():
@@ -94,8 +95,8 @@ def test_et_post_processing_rules():
     probs = np.zeros((4,) + labels.shape, np.float32)
     for c in range(4):
         probs[c][labels == c] = 1.0
-    assert np.array_equal(postprocess.apply(probs, None, {}), labels)
-    both = postprocess.apply(probs, None, {"min_et_component_voxels": 10, "et_to_netc_below_voxels": 50})
+    assert np.array_equal(postprocess.apply(probs, None, Postprocessing()), labels)
+    both = postprocess.apply(probs, None, Postprocessing(min_et_component_voxels=10, et_to_netc_below_voxels=50))
     assert np.array_equal(both, out)
 
 

@@ -6,6 +6,7 @@ from brainunet import weights
 from brainunet.errors import Cancelled, WeightsError
 from brainunet.inference import predict_probabilities, resolve_device, window_plan
 from brainunet.network import PAPER_CONFIG, BrainUNet, NetworkConfig, count_parameters
+from brainunet.settings import ModelSettings
 
 
 def test_paper_configuration_size():
@@ -151,14 +152,16 @@ def test_register_installs_a_trained_model_as_default_with_inference_options(tmp
     shutil.copy(weights.REGISTRY_PATH, registry)
     before = [e.name for e in weights.load_registry(registry)]
     src = tmp_path / "model.pt"
-    weights.save_weights(src, BrainUNet(NetworkConfig(features=(4, 8))), "run-folder-name", {"spacing_mm": [2, 2, 2]})
+    weights.save_weights(src, BrainUNet(NetworkConfig(features=(4, 8))), "run-folder-name",
+                         ModelSettings.from_flat({"spacing_mm": [2, 2, 2]}))
     entry = weights.register_model(src, "clinic-finetuned", "fine-tuned on our cases", {"fill_core_holes": True},
                                    registry_path=registry)
     entries = weights.load_registry(registry)
     assert [e.name for e in entries] == ["clinic-finetuned"] + [n for n in before if n != "clinic-finetuned"]
     assert weights.default_model(entries, registry.parent).name == "clinic-finetuned"
     _, payload = weights.load_weights(entry.path(registry.parent), entry.sha256)
-    assert payload["preprocessing"]["fill_core_holes"] is True and payload["name"] == "clinic-finetuned"
+    assert payload["postprocessing"]["fill_core_holes"] is True and payload["name"] == "clinic-finetuned"
+    assert payload["preprocessing"]["spacing_mm"] == [2.0, 2.0, 2.0]
     assert entries[0].extra.get("settings") == {"fill_core_holes": True}  # shown by `brainunet models`
     # registering the same name again replaces the entry instead of duplicating it
     weights.register_model(src, "clinic-finetuned", registry_path=registry)

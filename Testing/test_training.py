@@ -90,8 +90,8 @@ def test_the_weights_file_loads_and_segments(tiny_run, synthetic_case):
 
     _, out = tiny_run
     loaded = pipeline.load_model(out / "model.pt")
-    assert loaded.kind == "network" and loaded.preprocessing["spacing_mm"] == [4.0, 4.0, 4.0]
-    assert loaded.preprocessing["modalities"] == ["t1c", "t2w", "t2f"]
+    assert loaded.kind == "network" and loaded.preprocessing.spacing_mm == (4.0, 4.0, 4.0)
+    assert loaded.modalities == ("t1c", "t2w", "t2f")
     _, payload = weights.load_weights(out / "model.pt")
     training = payload["extra"]["training"]
     assert training["steps"] == 60 and training["finished"] and training["engine_version"]
@@ -101,7 +101,7 @@ def test_the_weights_file_loads_and_segments(tiny_run, synthetic_case):
     assert result.labels.shape == volumes["t1c"].data.shape
     assert set(np.unique(result.labels)) <= {0, 1, 2, 3}
     # trained with modality dropout: the model says so, and a case without T2W is accepted
-    assert loaded.preprocessing["modality_dropout"]
+    assert loaded.preprocessing.modality_dropout
     without_t2w = pipeline.segment({k: v for k, v in volumes.items() if k != "t2w"}, loaded)
     assert without_t2w.labels.shape == volumes["t1c"].data.shape
 

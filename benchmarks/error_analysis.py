@@ -128,7 +128,7 @@ def main(argv=None):
     files, reference, ref_img = common.labelled_case(case, "error analysis")
     spacing = tuple(float(s) for s in ref_img.header.get_zooms()[:3])
     loaded = pipeline.load_model(args.model)
-    spacing_mm = float(loaded.preprocessing.get("spacing_mm", (2.0,))[0])
+    spacing_mm = loaded.preprocessing.spacing_mm[0]
     try:
         anatomy = load_anatomy(spacing_mm)
     except Exception:  # templates not fetched (CI, --smoke): the phantom; real cases get no tissue classes

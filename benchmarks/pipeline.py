@@ -52,16 +52,14 @@ def child_stages(case: Path, model: str | None):
     s = time.perf_counter()
     ref_key = pipeline.reference_key(volumes)
     aligned, prepared = pipeline.prepare_inputs(volumes, loaded)
-    pp = loaded.preprocessing
     t["preprocess_s"] = time.perf_counter() - s
     s = time.perf_counter()
-    probs = predict_probabilities(loaded.network, prepared.image, pp.get("patch_size", (128, 128, 128)))
+    probs = predict_probabilities(loaded.network, prepared.image, loaded.preprocessing.patch_size)
     t["inference_s"] = time.perf_counter() - s
     t["precision"] = resolve_precision(None, "cpu")
     s = time.perf_counter()
     probs = prepared.restore_channels(probs)
-    crop_labels = postprocess.probabilities_to_labels(probs, prepared.crop_mask, pp.get("tumour_threshold"))
-    crop_labels = postprocess.remove_small_components(crop_labels, int(pp.get("min_component_voxels", 0)))
+    crop_labels = postprocess.apply(probs, prepared.crop_mask, loaded.postprocessing)
     labels = prepared.restore_labels(crop_labels)
     t["label_map_s"] = time.perf_counter() - s
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,6 +14,7 @@ labelled case, with the reference labels.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -148,22 +149,21 @@ def child(args):
     torch.manual_seed(0)
     files = common.case_files(args.case_dir)
     loaded = pipeline.load_model(args.model, device="cpu")
-    pp = dict(loaded.preprocessing)
     net = loaded.network
     if args.child.startswith("paper"):
         net = BrainUNet(PAPER_CONFIG).eval()  # random weights: timing only
         if args.child == "paper_1mm":
-            pp["spacing_mm"] = [1.0, 1.0, 1.0]
-    patch = tuple(pp.get("patch_size", (128, 128, 128)))
+            loaded.settings = dataclasses.replace(
+                loaded.settings, preprocessing=dataclasses.replace(loaded.preprocessing, spacing_mm=(1.0, 1.0, 1.0)))
+    patch = loaded.preprocessing.patch_size
     volumes = pipeline.load_inputs({k: files[k] for k in ("t1c", "t2w", "t2f")})
-    loaded.preprocessing = pp
     _, prepared = pipeline.prepare_inputs(volumes, loaded)
     padded, eff_patch, origins = window_plan(prepared.image.shape[1:], patch, net.config.divisor)
     example = np.zeros((1, prepared.image.shape[0], *eff_patch), np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         import os
 
-        os.environ["BENCH_SPACING"] = str(pp["spacing_mm"][0])
+        os.environ["BENCH_SPACING"] = str(loaded.preprocessing.spacing_mm[0])
         runner, setup_s = build_runner(args.child, net, example, int(os.environ.get("BENCH_THREADS", "2")), Path(tmp))
         times = []
         for _ in range(1 + args.inner_repeats):
@@ -171,8 +171,7 @@ def child(args):
             probs = predict_probabilities(runner, prepared.image, patch, precision="fp32")  # variants set their own
             times.append(time.perf_counter() - t)
     probs = prepared.restore_channels(probs)
-    labels = postprocess.probabilities_to_labels(probs, prepared.crop_mask, pp.get("tumour_threshold"))
-    labels = prepared.restore_labels(postprocess.remove_small_components(labels, int(pp.get("min_component_voxels", 0))))
+    labels = prepared.restore_labels(postprocess.apply(probs, prepared.crop_mask, loaded.postprocessing))
     np.save(args.labels_out, labels.astype(np.uint8))
     common.child_report({"setup_s": setup_s, "first_s": times[0],
                          "median_s": float(np.median(times[1:] if len(times) > 1 else times)),

@@ -61,7 +61,6 @@ def main(argv=None):
     files = common.case_files(case)
     inputs = {k: files[k] for k in ("t1c", "t2w", "t2f")}
     loaded = pipeline.load_model(args.model)
-    pp = loaded.preprocessing
     with tempfile.TemporaryDirectory() as tmp:
         pipeline.run(inputs, Path(tmp) / "warm.nii.gz", device="cpu", loaded_model=loaded)  # warm caches
         profiler = cProfile.Profile()
@@ -85,7 +84,7 @@ def main(argv=None):
 
     # the network alone, on the prepared input exactly as the pipeline feeds it
     _, prepared = pipeline.prepare_inputs(pipeline.load_inputs(inputs), loaded)
-    patch = tuple(pp.get("patch_size", (128, 128, 128)))
+    patch = loaded.preprocessing.patch_size
     padded, eff_patch, origins = window_plan(prepared.image.shape[1:], patch, loaded.network.config.divisor)
     net = loaded.network.eval()
     x = torch.zeros((1, prepared.image.shape[0], *eff_patch))

@@ -15,6 +15,7 @@ from .errors import InputError
 from .imageio import MODALITY_NAMES, Volume, load_volume, save_label_nifti
 from .outputs import OutputSet, check_outputs
 from .labels import SUBREGIONS
+from .settings import ModelSettings
 from . import plausibility
 from . import weights as weights_mod
 
@@ -27,25 +28,33 @@ REQUIRED_MODALITIES = ("t1c", "t2w", "t2f")
 class LoadedModel:
     entry_name: str
     kind: str  # "network" or "baseline"
-    preprocessing: dict
+    settings: ModelSettings
     network: object | None = None  # torch module for kind == "network"
     description: str = ""
 
     @property
+    def preprocessing(self):
+        return self.settings.preprocessing
+
+    @property
+    def postprocessing(self):
+        return self.settings.postprocessing
+
+    @property
     def modalities(self) -> tuple[str, ...]:
-        return tuple(self.preprocessing["modalities"])
+        return self.settings.preprocessing.modalities
 
 
 def load_model(model: str | Path | None = None, device: str = "cpu", progress=None) -> LoadedModel:
     """``model``: None (best installed), a registry name, or a path to a weights file."""
     resolved = weights_mod.resolve_model(model, progress=progress)
     if resolved.kind == "baseline":
-        return LoadedModel(resolved.name, "baseline", dict(weights_mod.DEFAULT_PREPROCESSING), None, resolved.description)
+        return LoadedModel(resolved.name, "baseline", ModelSettings(), None, resolved.description)
     net, payload = weights_mod.load_weights(resolved.path, resolved.sha256, device=device)
     # the registry entry's settings (e.g. bias_correction) override those stored with the weights
-    preprocessing = dict(payload["preprocessing"], **resolved.settings)
+    settings = ModelSettings.from_stored(payload, resolved.settings, source=f"model '{resolved.name}'")
     name = payload.get("name", resolved.name) if resolved.from_file else resolved.name
-    return LoadedModel(name, "network", preprocessing, net, resolved.description)
+    return LoadedModel(name, "network", settings, net, resolved.description)
 
 
 @dataclass
@@ -77,7 +86,7 @@ def check_modalities(volumes: dict, model: LoadedModel) -> list[str]:
     if not missing:
         return []
     names = ", ".join(MODALITY_NAMES.get(m, m) for m in missing)
-    if not model.preprocessing.get("modality_dropout") or len(missing) > 1:
+    if not model.preprocessing.modality_dropout or len(missing) > 1:
         needs = ", ".join(MODALITY_NAMES.get(m, m) for m in model.modalities)
         raise InputError(f"Missing input: {names}. The model '{model.entry_name}' needs {needs}.")
     return missing
@@ -125,9 +134,9 @@ def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing
         extract_brain_if_needed(aligned, volumes[ref_key], ref_key, notes)
     notes += plausibility.contrast_warnings(aligned)
     pp = model.preprocessing
-    prepared = preprocessing.prepare(aligned, volumes[ref_key], model.modalities, pp["spacing_mm"],
-                                     pp.get("clip_percentiles", (0.5, 99.5)), allow_missing=allow_missing,
-                                     bias_correction=bool(pp.get("bias_correction", False)))
+    prepared = preprocessing.prepare(aligned, volumes[ref_key], model.modalities, pp.spacing_mm,
+                                     pp.clip_percentiles, allow_missing=allow_missing,
+                                     bias_correction=pp.bias_correction)
     return aligned, prepared
 
 
@@ -155,7 +164,6 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
     aligned, prepared = prepare_inputs(volumes, model, allow_missing=bool(missing), notes=notes)
     for note in notes:
         log.info(note)
-    pp = model.preprocessing
     timings["preprocess_s"] = time.perf_counter() - t0
     report(0.10, f"Running {model.entry_name}")
     t1 = time.perf_counter()
@@ -169,14 +177,14 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
         def window_progress(f, msg):
             report(0.10 + 0.80 * f, msg)
 
-        probs = predict_probabilities(model.network, prepared.image, pp.get("patch_size", (128, 128, 128)),
+        probs = predict_probabilities(model.network, prepared.image, model.preprocessing.patch_size,
                                       tta=tta, device=device, progress=window_progress, precision=precision,
                                       should_cancel=should_cancel)
     timings["inference_s"] = time.perf_counter() - t1
     report(0.92, "Post-processing")
     t2 = time.perf_counter()
     probs = prepared.restore_channels(probs)
-    crop_labels = postprocess.apply(probs, prepared.crop_mask, pp)
+    crop_labels = postprocess.apply(probs, prepared.crop_mask, model.postprocessing)
     labels = prepared.restore_labels(crop_labels)
     ref = volumes[ref_key]
     stats = statistics.region_statistics(labels, ref.affine, aligned)

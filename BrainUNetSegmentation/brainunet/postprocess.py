@@ -5,6 +5,7 @@ import numpy as np
 from scipy import ndimage
 
 from .labels import CLASS_LABELS, ET, NETC
+from .settings import Postprocessing
 
 
 def probabilities_to_labels(probs: np.ndarray, mask: np.ndarray | None = None,
@@ -92,15 +93,14 @@ def tiny_et_to_netc(labels: np.ndarray, below_voxels: int) -> np.ndarray:
     return labels
 
 
-def apply(probs: np.ndarray, mask: np.ndarray | None, settings: dict) -> np.ndarray:
+def apply(probs: np.ndarray, mask: np.ndarray | None, rules: Postprocessing) -> np.ndarray:
     """Probabilities (background, NETC, SNFH, ET) on the native crop grid -> labels, with every
-    post-processing rule a model's settings name (the one place the pipeline and cross-validation share):
-    tumour_threshold, min_component_voxels, min_et_component_voxels, et_to_netc_below_voxels,
-    fill_core_holes. Voxel counts are native voxels."""
-    labels = probabilities_to_labels(probs, mask, settings.get("tumour_threshold"))
-    labels = remove_small_components(labels, int(settings.get("min_component_voxels", 0) or 0))
-    labels = small_et_components_to_netc(labels, int(settings.get("min_et_component_voxels", 0) or 0))
-    labels = tiny_et_to_netc(labels, int(settings.get("et_to_netc_below_voxels", 0) or 0))
-    if settings.get("fill_core_holes"):
+    post-processing rule of a model's settings (the one place the pipeline and cross-validation share).
+    Voxel counts are native voxels."""
+    labels = probabilities_to_labels(probs, mask, rules.tumour_threshold)
+    labels = remove_small_components(labels, rules.min_component_voxels)
+    labels = small_et_components_to_netc(labels, rules.min_et_component_voxels)
+    labels = tiny_et_to_netc(labels, rules.et_to_netc_below_voxels)
+    if rules.fill_core_holes:
         labels = fill_core_holes(labels)
     return labels

@@ -4,7 +4,9 @@ A weights file is a ``torch.save`` of plain containers (no pickled classes) so i
 ``weights_only=True``::
 
     {"format": "brainunet-weights", "version": 1, "name": str, "network": NetworkConfig dict,
-     "preprocessing": {...}, "state_dict": {name: fp16/fp32 tensor}}
+     "preprocessing": {...}, "postprocessing": {...}, "extra": {...}, "state_dict": {name: fp16/fp32 tensor}}
+
+(the two settings dicts are ``settings.ModelSettings``).
 
 The bundled registry (``models/registry.json``, in the read-only install tree) lists each model with
 its file, SHA-256 and an optional download URL; the URL is only used when the file is absent and is
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import WeightsError
+from .settings import ModelSettings
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 REGISTRY_PATH = MODELS_DIR / "registry.json"
@@ -47,15 +50,6 @@ def user_registry_path() -> Path:
 
 
 WEIGHTS_FORMAT = "brainunet-weights"
-
-#: Preprocessing defaults stored with every model (the model decides its own working grid).
-DEFAULT_PREPROCESSING = {
-    "modalities": ["t1c", "t2w", "t2f"],
-    "spacing_mm": [1.0, 1.0, 1.0],
-    "patch_size": [128, 128, 128],
-    "clip_percentiles": [0.5, 99.5],
-}
-
 
 @dataclass
 class ModelEntry:
@@ -137,7 +131,7 @@ class ResolvedModel:
     kind: str  # "network" or "baseline"
     path: Path | None  # the weights file (None for the baseline)
     sha256: str | None  # expected checksum (registry entries only)
-    settings: dict  # the registry entry's overrides of the stored preprocessing / post-processing
+    settings: dict  # the registry entry's overrides of the stored settings (flat: ModelSettings field names)
     description: str
     from_file: bool = False  # named by a file path, not by the registry
 
@@ -169,7 +163,7 @@ def find_model(name: str, entries: list[ModelEntry] | None = None) -> ModelEntry
     raise WeightsError(f"Unknown model '{name}'. Known models: {', '.join(e.name for e in entries)}.")
 
 
-def download(url: str, destination: Path, sha256: str | None, progress=None) -> Path:
+def download(url: str, destination: Path, sha256: str | None, progress=None, what: str = "model weights") -> Path:
     """Fetch ``url`` to ``destination`` atomically and verify its checksum (file:// works offline)."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -182,15 +176,16 @@ def download(url: str, destination: Path, sha256: str | None, progress=None) -> 
                 out.write(chunk)
                 done += len(chunk)
                 if progress and total:
-                    progress(done / total, f"Downloading model weights ({done >> 20} / {total >> 20} MB)")
+                    progress(done / total, f"Downloading {what} ({done >> 20} / {total >> 20} MB)")
         if sha256 and sha256_of(Path(tmp)) != sha256:
-            raise WeightsError(f"Downloaded weights from {url} do not match their checksum; try again later.")
+            raise WeightsError(f"The download of the {what} from {url} does not match the expected checksum (a "
+                               "broken or changed download); nothing was kept. Try again later.")
         os.replace(tmp, destination)
     except WeightsError:
         raise
     except OSError as exc:
-        raise WeightsError(f"Could not download model weights from {url}: {exc}. "
-                           "Check the internet connection, or copy the weights file to "
+        raise WeightsError(f"Could not download the {what} from {url}: {exc}. "
+                           "Check the internet connection, or copy the file to "
                            f"{destination} by hand.") from exc
     finally:
         if os.path.exists(tmp):
@@ -213,7 +208,7 @@ def ensure_weights(entry: ModelEntry, registry_dir: Path | None = None, progress
     return path
 
 
-def save_weights(path: Path, model, name: str, preprocessing: dict | None = None, half: bool = True,
+def save_weights(path: Path, model, name: str, settings: ModelSettings | None = None, half: bool = True,
                  extra: dict | None = None) -> str:
     """Write a compact (fp16 by default) weights file; returns its SHA-256."""
     import torch
@@ -225,7 +220,7 @@ def save_weights(path: Path, model, name: str, preprocessing: dict | None = None
         "version": 1,
         "name": name,
         "network": model.config.to_dict(),
-        "preprocessing": dict(DEFAULT_PREPROCESSING, **(preprocessing or {})),
+        **(settings or ModelSettings()).to_stored(),
         "extra": extra or {},
         "state_dict": state,
     }
@@ -260,7 +255,7 @@ def load_weights(path: Path, expected_sha256: str | None = None, device: str = "
                                for k, v in payload["state_dict"].items()})
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise WeightsError(f"Weights file {path} does not match the BrainUNet network: {exc}") from exc
-    payload["preprocessing"] = dict(DEFAULT_PREPROCESSING, **payload.get("preprocessing", {}))
+    payload.update(ModelSettings.from_stored(payload, source=str(path)).to_stored())
     return model.to(device).eval(), payload
 
 
@@ -276,7 +271,7 @@ def register_model(weights_file: Path, name: str, description: str = "", setting
     if not registry_path.exists():
         registry_path.write_text(json.dumps({"models": []}, indent=2) + "\n", encoding="utf-8")
     _, payload = load_weights(Path(weights_file))
-    payload["preprocessing"].update(settings or {})
+    payload.update(ModelSettings.from_stored(payload, settings, source=f"model '{name}'").to_stored())
     payload["name"] = name
     target = Path(registry_path).parent / f"{name}.pt"
     torch.save(payload, target)

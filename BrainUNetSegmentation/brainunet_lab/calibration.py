@@ -54,14 +54,14 @@ def engine_probabilities(model, cases: int, seed_set: int, device: str = "cpu", 
     from .training import TrainConfig, validation_seeds
 
     pp = model.preprocessing
-    anatomy = load_anatomy(float(pp["spacing_mm"][0]), source=anatomy_source)
+    anatomy = load_anatomy(pp.spacing_mm[0], source=anatomy_source)
     probabilities, references, masks = [], [], []
     seeds = validation_seeds(TrainConfig(seed=seed_set, validation_cases=cases))
     for n, seed in enumerate(seeds):
         if progress:
             progress(n / len(seeds), f"Engine case {n + 1} of {len(seeds)}")
         case = generate_case(seed, anatomy)
-        probabilities.append(predict_probabilities(model.network, case.image.numpy(), pp["patch_size"],
+        probabilities.append(predict_probabilities(model.network, case.image.numpy(), pp.patch_size,
                                                    device=device, precision="fp32"))
         references.append(case.labels.numpy())
         masks.append(case.mask.numpy())

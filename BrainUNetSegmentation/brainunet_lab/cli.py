@@ -214,7 +214,7 @@ def _evaluate_synthetic(args) -> int:
     pp = loaded.preprocessing
     if args.without:  # refused, as in segment, for a model not trained with modality dropout
         pipeline.check_modalities({m: None for m in loaded.modalities if m != args.without}, loaded)
-    anatomy = load_anatomy(float(pp["spacing_mm"][0]))
+    anatomy = load_anatomy(pp.spacing_mm[0])
     seeds = validation_seeds(TrainConfig(seed=args.seed, validation_cases=args.synthetic))
     cases = []
     for seed in seeds:
@@ -224,7 +224,7 @@ def _evaluate_synthetic(args) -> int:
             image[list(loaded.modalities).index(args.without)] = 0.0
         cases.append((image, case.labels.numpy(), case.mask.numpy()))
     # fp32 on the working grid, whatever --precision says, so engine figures compare across machines
-    scores = mean_dice(loaded.network, cases, pp["patch_size"], "cpu", tta=args.tta)
+    scores = mean_dice(loaded.network, cases, pp.patch_size, "cpu", tta=args.tta)
     what = f"engine case(s) with {json.dumps(settings)}" if settings else f"engine {ENGINE_VERSION} case(s)"
     extras = "".join(f", {x}" for x, on in (("mirroring TTA", args.tta), (f"without {args.without}", args.without)) if on)
     print(f"{loaded.entry_name} on {len(cases)} {what} (seed set {args.seed}{extras}): Dice "

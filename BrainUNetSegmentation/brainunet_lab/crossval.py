@@ -171,7 +171,7 @@ def score_fold(weights, held_cases, fold: int, keep_dir, device: str = "auto",
 
     device = resolve_device(device)
     loaded = pipeline.load_model(weights, device=device)
-    pp = {**loaded.preprocessing, **(settings or {})}
+    model_settings = loaded.settings.with_overrides(settings, "--set")
     if keep_dir is not None:
         keep_dir = Path(keep_dir)
         keep_dir.mkdir(parents=True, exist_ok=True)
@@ -188,13 +188,14 @@ def score_fold(weights, held_cases, fold: int, keep_dir, device: str = "auto",
             if dropped:
                 image = image.copy()
                 image[list(loaded.modalities).index(dropped)] = 0.0  # what inference feeds for a missing sequence
-            probs = predict_probabilities(loaded.network, image, pp["patch_size"], device=device, precision="fp32")
+            probs = predict_probabilities(loaded.network, image, model_settings.preprocessing.patch_size,
+                                          device=device, precision="fp32")
             probs = prepared.restore_channels(probs)
             if condition == "all" and keep_dir is not None:
                 np.savez_compressed(keep_dir / f"{case.name}.npz", probs=probs.astype(np.float16),
                                     mask=prepared.crop_mask, reference=crop_ref,
                                     spacing=np.asarray(prepared.native_spacing))
-            labels = postprocess.apply(probs, prepared.crop_mask, pp)
+            labels = postprocess.apply(probs, prepared.crop_mask, model_settings.postprocessing)
             full = prepared.restore_labels(labels)
             rows.append({"fold": fold, "case": case.name, "institution": institution(case.name),
                          "condition": condition, **evaluate_case(full, reference, spacing)})
@@ -332,6 +333,7 @@ def postprocess_grid() -> list[dict]:
 
 def _score_rules(cases, rules) -> list[dict]:
     from brainunet import postprocess
+    from brainunet.settings import Postprocessing
 
     from .evaluation import dice
 
@@ -339,7 +341,7 @@ def _score_rules(cases, rules) -> list[dict]:
     for rule in rules:
         score = {k: [] for k in REGION_KEYS}
         for probs, mask, ref in cases:
-            labels = postprocess.apply(probs, mask, rule)
+            labels = postprocess.apply(probs, mask, Postprocessing(**rule))
             for region in ALL_REGIONS:
                 score[region.key].append(dice(region.mask(labels), region.mask(ref)))
         means = {f"dice_{k}": float(np.mean(v)) for k, v in score.items()}

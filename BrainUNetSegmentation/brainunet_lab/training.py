@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from brainunet.errors import Cancelled, InputError
 from brainunet.labels import ALL_REGIONS, CLASS_LABELS
+from brainunet.settings import ModelSettings, Postprocessing, Preprocessing
 
 SEED_STRIDE = 1_000_003  # training case seed = config.seed * SEED_STRIDE + case index
 VALIDATION_SEED_BASE = 10**12  # validation seeds live far above any training seed
@@ -621,18 +622,18 @@ def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, 
         plot_curves(history, output_dir / "curves.png", f"{config.name or output_dir.name}: step {step} of {config.steps}")
         from .engine import ENGINE_VERSION
 
-        preprocessing = {"modalities": list(MODALITIES), "spacing_mm": [float(config.spacing_mm)] * 3,
-                         "patch_size": [int(p) for p in config.inference_patch_size],
-                         "clip_percentiles": config.clip_percentiles,
-                         "min_component_voxels": int(config.min_component_voxels),
-                         "bias_correction": bool(config.bias_correction),
-                         # lets the pipeline accept a case with one sequence missing (zero channel)
-                         "modality_dropout": bool(config.modality_dropout > 0)}
+        settings = ModelSettings(
+            Preprocessing(modalities=MODALITIES, spacing_mm=(config.spacing_mm,) * 3,
+                          patch_size=config.inference_patch_size, clip_percentiles=config.clip_percentiles,
+                          bias_correction=config.bias_correction,
+                          # lets the pipeline accept a case with one sequence missing (zero channel)
+                          modality_dropout=config.modality_dropout > 0),
+            Postprocessing(min_component_voxels=config.min_component_voxels))
         training = {"engine_version": ENGINE_VERSION, "seed": config.seed, "steps": step, "planned_steps": config.steps,
                     "finished": final, "hardware": _hardware(device, world), "wall_time_s": round(seconds, 1),
                     "patch_size": list(config.patch_size), "anatomy": config.anatomy,
                     "init_weights": config.init_weights, "real_cases": len(data or [])}
-        weights_mod.save_weights(output_dir / "model.pt", model, config.name or output_dir.name, preprocessing,
+        weights_mod.save_weights(output_dir / "model.pt", model, config.name or output_dir.name, settings,
                                  extra={"training": training})
 
     def barrier():
@@ -739,17 +740,19 @@ def finetune_config(base_model, steps: int, lr: float | None = None, engine_frac
     resolved = resolve_network(base_model)
     path = resolved.path
     net, payload = weights_mod.load_weights(path)
-    pp = dict(payload["preprocessing"], **resolved.settings)
+    stored = ModelSettings.from_stored(payload, resolved.settings, source=str(path))
+    pp = stored.preprocessing
     trained = payload.get("extra", {}).get("training", {})
-    if list(pp["modalities"]) != list(MODALITIES):
-        raise InputError(f"{path} uses inputs {pp['modalities']}; fine-tuning supports {list(MODALITIES)}.")
-    spacing = float(pp["spacing_mm"][0])
+    if list(pp.modalities) != list(MODALITIES):
+        raise InputError(f"{path} uses inputs {list(pp.modalities)}; fine-tuning supports {list(MODALITIES)}.")
+    spacing = pp.spacing_mm[0]
     network = net.config.to_dict()
     network.pop("deep_supervision")
     settings = {"name": f"{payload.get('name', path.stem)}-finetuned", "network": network, "spacing_mm": spacing,
                 "patch_size": trained.get("patch_size", [64, 64, 64]), "anatomy": trained.get("anatomy", "sri24"),
-                "inference_patch_size": list(pp["patch_size"]), "min_component_voxels": int(pp.get("min_component_voxels", 50)),
-                "bias_correction": bool(pp.get("bias_correction", False)),
+                "inference_patch_size": list(pp.patch_size),
+                "min_component_voxels": stored.postprocessing.min_component_voxels,
+                "bias_correction": pp.bias_correction,
                 "steps": int(steps), "lr": 2e-4, "warmup_steps": 20, "device": device, "seed": seed,
                 "init_weights": str(path.resolve())}
     settings.update(overrides or {})  # a settings file, then the explicit arguments, win

@@ -1,0 +1,93 @@
+"""A model's settings, typed: how its inputs are prepared and how its probabilities become labels.
+
+Stored in the weights file as two dicts (``"preprocessing"``, ``"postprocessing"``); a registry
+entry's ``settings`` and ``--set key=value`` override them by name, as one flat dict whose keys are
+the field names below (no name is in both parts). Weights files written before the split kept the
+post-processing keys inside ``"preprocessing"``; ``ModelSettings.from_stored`` sorts them out.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from .errors import WeightsError
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the network was trained on, so what inference must feed it."""
+    modalities: tuple[str, ...] = ("t1c", "t2w", "t2f")
+    spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    patch_size: tuple[int, int, int] = (128, 128, 128)  # the sliding window
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    bias_correction: bool = False
+    # trained with modality dropout: one sequence may be missing (fed as a zero channel)
+    modality_dropout: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "modalities", tuple(str(m) for m in self.modalities))
+        object.__setattr__(self, "spacing_mm", tuple(float(s) for s in self.spacing_mm))
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        object.__setattr__(self, "clip_percentiles", tuple(float(p) for p in self.clip_percentiles))
+        object.__setattr__(self, "bias_correction", bool(self.bias_correction))
+        object.__setattr__(self, "modality_dropout", bool(self.modality_dropout))
+
+
+@dataclass(frozen=True)
+class Postprocessing:
+    """Probabilities -> labels (``postprocess.apply``); chosen by cross-validation (``cv-postprocess``)."""
+    tumour_threshold: float | None = None  # None: argmax over background and the three regions
+    min_component_voxels: int = 0  # tumour components smaller than this go (the largest always stays)
+    min_et_component_voxels: int = 0  # ET components smaller than this become NETC
+    et_to_netc_below_voxels: int = 0  # all ET becomes NETC when there is less than this in total
+    fill_core_holes: bool = False
+
+    def __post_init__(self):
+        if self.tumour_threshold is not None:
+            object.__setattr__(self, "tumour_threshold", float(self.tumour_threshold))
+        for name in ("min_component_voxels", "min_et_component_voxels", "et_to_netc_below_voxels"):
+            object.__setattr__(self, name, int(getattr(self, name) or 0))
+        object.__setattr__(self, "fill_core_holes", bool(self.fill_core_holes))
+
+
+PREPROCESSING_KEYS = tuple(f.name for f in fields(Preprocessing))
+POSTPROCESSING_KEYS = tuple(f.name for f in fields(Postprocessing))
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    postprocessing: Postprocessing = field(default_factory=Postprocessing)
+
+    @classmethod
+    def from_flat(cls, flat: dict, source: str = "model settings") -> "ModelSettings":
+        unknown = sorted(set(flat) - set(PREPROCESSING_KEYS) - set(POSTPROCESSING_KEYS))
+        if unknown:
+            raise WeightsError(f"{source}: unknown setting(s) {', '.join(unknown)}. Known: "
+                               f"{', '.join(PREPROCESSING_KEYS + POSTPROCESSING_KEYS)}.")
+        try:
+            return cls(Preprocessing(**{k: v for k, v in flat.items() if k in PREPROCESSING_KEYS}),
+                       Postprocessing(**{k: v for k, v in flat.items() if k in POSTPROCESSING_KEYS}))
+        except (TypeError, ValueError) as exc:
+            raise WeightsError(f"{source}: a setting has a value of the wrong kind ({exc}).") from exc
+
+    @classmethod
+    def from_stored(cls, stored: dict, overrides: dict | None = None, source: str = "model settings") -> "ModelSettings":
+        """From a weights payload's ``"preprocessing"`` / ``"postprocessing"`` dicts, then ``overrides``."""
+        flat = {**stored.get("preprocessing", {}), **stored.get("postprocessing", {}), **(overrides or {})}
+        return cls.from_flat(flat, source)
+
+    def with_overrides(self, overrides: dict | None, source: str = "settings") -> "ModelSettings":
+        return ModelSettings.from_flat({**self.flat(), **(overrides or {})}, source) if overrides else self
+
+    def with_postprocessing(self, **values) -> "ModelSettings":
+        return replace(self, postprocessing=replace(self.postprocessing, **values))
+
+    def flat(self) -> dict:
+        return {**asdict(self.preprocessing), **asdict(self.postprocessing)}
+
+    def to_stored(self) -> dict:
+        """The two dicts a weights file keeps (lists, so they read back the same from JSON or torch)."""
+        def plain(d):
+            return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+        return {"preprocessing": plain(asdict(self.preprocessing)), "postprocessing": plain(asdict(self.postprocessing))}
