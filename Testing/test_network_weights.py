@@ -202,3 +202,23 @@ def test_register_writes_to_the_users_folder_and_never_the_install_tree(tmp_path
     assert weights.default_model().name == "clinic-model"  # the user's model comes first
     assert [e.name for e in weights.load_registry()][:2] == ["clinic-model", weights.load_registry(weights.REGISTRY_PATH)[0].name]
     assert {p: p.stat().st_mtime_ns for p in weights.MODELS_DIR.iterdir()} == install  # nothing written there
+
+
+def test_bundle_replaces_the_old_bundled_model_and_keeps_the_rest(tmp_path):
+    from brainunet_lab.cli import bundle_model
+
+    models = tmp_path / "models"
+    models.mkdir()
+    old = models / "old.pt"
+    weights.save_weights(old, BrainUNet(NetworkConfig(features=(4, 8))), "old")
+    registry = models / "registry.json"
+    registry.write_text('{"models": [{"name": "old", "kind": "network", "description": "d", "file": "old.pt"}, '
+                        '{"name": "intensity-baseline", "kind": "baseline", "description": "rule"}]}')
+    src = tmp_path / "final.pt"
+    weights.save_weights(src, BrainUNet(NetworkConfig(features=(4, 8))), "final")
+    entry = bundle_model(src, "new", "trained on real cases", {"tumour_threshold": 0.75}, replaces=["old"],
+                         registry_path=registry)
+    assert [e.name for e in weights.load_registry(registry)] == ["new", "intensity-baseline"]
+    assert not old.exists() and entry.path().is_file() and weights.sha256_of(entry.path()) == entry.sha256
+    _, payload = weights.load_weights(entry.path(), entry.sha256)
+    assert payload["postprocessing"]["tumour_threshold"] == 0.75

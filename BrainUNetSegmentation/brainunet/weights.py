@@ -286,3 +286,4 @@ def register_model(weights_file: Path, name: str, description: str = "", setting
     tmp.write_text(json.dumps(registry, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, registry_path)
     return load_registry(registry_path)[0]
+

@@ -131,6 +131,16 @@ def add_commands(sub) -> None:
                                               "brainunet cv runs")
     p.add_argument("runs", nargs="+", help="run folders of brainunet cv")
     p.add_argument("--output", help="CSV of every rule's held-out Dice")
+
+    p = sub.add_parser("bundle", help="make a trained model the extension's bundled default (writes the repository's "
+                                      "models/ folder and registry.json; for developers)")
+    p.add_argument("weights", help="model.pt of the chosen run (e.g. RUN/final/model.pt of brainunet cv --final)")
+    p.add_argument("--name", required=True, help="registry name, e.g. brainunet-2mm-real")
+    p.add_argument("--description", required=True, help="what it was trained on and how it was chosen")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="settings chosen by cross-validation (JSON values), e.g. tumour_threshold=0.75")
+    p.add_argument("--replace", action="append", default=[], metavar="NAME",
+                   help="bundled model this one replaces: its entry and weights file are removed")
     sub.choices["evaluate"].set_defaults(handler=cmd_evaluate)
     sub.choices["templates"].set_defaults(handler=cmd_templates)
     sub.choices["train"].set_defaults(handler=cmd_train)
@@ -141,6 +151,7 @@ def add_commands(sub) -> None:
     sub.choices["cv-pack"].set_defaults(handler=cmd_cv_pack)
     sub.choices["cv-rescore"].set_defaults(handler=cmd_cv_rescore)
     sub.choices["cv-postprocess"].set_defaults(handler=cmd_cv_postprocess)
+    sub.choices["bundle"].set_defaults(handler=cmd_bundle)
 
 
 def cmd_evaluate(args) -> int:
@@ -388,3 +399,31 @@ def cmd_cv_postprocess(args) -> int:
     settings = " ".join(f"--set {k}={'null' if chosen[k] is None else chosen[k]}" for k in RULE_KEYS)
     print(f"register with: {settings}")
     return 0
+
+
+def cmd_bundle(args) -> int:
+    from brainunet.cli import parse_settings
+
+    entry = bundle_model(Path(args.weights), args.name, args.description, parse_settings(args.set),
+                         replaces=args.replace)
+    size = entry.path().stat().st_size / 2**20
+    print(f"bundled {entry.name} ({entry.path()}, {size:.1f} MiB, sha256 {entry.sha256[:12]}…); "
+          f"replaced: {', '.join(args.replace) or 'nothing'}")
+    return 0
+
+
+def bundle_model(weights_file: Path, name: str, description: str, settings: dict | None = None,
+                 replaces=(), registry_path: Path | None = None):
+    """Make a model the bundled default (developers: it writes the source tree's models folder) and remove
+    the bundled models it ``replaces`` (their entries and weights files)."""
+    from brainunet import weights
+
+    registry_path = Path(registry_path or weights.REGISTRY_PATH)
+    entry = weights.register_model(weights_file, name, description, settings, registry_path=registry_path)
+    registry = json.loads(registry_path.read_text(encoding="utf-8"))
+    for old in registry["models"]:
+        if old["name"] in replaces and old["name"] != name and old.get("file"):
+            (registry_path.parent / old["file"]).unlink(missing_ok=True)
+    registry["models"] = [m for m in registry["models"] if m["name"] not in replaces or m["name"] == name]
+    registry_path.write_text(json.dumps(registry, indent=2) + "\n", encoding="utf-8")
+    return entry

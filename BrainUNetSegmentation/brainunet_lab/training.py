@@ -515,26 +515,23 @@ def train(config: TrainConfig, output_dir, resume: bool = False, progress: bool 
             torch.distributed.destroy_process_group()
 
 
-def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, data, validation_data,
-           stop_after_step: int | None, time_limit_s: float | None, rank: int, world: int, device: str) -> TrainResult:
+def _load_checkpoint(config: TrainConfig, output_dir: Path, resume: bool) -> dict | None:
+    checkpoint_path = output_dir / "checkpoint.pt"
+    if not checkpoint_path.exists():
+        return None
+    if not resume:
+        raise InputError(f"{output_dir} already holds a training run (checkpoint.pt); pass --resume to continue "
+                         "it, or choose another output folder.")
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    _check_resumable(checkpoint["config"], config, output_dir)
+    return checkpoint
+
+
+def _initial_model(config: TrainConfig, checkpoint: dict | None):
+    """A new network, or ``config.init_weights`` (transfer learning) when not resuming."""
     from brainunet import weights as weights_mod
-    from .losses import build_loss
     from brainunet.network import BrainUNet
 
-    checkpoint_path = output_dir / "checkpoint.pt"
-    is_main = rank == 0
-    checkpoint = None
-    if checkpoint_path.exists():
-        if not resume:
-            raise InputError(f"{output_dir} already holds a training run (checkpoint.pt); pass --resume to continue "
-                             "it, or choose another output folder.")
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        _check_resumable(checkpoint["config"], config, output_dir)
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-
-    # model, optimiser, schedule, loss
     torch.manual_seed(config.seed)
     model = BrainUNet(config.network_config())
     if config.init_weights and checkpoint is None:
@@ -544,55 +541,120 @@ def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, 
             raise InputError(f"init_weights {config.init_weights} is a network {shape_of(base)}, but the config "
                              f"asks for {shape_of(model)}.")
         model.load_state_dict(base.state_dict())
-    model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
-    use_amp = bool(config.amp) and device.startswith("cuda")
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    loss_fn = build_loss(**config.loss)
-    step, history, elapsed_before = 0, [], 0.0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint["scaler"] and scaler.is_enabled():  # empty when saved by a CPU / bf16 run
-            scaler.load_state_dict(checkpoint["scaler"])
-        step, history, elapsed_before = checkpoint["step"], checkpoint["history"], checkpoint["seconds"]
-    net = model
-    if world > 1:
-        # without deep supervision the coarser heads get no gradient, which DDP must be told
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.startswith("cuda") else None,
-            find_unused_parameters=not config.deep_supervision)
+    return model
 
-    # data and validation cases
-    needs_engine = data is None or config.engine_fraction > 0 or config.validation_cases > 0
-    anatomy = None
-    if needs_engine:
-        from .engine import load_anatomy
 
-        anatomy = load_anatomy(config.spacing_mm, source=config.anatomy)
+def model_settings(config: TrainConfig) -> ModelSettings:
+    """What inference must do for a network trained with ``config``."""
+    return ModelSettings(
+        Preprocessing(modalities=MODALITIES, spacing_mm=(config.spacing_mm,) * 3,
+                      patch_size=config.inference_patch_size, clip_percentiles=config.clip_percentiles,
+                      bias_correction=config.bias_correction,
+                      # lets the pipeline accept a case with one sequence missing (zero channel)
+                      modality_dropout=config.modality_dropout > 0),
+        Postprocessing(min_component_voxels=config.min_component_voxels))
+
+
+class _Optimisation:
+    """The network, optimiser, schedule, mixed-precision scaler and loss of one run, and its step count."""
+
+    def __init__(self, config: TrainConfig, checkpoint: dict | None, device: str, world: int):
+        from .losses import build_loss
+
+        self.model = _initial_model(config, checkpoint).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(config))
+        self.use_amp = bool(config.amp) and device.startswith("cuda")
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.loss_fn = build_loss(**config.loss)
+        self.grad_clip = config.grad_clip
+        self.world = world
+        self.step, self.history, self.elapsed_before = 0, [], 0.0
+        if checkpoint is not None:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            if checkpoint["scaler"] and self.scaler.is_enabled():  # empty when saved by a CPU / bf16 run
+                self.scaler.load_state_dict(checkpoint["scaler"])
+            self.step, self.history, self.elapsed_before = checkpoint["step"], checkpoint["history"], checkpoint["seconds"]
+        self.net = self.model
+        if world > 1:
+            # without deep supervision the coarser heads get no gradient, which DDP must be told
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device] if device.startswith("cuda") else None,
+                find_unused_parameters=not config.deep_supervision)
+
+    def train_step(self, x, y) -> tuple[float, float]:
+        """One optimiser step on a batch; returns (loss averaged over the ranks, the step's learning rate)."""
+        with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.use_amp):
+            outputs = self.net(x)
+        loss = self.loss_fn(outputs, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        value = loss.detach()
+        if self.world > 1:
+            torch.distributed.all_reduce(value)
+            value /= self.world
+        self.step += 1
+        return float(value), lr
+
+    def checkpoint(self, config: TrainConfig, seconds: float) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                "history": self.history, "config": config.to_dict(), "seconds": seconds}
+
+
+def _engine_anatomy(config: TrainConfig, data, device: str):
+    """The engine's anatomy (None when the run uses no engine case) and the device engine cases are made on."""
     engine_device = config.engine_device
     if engine_device == "auto":
         engine_device = device if config.num_workers == 0 else "cpu"
-    if anatomy is not None:
-        anatomy = anatomy.to(engine_device)
-    synthetic_val, real_val = [], []
-    if is_main and config.validation_cases > 0:
+    if data is not None and config.engine_fraction <= 0 and config.validation_cases <= 0:
+        return None, engine_device
+    from .engine import load_anatomy
+
+    return load_anatomy(config.spacing_mm, source=config.anatomy).to(engine_device), engine_device
+
+
+def _validation_sets(config: TrainConfig, anatomy, engine_device: str, validation_data) -> tuple[list, list]:
+    """(held-out engine cases, real validation cases), each as (image, labels, mask) arrays."""
+    synthetic_val = []
+    if config.validation_cases > 0:
         from .engine import EngineConfig, generate_case
 
         for s in validation_seeds(config):
             case = generate_case(s, anatomy, EngineConfig.from_dict(config.engine), device=engine_device)
             synthetic_val.append((case.image.cpu().numpy(), case.labels.cpu().numpy(), case.mask.cpu().numpy()))
-    if is_main:
-        if validation_data is None and config.validation_data:
-            from .realdata import load_labelled_cases
+    if validation_data is None and config.validation_data:
+        from .realdata import load_labelled_cases
 
-            validation_data = load_labelled_cases(config.validation_data, [config.spacing_mm] * 3, MODALITIES,
-                                                  config.clip_percentiles, bias_correction=config.bias_correction)
-        real_val = [(c.image, c.labels, c.mask) for c in validation_data or []]
-    stream = ChunkStream(config, anatomy, data, step, rank, world, engine_device)
+        validation_data = load_labelled_cases(config.validation_data, [config.spacing_mm] * 3, MODALITIES,
+                                              config.clip_percentiles, bias_correction=config.bias_correction)
+    return synthetic_val, [(c.image, c.labels, c.mask) for c in validation_data or []]
+
+
+def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, data, validation_data,
+           stop_after_step: int | None, time_limit_s: float | None, rank: int, world: int, device: str) -> TrainResult:
+    from brainunet import weights as weights_mod
+
+    checkpoint_path = output_dir / "checkpoint.pt"
+    is_main = rank == 0
+    checkpoint = _load_checkpoint(config, output_dir, resume)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    opt = _Optimisation(config, checkpoint, device, world)
+    model, history = opt.model, opt.history
+    anatomy, engine_device = _engine_anatomy(config, data, device)
+    synthetic_val, real_val = _validation_sets(config, anatomy, engine_device, validation_data) if is_main else ([], [])
+    stream = ChunkStream(config, anatomy, data, opt.step, rank, world, engine_device)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers,
                                          worker_init_fn=_worker_init if config.num_workers else None,
                                          pin_memory=device.startswith("cuda") and engine_device == "cpu",
@@ -600,12 +662,10 @@ def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, 
 
     def validate(at_step) -> dict:
         row = {}
-        if synthetic_val:
-            row.update({f"val_dice_{k}": v for k, v in
-                        mean_dice(model, synthetic_val, config.inference_patch_size, device).items()})
-        if real_val:
-            row.update({f"real_dice_{k}": v for k, v in
-                        mean_dice(model, real_val, config.inference_patch_size, device).items()})
+        for prefix, cases in (("val", synthetic_val), ("real", real_val)):
+            if cases:
+                row.update({f"{prefix}_dice_{k}": v for k, v in
+                            mean_dice(model, cases, config.inference_patch_size, device).items()})
         model.to(device).train()  # predict_probabilities falls back to the CPU on a CUDA out-of-memory error
         if row and bar is not None:
             bar.write(f"step {at_step}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
@@ -614,68 +674,47 @@ def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, 
     def save(final: bool):
         if not is_main:
             return
-        seconds = elapsed_before + time.perf_counter() - t_start
-        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                      "history": history, "config": config.to_dict(), "seconds": seconds}, checkpoint_path)
-        write_history(history, output_dir / "history.csv")
-        plot_curves(history, output_dir / "curves.png", f"{config.name or output_dir.name}: step {step} of {config.steps}")
         from .engine import ENGINE_VERSION
 
-        settings = ModelSettings(
-            Preprocessing(modalities=MODALITIES, spacing_mm=(config.spacing_mm,) * 3,
-                          patch_size=config.inference_patch_size, clip_percentiles=config.clip_percentiles,
-                          bias_correction=config.bias_correction,
-                          # lets the pipeline accept a case with one sequence missing (zero channel)
-                          modality_dropout=config.modality_dropout > 0),
-            Postprocessing(min_component_voxels=config.min_component_voxels))
-        training = {"engine_version": ENGINE_VERSION, "seed": config.seed, "steps": step, "planned_steps": config.steps,
-                    "finished": final, "hardware": _hardware(device, world), "wall_time_s": round(seconds, 1),
-                    "patch_size": list(config.patch_size), "anatomy": config.anatomy,
+        seconds = opt.elapsed_before + time.perf_counter() - t_start
+        _atomic_save(opt.checkpoint(config, seconds), checkpoint_path)
+        write_history(history, output_dir / "history.csv")
+        plot_curves(history, output_dir / "curves.png", f"{config.name or output_dir.name}: step {opt.step} of {config.steps}")
+        training = {"engine_version": ENGINE_VERSION, "seed": config.seed, "steps": opt.step,
+                    "planned_steps": config.steps, "finished": final, "hardware": _hardware(device, world),
+                    "wall_time_s": round(seconds, 1), "patch_size": list(config.patch_size), "anatomy": config.anatomy,
                     "init_weights": config.init_weights, "real_cases": len(data or [])}
-        weights_mod.save_weights(output_dir / "model.pt", model, config.name or output_dir.name, settings,
-                                 extra={"training": training})
+        weights_mod.save_weights(output_dir / "model.pt", model, config.name or output_dir.name,
+                                 model_settings(config), extra={"training": training})
 
     def barrier():
         if world > 1:
             torch.distributed.barrier()
 
+    def stopping() -> bool:
+        return opt.step >= config.steps or (stop_after_step is not None and opt.step >= stop_after_step)
+
     bar = None
     if progress and is_main:
         from tqdm import tqdm
 
-        bar = tqdm(total=config.steps, initial=step, unit="step", desc=config.name or output_dir.name,
+        bar = tqdm(total=config.steps, initial=opt.step, unit="step", desc=config.name or output_dir.name,
                    dynamic_ncols=True)
     t_start = time.perf_counter()
-    last_saved = step
+    last_saved = opt.step
     model.train()
     try:
-        for first, images, labels in (loader if step < config.steps else []):
+        for first, images, labels in (loader if opt.step < config.steps else []):
             for g in range(images.shape[0]):
-                if first + g < step:
+                if first + g < opt.step:
                     continue  # resumed in the middle of a chunk
-                if step >= config.steps or (stop_after_step is not None and step >= stop_after_step):
+                if stopping():
                     break
-                x = images[g].to(device, non_blocking=True)
-                y = labels[g].to(device, non_blocking=True).long()
-                with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
-                    outputs = net(x)
-                loss = loss_fn(outputs, y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                value = loss.detach()
-                if world > 1:
-                    torch.distributed.all_reduce(value)
-                    value /= world
-                step += 1
-                row = {"step": step, "loss": float(value), "lr": lr,
-                       "seconds": round(elapsed_before + time.perf_counter() - t_start, 2)}
+                loss, lr = opt.train_step(images[g].to(device, non_blocking=True),
+                                          labels[g].to(device, non_blocking=True).long())
+                step = opt.step
+                row = {"step": step, "loss": loss, "lr": lr,
+                       "seconds": round(opt.elapsed_before + time.perf_counter() - t_start, 2)}
                 validation_due = bool(config.validate_every) and step % config.validate_every == 0 and step < config.steps
                 if is_main and validation_due:
                     row.update(validate(step))
@@ -694,27 +733,27 @@ def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, 
                         torch.distributed.broadcast(over, 0)  # every rank stops at the same step
                     if over.item():
                         stop_after_step = step
-            if step >= config.steps or (stop_after_step is not None and step >= stop_after_step):
+            if stopping():
                 break
-        finished = step >= config.steps
+        finished = opt.step >= config.steps
         validated = history and ("val_dice_WT" in history[-1] or "real_dice_WT" in history[-1])
         if finished and is_main and history and not validated:
-            history[-1].update(validate(step))  # every finished run ends with a validation
+            history[-1].update(validate(opt.step))  # every finished run ends with a validation
         save(final=finished)
         barrier()
     except BaseException as exc:
         # Ctrl-C, SIGTERM (preemption) or an error: keep what was learnt since the last checkpoint
-        if step > last_saved:
+        if opt.step > last_saved:
             save(final=False)
         if isinstance(exc, (KeyboardInterrupt, Cancelled)):
-            raise Cancelled(f"Training stopped at step {step} of {config.steps}; {checkpoint_path} keeps it: "
+            raise Cancelled(f"Training stopped at step {opt.step} of {config.steps}; {checkpoint_path} keeps it: "
                             "run the same command with --resume to continue.") from exc
         raise
     finally:
         if bar is not None:
             bar.close()
-    return TrainResult(output_dir, output_dir / "model.pt", step, config.steps, history,
-                       elapsed_before + time.perf_counter() - t_start)
+    return TrainResult(output_dir, output_dir / "model.pt", opt.step, config.steps, history,
+                       opt.elapsed_before + time.perf_counter() - t_start)
 
 
 # --------------------------------------------------------------------------------------------------

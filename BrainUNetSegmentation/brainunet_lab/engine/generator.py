@@ -334,31 +334,50 @@ def _intensities(rnd: _Random, config: EngineConfig, meta: dict) -> dict[str, di
     }
 
 
-def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = None, device="cpu",
-                  keep_raw: bool = False) -> SyntheticCase:
-    config = config or EngineConfig()
-    device = torch.device(device)
-    rnd = _Random(seed, device)
-    meta: dict = {"seed": int(seed), "engine_version": ENGINE_VERSION}
-    spacing = anatomy.spacing
-    shape = anatomy.shape
+@dataclass
+class _Brain:
+    """One case's anatomy on its grid: tissue fractions and structures (as the tumour pushes them)."""
+    tissues: torch.Tensor  # grey matter, white matter, CSF fractions
+    structures: torch.Tensor  # ventricles, midline, cortex ribbon
+    pos: torch.Tensor  # voxel positions (mm)
+    spacing: tuple
+    midline_mm: float
+
+    @property
+    def brain(self) -> torch.Tensor:
+        return self.tissues.sum(0)
+
+
+@dataclass
+class _Tumour:
+    netc: torch.Tensor
+    et: torch.Tensor
+    snfh: torch.Tensor
+    oedema: torch.Tensor  # grown oedema, before the core is cut out of it
+    crossing: torch.Tensor  # where oedema may spread: the tumour's hemisphere and the midline structures
+
+
+def _brain(anatomy: Anatomy, rnd: _Random, device) -> _Brain:
     tissues = anatomy.tissues.to(device)
     tissues = tissues / tissues.sum(0, keepdim=True).clamp_min(1.0)
     structures = anatomy.structures.to(device)
     if rnd.chance(0.5):  # left-right mirror: the atlas is one brain
         tissues, structures = tissues.flip(1), structures.flip(1)
-    gm, wm, csf = tissues
+    pos = _mm_grid(anatomy.shape, anatomy.spacing, device)
     brain = tissues.sum(0)
-    pos = _mm_grid(shape, spacing, device)
-    midline_mm = float((pos[0] * brain).sum() / brain.sum())
+    return _Brain(tissues, structures, pos, anatomy.spacing, float((pos[0] * brain).sum() / brain.sum()))
 
-    # --- 1. tumour centre and mass effect -------------------------------------------------------
+
+def _place_tumour(b: _Brain, rnd: _Random, config: EngineConfig, meta: dict, device) -> tuple:
+    """(centre in mm, whole-tumour radius, core radius); the mass effect pushes ``b``'s tissue outward."""
+    gm, wm, _ = b.tissues
+    brain = b.brain
     in_wm = rnd.chance(config.p_in_white_matter)
     candidates = torch.nonzero((wm > 0.6) if in_wm else ((gm > 0.5) & (brain > 0.9)))
     if len(candidates) == 0:
         candidates = torch.nonzero(brain > 0.5)
     centre_vox = candidates[int(rnd.np.integers(0, len(candidates)))].float()
-    centre = centre_vox * torch.tensor(spacing, device=device)
+    centre = centre_vox * torch.tensor(b.spacing, device=device)
     log_lo, log_hi = (math.log(r) for r in config.tumour_radius_mm)
     radius_wt = math.exp(rnd.uniform((log_lo, log_hi)))
     radius_core = radius_wt * rnd.uniform(config.core_fraction)
@@ -366,26 +385,53 @@ def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = Non
                 in_white_matter=in_wm)
     if rnd.chance(config.p_mass_effect):
         strength = rnd.uniform(config.mass_effect)
-        d = pos - centre.view(3, 1, 1, 1)
+        d = b.pos - centre.view(3, 1, 1, 1)
         r = d.norm(dim=0, keepdim=True)
         # sample closer to the centre -> tissue is pushed outward; monotonic for strength < 1
         source = centre.view(3, 1, 1, 1) + d * (1 - strength * torch.exp(-(r / (2 * radius_core)) ** 2))
-        warped = _sample(torch.cat([tissues, structures]), source, spacing)
-        tissues, structures = warped[:3], warped[3:]
-        gm, wm, csf = tissues
-        brain = tissues.sum(0)
+        warped = _sample(torch.cat([b.tissues, b.structures]), source, b.spacing)
+        b.tissues, b.structures = warped[:3], warped[3:]
         meta["mass_effect"] = round(strength, 2)
+    return centre, radius_wt, radius_core
 
-    # --- 2. tumour, oedema, distractors -----------------------------------------------------------
+
+def _core_parts(rnd: _Random, config: EngineConfig, core, level, rc: float, focus: int, kind: str, shape) -> tuple:
+    """(ET, NETC, kind) of one focus's core. The first focus draws the tumour's kind (solid, non-enhancing
+    or ring); a ring's rim varies in thickness and may be open."""
+    rim = rnd.uniform(config.rim_mm) * (1 + 0.4 * rnd.field(shape, grid=8)[0]).clamp(0.3, 2.0)
+    inner = (level < 1 - rim / rc).float() * core
+    roll = rnd.np.random()
+    if focus == 0:
+        kind = ("solid" if roll < config.p_solid else
+                "non-enhancing" if roll < config.p_solid + config.p_no_enhancement else "ring")
+        if rc < 5 and kind == "ring":
+            kind = "solid"  # small lesions rarely have a visible necrotic centre
+    if kind == "solid":
+        return core, torch.zeros_like(core), kind
+    if kind == "non-enhancing":
+        return torch.zeros_like(core), core, kind
+    et_part, netc_part = core - inner, inner
+    if rnd.chance(config.p_incomplete_rim):
+        gap = (rnd.field(shape, grid=4)[0] > rnd.uniform((-0.3, 0.5))).float()
+        netc_part = netc_part + et_part * gap
+        et_part = et_part * (1 - gap)
+    return et_part, netc_part, kind
+
+
+def _grow_tumour(b: _Brain, rnd: _Random, config: EngineConfig, meta: dict, centre, radius_wt: float,
+                 radius_core: float, device) -> _Tumour:
+    """Each focus's core (ET / NETC) and the oedema grown from it, mostly through white matter."""
+    shape, spacing, pos = tuple(b.pos.shape[1:]), b.spacing, b.pos
+    gm, wm, csf = b.tissues
+    brain = b.brain
     netc = torch.zeros(shape, device=device)
     et = torch.zeros(shape, device=device)
-    core_all = torch.zeros(shape, device=device)
     oedema = torch.zeros(shape, device=device)
     foci = 1 + (int(rnd.np.integers(1, 3)) if rnd.chance(config.p_multifocal) else 0)
-    hemisphere = 1.0 if float(centre[0]) > midline_mm else -1.0
-    same_side = ((pos[0] - midline_mm) * hemisphere > -spacing[0]).float()
-    crossing = torch.maximum(same_side, (structures[1] > 0.5).float())
-    cortex = structures[2]
+    hemisphere = 1.0 if float(centre[0]) > b.midline_mm else -1.0
+    same_side = ((pos[0] - b.midline_mm) * hemisphere > -spacing[0]).float()
+    crossing = torch.maximum(same_side, (b.structures[1] > 0.5).float())
+    cortex = b.structures[2]
     # white matter carries oedema; grey matter a little; cortex ribbon, CSF and midline stop it
     permeability = (wm + 0.3 * gm * (1 - cortex)) * (1 - csf.clamp(0, 1)) * crossing
     pass_noise = rnd.field(shape, grid=10)[0]
@@ -408,27 +454,9 @@ def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = Non
             seed_region = ((level < 0.5) & (brain > 0.3)).float()
         else:
             seed_region = core
-            rim = rnd.uniform(config.rim_mm) * (1 + 0.4 * rnd.field(shape, grid=8)[0]).clamp(0.3, 2.0)
-            inner = (level < 1 - rim / rc).float() * core
-            roll = rnd.np.random()
-            if focus == 0:
-                kind = ("solid" if roll < config.p_solid else
-                        "non-enhancing" if roll < config.p_solid + config.p_no_enhancement else "ring")
-                if rc < 5 and kind == "ring":
-                    kind = "solid"  # small lesions rarely have a visible necrotic centre
-            if kind == "solid":
-                et_part, netc_part = core, torch.zeros_like(core)
-            elif kind == "non-enhancing":
-                et_part, netc_part = torch.zeros_like(core), core
-            else:
-                et_part, netc_part = core - inner, inner
-                if rnd.chance(config.p_incomplete_rim):
-                    gap = (rnd.field(shape, grid=4)[0] > rnd.uniform((-0.3, 0.5))).float()
-                    netc_part = netc_part + et_part * gap
-                    et_part = et_part * (1 - gap)
+            et_part, netc_part, kind = _core_parts(rnd, config, core, level, rc, focus, kind, shape)
             et = torch.maximum(et, et_part)
             netc = torch.maximum(netc, netc_part)
-        core_all = torch.maximum(core_all, seed_region)
         reach_mm = radius_wt * rnd.uniform(config.oedema_reach) + spacing[0]
         steps = max(1, int(round(reach_mm / spacing[0])))
         grown = _grow(seed_region, passable, steps)
@@ -440,46 +468,41 @@ def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = Non
     et = et * (1 - netc).clamp(0, 1)
     snfh = (oedema * (1 - torch.maximum(et, netc))).clamp(0, 1)
     meta["kind"], meta["foci"] = kind, foci
+    return _Tumour(netc, et, snfh, oedema, crossing)
 
-    distractor = torch.zeros(shape, device=device)
-    if rnd.chance(config.p_distractors):
-        ventricles = structures[0]
-        plexus = ventricles * (rnd.field(shape, grid=14)[0] > 1.0).float()
-        sheet_a, sheet_b = rnd.field(shape, grid=16, channels=2)
-        vessels = ((sheet_a.abs() < 0.05) & (sheet_b.abs() < 0.05)).float() * (brain > 0.3).float()
-        shell = ((brain > 0.1) & (brain < 0.6)).float() * (rnd.field(shape, grid=10)[0] > 0.6).float()
-        distractor = torch.clamp(plexus + vessels * (1 - wm) + shell, 0, 1) * (1 - oedema)
-        meta["distractors"] = True
-    if config.faint_oedema:
-        # its own random stream, so that faint_oedema False gives engine 1.3 cases exactly
-        oedema_share, faint = _faint_oedema(_Random(seed + 1_000_003, device), config, snfh,
-                                            torch.maximum(et, netc), brain, gm, wm, csf, structures[0], crossing, pos,
-                                            centre, radius_wt, spacing, meta)
-        distractor = distractor * (1 - faint)
-        oedema_share = oedema_share + faint
-    else:
-        oedema_share = snfh
 
-    # --- 3. one random affine + elastic warp of everything ---------------------------------------
+def _distractors(b: _Brain, rnd: _Random, config: EngineConfig, oedema, meta: dict, device):
+    """Enhancing structures labelled background: choroid plexus, vessels, dura."""
+    shape = tuple(b.pos.shape[1:])
+    if not rnd.chance(config.p_distractors):
+        return torch.zeros(shape, device=device)
+    brain, wm = b.brain, b.tissues[1]
+    plexus = b.structures[0] * (rnd.field(shape, grid=14)[0] > 1.0).float()
+    sheet_a, sheet_b = rnd.field(shape, grid=16, channels=2)
+    vessels = ((sheet_a.abs() < 0.05) & (sheet_b.abs() < 0.05)).float() * (brain > 0.3).float()
+    shell = ((brain > 0.1) & (brain < 0.6)).float() * (rnd.field(shape, grid=10)[0] > 0.6).float()
+    meta["distractors"] = True
+    return torch.clamp(plexus + vessels * (1 - wm) + shell, 0, 1) * (1 - oedema)
+
+
+def _warp(b: _Brain, rnd: _Random, config: EngineConfig, volumes: list, device) -> list:
+    """One random affine + elastic warp applied to every volume together."""
+    shape, spacing = tuple(b.pos.shape[1:]), b.spacing
     angles = [math.radians(rnd.uniform((-config.rotation_deg, config.rotation_deg))) for _ in range(3)]
     scales = torch.tensor([rnd.uniform(config.scale_range) for _ in range(3)], device=device)
     shift = torch.tensor([rnd.uniform((-config.translation_mm, config.translation_mm)) for _ in range(3)],
                          device=device)
     centre_of_grid = torch.tensor([(n - 1) * s / 2 for n, s in zip(shape, spacing)], device=device)
-    d = pos - centre_of_grid.view(3, 1, 1, 1)
+    d = b.pos - centre_of_grid.view(3, 1, 1, 1)
     matrix = _rotation(angles).to(device) / scales.view(3, 1)
     source = torch.einsum("ij,jxyz->ixyz", matrix, d) + centre_of_grid.view(3, 1, 1, 1) + shift.view(3, 1, 1, 1)
     source = source + config.elastic_mm * rnd.field(shape, grid=5, channels=3) / 1.5
-    stack = torch.stack([gm, wm, csf, netc, et, snfh, distractor, brain, oedema_share])
-    gm, wm, csf, netc, et, snfh, distractor, brain, oedema_share = _sample(stack, source, spacing)
+    return list(_sample(torch.stack(volumes), source, spacing))
 
-    labels = torch.zeros(shape, dtype=torch.uint8, device=device)
-    labels[snfh > 0.5] = SNFH.label
-    labels[netc > 0.5] = NETC.label
-    labels[(et > 0.5) & (et >= netc)] = ET.label
-    mask = (brain > 0.5) | (labels > 0)
 
-    # --- 4. rendering -------------------------------------------------------------------------------
+def _render(rnd: _Random, config: EngineConfig, meta: dict, gm, wm, csf, netc, et, distractor, oedema_share):
+    """T1CE, T2W and FLAIR from tissue and tumour fractions, with random intensities and texture."""
+    shape = tuple(gm.shape)
     means = _intensities(rnd, config, meta)
     channels = []
     healthy_texture = 0.08 * rnd.uniform((0.0, 1.0))
@@ -499,9 +522,12 @@ def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = Non
         img = img * (1 - core_weight) + core_weight * tumour
         img = img * (1 - distractor) + distractor * m["distractor"]
         channels.append(img.clamp_min(0))
-    image = torch.stack(channels)
+    return torch.stack(channels)
 
-    # --- 5. degradations --------------------------------------------------------------------------
+
+def _degrade(image, rnd: _Random, config: EngineConfig, meta: dict, device):
+    """Scanner degradations: partial-volume blur, thick slices, bias field, Rician noise, gamma, artefacts."""
+    shape = tuple(image.shape[1:])
     sigma = rnd.uniform(config.blur_voxels)
     image = _blur(image, (sigma, sigma, sigma))
     if rnd.chance(config.p_thick_slices):
@@ -522,10 +548,43 @@ def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = Non
         peak = image.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
         image = (image / peak) ** g * peak
         meta["gamma"] = round(g, 2)
-    image = _torchio_artefacts(image, rnd, config, meta)
-    image = image * mask  # skull-stripped
+    return _torchio_artefacts(image, rnd, config, meta)
 
-    # --- 6. crop to the brain and normalise as inference does --------------------------------------
+
+def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = None, device="cpu",
+                  keep_raw: bool = False) -> SyntheticCase:
+    """One case, a pure function of its arguments; the stages in the order the module docstring lists."""
+    config = config or EngineConfig()
+    device = torch.device(device)
+    rnd = _Random(seed, device)
+    meta: dict = {"seed": int(seed), "engine_version": ENGINE_VERSION}
+    b = _brain(anatomy, rnd, device)
+    # 1-2. tumour centre and mass effect; tumour, oedema, distractors
+    centre, radius_wt, radius_core = _place_tumour(b, rnd, config, meta, device)
+    t = _grow_tumour(b, rnd, config, meta, centre, radius_wt, radius_core, device)
+    distractor = _distractors(b, rnd, config, t.oedema, meta, device)
+    gm, wm, csf = b.tissues
+    if config.faint_oedema:
+        # its own random stream, so that faint_oedema False gives engine 1.3 cases exactly
+        oedema_share, faint = _faint_oedema(_Random(seed + 1_000_003, device), config, t.snfh,
+                                            torch.maximum(t.et, t.netc), b.brain, gm, wm, csf, b.structures[0],
+                                            t.crossing, b.pos, centre, radius_wt, b.spacing, meta)
+        distractor = distractor * (1 - faint)
+        oedema_share = oedema_share + faint
+    else:
+        oedema_share = t.snfh
+    # 3. one warp of everything
+    gm, wm, csf, netc, et, snfh, distractor, brain, oedema_share = _warp(
+        b, rnd, config, [gm, wm, csf, t.netc, t.et, t.snfh, distractor, b.brain, oedema_share], device)
+    labels = torch.zeros(tuple(anatomy.shape), dtype=torch.uint8, device=device)
+    labels[snfh > 0.5] = SNFH.label
+    labels[netc > 0.5] = NETC.label
+    labels[(et > 0.5) & (et >= netc)] = ET.label
+    mask = (brain > 0.5) | (labels > 0)
+    # 4-5. rendering and degradations
+    image = _render(rnd, config, meta, gm, wm, csf, netc, et, distractor, oedema_share)
+    image = _degrade(image, rnd, config, meta, device) * mask  # skull-stripped
+    # 6. crop to the brain and normalise as inference does
     idx = [torch.nonzero(mask.any(dim=tuple(a for a in range(3) if a != ax))).flatten() for ax in range(3)]
     crop = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)
     image, labels, mask = image[(slice(None),) + crop], labels[crop], mask[crop]
@@ -533,7 +592,7 @@ def generate_case(seed: int, anatomy: Anatomy, config: EngineConfig | None = Non
     tissue = ((tissue.argmax(0) + 1) * ((tissue.amax(0) > 0.5) & mask)).to(torch.uint8)
     mask = mask & (image != 0).any(0)  # inference's foreground: any channel non-zero
     normalised = normalise(image, mask, config.clip_percentiles)
-    return SyntheticCase(normalised, labels, mask, tissue, tuple(spacing), image if keep_raw else None, meta)
+    return SyntheticCase(normalised, labels, mask, tissue, tuple(anatomy.spacing), image if keep_raw else None, meta)
 
 
 def write_case(folder, seed: int = 0, anatomy: Anatomy | None = None, case_id: str = "BrainUNet-Demo-00000"):
