@@ -139,7 +139,7 @@ def test_module_description_and_light_imports(harness):
     # Slicer imports every module at start-up: nothing heavy at module scope.
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     allowed = {"os", "qt", "ctk", "slicer", "vtk", "slicer.ScriptedLoadableModule", "slicer.util",
-               "slicer.parameterNodeWrapper"}
+               "slicer.parameterNodeWrapper", "slicer.i18n"}
     for node in tree.body:
         if isinstance(node, ast.Import):
             assert {a.name for a in node.names} <= allowed, ast.unparse(node)
@@ -153,6 +153,49 @@ def test_module_description_and_light_imports(harness):
     assert issubclass(cls, sys.modules["slicer.ScriptedLoadableModule"].ScriptedLoadableModuleLogic)
     assert isinstance(harness.widget.logic, cls) and harness.widget.logic.scene is harness.scene
     assert harness.module.BrainUNetSegmentationTest  # the in-app self-test exists
+
+
+#: Calls whose text arguments the user reads (windowTitle="BrainUNet", the product's name, excepted).
+USER_TEXT_CALLS = {"_setStatus", "setText", "setToolTip", "errorDisplay", "warningDisplay", "infoDisplay",
+                   "confirmOkCancelDisplay", "tryWithErrorDisplay", "cancelRun", "getSaveFileName", "addItem",
+                   "BrainUNetError", "InputError", "_onLog", "appendPlainText"}
+
+
+def _untranslated_texts(node) -> list:
+    """Text literals (words, f-strings, concatenations) in an argument expression that no _() wraps."""
+    if isinstance(node, ast.Constant):
+        return [node.value] if isinstance(node.value, str) and any(c.isalpha() for c in node.value) else []
+    if isinstance(node, ast.JoinedStr):
+        return [ast.unparse(node)]
+    if isinstance(node, ast.IfExp):
+        return _untranslated_texts(node.body) + _untranslated_texts(node.orelse)
+    if isinstance(node, ast.BinOp):
+        return _untranslated_texts(node.left) + _untranslated_texts(node.right)
+    return []
+
+
+def test_user_visible_texts_go_through_translation():
+    """As the anchors do: every text the user reads is wrapped in _() (slicer.i18n.tr), with a literal
+    argument that Qt's lupdate can extract (values come in through .format, never an f-string)."""
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    shipped = [n for n in tree.body if not (isinstance(n, ast.ClassDef) and n.name.endswith("Test"))]
+    found = []
+    for top in shipped:
+        for node in ast.walk(top):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+                if name == "_":
+                    assert len(node.args) == 1 and isinstance(node.args[0], ast.Constant), ast.unparse(node)
+                if name in USER_TEXT_CALLS:
+                    arguments = node.args + [k.value for k in node.keywords if k.arg != "windowTitle"]
+                    found += [(name, text) for a in arguments for text in _untranslated_texts(a)]
+            elif isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) in (
+                    "self.parent.title", "self.parent.helpText", "self.parent.acknowledgementText"):
+                value = node.value
+                assert isinstance(value, ast.Call) and getattr(value.func, "id", "") == "_", ast.unparse(node)
+            elif isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "self.parent.categories":
+                assert all(isinstance(e, ast.Call) and e.func.id == "translate" for e in node.value.elts)
+    assert not found, f"texts shown without _(): {found}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -475,6 +475,14 @@ def parameterNodeWrapper(cls):
     return type(cls.__name__, (), namespace)
 
 
+def make_i18n_module() -> types.ModuleType:
+    """slicer.i18n without translations (slicer-core lacks it): every text comes back as written."""
+    m = types.ModuleType("slicer.i18n")
+    m.tr = lambda text: text
+    m.translate = lambda context, text: text
+    return m
+
+
 def make_parameter_node_wrapper_module() -> types.ModuleType:
     m = types.ModuleType("slicer.parameterNodeWrapper")
     m.parameterNodeWrapper = parameterNodeWrapper
@@ -528,14 +536,17 @@ class WidgetHarness:
         self.scene = mrml.new_headless_scene()
         scripted = make_scripted_loadable_module()
         wrapper = make_parameter_node_wrapper_module()
+        i18n = make_i18n_module()
         self._set_module("qt", make_qt_module())
         self._set_module("ctk", make_ctk_module())
         self._set_module("slicer.ScriptedLoadableModule", scripted)
         self._set_module("slicer.parameterNodeWrapper", wrapper)
+        self._set_module("slicer.i18n", i18n)
         self._set_module(MODULE_NAME, None)
         self._set_attr(self._saved_slicer, slicer, "mrmlScene", self.scene)
         self._set_attr(self._saved_slicer, slicer, "ScriptedLoadableModule", scripted)
         self._set_attr(self._saved_slicer, slicer, "parameterNodeWrapper", wrapper)
+        self._set_attr(self._saved_slicer, slicer, "i18n", i18n)
         util = slicer.util
         self._set_attr(self._saved_util, util, "loadUI", lambda path: UiLoader().load_file(path))
         self._set_attr(self._saved_util, util, "childWidgetVariables", child_widget_variables)
