@@ -283,55 +283,53 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
 
     # -- actions ------------------------------------------------------------------------------
     def onAutoDetectButton(self, *args) -> None:
-        if self._parameterNode is None:
-            self.initializeParameterNode()
-        guesses = self.logic.guess_inputs()
-        if not guesses:
-            self._setStatus(_("No volume name looks like T1CE, T2W, FLAIR or T1. Select the volumes by hand."))
-            return
-        for role, node in guesses.items():
-            setattr(self._parameterNode, role, node)
-        self.updateGUIFromParameterNode()
-        found = ", ".join(f"{role.upper()} = {node.GetName()}" for role, node in guesses.items())
-        self._setStatus(_("Detected: {volumes}").format(volumes=found))
+        with slicer.util.tryWithErrorDisplay(_("Could not choose the inputs."), waitCursor=True):
+            if self._parameterNode is None:
+                self.initializeParameterNode()
+            guesses = self.logic.guess_inputs()
+            if not guesses:
+                self._setStatus(_("No volume name looks like T1CE, T2W, FLAIR or T1. Select the volumes by hand."))
+                return
+            for role, node in guesses.items():
+                setattr(self._parameterNode, role, node)
+            self.updateGUIFromParameterNode()
+            found = ", ".join(f"{role.upper()} = {node.GetName()}" for role, node in guesses.items())
+            self._setStatus(_("Detected: {volumes}").format(volumes=found))
 
     def onApplyButton(self, *args) -> None:
         """Apply starts a run; while a run is going the same button cancels it."""
         if self._run is not None:
             self.cancelRun()
             return
-        from brainunet.errors import BrainUNetError
+        # a bad input (InputError) or anything unexpected: a message box with the reason, the scene untouched;
+        # tryWithErrorDisplay raises again after it, so the traceback reaches the Python console too
+        with slicer.util.tryWithErrorDisplay(_("The segmentation could not start."), waitCursor=True):
+            try:
+                self._startRun()
+            except Exception:
+                self._setStatus(_("The segmentation could not start; nothing was changed."))
+                raise
 
+    def _startRun(self) -> bool:
+        """Start a run with the panel's inputs; False if the user declined to install what it needs."""
         if self._parameterNode is None:
             self.initializeParameterNode()
         self.updateParameterNodeFromGUI()
         inputs = self.selectedInputs()
-        try:
-            if not self._dependenciesReady:
-                self.logic.check_inputs(inputs)  # say what is missing before offering to install anything
-                if not self.logic.ensureDependencies():
-                    self._setStatus(_("BrainUNet needs PyTorch and a few Python packages; nothing was run."))
-                    return
-                self._dependenciesReady = True
-            options = self.logic.runOptions(self._parameterNode.device, self._parameterNode.tta)
-            self._run = self.logic.start(inputs, options, on_progress=self._onProgress, on_log=self._onLog)
-        except BrainUNetError as exc:
-            self._setStatus(str(exc))
-            slicer.util.errorDisplay(str(exc), windowTitle="BrainUNet")
-            return
-        except Exception as exc:  # unexpected: report it and keep the module usable
-            import traceback
-
-            traceback.print_exc()
-            message = _("Could not start the segmentation: {reason}").format(reason=exc)
-            self._setStatus(message)
-            slicer.util.errorDisplay(message, windowTitle="BrainUNet", detailedText=traceback.format_exc())
-            return
+        if not self._dependenciesReady:
+            self.logic.check_inputs(inputs)  # say what is missing before offering to install anything
+            if not self.logic.ensureDependencies():
+                self._setStatus(_("BrainUNet needs PyTorch and a few Python packages; nothing was run."))
+                return False
+            self._dependenciesReady = True
+        options = self.logic.runOptions(self._parameterNode.device, self._parameterNode.tta)
+        self._run = self.logic.start(inputs, options, on_progress=self._onProgress, on_log=self._onLog)
         self._runOutputSegmentation = self._parameterNode.outputSegmentation
         self.ui.logTextEdit.clear()
         self._setRunning(True)
         self._setStatus(_("Starting the segmentation..."))
         self._timer.start()
+        return True
 
     def cancelRun(self, message: str = "") -> None:
         if self._run is None:
@@ -396,13 +394,10 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             return
         if not path.lower().endswith(".csv"):
             path += ".csv"
-        try:
+        with slicer.util.tryWithErrorDisplay(_("Could not save the statistics to {path}.").format(path=path),
+                                             waitCursor=True):
             self.logic.exportStatisticsCsv(tableNode, path)
-        except OSError as exc:
-            slicer.util.errorDisplay(_("Could not write {path}: {reason}").format(path=path, reason=exc.strerror or exc),
-                                     windowTitle="BrainUNet")
-            return
-        self._setStatus(_("Statistics saved to {path}").format(path=path))
+            self._setStatus(_("Statistics saved to {path}").format(path=path))
 
     # -- display helpers ----------------------------------------------------------------------
     def _onProgress(self, fraction, text) -> None:

@@ -272,6 +272,13 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
     ui.exportCsvButton.click()
     lines = (tmp_path / "stats.csv").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 6 and lines[0].startswith("region,name,voxels,volume_ml")
+    status = ui.statusLabel.text()
+    widget_harness.FileDialog.answers[:] = [tmp_path / "no such folder" / "stats"]
+    ui.exportCsvButton.click()  # an unwritable place: a message with the reason, the panel usable
+    assert len(harness.errors()) == 1 and harness.errors()[0].startswith("Could not save the statistics to")
+    assert "No such file or directory" in harness.errors()[0] and ui.statusLabel.text() == status
+    assert widget_harness.QtWidgets.QApplication.overrideCursor() is None
+    harness.messages.clear()
 
     # a second run into the chosen segmentation updates it and its table
     ui.applyButton.click()
@@ -304,6 +311,37 @@ def test_apply_is_disabled_until_two_sequences_are_selected(harness):
     process_events(0.3)
     assert harness.widget._run is None and harness.scene.GetNumberOfNodes() == count
     assert harness.errors() == []
+
+def test_a_bad_input_is_reported_and_changes_nothing(harness, tmp_path):
+    """slicer.util.tryWithErrorDisplay around Apply: the reason in a message box, no run, no node, no file."""
+    import numpy as np
+
+    from BrainUNetSegmentationLib import mrml
+    from brainunet.imageio import Volume
+
+    ui, widget = harness.ui, harness.widget
+    add_case(harness)
+    flat = mrml.add_volume_node(harness.scene, Volume(np.full(SHAPE, 5, np.int16), np.eye(4), "Blank"))
+    widget.enter()
+    ui.t2fSelector.setCurrentNode(flat)
+    count = harness.scene.GetNumberOfNodes()
+    ui.applyButton.click()
+    assert len(harness.errors()) == 1
+    assert harness.errors()[0].startswith("The segmentation could not start.") and "constant" in harness.errors()[0]
+    assert "could not start" in ui.statusLabel.text() and text(ui.applyButton) == "Apply"
+    assert widget._run is None and harness.scene.GetNumberOfNodes() == count and list(tmp_path.iterdir()) == []
+    assert widget_harness.QtWidgets.QApplication.overrideCursor() is None  # the wait cursor is gone again
+
+
+def test_a_failing_auto_detect_is_reported(harness):
+    def broken():
+        raise RuntimeError("the scene could not be read")
+
+    harness.widget.logic.guess_inputs = broken
+    harness.ui.autoDetectButton.click()
+    assert harness.errors() == ["Could not choose the inputs.\n\nthe scene could not be read"]
+    assert widget_harness.QtWidgets.QApplication.overrideCursor() is None
+
 
 def test_failed_run_reports_error_and_adds_nothing(harness):
     ui, widget = harness.ui, harness.widget

@@ -475,6 +475,13 @@ def parameterNodeWrapper(cls):
     return type(cls.__name__, (), namespace)
 
 
+def make_application() -> types.SimpleNamespace:
+    """slicer.app as far as the module and slicer.util.tryWithErrorDisplay use it (slicer-core has none)."""
+    return types.SimpleNamespace(setOverrideCursor=QtWidgets.QApplication.setOverrideCursor,
+                                 restoreOverrideCursor=QtWidgets.QApplication.restoreOverrideCursor,
+                                 testingEnabled=lambda: False, connect=lambda signal, slot: True)
+
+
 def make_i18n_module() -> types.ModuleType:
     """slicer.i18n without translations (slicer-core lacks it): every text comes back as written."""
     m = types.ModuleType("slicer.i18n")
@@ -544,6 +551,7 @@ class WidgetHarness:
         self._set_module("slicer.i18n", i18n)
         self._set_module(MODULE_NAME, None)
         self._set_attr(self._saved_slicer, slicer, "mrmlScene", self.scene)
+        self._set_attr(self._saved_slicer, slicer, "app", make_application())
         self._set_attr(self._saved_slicer, slicer, "ScriptedLoadableModule", scripted)
         self._set_attr(self._saved_slicer, slicer, "parameterNodeWrapper", wrapper)
         self._set_attr(self._saved_slicer, slicer, "i18n", i18n)
