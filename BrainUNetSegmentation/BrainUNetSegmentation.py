@@ -178,6 +178,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         for selectorName in INPUT_SELECTORS.values():
             getattr(self.ui, selectorName).currentNodeChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.outputSegmentationSelector.currentNodeChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.outputSegmentationSelector.currentNodeChanged.connect(self.onOutputSegmentationChanged)
         self.ui.deviceComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.qualityComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.show3DCheckBox.toggled.connect(self.updateParameterNodeFromGUI)
@@ -255,6 +256,11 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         p.tta = self.ui.qualityComboBox.property("currentIndex") == 1
         p.show3D = bool(self.ui.show3DCheckBox.property("checked"))
         self._updateApplyButton()
+
+    def onOutputSegmentationChanged(self, *args) -> None:
+        """The Show 3D button acts on the output segmentation (read from the selector: the signal's
+        argument differs between its overloads)."""
+        self.ui.segmentationShow3DButton.setSegmentationNode(self.ui.outputSegmentationSelector.currentNode())
 
     def _updateApplyButton(self) -> None:
         """Apply is enabled once the inputs can run (two of T1CE, T2W and FLAIR at least); while a run

@@ -69,6 +69,7 @@ EXPECTED_WIDGETS = {
     "t2fSelector": "qMRMLNodeComboBox",
     "t1nSelector": "qMRMLNodeComboBox",
     "outputSegmentationSelector": "qMRMLNodeComboBox",
+    "segmentationShow3DButton": "qMRMLSegmentationShow3DButton",
     "autoDetectButton": "QPushButton",
     "deviceComboBox": "QComboBox",
     "qualityComboBox": "QComboBox",
@@ -91,6 +92,7 @@ def test_ui_file_declares_slicer_widgets_and_scene_connections():
     assert declared["qMRMLNodeComboBox"] == ("QWidget", "qMRMLNodeComboBox.h")
     assert declared["ctkCollapsibleButton"] == ("QWidget", "ctkCollapsibleButton.h")
     assert declared["qMRMLWidget"] == ("QWidget", "qMRMLWidget.h")
+    assert declared["qMRMLSegmentationShow3DButton"] == ("ctkMenuButton", "qMRMLSegmentationShow3DButton.h")
     used = {w.get("class") for w in root.iter("widget")}
     qt_classes = {"QLabel", "QPushButton", "QComboBox", "QCheckBox", "QProgressBar", "QPlainTextEdit", "QTableWidget"}
     assert used - qt_classes <= set(declared), "a custom widget is used without a <customwidget> declaration"
@@ -120,6 +122,7 @@ def test_ui_loads_with_expected_widgets(harness):
     assert out.property("noneEnabled") is True and out.property("addEnabled") is False
     assert out.property("noneDisplay") == "Create new segmentation"
     assert out.mrmlScene() is harness.scene
+    assert ui.segmentationShow3DButton.segmentationNode() is None
     assert [ui.deviceComboBox.itemText(i) for i in range(ui.deviceComboBox.count())] == ["auto", "cpu", "cuda"]
     assert [ui.qualityComboBox.itemText(i) for i in range(ui.qualityComboBox.count())] == [
         "Fast", "Accurate (test-time augmentation)"]
@@ -265,6 +268,7 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
     assert headers[:4] == ["Region", "Name", "Voxels", "Volume (mL)"]
     assert [ui.resultsTableView.item(r, 0).text() for r in range(5)] == ["ET", "NETC", "SNFH", "TC", "WT"]
     assert ui.outputSegmentationSelector.currentNode() is seg  # the next Apply updates this segmentation
+    assert ui.segmentationShow3DButton.segmentationNode() is seg  # Show 3D acts on the result
 
     # export CSV
     assert ui.exportCsvButton.isEnabled()
@@ -288,6 +292,8 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
     assert harness.nodes_of("vtkMRMLSegmentationNode") == [seg]
     assert harness.nodes_of("vtkMRMLTableNode") == [table]
     assert seg.GetSegmentation().GetNumberOfSegments() == 3 and table.GetNumberOfRows() == 5
+    ui.outputSegmentationSelector.setCurrentNode(None)
+    assert ui.segmentationShow3DButton.segmentationNode() is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -245,7 +245,21 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):
         self._on_index_changed()
 
 
-CUSTOM_WIDGETS = (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox)
+class qMRMLSegmentationShow3DButton(QtWidgets.QPushButton):
+    """Holds the segmentation node whose 3D display the real button toggles."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._segmentation_node = None
+
+    def segmentationNode(self):
+        return self._segmentation_node
+
+    def setSegmentationNode(self, node):
+        self._segmentation_node = node
+
+
+CUSTOM_WIDGETS = (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox, qMRMLSegmentationShow3DButton)
 
 
 class UiLoader(QUiLoader):
