@@ -119,6 +119,7 @@ class BrainUNetSegmentationParameterNode:
     """
     t1c, t2w, t2f, t1n - input volumes (t1n optional).
     outputSegmentation - segmentation to overwrite; None creates a new one on Apply.
+    model - registry name of the model to run; "" runs the default model.
     device - "auto", "cpu" or "cuda".
     tta - test-time augmentation ("Accurate" quality).
     show3D - create closed-surface models after the run.
@@ -129,6 +130,7 @@ class BrainUNetSegmentationParameterNode:
     t2f: vtkMRMLScalarVolumeNode
     t1n: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
+    model: str = ""
     device: str = "auto"
     tta: bool = False
     show3D: bool = True
@@ -154,6 +156,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._dependenciesReady = False
         self._resultTableNodeID = None
         self._timer = None
+        self._models = []  # BrainUNetSegmentationLib.logic.ModelChoice per item of the model combo box
 
     # -- set-up and tear-down -----------------------------------------------------------------
     def setup(self) -> None:
@@ -179,6 +182,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             getattr(self.ui, selectorName).currentNodeChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.outputSegmentationSelector.currentNodeChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.outputSegmentationSelector.currentNodeChanged.connect(self.onOutputSegmentationChanged)
+        self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
         self.ui.deviceComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.qualityComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.show3DCheckBox.toggled.connect(self.updateParameterNodeFromGUI)
@@ -189,6 +193,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.progressBar.setRange(0, 100)
         self.ui.progressBar.setValue(0)
         self._showResults(None)
+        self.updateModelList()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -203,6 +208,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
 
     def enter(self) -> None:
         self._entered = True
+        self.updateModelList()  # a model registered (brainunet register) while Slicer runs shows up
         self.initializeParameterNode()
 
     def exit(self) -> None:
@@ -236,6 +242,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             for role, selectorName in INPUT_SELECTORS.items():
                 getattr(self.ui, selectorName).setCurrentNode(getattr(p, role))
             self.ui.outputSegmentationSelector.setCurrentNode(p.outputSegmentation)
+            self.ui.modelComboBox.setCurrentIndex(self._modelIndex(p.model))
             self.ui.deviceComboBox.setCurrentIndex(DEVICES.index(p.device) if p.device in DEVICES else 0)
             self.ui.qualityComboBox.setCurrentIndex(1 if p.tta else 0)
             self.ui.show3DCheckBox.setChecked(bool(p.show3D))
@@ -251,11 +258,71 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         for role, selectorName in INPUT_SELECTORS.items():
             setattr(p, role, getattr(self.ui, selectorName).currentNode())
         p.outputSegmentation = self.ui.outputSegmentationSelector.currentNode()
+        modelIndex = self.ui.modelComboBox.property("currentIndex")
+        if 0 <= modelIndex < len(self._models):
+            chosen = self._models[modelIndex]
+            p.model = "" if chosen.default else chosen.name  # the default follows the registry
         deviceIndex = self.ui.deviceComboBox.property("currentIndex")
         p.device = DEVICES[deviceIndex] if 0 <= deviceIndex < len(DEVICES) else "auto"
         p.tta = self.ui.qualityComboBox.property("currentIndex") == 1
         p.show3D = bool(self.ui.show3DCheckBox.property("checked"))
         self._updateApplyButton()
+
+    # -- models -------------------------------------------------------------------------------
+    def updateModelList(self) -> None:
+        """Fill the model combo box from the registry the worker reads; the baseline comes last."""
+        self._models = self.logic.model_choices()
+        wasUpdating, self._updatingGUI = self._updatingGUI, True
+        try:
+            self.ui.modelComboBox.clear()
+            for model in self._models:
+                notes = ([_("default")] if model.default else []) + (
+                    [_("not a trained network")] if model.kind == "baseline" else [])
+                self.ui.modelComboBox.addItem(
+                    _("{model} ({notes})").format(model=model.name, notes="; ".join(notes)) if notes else model.name)
+        finally:
+            self._updatingGUI = wasUpdating
+        if self._parameterNode is not None:
+            self.updateGUIFromParameterNode()
+        self._showModelInformation()
+
+    def _modelIndex(self, name: str) -> int:
+        """Combo box index of a model name ("" or a name no longer registered: the default model)."""
+        for index, model in enumerate(self._models):
+            if (model.name == name) if name else model.default:
+                return index
+        return next((i for i, m in enumerate(self._models) if m.default), 0)
+
+    def onModelChanged(self, *args) -> None:
+        self._showModelInformation()
+        self.updateParameterNodeFromGUI()
+
+    def _showModelInformation(self) -> None:
+        """What the selected model was trained on, its inputs, its measured accuracy and its licence."""
+        index = self.ui.modelComboBox.property("currentIndex")
+        if not 0 <= index < len(self._models):
+            self.ui.modelInfoLabel.setText("")
+            return
+        from brainunet.imageio import MODALITY_NAMES
+
+        model = self._models[index]
+        lines = [model.description]
+        if model.sequences:
+            names = ", ".join(MODALITY_NAMES.get(role, role) for role in model.sequences)
+            if model.one_may_be_missing is True:
+                lines.append(_("Inputs: {sequences}; one of them may be missing, with lower accuracy.").format(
+                    sequences=names))
+            elif model.one_may_be_missing is False:
+                lines.append(_("Inputs: {sequences}; all are required.").format(sequences=names))
+            else:
+                lines.append(_("Inputs: {sequences}.").format(sequences=names))
+            if "t1n" not in model.sequences:
+                lines.append(_("T1 native is not used."))
+        else:
+            lines.append(_("Inputs: as stored in its weights file (brainunet models lists them)."))
+        lines.append(_("Accuracy: {accuracy}").format(accuracy=model.accuracy or _("not measured.")))
+        lines.append(_("Licence: {licence}").format(licence=model.licence or _("not stated.")))
+        self.ui.modelInfoLabel.setText("\n".join(lines))
 
     def onOutputSegmentationChanged(self, *args) -> None:
         """The Show 3D button acts on the output segmentation (read from the selector: the signal's
@@ -328,7 +395,8 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                 self._setStatus(_("BrainUNet needs PyTorch and a few Python packages; nothing was run."))
                 return False
             self._dependenciesReady = True
-        options = self.logic.runOptions(self._parameterNode.device, self._parameterNode.tta)
+        p = self._parameterNode
+        options = self.logic.runOptions(p.device, p.tta, p.model)
         self._run = self.logic.start(inputs, options, on_progress=self._onProgress, on_log=self._onLog)
         self._runOutputSegmentation = self._parameterNode.outputSegmentation
         self.ui.logTextEdit.clear()
@@ -466,10 +534,10 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
         return BrainUNetSegmentationParameterNode(super().getParameterNode())
 
     @staticmethod
-    def runOptions(device="auto", tta=False):
+    def runOptions(device="auto", tta=False, model=""):
         from BrainUNetSegmentationLib.logic import RunOptions
 
-        return RunOptions(device=device or "auto", tta=bool(tta))
+        return RunOptions(device=device or "auto", tta=bool(tta), model=model or None)
 
     # -- dependencies -------------------------------------------------------------------------
     @staticmethod

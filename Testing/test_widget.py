@@ -71,6 +71,8 @@ EXPECTED_WIDGETS = {
     "outputSegmentationSelector": "qMRMLNodeComboBox",
     "segmentationShow3DButton": "qMRMLSegmentationShow3DButton",
     "autoDetectButton": "QPushButton",
+    "modelComboBox": "QComboBox",
+    "modelInfoLabel": "QLabel",
     "deviceComboBox": "QComboBox",
     "qualityComboBox": "QComboBox",
     "show3DCheckBox": "QCheckBox",
@@ -231,6 +233,55 @@ def test_enter_auto_fills_selectors_from_volume_names(harness):
     ui.qualityComboBox.setCurrentIndex(1)
     ui.show3DCheckBox.setChecked(False)
     assert (p.device, p.tta, p.show3D) == ("cpu", True, False)
+
+
+def test_model_selector_lists_the_registry_and_passes_the_choice(harness, tmp_path, monkeypatch):
+    """User-registered models first, the bundled network, the intensity baseline last and labelled; the box
+    under it says what the selection was trained on, its inputs, accuracy and licence; the choice is kept
+    in the parameter node and reaches the worker as --model."""
+    import json
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "mine.pt").write_bytes(b"")  # listed, not loaded: the panel reads the registry only
+    (home / "models" / "registry.json").write_text(json.dumps({"models": [{
+        "name": "mine", "kind": "network", "description": "Trained on our own 40 cases", "file": "mine.pt",
+        "sha256": "0" * 64, "settings": {"modalities": ["t1c", "t2f"], "modality_dropout": False}}]}))
+    monkeypatch.setenv("BRAINUNET_HOME", str(home))
+    monkeypatch.delenv("BRAINUNET_MODEL")  # the registry's own default: the first network
+    ui, widget = harness.ui, harness.widget
+    add_case(harness)
+    widget.enter()  # the list is read again on entering the module
+    combo, info = ui.modelComboBox, ui.modelInfoLabel
+    assert [combo.itemText(i) for i in range(combo.count())] == [
+        "mine (default)", "brainunet-2mm-transfer", "intensity-baseline (not a trained network)"]
+    p = widget.logic.getParameterNode()
+    assert p.model == "" and combo.currentIndex() == 0
+    assert info.text().splitlines() == ["Trained on our own 40 cases", "Inputs: T1CE, FLAIR; all are required.",
+                                        "T1 native is not used.", "Accuracy: not measured.", "Licence: not stated."]
+    combo.setCurrentIndex(1)
+    assert p.model == "brainunet-2mm-transfer"
+    assert "pre-trained on synthetic gliomas" in info.text()
+    assert "Inputs: T1CE, T2W, FLAIR; one of them may be missing, with lower accuracy." in info.text()
+    assert "Accuracy: Mean Dice on 29 real BraTS 2018 cases" in info.text() and "MODEL_CARD.md" in info.text()
+    assert "Licence: Apache-2.0" in info.text()
+    combo.setCurrentIndex(2)
+    assert p.model == "intensity-baseline" and "Not a trained network" in info.text()
+    assert "all are required" in info.text()
+
+    commands = []
+    command = widget.logic.command
+    widget.logic.command = lambda *args: commands.append(command(*args)) or commands[-1]
+    for index in (1, 0):
+        combo.setCurrentIndex(index)
+        ui.applyButton.click()
+        ui.applyButton.click()  # cancel: the command line is all this test needs
+    assert commands[0][commands[0].index("--model") + 1] == "brainunet-2mm-transfer"
+    assert "--model" not in commands[1]  # the default: the worker's own choice from the same registry
+    assert harness.errors() == []
+    p.model = "intensity-baseline"  # parameter node -> panel (a scene loaded with a saved choice)
+    widget.updateGUIFromParameterNode()
+    assert combo.currentIndex() == 2 and "Not a trained network" in info.text()
 
 
 # ---------------------------------------------------------------------------------------------

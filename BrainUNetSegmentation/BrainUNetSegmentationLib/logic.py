@@ -59,6 +59,51 @@ def guess_inputs(scene) -> dict:
     return chosen
 
 
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model as the panel offers it, read from its registry entry alone (its weights need torch)."""
+
+    name: str
+    kind: str  # "network" or "baseline"
+    description: str  # what it is and what it was trained on
+    sequences: tuple[str, ...] = ()  # the input roles it reads; empty when its entry does not say
+    one_may_be_missing: bool | None = None  # trained with modality dropout; None when its entry does not say
+    accuracy: str = ""
+    licence: str = ""
+    default: bool = False  # what runs when the panel names no model
+
+
+def model_choices(user_home: str | None = None) -> list[ModelChoice]:
+    """The models the worker can run: the user's registered ones first, then the bundled ones, the
+    intensity baseline last. ``user_home`` is the worker's BRAINUNET_HOME (None: this process's)."""
+    from brainunet import weights
+    from brainunet.errors import WeightsError
+
+    if user_home:
+        # the registry the worker reads (weights.user_registry_path under its BRAINUNET_HOME)
+        user_registry = Path(user_home) / "models" / "registry.json"
+        user = weights.load_registry(user_registry) if user_registry.is_file() else []
+        names = {e.name for e in user}
+        entries = user + [e for e in weights.load_registry(weights.REGISTRY_PATH) if e.name not in names]
+    else:
+        entries = weights.load_registry()
+    try:
+        default = weights.default_model(entries).name
+    except WeightsError:  # the worker says why when it runs; the list still shows what is registered
+        default = None
+    choices = [_model_choice(e, e.name == default) for e in entries]
+    return sorted(choices, key=lambda c: c.kind == "baseline")
+
+
+def _model_choice(entry, default: bool) -> ModelChoice:
+    inputs = entry.extra.get("inputs") or {}
+    settings = entry.extra.get("settings") or {}  # a registered model's flat settings may name its inputs
+    sequences = inputs.get("sequences", settings.get("modalities", ()))
+    one_may_be_missing = inputs.get("one_may_be_missing", settings.get("modality_dropout"))
+    return ModelChoice(entry.name, entry.kind, entry.description, tuple(sequences), one_may_be_missing,
+                       str(entry.extra.get("accuracy", "")), str(entry.extra.get("licence", "")), default)
+
+
 @dataclass
 class RunOptions:
     device: str = "auto"  # auto | cpu | cuda
@@ -225,7 +270,10 @@ class BrainUNetLogic:
         self.temp_root = temp_root
         self.user_home = user_home  # BRAINUNET_HOME of the worker: registered models (next to Slicer's settings)
 
-    # -- inputs -----------------------------------------------------------------------------------
+    # -- models and inputs ------------------------------------------------------------------------
+    def model_choices(self) -> list[ModelChoice]:
+        return model_choices(self.user_home)
+
     def guess_inputs(self) -> dict:
         return guess_inputs(self.scene)
 
