@@ -271,7 +271,13 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
     # -- models -------------------------------------------------------------------------------
     def updateModelList(self) -> None:
         """Fill the model combo box from the registry the worker reads; the baseline comes last."""
-        self._models = self.logic.model_choices()
+        from brainunet.errors import BrainUNetError
+
+        try:
+            self._models = self.logic.model_choices()
+        except BrainUNetError as exc:  # an unreadable registry: the panel stays usable and says which file
+            self._models = []
+            self._setStatus(str(exc))
         wasUpdating, self._updatingGUI = self._updatingGUI, True
         try:
             self.ui.modelComboBox.clear()

@@ -284,6 +284,16 @@ def test_model_selector_lists_the_registry_and_passes_the_choice(harness, tmp_pa
     assert combo.currentIndex() == 2 and "Not a trained network" in info.text()
 
 
+def test_an_unreadable_user_registry_leaves_the_panel_usable(harness, tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "registry.json").write_text("{ not json")
+    monkeypatch.setenv("BRAINUNET_HOME", str(tmp_path))
+    harness.widget.enter()
+    assert harness.ui.modelComboBox.count() == 0 and harness.ui.modelInfoLabel.text() == ""
+    assert "registry.json cannot be read" in harness.ui.statusLabel.text()
+    assert harness.widget.logic.getParameterNode().model == ""  # the worker's default, which says the same
+
+
 # ---------------------------------------------------------------------------------------------
 # (c) a real background run
 # ---------------------------------------------------------------------------------------------
