@@ -20,6 +20,8 @@ import qt
 import slicer
 import vtk  # noqa: F401
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -56,11 +58,11 @@ POLL_INTERVAL_MS = 200
 class BrainUNetSegmentation(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "BrainUNet Segmentation"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("BrainUNet Segmentation")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["BrainUNet developers"]
-        self.parent.helpText = """
+        self.parent.helpText = _("""
 Segments a glioma on brain MRI into enhancing tumour (ET), non-enhancing tumour core (NETC) and
 surrounding FLAIR hyperintensity (SNFH), following the BraTS 2023 labels, and measures each region
 (volume, centroid, largest diameter, mean intensities; TC = ET + NETC and WT = TC + SNFH).
@@ -71,11 +73,11 @@ the background: Slicer stays usable and the run can be cancelled. Nothing is add
 until a run has finished.
 <br><br>
 For research use only; not a medical device.
-"""
-        self.parent.acknowledgementText = """
+""")
+        self.parent.acknowledgementText = _("""
 Uses PyTorch through the SlicerPyTorch extension. Label definitions follow the BraTS 2023 adult
 glioma challenge.
-"""
+""")
         # the segments' terminology context, loaded at start-up as SlicerTotalSegmentator and
         # SlicerMONAIAuto3DSeg load theirs (so a .seg.nrrd opened before the module shows its terms)
         app = getattr(slicer, "app", None)  # absent in the slicer-core test harness
@@ -117,6 +119,7 @@ class BrainUNetSegmentationParameterNode:
     """
     t1c, t2w, t2f, t1n - input volumes (t1n optional).
     outputSegmentation - segmentation to overwrite; None creates a new one on Apply.
+    model - registry name of the model to run; "" runs the default model.
     device - "auto", "cpu" or "cuda".
     tta - test-time augmentation ("Accurate" quality).
     show3D - create closed-surface models after the run.
@@ -127,6 +130,7 @@ class BrainUNetSegmentationParameterNode:
     t2f: vtkMRMLScalarVolumeNode
     t1n: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
+    model: str = ""
     device: str = "auto"
     tta: bool = False
     show3D: bool = True
@@ -152,6 +156,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._dependenciesReady = False
         self._resultTableNodeID = None
         self._timer = None
+        self._models = []  # BrainUNetSegmentationLib.logic.ModelChoice per item of the model combo box
 
     # -- set-up and tear-down -----------------------------------------------------------------
     def setup(self) -> None:
@@ -176,6 +181,8 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         for selectorName in INPUT_SELECTORS.values():
             getattr(self.ui, selectorName).currentNodeChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.outputSegmentationSelector.currentNodeChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.outputSegmentationSelector.currentNodeChanged.connect(self.onOutputSegmentationChanged)
+        self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
         self.ui.deviceComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.qualityComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.show3DCheckBox.toggled.connect(self.updateParameterNodeFromGUI)
@@ -186,6 +193,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.progressBar.setRange(0, 100)
         self.ui.progressBar.setValue(0)
         self._showResults(None)
+        self.updateModelList()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -200,6 +208,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
 
     def enter(self) -> None:
         self._entered = True
+        self.updateModelList()  # a model registered (brainunet register) while Slicer runs shows up
         self.initializeParameterNode()
 
     def exit(self) -> None:
@@ -207,7 +216,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
 
     def onSceneStartClose(self, caller, event) -> None:
         if self._run is not None:  # its input nodes are about to disappear
-            self.cancelRun("Cancelled because the scene was closed; nothing was changed.")
+            self.cancelRun(_("Cancelled because the scene was closed; nothing was changed."))
         self._parameterNode = None
         self._showResults(None)
 
@@ -233,6 +242,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             for role, selectorName in INPUT_SELECTORS.items():
                 getattr(self.ui, selectorName).setCurrentNode(getattr(p, role))
             self.ui.outputSegmentationSelector.setCurrentNode(p.outputSegmentation)
+            self.ui.modelComboBox.setCurrentIndex(self._modelIndex(p.model))
             self.ui.deviceComboBox.setCurrentIndex(DEVICES.index(p.device) if p.device in DEVICES else 0)
             self.ui.qualityComboBox.setCurrentIndex(1 if p.tta else 0)
             self.ui.show3DCheckBox.setChecked(bool(p.show3D))
@@ -248,11 +258,82 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         for role, selectorName in INPUT_SELECTORS.items():
             setattr(p, role, getattr(self.ui, selectorName).currentNode())
         p.outputSegmentation = self.ui.outputSegmentationSelector.currentNode()
+        modelIndex = self.ui.modelComboBox.property("currentIndex")
+        if 0 <= modelIndex < len(self._models):
+            chosen = self._models[modelIndex]
+            p.model = "" if chosen.default else chosen.name  # the default follows the registry
         deviceIndex = self.ui.deviceComboBox.property("currentIndex")
         p.device = DEVICES[deviceIndex] if 0 <= deviceIndex < len(DEVICES) else "auto"
         p.tta = self.ui.qualityComboBox.property("currentIndex") == 1
         p.show3D = bool(self.ui.show3DCheckBox.property("checked"))
         self._updateApplyButton()
+
+    # -- models -------------------------------------------------------------------------------
+    def updateModelList(self) -> None:
+        """Fill the model combo box from the registry the worker reads; the baseline comes last."""
+        from brainunet.errors import BrainUNetError
+
+        try:
+            self._models = self.logic.model_choices()
+        except BrainUNetError as exc:  # an unreadable registry: the panel stays usable and says which file
+            self._models = []
+            self._setStatus(str(exc))
+        wasUpdating, self._updatingGUI = self._updatingGUI, True
+        try:
+            self.ui.modelComboBox.clear()
+            for model in self._models:
+                notes = ([_("default")] if model.default else []) + (
+                    [_("not a trained network")] if model.kind == "baseline" else [])
+                self.ui.modelComboBox.addItem(
+                    _("{model} ({notes})").format(model=model.name, notes="; ".join(notes)) if notes else model.name)
+        finally:
+            self._updatingGUI = wasUpdating
+        if self._parameterNode is not None:
+            self.updateGUIFromParameterNode()
+        self._showModelInformation()
+
+    def _modelIndex(self, name: str) -> int:
+        """Combo box index of a model name ("" or a name no longer registered: the default model)."""
+        for index, model in enumerate(self._models):
+            if (model.name == name) if name else model.default:
+                return index
+        return next((i for i, m in enumerate(self._models) if m.default), 0)
+
+    def onModelChanged(self, *args) -> None:
+        self._showModelInformation()
+        self.updateParameterNodeFromGUI()
+
+    def _showModelInformation(self) -> None:
+        """What the selected model was trained on, its inputs, its measured accuracy and its licence."""
+        index = self.ui.modelComboBox.property("currentIndex")
+        if not 0 <= index < len(self._models):
+            self.ui.modelInfoLabel.setText("")
+            return
+        from brainunet.imageio import MODALITY_NAMES
+
+        model = self._models[index]
+        lines = [model.description]
+        if model.sequences:
+            names = ", ".join(MODALITY_NAMES.get(role, role) for role in model.sequences)
+            if model.one_may_be_missing is True:
+                lines.append(_("Inputs: {sequences}; one of them may be missing, with lower accuracy.").format(
+                    sequences=names))
+            elif model.one_may_be_missing is False:
+                lines.append(_("Inputs: {sequences}; all are required.").format(sequences=names))
+            else:
+                lines.append(_("Inputs: {sequences}.").format(sequences=names))
+            if "t1n" not in model.sequences:
+                lines.append(_("T1 native is not used."))
+        else:
+            lines.append(_("Inputs: as stored in its weights file (brainunet models lists them)."))
+        lines.append(_("Accuracy: {accuracy}").format(accuracy=model.accuracy or _("not measured.")))
+        lines.append(_("Licence: {licence}").format(licence=model.licence or _("not stated.")))
+        self.ui.modelInfoLabel.setText("\n".join(lines))
+
+    def onOutputSegmentationChanged(self, *args) -> None:
+        """The Show 3D button acts on the output segmentation (read from the selector: the signal's
+        argument differs between its overloads)."""
+        self.ui.segmentationShow3DButton.setSegmentationNode(self.ui.outputSegmentationSelector.currentNode())
 
     def _updateApplyButton(self) -> None:
         """Apply is enabled once the inputs can run (two of T1CE, T2W and FLAIR at least); while a run
@@ -266,72 +347,74 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         missing = [MODALITY_NAMES[r] for r in ("t1c", "t2w", "t2f") if inputs.get(r) is None]
         self.ui.applyButton.setEnabled(len(missing) <= 1)
         if len(missing) > 1:
-            self.ui.applyButton.setToolTip(f"Select the {' and '.join(missing)} volumes first.")
+            self.ui.applyButton.setToolTip(_("Select the {volumes} volumes first.").format(
+                volumes=_(" and ").join(missing)))
         elif missing:
-            self.ui.applyButton.setToolTip(f"{missing[0]} is not selected: the model runs without it, with lower "
-                                           "accuracy. Runs in the background; click again to cancel.")
+            self.ui.applyButton.setToolTip(_("{volume} is not selected: the model runs without it, with lower "
+                                             "accuracy. Runs in the background; click again to cancel.").format(
+                volume=missing[0]))
         else:
-            self.ui.applyButton.setToolTip("Segment the tumour (ET, NETC, SNFH). Runs in the background; click "
-                                           "again to cancel.")
+            self.ui.applyButton.setToolTip(_("Segment the tumour (ET, NETC, SNFH). Runs in the background; click "
+                                             "again to cancel."))
 
     def selectedInputs(self) -> dict:
         return {role: getattr(self.ui, name).currentNode() for role, name in INPUT_SELECTORS.items()}
 
     # -- actions ------------------------------------------------------------------------------
     def onAutoDetectButton(self, *args) -> None:
-        if self._parameterNode is None:
-            self.initializeParameterNode()
-        guesses = self.logic.guess_inputs()
-        if not guesses:
-            self._setStatus("No volume name looks like T1CE, T2W, FLAIR or T1. Select the volumes by hand.")
-            return
-        for role, node in guesses.items():
-            setattr(self._parameterNode, role, node)
-        self.updateGUIFromParameterNode()
-        found = ", ".join(f"{role.upper()} = {node.GetName()}" for role, node in guesses.items())
-        self._setStatus(f"Detected: {found}")
+        with slicer.util.tryWithErrorDisplay(_("Could not choose the inputs."), waitCursor=True):
+            if self._parameterNode is None:
+                self.initializeParameterNode()
+            guesses = self.logic.guess_inputs()
+            if not guesses:
+                self._setStatus(_("No volume name looks like T1CE, T2W, FLAIR or T1. Select the volumes by hand."))
+                return
+            for role, node in guesses.items():
+                setattr(self._parameterNode, role, node)
+            self.updateGUIFromParameterNode()
+            found = ", ".join(f"{role.upper()} = {node.GetName()}" for role, node in guesses.items())
+            self._setStatus(_("Detected: {volumes}").format(volumes=found))
 
     def onApplyButton(self, *args) -> None:
         """Apply starts a run; while a run is going the same button cancels it."""
         if self._run is not None:
             self.cancelRun()
             return
-        from brainunet.errors import BrainUNetError
+        # a bad input (InputError) or anything unexpected: a message box with the reason, the scene untouched;
+        # tryWithErrorDisplay raises again after it, so the traceback reaches the Python console too
+        with slicer.util.tryWithErrorDisplay(_("The segmentation could not start."), waitCursor=True):
+            try:
+                self._startRun()
+            except Exception:
+                self._setStatus(_("The segmentation could not start; nothing was changed."))
+                raise
 
+    def _startRun(self) -> bool:
+        """Start a run with the panel's inputs; False if the user declined to install what it needs."""
         if self._parameterNode is None:
             self.initializeParameterNode()
         self.updateParameterNodeFromGUI()
         inputs = self.selectedInputs()
-        try:
-            if not self._dependenciesReady:
-                self.logic.check_inputs(inputs)  # say what is missing before offering to install anything
-                if not self.logic.ensureDependencies():
-                    self._setStatus("BrainUNet needs PyTorch and a few Python packages; nothing was run.")
-                    return
-                self._dependenciesReady = True
-            options = self.logic.runOptions(self._parameterNode.device, self._parameterNode.tta)
-            self._run = self.logic.start(inputs, options, on_progress=self._onProgress, on_log=self._onLog)
-        except BrainUNetError as exc:
-            self._setStatus(str(exc))
-            slicer.util.errorDisplay(str(exc), windowTitle="BrainUNet")
-            return
-        except Exception as exc:  # unexpected: report it and keep the module usable
-            import traceback
-
-            traceback.print_exc()
-            self._setStatus(f"Could not start the segmentation: {exc}")
-            slicer.util.errorDisplay(f"Could not start the segmentation: {exc}", windowTitle="BrainUNet",
-                                     detailedText=traceback.format_exc())
-            return
+        if not self._dependenciesReady:
+            self.logic.check_inputs(inputs)  # say what is missing before offering to install anything
+            if not self.logic.ensureDependencies():
+                self._setStatus(_("BrainUNet needs PyTorch and a few Python packages; nothing was run."))
+                return False
+            self._dependenciesReady = True
+        p = self._parameterNode
+        options = self.logic.runOptions(p.device, p.tta, p.model)
+        self._run = self.logic.start(inputs, options, on_progress=self._onProgress, on_log=self._onLog)
         self._runOutputSegmentation = self._parameterNode.outputSegmentation
         self.ui.logTextEdit.clear()
         self._setRunning(True)
-        self._setStatus("Starting the segmentation...")
+        self._setStatus(_("Starting the segmentation..."))
         self._timer.start()
+        return True
 
-    def cancelRun(self, message: str = "Cancelled; nothing was changed.") -> None:
+    def cancelRun(self, message: str = "") -> None:
         if self._run is None:
             return
+        message = message or _("Cancelled; nothing was changed.")
         self._timer.stop()
         self._run.cancel()
         self._run = None
@@ -354,47 +437,47 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self._finishRun(run)
         else:
             run.cleanup()
-            message = run.error or f"The segmentation ended ({state})."
-            self._setStatus(f"Segmentation failed: {message}")
-            slicer.util.errorDisplay(f"Segmentation failed: {message}", windowTitle="BrainUNet",
-                                     detailedText="\n".join(run.log[-50:]))
+            message = _("Segmentation failed: {reason}").format(
+                reason=run.error or _("the segmentation ended ({state}).").format(state=state))
+            self._setStatus(message)
+            slicer.util.errorDisplay(message, windowTitle="BrainUNet", detailedText="\n".join(run.log[-50:]))
 
     def _finishRun(self, run) -> None:
         try:
             segmentationNode, tableNode = self.logic.importAndShow(
                 run, self._runOutputSegmentation, show3D=self._parameterNode.show3D if self._parameterNode else False)
         except Exception as exc:
-            message = str(exc) or exc.__class__.__name__
-            self._setStatus(f"Could not load the results: {message}")
-            slicer.util.errorDisplay(f"Could not load the results: {message}", windowTitle="BrainUNet")
+            message = _("Could not load the results: {reason}").format(reason=str(exc) or exc.__class__.__name__)
+            self._setStatus(message)
+            slicer.util.errorDisplay(message, windowTitle="BrainUNet")
             return
         if self._parameterNode is not None:
             self._parameterNode.outputSegmentation = segmentationNode  # Apply again updates this segmentation
             self.updateGUIFromParameterNode()
         self.ui.progressBar.setValue(100)
         self._showResults(tableNode)
-        self._setStatus(f"Done: segmentation \"{segmentationNode.GetName()}\" and table \"{tableNode.GetName()}\".")
+        self._setStatus(_("Done: segmentation \"{segmentation}\" and table \"{table}\".").format(
+            segmentation=segmentationNode.GetName(), table=tableNode.GetName()))
 
     def onExportCsvButton(self, *args) -> None:
         tableNode = slicer.mrmlScene.GetNodeByID(self._resultTableNodeID) if self._resultTableNodeID else None
         if tableNode is None:
-            slicer.util.errorDisplay("There is no statistics table to export: run the segmentation first.",
+            slicer.util.errorDisplay(_("There is no statistics table to export: run the segmentation first."),
                                      windowTitle="BrainUNet")
             return
         defaultPath = os.path.join(os.path.expanduser("~"), f"{tableNode.GetName()}.csv")
-        path = qt.QFileDialog.getSaveFileName(self.uiWidget, "Export statistics", defaultPath, "CSV files (*.csv)")
+        path = qt.QFileDialog.getSaveFileName(self.uiWidget, _("Export statistics"), defaultPath,
+                                              _("CSV files (*.csv)"))
         if isinstance(path, tuple):  # PySide6 returns (path, filter); PythonQt the path only
             path = path[0]
         if not path:
             return
         if not path.lower().endswith(".csv"):
             path += ".csv"
-        try:
+        with slicer.util.tryWithErrorDisplay(_("Could not save the statistics to {path}.").format(path=path),
+                                             waitCursor=True):
             self.logic.exportStatisticsCsv(tableNode, path)
-        except OSError as exc:
-            slicer.util.errorDisplay(f"Could not write {path}: {exc.strerror or exc}", windowTitle="BrainUNet")
-            return
-        self._setStatus(f"Statistics saved to {path}")
+            self._setStatus(_("Statistics saved to {path}").format(path=path))
 
     # -- display helpers ----------------------------------------------------------------------
     def _onProgress(self, fraction, text) -> None:
@@ -409,10 +492,10 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.statusLabel.setText(text)
 
     def _setRunning(self, running) -> None:
-        self.ui.applyButton.setText("Cancel" if running else "Apply")
+        self.ui.applyButton.setText(_("Cancel") if running else _("Apply"))
         self.ui.applyButton.setToolTip(
-            "Stop the running segmentation; nothing is added to the scene." if running
-            else "Segment the tumour (ET, NETC, SNFH). Runs in the background; click again to cancel.")
+            _("Stop the running segmentation; nothing is added to the scene.") if running
+            else _("Segment the tumour (ET, NETC, SNFH). Runs in the background; click again to cancel."))
         for name in ("inputsCollapsibleButton", "outputsCollapsibleButton", "advancedCollapsibleButton"):
             getattr(self.ui, name).setEnabled(not running)
         if running:
@@ -457,10 +540,10 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
         return BrainUNetSegmentationParameterNode(super().getParameterNode())
 
     @staticmethod
-    def runOptions(device="auto", tta=False):
+    def runOptions(device="auto", tta=False, model=""):
         from BrainUNetSegmentationLib.logic import RunOptions
 
-        return RunOptions(device=device or "auto", tta=bool(tta))
+        return RunOptions(device=device or "auto", tta=bool(tta), model=model or None)
 
     # -- dependencies -------------------------------------------------------------------------
     @staticmethod
@@ -481,8 +564,8 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
         try:
             import PyTorchUtils
         except ImportError:
-            raise BrainUNetError("BrainUNet needs the PyTorch extension. Install \"PyTorch\" from the Extensions "
-                                 "Manager, restart Slicer and try again.")
+            raise BrainUNetError(_("BrainUNet needs the PyTorch extension. Install \"PyTorch\" from the Extensions "
+                                   "Manager, restart Slicer and try again."))
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if not torchLogic.torchInstalled():
             torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT)
@@ -494,14 +577,15 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
 
             version = importlib.metadata.version("torch")
             if tuple(int(x) for x in re.findall(r"\d+", version)[:2]) < MINIMUM_TORCH_VERSION:
-                raise BrainUNetError(f"PyTorch {version} is installed but BrainUNet needs version "
-                                     f"{'.'.join(map(str, MINIMUM_TORCH_VERSION))} or newer. Update it in the "
-                                     "PyTorch Utils module (uninstall, restart Slicer, install), then try again.")
+                raise BrainUNetError(_("PyTorch {installed} is installed but BrainUNet needs version {needed} or "
+                                       "newer. Update it in the PyTorch Utils module (uninstall, restart Slicer, "
+                                       "install), then try again.").format(
+                    installed=version, needed=".".join(map(str, MINIMUM_TORCH_VERSION))))
         missing = self.missingPythonPackages()
         if missing:
             if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                    "BrainUNet needs these Python packages: " + ", ".join(missing)
-                    + ". Download and install them now? This takes a minute or two.", windowTitle="BrainUNet"):
+                    _("BrainUNet needs these Python packages: {packages}. Download and install them now? This takes "
+                      "a minute or two.").format(packages=", ".join(missing)), windowTitle="BrainUNet"):
                 return False
             slicer.util.pip_install(" ".join(missing))
         return True
@@ -541,19 +625,19 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
         write_csv(mrml.table_to_rows(tableNode), path)
 
 
-_COLUMN_TITLES = {
-    "region": "Region", "name": "Name", "voxels": "Voxels", "volume_ml": "Volume (mL)",
-    "centroid_r": "Centroid R (mm)", "centroid_a": "Centroid A (mm)", "centroid_s": "Centroid S (mm)",
-    "max_diameter_mm": "Max diameter (mm)",
-}
-
-
 def columnTitle(column: str) -> str:
-    if column in _COLUMN_TITLES:
-        return _COLUMN_TITLES[column]
-    for prefix in ("mean_", "median_"):
-        if column.startswith(prefix):
-            return f"{prefix[:-1].capitalize()} {column[len(prefix):]}"
+    # a table built per call, not at import: each title is translated where it is shown, like every text here
+    titles = {
+        "region": _("Region"), "name": _("Name"), "voxels": _("Voxels"), "volume_ml": _("Volume (mL)"),
+        "centroid_r": _("Centroid R (mm)"), "centroid_a": _("Centroid A (mm)"), "centroid_s": _("Centroid S (mm)"),
+        "max_diameter_mm": _("Max diameter (mm)"),
+    }
+    if column in titles:
+        return titles[column]
+    if column.startswith("mean_"):
+        return _("Mean {sequence}").format(sequence=column[len("mean_"):])
+    if column.startswith("median_"):
+        return _("Median {sequence}").format(sequence=column[len("median_"):])
     return column
 
 

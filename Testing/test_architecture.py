@@ -89,3 +89,13 @@ def test_cmake_installs_the_module_bridge_and_runtime_but_no_lab_code():
     assert "${CMAKE_CURRENT_SOURCE_DIR}/${MODULE_NAME}Lib/*.py" in globs
     assert not [g for g in globs if "brainunet_lab" in g]
     assert not list((SOURCE / "brainunet").rglob("training.py")) and not (SOURCE / "brainunet" / "engine").exists()
+
+
+def test_shipped_code_checks_with_messages_not_bare_asserts():
+    """Python -O drops assert statements, and a bare AssertionError tells a user nothing: the module, the
+    bridge (scenario checks use scenarios.check) and the runtime raise errors that say what went wrong."""
+    shipped = [SOURCE / "BrainUNetSegmentation.py"] + [p for d in ("brainunet", "BrainUNetSegmentationLib")
+                                                       for p in (SOURCE / d).rglob("*.py")]
+    found = [f"{path.relative_to(SOURCE)}:{node.lineno}" for path in shipped
+             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(node, ast.Assert)]
+    assert not found, f"assert statements in shipped code: {found}"

@@ -86,3 +86,101 @@ def test_kill_tree_on_a_finished_process_is_harmless(tmp_path):
     process.wait()
     kill_tree(process)
     assert process.returncode == 0
+
+
+# -- the application's thread only copies the inputs out of their nodes; a thread of the run writes them --
+
+def _case_logic(scene, tmp_path, write_volume):
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic
+    from BrainUNetSegmentationLib.scenarios import load_synthetic_case
+
+    load_synthetic_case(scene, seed=4)
+    logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
+    logic.write_volume = write_volume
+    logic.command = lambda files, outputs, options: [sys.executable, "-c", "pass"]  # a worker that succeeds
+    return logic
+
+
+def test_start_returns_before_the_inputs_are_written(scene, tmp_path):
+    import threading
+
+    from BrainUNetSegmentationLib import mrml
+
+    release = threading.Event()
+
+    def gated_writer(volume, path):
+        release.wait(30)
+        mrml.save_volume_nifti(volume, path)
+
+    logic = _case_logic(scene, tmp_path, gated_writer)
+    run = logic.start(logic.guess_inputs())
+    try:
+        assert list(run.workdir.iterdir()) == [] and run.process is None
+        assert run.poll() == "running"
+    finally:
+        release.set()
+    assert run.wait(60) == "done"
+    written = sorted(p.name for p in run.workdir.iterdir())
+    assert written == ["t1c.nii", "t1n.nii", "t2f.nii", "t2w.nii"]
+    import nibabel as nib
+
+    stored = nib.load(str(run.workdir / "t1c.nii"))
+    node = scene.GetFirstNodeByName("Case_T1CE")
+    assert stored.get_data_dtype() == mrml.voxels_from_node(node).data.dtype  # the node's own voxel type
+    assert (stored.get_fdata() == mrml.volume_from_node(node).data).all()
+    run.cleanup()
+
+
+def test_cancel_while_the_inputs_are_written_leaves_nothing(scene, tmp_path):
+    from BrainUNetSegmentationLib import mrml
+
+    calls = []
+
+    def slow_writer(volume, path):
+        calls.append(path)
+        time.sleep(0.4)
+        mrml.save_volume_nifti(volume, path)
+
+    logic = _case_logic(scene, tmp_path, slow_writer)
+    count = scene.GetNumberOfNodes()
+    run = logic.start(logic.guess_inputs())
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    run.cancel()  # during the first file
+    assert run.state == "cancelled" and run.poll() == "cancelled"
+    assert len(calls) == 1, "the writer went on after Cancel"
+    time.sleep(0.5)
+    assert run.process is None, "the worker was started after Cancel"
+    assert not run.workdir.exists() and list(tmp_path.iterdir()) == []
+    assert scene.GetNumberOfNodes() == count
+
+
+def test_a_failed_write_fails_the_run_with_its_reason(scene, tmp_path):
+    def full_disk(volume, path):
+        raise OSError(28, "No space left on device")
+
+    logic = _case_logic(scene, tmp_path, full_disk)
+    run = logic.start(logic.guess_inputs())
+    assert run.wait(30) == "failed"
+    assert "could not start" in run.error and "No space left on device" in run.error
+    assert run.process is None and not run.workdir.exists()
+
+
+def test_the_inputs_are_copied_once_in_their_own_voxel_type(scene):
+    import numpy as np
+
+    import slicer
+    from BrainUNetSegmentationLib import mrml
+    from brainunet.errors import InputError
+    from brainunet.imageio import Volume
+
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    node = mrml.add_volume_node(scene, Volume(data, np.diag([2.0, 2.0, 3.0, 1.0]), "int16"))
+    volume = mrml.voxels_from_node(node)
+    assert volume.data.dtype == np.int16 and (volume.data == data).all()
+    assert not np.shares_memory(volume.data, slicer.util.arrayFromVolume(node))  # the node may change meanwhile
+    assert volume.data.flags.f_contiguous  # NIfTI's order: written without another copy
+    flat = mrml.add_volume_node(scene, Volume(np.full((4, 5, 6), 7, np.int16), np.eye(4), "flat"))
+    with pytest.raises(InputError, match="constant"):
+        mrml.voxels_from_node(flat)

@@ -111,3 +111,10 @@ def test_error_analysis_smoke(tmp_path):
     assert sum(errors["fn_by_depth_mm"].values()) == pytest.approx(errors["fn_ml"], abs=1e-6)
     assert errors["reference_wt_ml"] > 0
     assert len(out["border_profile"]["cases"]) == 2  # the case and one engine case
+
+
+def test_gui_thread_smoke(tmp_path):
+    out = run_smoke("gui_thread.py", tmp_path)
+    assert set(out["results"]) == {"t1c", "t2w", "t2f"}
+    for r in out["results"].values():
+        assert r["now_copy_native_s"] >= 0 and r["before_app_thread_s"] > 0 and r["nii_native_mb"] > 0

@@ -147,3 +147,24 @@ def test_what_the_worker_did_reaches_the_log_and_the_table_notes(scene, tmp_path
     _, table = logic.import_results(run)
     assert table.GetDescription().startswith("brain extracted (deepbet)")
     assert table.GetAttribute(mrml.NOTES_ATTRIBUTE) == table.GetDescription()
+
+
+def test_the_panel_lists_the_models_of_the_workers_registry(tmp_path, monkeypatch):
+    """Inside Slicer the panel's process has no BRAINUNET_HOME: the logic reads the user's registry where
+    the worker will (its user_home), so a registered model shows up and a bundled one of the same name yields."""
+    import json
+
+    from BrainUNetSegmentationLib.logic import model_choices
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "registry.json").write_text(json.dumps({"models": [
+        {"name": "intensity-baseline", "kind": "baseline", "description": "the user's copy"},
+        {"name": "mine", "kind": "network", "description": "mine", "file": "mine.pt"}]}))
+    monkeypatch.setenv("BRAINUNET_MODEL", "mine")
+    choices = model_choices(str(tmp_path))
+    assert [c.name for c in choices] == ["mine", "brainunet-2mm-transfer", "intensity-baseline"]
+    assert [c.default for c in choices] == [True, False, False]
+    assert choices[2].description == "the user's copy" and choices[0].sequences == ()
+    bundled = choices[1]
+    assert bundled.sequences == ("t1c", "t2w", "t2f") and bundled.one_may_be_missing is True
+    assert bundled.accuracy and bundled.licence

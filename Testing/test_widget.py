@@ -50,6 +50,11 @@ def text(widget) -> str:
     return widget.text()
 
 
+def nothing_runs(run) -> bool:
+    """No worker process is left: none was started (Cancel while the inputs were written) or it ended."""
+    return run.process is None or run.process.poll() is not None
+
+
 # ---------------------------------------------------------------------------------------------
 # (a) the .ui file
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +69,10 @@ EXPECTED_WIDGETS = {
     "t2fSelector": "qMRMLNodeComboBox",
     "t1nSelector": "qMRMLNodeComboBox",
     "outputSegmentationSelector": "qMRMLNodeComboBox",
+    "segmentationShow3DButton": "qMRMLSegmentationShow3DButton",
     "autoDetectButton": "QPushButton",
+    "modelComboBox": "QComboBox",
+    "modelInfoLabel": "QLabel",
     "deviceComboBox": "QComboBox",
     "qualityComboBox": "QComboBox",
     "show3DCheckBox": "QCheckBox",
@@ -86,6 +94,7 @@ def test_ui_file_declares_slicer_widgets_and_scene_connections():
     assert declared["qMRMLNodeComboBox"] == ("QWidget", "qMRMLNodeComboBox.h")
     assert declared["ctkCollapsibleButton"] == ("QWidget", "ctkCollapsibleButton.h")
     assert declared["qMRMLWidget"] == ("QWidget", "qMRMLWidget.h")
+    assert declared["qMRMLSegmentationShow3DButton"] == ("ctkMenuButton", "qMRMLSegmentationShow3DButton.h")
     used = {w.get("class") for w in root.iter("widget")}
     qt_classes = {"QLabel", "QPushButton", "QComboBox", "QCheckBox", "QProgressBar", "QPlainTextEdit", "QTableWidget"}
     assert used - qt_classes <= set(declared), "a custom widget is used without a <customwidget> declaration"
@@ -115,6 +124,7 @@ def test_ui_loads_with_expected_widgets(harness):
     assert out.property("noneEnabled") is True and out.property("addEnabled") is False
     assert out.property("noneDisplay") == "Create new segmentation"
     assert out.mrmlScene() is harness.scene
+    assert ui.segmentationShow3DButton.segmentationNode() is None
     assert [ui.deviceComboBox.itemText(i) for i in range(ui.deviceComboBox.count())] == ["auto", "cpu", "cuda"]
     assert [ui.qualityComboBox.itemText(i) for i in range(ui.qualityComboBox.count())] == [
         "Fast", "Accurate (test-time augmentation)"]
@@ -134,7 +144,7 @@ def test_module_description_and_light_imports(harness):
     # Slicer imports every module at start-up: nothing heavy at module scope.
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     allowed = {"os", "qt", "ctk", "slicer", "vtk", "slicer.ScriptedLoadableModule", "slicer.util",
-               "slicer.parameterNodeWrapper"}
+               "slicer.parameterNodeWrapper", "slicer.i18n"}
     for node in tree.body:
         if isinstance(node, ast.Import):
             assert {a.name for a in node.names} <= allowed, ast.unparse(node)
@@ -148,6 +158,49 @@ def test_module_description_and_light_imports(harness):
     assert issubclass(cls, sys.modules["slicer.ScriptedLoadableModule"].ScriptedLoadableModuleLogic)
     assert isinstance(harness.widget.logic, cls) and harness.widget.logic.scene is harness.scene
     assert harness.module.BrainUNetSegmentationTest  # the in-app self-test exists
+
+
+#: Calls whose text arguments the user reads (windowTitle="BrainUNet", the product's name, excepted).
+USER_TEXT_CALLS = {"_setStatus", "setText", "setToolTip", "errorDisplay", "warningDisplay", "infoDisplay",
+                   "confirmOkCancelDisplay", "tryWithErrorDisplay", "cancelRun", "getSaveFileName", "addItem",
+                   "BrainUNetError", "InputError", "_onLog", "appendPlainText"}
+
+
+def _untranslated_texts(node) -> list:
+    """Text literals (words, f-strings, concatenations) in an argument expression that no _() wraps."""
+    if isinstance(node, ast.Constant):
+        return [node.value] if isinstance(node.value, str) and any(c.isalpha() for c in node.value) else []
+    if isinstance(node, ast.JoinedStr):
+        return [ast.unparse(node)]
+    if isinstance(node, ast.IfExp):
+        return _untranslated_texts(node.body) + _untranslated_texts(node.orelse)
+    if isinstance(node, ast.BinOp):
+        return _untranslated_texts(node.left) + _untranslated_texts(node.right)
+    return []
+
+
+def test_user_visible_texts_go_through_translation():
+    """As the anchors do: every text the user reads is wrapped in _() (slicer.i18n.tr), with a literal
+    argument that Qt's lupdate can extract (values come in through .format, never an f-string)."""
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    shipped = [n for n in tree.body if not (isinstance(n, ast.ClassDef) and n.name.endswith("Test"))]
+    found = []
+    for top in shipped:
+        for node in ast.walk(top):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+                if name == "_":
+                    assert len(node.args) == 1 and isinstance(node.args[0], ast.Constant), ast.unparse(node)
+                if name in USER_TEXT_CALLS:
+                    arguments = node.args + [k.value for k in node.keywords if k.arg != "windowTitle"]
+                    found += [(name, text) for a in arguments for text in _untranslated_texts(a)]
+            elif isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) in (
+                    "self.parent.title", "self.parent.helpText", "self.parent.acknowledgementText"):
+                value = node.value
+                assert isinstance(value, ast.Call) and getattr(value.func, "id", "") == "_", ast.unparse(node)
+            elif isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "self.parent.categories":
+                assert all(isinstance(e, ast.Call) and e.func.id == "translate" for e in node.value.elts)
+    assert not found, f"texts shown without _(): {found}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +233,65 @@ def test_enter_auto_fills_selectors_from_volume_names(harness):
     ui.qualityComboBox.setCurrentIndex(1)
     ui.show3DCheckBox.setChecked(False)
     assert (p.device, p.tta, p.show3D) == ("cpu", True, False)
+
+
+def test_model_selector_lists_the_registry_and_passes_the_choice(harness, tmp_path, monkeypatch):
+    """User-registered models first, the bundled network, the intensity baseline last and labelled; the box
+    under it says what the selection was trained on, its inputs, accuracy and licence; the choice is kept
+    in the parameter node and reaches the worker as --model."""
+    import json
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "mine.pt").write_bytes(b"")  # listed, not loaded: the panel reads the registry only
+    (home / "models" / "registry.json").write_text(json.dumps({"models": [{
+        "name": "mine", "kind": "network", "description": "Trained on our own 40 cases", "file": "mine.pt",
+        "sha256": "0" * 64, "settings": {"modalities": ["t1c", "t2f"], "modality_dropout": False}}]}))
+    monkeypatch.setenv("BRAINUNET_HOME", str(home))
+    monkeypatch.delenv("BRAINUNET_MODEL")  # the registry's own default: the first network
+    ui, widget = harness.ui, harness.widget
+    add_case(harness)
+    widget.enter()  # the list is read again on entering the module
+    combo, info = ui.modelComboBox, ui.modelInfoLabel
+    assert [combo.itemText(i) for i in range(combo.count())] == [
+        "mine (default)", "brainunet-2mm-transfer", "intensity-baseline (not a trained network)"]
+    p = widget.logic.getParameterNode()
+    assert p.model == "" and combo.currentIndex() == 0
+    assert info.text().splitlines() == ["Trained on our own 40 cases", "Inputs: T1CE, FLAIR; all are required.",
+                                        "T1 native is not used.", "Accuracy: not measured.", "Licence: not stated."]
+    combo.setCurrentIndex(1)
+    assert p.model == "brainunet-2mm-transfer"
+    assert "pre-trained on synthetic gliomas" in info.text()
+    assert "Inputs: T1CE, T2W, FLAIR; one of them may be missing, with lower accuracy." in info.text()
+    assert "Accuracy: Mean Dice on 29 real BraTS 2018 cases" in info.text() and "MODEL_CARD.md" in info.text()
+    assert "Licence: Apache-2.0" in info.text()
+    combo.setCurrentIndex(2)
+    assert p.model == "intensity-baseline" and "Not a trained network" in info.text()
+    assert "all are required" in info.text()
+
+    commands = []
+    command = widget.logic.command
+    widget.logic.command = lambda *args: commands.append(command(*args)) or commands[-1]
+    for index in (1, 0):
+        combo.setCurrentIndex(index)
+        ui.applyButton.click()
+        ui.applyButton.click()  # cancel: the command line is all this test needs
+    assert commands[0][commands[0].index("--model") + 1] == "brainunet-2mm-transfer"
+    assert "--model" not in commands[1]  # the default: the worker's own choice from the same registry
+    assert harness.errors() == []
+    p.model = "intensity-baseline"  # parameter node -> panel (a scene loaded with a saved choice)
+    widget.updateGUIFromParameterNode()
+    assert combo.currentIndex() == 2 and "Not a trained network" in info.text()
+
+
+def test_an_unreadable_user_registry_leaves_the_panel_usable(harness, tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "registry.json").write_text("{ not json")
+    monkeypatch.setenv("BRAINUNET_HOME", str(tmp_path))
+    harness.widget.enter()
+    assert harness.ui.modelComboBox.count() == 0 and harness.ui.modelInfoLabel.text() == ""
+    assert "registry.json cannot be read" in harness.ui.statusLabel.text()
+    assert harness.widget.logic.getParameterNode().model == ""  # the worker's default, which says the same
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +329,7 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
     assert headers[:4] == ["Region", "Name", "Voxels", "Volume (mL)"]
     assert [ui.resultsTableView.item(r, 0).text() for r in range(5)] == ["ET", "NETC", "SNFH", "TC", "WT"]
     assert ui.outputSegmentationSelector.currentNode() is seg  # the next Apply updates this segmentation
+    assert ui.segmentationShow3DButton.segmentationNode() is seg  # Show 3D acts on the result
 
     # export CSV
     assert ui.exportCsvButton.isEnabled()
@@ -224,6 +337,13 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
     ui.exportCsvButton.click()
     lines = (tmp_path / "stats.csv").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 6 and lines[0].startswith("region,name,voxels,volume_ml")
+    status = ui.statusLabel.text()
+    widget_harness.FileDialog.answers[:] = [tmp_path / "no such folder" / "stats"]
+    ui.exportCsvButton.click()  # an unwritable place: a message with the reason, the panel usable
+    assert len(harness.errors()) == 1 and harness.errors()[0].startswith("Could not save the statistics to")
+    assert "No such file or directory" in harness.errors()[0] and ui.statusLabel.text() == status
+    assert widget_harness.QtWidgets.QApplication.overrideCursor() is None
+    harness.messages.clear()
 
     # a second run into the chosen segmentation updates it and its table
     ui.applyButton.click()
@@ -233,6 +353,8 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
     assert harness.nodes_of("vtkMRMLSegmentationNode") == [seg]
     assert harness.nodes_of("vtkMRMLTableNode") == [table]
     assert seg.GetSegmentation().GetNumberOfSegments() == 3 and table.GetNumberOfRows() == 5
+    ui.outputSegmentationSelector.setCurrentNode(None)
+    assert ui.segmentationShow3DButton.segmentationNode() is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +378,37 @@ def test_apply_is_disabled_until_two_sequences_are_selected(harness):
     process_events(0.3)
     assert harness.widget._run is None and harness.scene.GetNumberOfNodes() == count
     assert harness.errors() == []
+
+def test_a_bad_input_is_reported_and_changes_nothing(harness, tmp_path):
+    """slicer.util.tryWithErrorDisplay around Apply: the reason in a message box, no run, no node, no file."""
+    import numpy as np
+
+    from BrainUNetSegmentationLib import mrml
+    from brainunet.imageio import Volume
+
+    ui, widget = harness.ui, harness.widget
+    add_case(harness)
+    flat = mrml.add_volume_node(harness.scene, Volume(np.full(SHAPE, 5, np.int16), np.eye(4), "Blank"))
+    widget.enter()
+    ui.t2fSelector.setCurrentNode(flat)
+    count = harness.scene.GetNumberOfNodes()
+    ui.applyButton.click()
+    assert len(harness.errors()) == 1
+    assert harness.errors()[0].startswith("The segmentation could not start.") and "constant" in harness.errors()[0]
+    assert "could not start" in ui.statusLabel.text() and text(ui.applyButton) == "Apply"
+    assert widget._run is None and harness.scene.GetNumberOfNodes() == count and list(tmp_path.iterdir()) == []
+    assert widget_harness.QtWidgets.QApplication.overrideCursor() is None  # the wait cursor is gone again
+
+
+def test_a_failing_auto_detect_is_reported(harness):
+    def broken():
+        raise RuntimeError("the scene could not be read")
+
+    harness.widget.logic.guess_inputs = broken
+    harness.ui.autoDetectButton.click()
+    assert harness.errors() == ["Could not choose the inputs.\n\nthe scene could not be read"]
+    assert widget_harness.QtWidgets.QApplication.overrideCursor() is None
+
 
 def test_failed_run_reports_error_and_adds_nothing(harness):
     ui, widget = harness.ui, harness.widget
@@ -289,7 +442,7 @@ def test_cancel_restores_button_and_adds_nothing(harness, tmp_path):
     ui.applyButton.click()
     assert text(ui.applyButton) == "Apply"
     assert widget._run is None and run.state == "cancelled"
-    assert run.process.poll() is not None  # the background process is gone
+    assert nothing_runs(run)
     assert "Cancelled" in ui.statusLabel.text()
     process_events(0.5)  # nothing arrives late
     assert harness.nodes_of("vtkMRMLSegmentationNode") == []
@@ -307,7 +460,7 @@ def test_closing_the_scene_cancels_the_run(harness):
     run = widget._run
     assert run is not None
     harness.scene.Clear(0)  # File > Close scene: the inputs disappear
-    assert widget._run is None and run.state == "cancelled" and run.process.poll() is not None
+    assert widget._run is None and run.state == "cancelled" and nothing_runs(run)
     assert text(ui.applyButton) == "Apply" and "scene was closed" in ui.statusLabel.text()
     process_events(0.3)
     assert harness.nodes_of("vtkMRMLSegmentationNode") == [] and harness.nodes_of("vtkMRMLTableNode") == []

@@ -5,8 +5,7 @@ no ``qt``/``ctk`` (PythonQt), no ``slicer.ScriptedLoadableModule``, no ``slicer.
 no ``slicer.mrmlScene``, and none of Slicer's C++ widgets. This harness adds test-only stand-ins for
 exactly those, loads the module's real Designer file with PySide6's QUiLoader, and takes everything
 away again afterwards. The stand-ins mimic the behaviour the module relies on (node lists filtered
-by type, a "None" item, QComboBox auto-selection when "None" is disabled, the .ui file's
-mrmlSceneChanged -> setMRMLScene connections); they prove the module's wiring and names, not the
+by type, a "None" item, the .ui file's mrmlSceneChanged -> setMRMLScene connections); they prove the module's wiring and names, not the
 behaviour of Slicer's C++ widgets.
 
 Usage::
@@ -60,52 +59,37 @@ def process_events(seconds: float = 0.0) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _property(kind, attribute: str, refresh: bool = True):
+    """A Qt property kept in ``attribute`` (set from the .ui file); a combo box lists its nodes again."""
+    def setter(self, value):
+        setattr(self, attribute, value)
+        if refresh:
+            self._refresh()
+    return QtCore.Property(kind, lambda self: getattr(self, attribute), setter)
+
+
 class qMRMLWidget(QtWidgets.QWidget):
     """Top widget of a Slicer .ui file: setMRMLScene emits mrmlSceneChanged."""
 
     mrmlSceneChanged = QtCore.Signal(object)
 
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        self._scene = None
-
-    def mrmlScene(self):
-        return self._scene
-
     def setMRMLScene(self, scene):
-        self._scene = scene
         self.mrmlSceneChanged.emit(scene)
 
 
 class ctkCollapsibleButton(QtWidgets.QGroupBox):
     """A group box with ctkCollapsibleButton's ``text`` and ``collapsed`` properties."""
 
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        self._collapsed = False
-
-    def _get_text(self):
-        return self.title()
-
-    def _set_text(self, text):
-        self.setTitle(text)
-
-    def _get_collapsed(self):
-        return self._collapsed
-
-    def _set_collapsed(self, collapsed):
-        self._collapsed = bool(collapsed)
-
-    text = QtCore.Property(str, _get_text, _set_text)
-    collapsed = QtCore.Property(bool, _get_collapsed, _set_collapsed)
+    _collapsed = False
+    text = QtCore.Property(str, QtWidgets.QGroupBox.title, QtWidgets.QGroupBox.setTitle)
+    collapsed = _property(bool, "_collapsed", refresh=False)
 
 
 class qMRMLNodeComboBox(QtWidgets.QComboBox):
     """Lists the scene's nodes of ``nodeTypes`` by name; item data is the node ID.
 
     Like the real widget: a leading "None" item when ``noneEnabled`` (text ``noneDisplay``), subclasses
-    only when ``showChildNodeTypes``, hidden nodes left out, and (QComboBox behaviour) the first node is
-    selected automatically when "None" is disabled and nothing is selected.
+    only when ``showChildNodeTypes``, the list kept up to date as nodes come and go.
     """
 
     currentNodeChanged = QtCore.Signal(object)
@@ -119,89 +103,36 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):
         self._none_display = "None"
         self._add_enabled = True
         self._remove_enabled = True
-        self._rename_enabled = False
         self._show_child_node_types = True
         self._refreshing = False
         self._last_emitted_id = None
         self.currentIndexChanged.connect(self._on_index_changed)
 
-    # Qt properties set from the .ui file
-    def _get_node_types(self):
-        return list(self._node_types)
+    nodeTypes = _property("QStringList", "_node_types")
+    noneEnabled = _property(bool, "_none_enabled")
+    noneDisplay = _property(str, "_none_display")
+    showChildNodeTypes = _property(bool, "_show_child_node_types")
+    addEnabled = _property(bool, "_add_enabled", refresh=False)
+    removeEnabled = _property(bool, "_remove_enabled", refresh=False)
 
-    def _set_node_types(self, types_):
-        self._node_types = [t for t in types_ if t]
-        self._refresh()
-
-    def _get_none_enabled(self):
-        return self._none_enabled
-
-    def _set_none_enabled(self, enabled):
-        self._none_enabled = bool(enabled)
-        self._refresh()
-
-    def _get_none_display(self):
-        return self._none_display
-
-    def _set_none_display(self, text):
-        self._none_display = text
-        self._refresh()
-
-    def _flag(name):  # noqa: N805  (property factory for plain boolean flags)
-        return QtCore.Property(bool, lambda self: getattr(self, name), lambda self, v: setattr(self, name, bool(v)))
-
-    nodeTypes = QtCore.Property("QStringList", _get_node_types, _set_node_types)
-    noneEnabled = QtCore.Property(bool, _get_none_enabled, _set_none_enabled)
-    noneDisplay = QtCore.Property(str, _get_none_display, _set_none_display)
-    addEnabled = _flag("_add_enabled")
-    removeEnabled = _flag("_remove_enabled")
-    renameEnabled = _flag("_rename_enabled")
-    def _get_show_child_node_types(self):
-        return self._show_child_node_types
-
-    def _set_show_child_node_types(self, show):
-        self._show_child_node_types = bool(show)
-        self._refresh()
-
-    showChildNodeTypes = QtCore.Property(bool, _get_show_child_node_types, _set_show_child_node_types)
-    del _flag
-
-    # MRML API used by modules
     def mrmlScene(self):
         return self._scene
 
     @QtCore.Slot(object)
     def setMRMLScene(self, scene):
-        if self._scene is not None:
-            for tag in self._observer_tags:
-                self._scene.RemoveObserver(tag)
+        for tag in self._observer_tags:
+            self._scene.RemoveObserver(tag)
         self._observer_tags = []
         self._scene = scene
         if scene is not None:
             for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent, scene.EndCloseEvent):
-                self._observer_tags.append(scene.AddObserver(event, self._on_scene_event))
-        self._refresh()
-
-    def _on_scene_event(self, caller, event):
+                self._observer_tags.append(scene.AddObserver(event, lambda caller, event: self._refresh()))
         self._refresh()
 
     def _accepts(self, node) -> bool:
-        if node.GetHideFromEditors():
-            return False
         if self._show_child_node_types:
             return any(node.IsA(t) for t in self._node_types)
         return node.GetClassName() in self._node_types
-
-    def nodes(self) -> list:
-        if self._scene is None:
-            return []
-        found = []
-        collection = self._scene.GetNodes()
-        for i in range(collection.GetNumberOfItems()):
-            node = collection.GetItemAsObject(i)
-            if self._accepts(node):
-                found.append(node)
-        return found
 
     def _refresh(self):
         current_id = self.currentData()
@@ -210,12 +141,12 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):
             self.clear()
             if self._none_enabled:
                 self.addItem(self._none_display, None)
-            for node in self.nodes():
-                self.addItem(node.GetName(), node.GetID())
-            index = self.findData(current_id) if current_id else -1
-            if index < 0:
-                index = 0 if (self._none_enabled or self.count()) else -1
-            self.setCurrentIndex(index)
+            if self._scene is not None:
+                nodes = self._scene.GetNodes()
+                for node in (nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())):
+                    if self._accepts(node):
+                        self.addItem(node.GetName(), node.GetID())
+            self.setCurrentIndex(max(self.findData(current_id) if current_id else -1, 0))
         finally:
             self._refreshing = False
         self._on_index_changed()
@@ -233,19 +164,27 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):
         node_id = self.currentData()
         return self._scene.GetNodeByID(node_id) if (self._scene is not None and node_id) else None
 
-    def currentNodeID(self):
-        node = self.currentNode()
-        return node.GetID() if node is not None else ""
-
     def setCurrentNode(self, node):
         index = self.findData(node.GetID()) if node is not None else -1
-        if index < 0:
-            index = 0 if self._none_enabled else -1
-        self.setCurrentIndex(index)
+        self.setCurrentIndex(index if index >= 0 else (0 if self._none_enabled else -1))
         self._on_index_changed()
 
 
-CUSTOM_WIDGETS = (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox)
+class qMRMLSegmentationShow3DButton(QtWidgets.QPushButton):
+    """Holds the segmentation node whose 3D display the real button toggles."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._segmentation_node = None
+
+    def segmentationNode(self):
+        return self._segmentation_node
+
+    def setSegmentationNode(self, node):
+        self._segmentation_node = node
+
+
+CUSTOM_WIDGETS = (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox, qMRMLSegmentationShow3DButton)
 
 
 class UiLoader(QUiLoader):
@@ -262,14 +201,10 @@ class UiLoader(QUiLoader):
             self.registerCustomWidget(cls)
 
     def load_file(self, path):
-        path = str(path)
-        qfile = QtCore.QFile(path)
-        if not qfile.open(QtCore.QIODevice.OpenModeFlag.ReadOnly):
-            raise RuntimeError(f"Could not load UI file: {path}")
-        try:
-            widget = self.load(qfile)
-        finally:
-            qfile.close()
+        qfile = QtCore.QFile(str(path))
+        qfile.open(QtCore.QIODevice.OpenModeFlag.ReadOnly)
+        widget = self.load(qfile)
+        qfile.close()
         if widget is None:
             raise RuntimeError(f"Could not load UI file: {path}: {self.errorString()}")
         connect_ui_connections(widget, path)
@@ -293,16 +228,6 @@ def connect_ui_connections(top, path) -> None:
         # other (plain Qt) connections were made by QUiLoader itself
 
 
-_QT_MESSAGE_FILTER = ("No such signal qMRMLWidget::mrmlSceneChanged(vtkMRMLScene*)",
-                      "QObject::connect:  (sender name:", "QObject::connect:  (receiver name:")
-
-
-def _qt_message_handler(mode, context, message):
-    if any(m in message for m in _QT_MESSAGE_FILTER):
-        return  # the connections QUiLoader cannot make; connect_ui_connections makes them
-    sys.stderr.write(message + "\n")
-
-
 # ---------------------------------------------------------------------------------------------
 # Stand-ins for the Python modules Slicer provides
 # ---------------------------------------------------------------------------------------------
@@ -312,11 +237,9 @@ class FileDialog(QtWidgets.QFileDialog):
     """qt.QFileDialog with a scripted getSaveFileName (PySide6's (path, filter) return shape)."""
 
     answers: list = []
-    calls: list = []
 
     @staticmethod
     def getSaveFileName(parent=None, caption="", directory="", filter=""):  # noqa: A002
-        FileDialog.calls.append((caption, directory, filter))
         path = FileDialog.answers.pop(0) if FileDialog.answers else ""
         return (str(path), filter)
 
@@ -328,16 +251,8 @@ def make_qt_module() -> types.ModuleType:
         for name in dir(module):
             if not name.startswith("_"):
                 setattr(qt, name, getattr(module, name))
-    qt.QUiLoader = UiLoader
     qt.QFileDialog = FileDialog
     return qt
-
-
-def make_ctk_module() -> types.ModuleType:
-    ctk = types.ModuleType("ctk")
-    ctk.__doc__ = "Test-only stand-in for CTK's Python module."
-    ctk.ctkCollapsibleButton = ctkCollapsibleButton
-    return ctk
 
 
 def make_scripted_loadable_module() -> types.ModuleType:
@@ -346,29 +261,11 @@ def make_scripted_loadable_module() -> types.ModuleType:
 
     class ScriptedLoadableModule:
         def __init__(self, parent):
-            super().__init__()
             self.parent = parent
-            self.moduleName = self.__class__.__name__
-            parent.title = ""
-            parent.categories = []
-            parent.dependencies = []
-            parent.contributors = []
-            parent.helpText = ""
-            parent.acknowledgementText = ""
-
-        def getDefaultModuleDocumentationLink(self, docPage=None):
-            return ""
 
     class ScriptedLoadableModuleWidget:
         def __init__(self, parent=None):
             super().__init__()
-            self.moduleName = self.__class__.__name__
-            if self.moduleName.endswith("Widget"):
-                self.moduleName = self.moduleName[:-6]
-            if parent is None:
-                parent = qMRMLWidget()
-                parent.setLayout(QtWidgets.QVBoxLayout())
-                parent.setMRMLScene(slicer.mrmlScene)
             self.parent = parent
             self.layout = parent.layout()
 
@@ -385,35 +282,26 @@ def make_scripted_loadable_module() -> types.ModuleType:
     class ScriptedLoadableModuleLogic:
         def __init__(self, parent=None):
             super().__init__()  # as Slicer's: cooperative, so the MRO after it must accept no arguments
-            self.moduleName = self.__class__.__name__
-            if self.moduleName.endswith("Logic"):
-                self.moduleName = self.moduleName[:-5]
-            self.isSingletonParameterNode = True
+            self.moduleName = self.__class__.__name__.removesuffix("Logic")
 
         def getParameterNode(self):
+            """The scene's singleton parameter node of the module, created on first use."""
             node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
-            if node:
-                return node
-            return slicer.mrmlScene.AddNode(self.createParameterNode())
-
-        def createParameterNode(self):
-            node = slicer.vtkMRMLScriptedModuleNode()
-            if self.isSingletonParameterNode:
+            if node is None:
+                node = slicer.vtkMRMLScriptedModuleNode()
                 node.SetSingletonTag(self.moduleName)
-            node.SetName(slicer.mrmlScene.GetUniqueNameByString(self.moduleName))
-            node.SetAttribute("ModuleName", self.moduleName)
+                node.SetName(slicer.mrmlScene.GetUniqueNameByString(self.moduleName))
+                node.SetAttribute("ModuleName", self.moduleName)
+                node = slicer.mrmlScene.AddNode(node)
             return node
 
     class ScriptedLoadableModuleTest(unittest.TestCase):
-        def delayDisplay(self, message, msec=100):
-            print(message)
+        pass
 
     m.ScriptedLoadableModule = ScriptedLoadableModule
     m.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
     m.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
     m.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
-    m.__all__ = ["ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
-                 "ScriptedLoadableModuleTest"]
     return m
 
 
@@ -464,15 +352,26 @@ def parameterNodeWrapper(cls):
 
     def __init__(self, parameterNode):
         self.parameterNode = parameterNode
-        for name, annotation in annotations.items():
-            if not _is_node_type(annotation) and parameterNode.GetParameter(name) == "" and name in defaults:
-                setattr(self, name, defaults[name])
 
-    namespace = {"__init__": __init__, "__doc__": cls.__doc__, "__module__": cls.__module__,
-                 "allParameters": dict(annotations)}
+    namespace = {"__init__": __init__, "__doc__": cls.__doc__, "__module__": cls.__module__}
     for name, annotation in annotations.items():
         namespace[name] = make_property(name, annotation)
     return type(cls.__name__, (), namespace)
+
+
+def make_application() -> types.SimpleNamespace:
+    """slicer.app as far as the module and slicer.util.tryWithErrorDisplay use it (slicer-core has none)."""
+    return types.SimpleNamespace(setOverrideCursor=QtWidgets.QApplication.setOverrideCursor,
+                                 restoreOverrideCursor=QtWidgets.QApplication.restoreOverrideCursor,
+                                 testingEnabled=lambda: False, connect=lambda signal, slot: True)
+
+
+def make_i18n_module() -> types.ModuleType:
+    """slicer.i18n without translations (slicer-core lacks it): every text comes back as written."""
+    m = types.ModuleType("slicer.i18n")
+    m.tr = lambda text: text
+    m.translate = lambda context, text: text
+    return m
 
 
 def make_parameter_node_wrapper_module() -> types.ModuleType:
@@ -491,14 +390,13 @@ _MISSING = object()
 class WidgetHarness:
     """Installs the stand-ins, imports the module, sets up its widget on a fresh real scene.
 
-    ``messages`` records (kind, text) of every errorDisplay/infoDisplay/... call.
+    ``messages`` records the text of every errorDisplay call.
     Leaving the ``with`` block tears everything down (widget, observers, scene) and restores
     ``sys.modules``, ``slicer`` and ``slicer.util`` as they were.
     """
 
-    def __init__(self, setup_widget: bool = True):
-        self.setup_widget = setup_widget
-        self.messages: list[tuple[str, str]] = []
+    def __init__(self):
+        self.messages: list[str] = []
         self.module = None
         self.widget = None
         self.ui = None
@@ -506,7 +404,6 @@ class WidgetHarness:
         self._saved_modules = {}
         self._saved_slicer = {}
         self._saved_util = {}
-        self._previous_handler = None
 
     # -- install / restore ----------------------------------------------------------------------
     def _set_module(self, name, module):
@@ -524,24 +421,27 @@ class WidgetHarness:
         from BrainUNetSegmentationLib import mrml
 
         application()
-        self._previous_handler = QtCore.qInstallMessageHandler(_qt_message_handler)
+        # QUiLoader's warnings about the connections it cannot make (connect_ui_connections makes them)
+        QtCore.QLoggingCategory.setFilterRules("qt.core.qobject.connect.warning=false")
         self.scene = mrml.new_headless_scene()
         scripted = make_scripted_loadable_module()
         wrapper = make_parameter_node_wrapper_module()
+        i18n = make_i18n_module()
         self._set_module("qt", make_qt_module())
-        self._set_module("ctk", make_ctk_module())
+        self._set_module("ctk", types.ModuleType("ctk"))  # imported by the module, none of its names used
         self._set_module("slicer.ScriptedLoadableModule", scripted)
         self._set_module("slicer.parameterNodeWrapper", wrapper)
+        self._set_module("slicer.i18n", i18n)
         self._set_module(MODULE_NAME, None)
         self._set_attr(self._saved_slicer, slicer, "mrmlScene", self.scene)
+        self._set_attr(self._saved_slicer, slicer, "app", make_application())
         self._set_attr(self._saved_slicer, slicer, "ScriptedLoadableModule", scripted)
         self._set_attr(self._saved_slicer, slicer, "parameterNodeWrapper", wrapper)
+        self._set_attr(self._saved_slicer, slicer, "i18n", i18n)
         util = slicer.util
         self._set_attr(self._saved_util, util, "loadUI", lambda path: UiLoader().load_file(path))
         self._set_attr(self._saved_util, util, "childWidgetVariables", child_widget_variables)
-        for kind in ("errorDisplay", "warningDisplay", "infoDisplay", "delayDisplay"):
-            self._set_attr(self._saved_util, util, kind, self._recorder(kind))
-        self._set_attr(self._saved_util, util, "confirmOkCancelDisplay", self._recorder("confirmOkCancelDisplay", True))
+        self._set_attr(self._saved_util, util, "errorDisplay", lambda text, *a, **kw: self.messages.append(str(text)))
         self._set_attr(self._saved_util, util, "pip_install", self._refuse("pip_install"))
 
     def restore(self):
@@ -563,13 +463,7 @@ class WidgetHarness:
         self._saved_util.clear()
         self._saved_slicer.clear()
         self._saved_modules.clear()
-        QtCore.qInstallMessageHandler(self._previous_handler)
-
-    def _recorder(self, kind, result=None):
-        def record(text="", *args, **kwargs):
-            self.messages.append((kind, str(text)))
-            return result
-        return record
+        QtCore.QLoggingCategory.setFilterRules("")
 
     def _refuse(self, name):
         def refuse(*args, **kwargs):
@@ -583,7 +477,6 @@ class WidgetHarness:
         sys.modules[MODULE_NAME] = module
         spec.loader.exec_module(module)
         self.module = module
-        return module
 
     def create_widget(self):
         parent = QtWidgets.QWidget()
@@ -592,14 +485,12 @@ class WidgetHarness:
         self.widget = self.module.BrainUNetSegmentationWidget(parent)
         self.widget.setup()
         self.ui = self.widget.ui
-        return self.widget
 
     def __enter__(self):
         self.install()
         try:
             self.import_module()
-            if self.setup_widget:
-                self.create_widget()
+            self.create_widget()
         except BaseException:
             self.close()
             raise
@@ -637,7 +528,7 @@ class WidgetHarness:
             process_events(0.05)
 
     def errors(self) -> list[str]:
-        return [text for kind, text in self.messages if kind == "errorDisplay"]
+        return list(self.messages)
 
     def nodes_of(self, class_name: str) -> list:
         collection = self.scene.GetNodesByClass(class_name)

@@ -24,6 +24,8 @@ from brainunet.errors import BrainUNetError, InputError
 from brainunet.imageio import MODALITY_NAMES
 
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # folder that contains the brainunet package
+#: Longest Cancel waits for the input writer to finish its current file (it then removes what it wrote).
+CANCEL_WAIT_S = 5.0
 
 #: Name patterns per input role, tried in order (case-insensitive, on word-ish boundaries).
 NAME_PATTERNS = {
@@ -57,6 +59,51 @@ def guess_inputs(scene) -> dict:
     return chosen
 
 
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model as the panel offers it, read from its registry entry alone (its weights need torch)."""
+
+    name: str
+    kind: str  # "network" or "baseline"
+    description: str  # what it is and what it was trained on
+    sequences: tuple[str, ...] = ()  # the input roles it reads; empty when its entry does not say
+    one_may_be_missing: bool | None = None  # trained with modality dropout; None when its entry does not say
+    accuracy: str = ""
+    licence: str = ""
+    default: bool = False  # what runs when the panel names no model
+
+
+def model_choices(user_home: str | None = None) -> list[ModelChoice]:
+    """The models the worker can run: the user's registered ones first, then the bundled ones, the
+    intensity baseline last. ``user_home`` is the worker's BRAINUNET_HOME (None: this process's)."""
+    from brainunet import weights
+    from brainunet.errors import WeightsError
+
+    if user_home:
+        # the registry the worker reads (weights.user_registry_path under its BRAINUNET_HOME)
+        user_registry = Path(user_home) / "models" / "registry.json"
+        user = weights.load_registry(user_registry) if user_registry.is_file() else []
+        names = {e.name for e in user}
+        entries = user + [e for e in weights.load_registry(weights.REGISTRY_PATH) if e.name not in names]
+    else:
+        entries = weights.load_registry()
+    try:
+        default = weights.default_model(entries).name
+    except WeightsError:  # the worker says why when it runs; the list still shows what is registered
+        default = None
+    choices = [_model_choice(e, e.name == default) for e in entries]
+    return sorted(choices, key=lambda c: c.kind == "baseline")
+
+
+def _model_choice(entry, default: bool) -> ModelChoice:
+    inputs = entry.extra.get("inputs") or {}
+    settings = entry.extra.get("settings") or {}  # a registered model's flat settings may name its inputs
+    sequences = inputs.get("sequences", settings.get("modalities", ()))
+    one_may_be_missing = inputs.get("one_may_be_missing", settings.get("modality_dropout"))
+    return ModelChoice(entry.name, entry.kind, entry.description, tuple(sequences), one_may_be_missing,
+                       str(entry.extra.get("accuracy", "")), str(entry.extra.get("licence", "")), default)
+
+
 @dataclass
 class RunOptions:
     device: str = "auto"  # auto | cpu | cuda
@@ -66,9 +113,14 @@ class RunOptions:
 
 @dataclass
 class BackgroundRun:
-    """A running ``brainunet segment`` process and what it reported."""
+    """A running ``brainunet segment`` process and what it reported.
 
-    process: subprocess.Popen
+    Made with ``process=None`` and started with ``launch_after``, it first writes its inputs on a thread of
+    its own and then starts the process, so the application's thread never waits for the files; it is
+    "running" from the start, and Cancel works in either phase.
+    """
+
+    process: subprocess.Popen | None
     workdir: Path
     reference_node: object
     outputs: dict
@@ -83,8 +135,37 @@ class BackgroundRun:
     _lines: queue.Queue = field(default_factory=queue.Queue)
 
     def __post_init__(self):
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._lock = threading.Lock()  # the launch and Cancel: one of them comes first, never both half-way
+        self._reader = None  # set once the process runs: from then on its output is read
+        self._writer = None
+        self._start_error = ""
+        if self.process is not None:
+            self._start_reader()
+
+    def _start_reader(self):
+        reader = threading.Thread(target=self._read, daemon=True)
+        reader.start()
+        self._reader = reader
+
+    def launch_after(self, write_inputs, cmd: list[str], env: dict) -> None:
+        """Call ``write_inputs(stopped)`` on a new thread, then start ``cmd`` unless the run was cancelled
+        meanwhile; ``stopped()`` tells the writer to give up between files."""
+        self._writer = threading.Thread(target=self._write_and_launch, args=(write_inputs, cmd, env), daemon=True)
+        self._writer.start()
+
+    def _write_and_launch(self, write_inputs, cmd, env):
+        try:
+            write_inputs(lambda: self.state != "running")
+            with self._lock:
+                if self.state == "running":
+                    self.process = launch(cmd, env, self.workdir)
+                    self._start_reader()
+        except Exception as exc:  # a full disk, a missing interpreter: the run fails with the reason
+            if self.state == "running":
+                self._start_error = f"The segmentation could not start: {exc}"
+        finally:
+            if self.state != "running":  # cancelled while a file was being written
+                self.cleanup()
 
     def _read(self):
         try:
@@ -98,6 +179,12 @@ class BackgroundRun:
     def poll(self) -> str:
         """Handle what the process printed since the last call; returns the state."""
         if self.state != "running":
+            return self.state
+        if self._reader is None:  # still writing the inputs, or it failed to
+            if self._start_error:
+                self.state = "failed"
+                self.error = self._start_error
+                self.cleanup()
             return self.state
         ended = False
         while True:
@@ -156,10 +243,17 @@ class BackgroundRun:
         return self.state
 
     def cancel(self):
-        if self.state == "running":
-            kill_tree(self.process)
-            self.state = "cancelled"
-            self.error = "Cancelled by the user; nothing was changed."
+        with self._lock:
+            process = self.process if self.state == "running" else None
+            if self.state == "running":
+                self.state = "cancelled"
+                self.error = "Cancelled by the user; nothing was changed."
+        if process is not None:
+            kill_tree(process)
+        if self._writer is not None:
+            # the writer stops at the next file; waiting for it keeps a half-written file from
+            # reappearing in the folder removed below (one file takes well under a second)
+            self._writer.join(CANCEL_WAIT_S)
         self.cleanup()
 
     def cleanup(self):
@@ -176,18 +270,22 @@ class BrainUNetLogic:
         self.temp_root = temp_root
         self.user_home = user_home  # BRAINUNET_HOME of the worker: registered models (next to Slicer's settings)
 
-    # -- inputs -----------------------------------------------------------------------------------
+    # -- models and inputs ------------------------------------------------------------------------
+    def model_choices(self) -> list[ModelChoice]:
+        return model_choices(self.user_home)
+
     def guess_inputs(self) -> dict:
         return guess_inputs(self.scene)
 
     def check_inputs(self, inputs: dict) -> dict:
-        """Volumes per role, checked; raises InputError naming what to fix."""
+        """Volumes per role (a checked copy each, in the node's voxel type); raises InputError naming what
+        to fix."""
         missing = [MODALITY_NAMES[r] for r in ("t1c", "t2w", "t2f") if inputs.get(r) is None]
         # One missing sequence is left to the model to accept (modality dropout) or refuse, with its
         # own message from the background process; two missing is never enough.
         if len(missing) > 1:
             raise InputError(f"Select the {', '.join(missing)} volumes first.")
-        return {role: mrml.volume_from_node(node, f"{MODALITY_NAMES[role]} ({node.GetName()})")
+        return {role: mrml.voxels_from_node(node, f"{MODALITY_NAMES[role]} ({node.GetName()})")
                 for role, node in inputs.items() if node is not None}
 
     # -- running ----------------------------------------------------------------------------------
@@ -202,23 +300,34 @@ class BrainUNetLogic:
             cmd += ["--model", options.model]
         return cmd
 
+    #: Writes one input for the worker (a Volume to a path), off the application's thread.
+    write_volume = staticmethod(mrml.save_volume_nifti)
+
     def start(self, inputs: dict, options: RunOptions | None = None, on_progress=None, on_log=None) -> BackgroundRun:
+        """Check the inputs and copy them out of their nodes, then return at once: the inputs are written
+        and the worker started by the run's own thread (see ``BackgroundRun.launch_after``)."""
         options = options or RunOptions()
         volumes = self.check_inputs(inputs)
         workdir = Path(tempfile.mkdtemp(prefix="brainunet-", dir=self.temp_root))
-        files = {}
-        for role, volume in volumes.items():
-            files[role] = workdir / f"{role}.nii.gz"
-            mrml.save_volume_nifti(volume, files[role])
+        # uncompressed: gzip took most of the time of writing (benchmarks/gui_thread.py)
+        files = {role: workdir / f"{role}.nii" for role in volumes}
         outputs = {"labels": workdir / "labels.nii.gz", "stats": workdir / "stats.csv"}
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env["PYTHONUNBUFFERED"] = "1"
         if self.user_home:
             env["BRAINUNET_HOME"] = str(self.user_home)
-        process = launch(self.command(files, outputs, options), env, workdir)
         reference = next(inputs[r] for r in ("t1c", "t2f", "t2w") if inputs.get(r) is not None)  # output grid
-        return BackgroundRun(process, workdir, reference, outputs, on_progress, on_log)
+
+        def write_inputs(stopped):
+            for role, volume in volumes.items():
+                if stopped():
+                    return
+                self.write_volume(volume, files[role])
+
+        run = BackgroundRun(None, workdir, reference, outputs, on_progress, on_log)
+        run.launch_after(write_inputs, self.command(files, outputs, options), env)
+        return run
 
     def import_results(self, run: BackgroundRun, segmentation_node=None, table_node=None):
         """Segmentation and statistics table from a finished run; returns (segmentation, table)."""

@@ -12,7 +12,7 @@ import vtk
 from vtk.util import numpy_support
 
 from brainunet.errors import InputError
-from brainunet.imageio import Volume, check_volume
+from brainunet.imageio import Volume, check_volume, check_voxels
 from brainunet.labels import SUBREGIONS
 
 
@@ -56,17 +56,33 @@ def ijk_to_ras(volume_node) -> np.ndarray:
     return affine
 
 
-def volume_from_node(volume_node, name: str | None = None) -> Volume:
-    """Checked float32 copy of a scalar volume node as a Volume (``data[i, j, k]``)."""
-    name = name or volume_node.GetName()
+def _scalar_voxels(volume_node, name: str) -> np.ndarray:
+    """The node's voxels as a view ``[k, j, i]`` on its image data (no copy); InputError if it has none."""
     if volume_node.GetImageData() is None:
         raise InputError(f"{name} has no image data. Load the image again.")
     if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
         raise InputError(f"{name} has {volume_node.GetImageData().GetNumberOfScalarComponents()} components per "
                          "voxel (colour or vector image); BrainUNet needs a scalar MRI volume.")
-    arr = slicer.util.arrayFromVolume(volume_node)  # [k, j, i]
-    data = check_volume(np.asarray(arr).transpose(2, 1, 0), ijk_to_ras(volume_node), name)
+    return np.asarray(slicer.util.arrayFromVolume(volume_node))
+
+
+def volume_from_node(volume_node, name: str | None = None) -> Volume:
+    """Checked float32 copy of a scalar volume node as a Volume (``data[i, j, k]``)."""
+    name = name or volume_node.GetName()
+    data = check_volume(_scalar_voxels(volume_node, name).transpose(2, 1, 0), ijk_to_ras(volume_node), name)
     return Volume(np.ascontiguousarray(data), ijk_to_ras(volume_node), name)
+
+
+def voxels_from_node(volume_node, name: str | None = None) -> Volume:
+    """Checked copy of a scalar volume node in its own voxel type (``data[i, j, k]``, Fortran order).
+
+    One copy and no conversion, for the application's thread: the copy lets the node change while the
+    background writes it, and Fortran order is NIfTI's, so ``save_volume_nifti`` writes it as it is.
+    """
+    name = name or volume_node.GetName()
+    affine = ijk_to_ras(volume_node)
+    data = check_voxels(np.array(_scalar_voxels(volume_node, name)).transpose(2, 1, 0), affine, name)
+    return Volume(data, affine, name)
 
 
 def add_volume_node(scene, volume: Volume, name: str | None = None, labelmap: bool = False):
@@ -91,11 +107,17 @@ def load_volume_file(scene, path, name: str | None = None):
     return node
 
 
+#: Voxel types NIfTI-1 readers take everywhere; others (64-bit integers) are written as float32.
+NIFTI_VOXEL_TYPES = ("uint8", "int8", "int16", "uint16", "int32", "uint32", "float32", "float64")
+
+
 def save_volume_nifti(volume: Volume, path) -> None:
-    """Write a Volume for the background process (nibabel; the scene is not touched)."""
+    """Write a Volume for the background process (nibabel; the scene is not touched). Called off the
+    application's thread: it reads only ``volume``, never a node."""
     import nibabel as nib
 
-    nib.save(nib.Nifti1Image(volume.data, volume.affine), str(path))
+    data = volume.data if volume.data.dtype.name in NIFTI_VOXEL_TYPES else volume.data.astype(np.float32)
+    nib.save(nib.Nifti1Image(data, volume.affine), str(path))
 
 
 def _oriented_image(mask: np.ndarray, affine: np.ndarray):

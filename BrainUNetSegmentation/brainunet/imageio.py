@@ -43,6 +43,12 @@ class Volume:
 
 def check_volume(data: np.ndarray, affine: np.ndarray, name: str) -> np.ndarray:
     """Validate an array as a 3D scalar image; returns it as float32 (a 4D image of one frame is squeezed)."""
+    return check_voxels(data, affine, name).astype(np.float32, copy=False)
+
+
+def check_voxels(data: np.ndarray, affine: np.ndarray, name: str) -> np.ndarray:
+    """The checks of ``check_volume`` on the array in its own voxel type, which they never copy: the
+    Slicer panel runs them on the application's thread before the inputs are written in the background."""
     data = np.asarray(data)
     if data.size == 0:
         raise InputError(f"{name} is empty (no voxels). Select or export the image again.")
@@ -58,12 +64,14 @@ def check_volume(data: np.ndarray, affine: np.ndarray, name: str) -> np.ndarray:
                          "covering the whole brain. Load the full series, not a single slice.")
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise InputError(f"{name} has voxel type {data.dtype}; BrainUNet needs a real-valued scalar image.")
-    data = data.astype(np.float32, copy=False)
-    bad = int(np.count_nonzero(~np.isfinite(data)))
+    bad = int(np.count_nonzero(~np.isfinite(data))) if np.issubdtype(data.dtype, np.floating) else 0
     if bad:
         raise InputError(f"{name} contains {bad} NaN or infinite voxels; fix or re-export the image "
                          "(for example with the Threshold or Mask Scalar Volume modules) and try again.")
     lo, hi = float(data.min()), float(data.max())
+    if max(-lo, hi) > float(np.finfo(np.float32).max):  # would turn infinite in float32
+        raise InputError(f"{name} holds values beyond the float32 range ({lo:g} to {hi:g}); rescale or re-export "
+                         "the image and try again.")
     if lo == hi:
         raise InputError(f"{name} is constant (every voxel is {lo:g}); it holds no image. "
                          "Check that the right series was selected.")
