@@ -217,7 +217,9 @@ def test_bundle_replaces_the_old_bundled_model_and_keeps_the_rest(tmp_path):
     src = tmp_path / "final.pt"
     weights.save_weights(src, BrainUNet(NetworkConfig(features=(4, 8))), "final")
     entry = bundle_model(src, "new", "trained on real cases", {"tumour_threshold": 0.75}, replaces=["old"],
-                         registry_path=registry)
+                         registry_path=registry, fields={"accuracy": "CV WT 0.8", "licence": "Apache-2.0"})
+    assert entry.extra["accuracy"] == "CV WT 0.8" and entry.extra["licence"] == "Apache-2.0"
+    assert entry.extra["inputs"] == {"sequences": ["t1c", "t2w", "t2f"], "one_may_be_missing": False}
     assert [e.name for e in weights.load_registry(registry)] == ["new", "intensity-baseline"]
     assert not old.exists() and entry.path().is_file() and weights.sha256_of(entry.path()) == entry.sha256
     _, payload = weights.load_weights(entry.path(), entry.sha256)

@@ -260,10 +260,12 @@ def load_weights(path: Path, expected_sha256: str | None = None, device: str = "
 
 
 def register_model(weights_file: Path, name: str, description: str = "", settings: dict | None = None,
-                   registry_path: Path | None = None) -> ModelEntry:
+                   registry_path: Path | None = None, fields: dict | None = None) -> ModelEntry:
     """Install a trained weights file in the user's registry (or ``registry_path``) as ``<registry
     folder>/<name>.pt``, first in the list (so it becomes the default), with ``settings`` overriding its
-    preprocessing / post-processing options (e.g. ``fill_core_holes``). Replaces an entry of the same name."""
+    preprocessing / post-processing options (e.g. ``fill_core_holes``). Replaces an entry of the same name.
+    The entry says which inputs the model needs (the panel's information box shows them); ``fields`` adds
+    others (``accuracy``, ``licence``)."""
     import torch
 
     registry_path = Path(registry_path) if registry_path else user_registry_path()
@@ -271,7 +273,8 @@ def register_model(weights_file: Path, name: str, description: str = "", setting
     if not registry_path.exists():
         registry_path.write_text(json.dumps({"models": []}, indent=2) + "\n", encoding="utf-8")
     _, payload = load_weights(Path(weights_file))
-    payload.update(ModelSettings.from_stored(payload, settings, source=f"model '{name}'").to_stored())
+    model_settings = ModelSettings.from_stored(payload, settings, source=f"model '{name}'")
+    payload.update(model_settings.to_stored())
     payload["name"] = name
     target = Path(registry_path).parent / f"{name}.pt"
     torch.save(payload, target)
@@ -279,6 +282,9 @@ def register_model(weights_file: Path, name: str, description: str = "", setting
              "file": target.name, "sha256": sha256_of(target)}
     if settings:
         entry["settings"] = dict(settings)  # stored in the weights too; here so that `brainunet models` shows them
+    entry["inputs"] = {"sequences": list(model_settings.preprocessing.modalities),
+                       "one_may_be_missing": model_settings.preprocessing.modality_dropout}
+    entry.update(fields or {})
     with open(registry_path, encoding="utf-8") as f:
         registry = json.load(f)
     registry["models"] = [entry] + [m for m in registry["models"] if m.get("name") != name]

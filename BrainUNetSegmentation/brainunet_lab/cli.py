@@ -141,6 +141,8 @@ def add_commands(sub) -> None:
                    help="settings chosen by cross-validation (JSON values), e.g. tumour_threshold=0.75")
     p.add_argument("--replace", action="append", default=[], metavar="NAME",
                    help="bundled model this one replaces: its entry and weights file are removed")
+    p.add_argument("--accuracy", required=True, help="its cross-validated accuracy, one line (the panel shows it)")
+    p.add_argument("--licence", default="Apache-2.0, as BrainUNet (LICENSE)")
     sub.choices["evaluate"].set_defaults(handler=cmd_evaluate)
     sub.choices["templates"].set_defaults(handler=cmd_templates)
     sub.choices["train"].set_defaults(handler=cmd_train)
@@ -405,7 +407,7 @@ def cmd_bundle(args) -> int:
     from brainunet.cli import parse_settings
 
     entry = bundle_model(Path(args.weights), args.name, args.description, parse_settings(args.set),
-                         replaces=args.replace)
+                         replaces=args.replace, fields={"accuracy": args.accuracy, "licence": args.licence})
     size = entry.path().stat().st_size / 2**20
     print(f"bundled {entry.name} ({entry.path()}, {size:.1f} MiB, sha256 {entry.sha256[:12]}…); "
           f"replaced: {', '.join(args.replace) or 'nothing'}")
@@ -413,13 +415,14 @@ def cmd_bundle(args) -> int:
 
 
 def bundle_model(weights_file: Path, name: str, description: str, settings: dict | None = None,
-                 replaces=(), registry_path: Path | None = None):
+                 replaces=(), registry_path: Path | None = None, fields: dict | None = None):
     """Make a model the bundled default (developers: it writes the source tree's models folder) and remove
     the bundled models it ``replaces`` (their entries and weights files)."""
     from brainunet import weights
 
     registry_path = Path(registry_path or weights.REGISTRY_PATH)
-    entry = weights.register_model(weights_file, name, description, settings, registry_path=registry_path)
+    entry = weights.register_model(weights_file, name, description, settings, registry_path=registry_path,
+                                   fields=fields)
     registry = json.loads(registry_path.read_text(encoding="utf-8"))
     for old in registry["models"]:
         if old["name"] in replaces and old["name"] != name and old.get("file"):
