@@ -66,12 +66,20 @@ def test_prepare_applies_correction_only_when_asked():
     assert np.array_equal(plain.mask, fixed.mask)
 
 
-def test_bundled_model_turns_correction_on_through_its_registry_settings(monkeypatch):
+def test_bundled_model_corrects_the_bias_field_as_it_was_trained(monkeypatch):
     monkeypatch.delenv("BRAINUNET_MODEL", raising=False)
-    entry = weights.default_model()
-    assert entry.extra.get("settings", {}).get("bias_correction") is True
-    loaded = pipeline.load_model(entry.name)
+    loaded = pipeline.load_model(weights.default_model().name)
     assert loaded.preprocessing.bias_correction is True
+
+
+def test_registry_settings_turn_correction_on(tmp_path):
+    from brainunet.network import BrainUNet, NetworkConfig
+
+    src = tmp_path / "model.pt"
+    weights.save_weights(src, BrainUNet(NetworkConfig(features=(4, 8))), "plain")
+    registry = tmp_path / "models" / "registry.json"
+    entry = weights.register_model(src, "corrected", "", {"bias_correction": True}, registry_path=registry)
+    assert pipeline.load_model(str(entry.path())).preprocessing.bias_correction is True
 
 
 def test_finetuning_keeps_the_base_models_registry_settings(monkeypatch):

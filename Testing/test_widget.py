@@ -254,13 +254,13 @@ def test_model_selector_lists_the_registry_and_passes_the_choice(harness, tmp_pa
     widget.enter()  # the list is read again on entering the module
     combo, info = ui.modelComboBox, ui.modelInfoLabel
     assert [combo.itemText(i) for i in range(combo.count())] == [
-        "mine (default)", "brainunet-2mm-transfer", "intensity-baseline (not a trained network)"]
+        "mine (default)", "brainunet-2mm-real", "intensity-baseline (not a trained network)"]
     p = widget.logic.getParameterNode()
     assert p.model == "" and combo.currentIndex() == 0
     assert info.text().splitlines() == ["Trained on our own 40 cases", "Inputs: T1CE, FLAIR; all are required.",
                                         "T1 native is not used.", "Accuracy: not measured.", "Licence: not stated."]
     combo.setCurrentIndex(1)
-    assert p.model == "brainunet-2mm-transfer"
+    assert p.model == "brainunet-2mm-real"
     assert "pre-trained on synthetic gliomas" in info.text()
     assert "Inputs: T1CE, T2W, FLAIR; one of them may be missing, with lower accuracy." in info.text()
     assert "Accuracy: Mean Dice on 29 real BraTS 2018 cases" in info.text() and "MODEL_CARD.md" in info.text()
@@ -276,7 +276,7 @@ def test_model_selector_lists_the_registry_and_passes_the_choice(harness, tmp_pa
         combo.setCurrentIndex(index)
         ui.applyButton.click()
         ui.applyButton.click()  # cancel: the command line is all this test needs
-    assert commands[0][commands[0].index("--model") + 1] == "brainunet-2mm-transfer"
+    assert commands[0][commands[0].index("--model") + 1] == "brainunet-2mm-real"
     assert "--model" not in commands[1]  # the default: the worker's own choice from the same registry
     assert harness.errors() == []
     p.model = "intensity-baseline"  # parameter node -> panel (a scene loaded with a saved choice)
