@@ -184,3 +184,21 @@ def test_the_inputs_are_copied_once_in_their_own_voxel_type(scene):
     flat = mrml.add_volume_node(scene, Volume(np.full((4, 5, 6), 7, np.int16), np.eye(4), "flat"))
     with pytest.raises(InputError, match="constant"):
         mrml.voxels_from_node(flat)
+
+
+def test_on_windows_the_worker_gets_no_console_window_and_its_own_process_group(monkeypatch):
+    """Defect 3: Popen without CREATE_NO_WINDOW opens a console window on every run under Windows. The
+    Windows branch of launch() is run here with Popen recorded (the flags exist only on Windows)."""
+    import subprocess
+
+    from BrainUNetSegmentationLib import logic
+
+    calls = []
+    monkeypatch.setattr(subprocess, "CREATE_NO_WINDOW", 0x08000000, raising=False)
+    monkeypatch.setattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x00000200, raising=False)
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: calls.append(kw) or "process")
+    monkeypatch.setattr(logic.os, "name", "nt")
+    assert logic.launch(["python", "-m", "brainunet"], {}, ".") == "process"
+    flags = calls[0]["creationflags"]
+    assert flags & 0x08000000 and flags & 0x00000200
+    assert "start_new_session" not in calls[0]
