@@ -92,7 +92,7 @@ def test_demo_writes_the_four_outputs(tmp_path):
 def test_models_lists_registry():
     r = brainunet("models")
     assert r.returncode == 0 and "intensity-baseline" in r.stdout
-    assert "bias_correction=True" in r.stdout  # the bundled model's registry settings are shown
+    assert "tumour_threshold=0.75" in r.stdout  # the bundled model's registry settings are shown
 
 
 # ---- bad input: one clear line, exit status != 0, nothing written, inputs unchanged ------------------------

@@ -261,9 +261,9 @@ def test_model_selector_lists_the_registry_and_passes_the_choice(harness, tmp_pa
                                         "T1 native is not used.", "Accuracy: not measured.", "Licence: not stated."]
     combo.setCurrentIndex(1)
     assert p.model == "brainunet-2mm-real"
-    assert "pre-trained on synthetic gliomas" in info.text()
+    assert "fine-tuned on the 29 real expert-labelled BraTS 2018 cases" in info.text()
     assert "Inputs: T1CE, T2W, FLAIR; one of them may be missing, with lower accuracy." in info.text()
-    assert "Accuracy: Mean Dice on 29 real BraTS 2018 cases" in info.text() and "MODEL_CARD.md" in info.text()
+    assert "Accuracy: Cross-validated on 29 real BraTS 2018 cases" in info.text() and "MODEL_CARD.md" in info.text()
     assert "Licence: Apache-2.0" in info.text()
     combo.setCurrentIndex(2)
     assert p.model == "intensity-baseline" and "Not a trained network" in info.text()
