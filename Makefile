@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.brainunet-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-bench bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ demo: $(STAMP)
 	$(VENV)/bin/brainunet demo --output-dir out
 
 test: $(STAMP)
-	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q Testing
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q -m "not bench" Testing
+
+# The benchmark scripts, each once on a tiny case (no timing is asserted): they must not rot
+test-bench: $(STAMP)
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q -m bench Testing
 
 # Benchmarks (not part of the tests; ~25 min on 2 cores with the real case in ../shared): BENCHMARKS.md
 bench: $(STAMP)

@@ -12,6 +12,7 @@ pytest.importorskip("nnunetv2", reason="nnU-Net v2 is not installed (benchmark-o
 pytest.importorskip("monai", reason="MONAI is not installed (benchmark-only dependency)")
 pytest.importorskip("psutil", reason="psutil is not installed (the benchmark harness polls memory with it)")
 
+pytestmark = pytest.mark.bench
 CONTENDERS = ("brainunet", "nnunet_1fold", "monai_whole", "monai_windows")
 
 

@@ -27,6 +27,7 @@ def run_smoke(script: str, tmp_path: Path, *extra: str) -> dict:
     return payload
 
 
+@pytest.mark.bench
 def test_pipeline_smoke(tmp_path):
     out = run_smoke("pipeline.py", tmp_path)
     assert out["whole"]["wall_s"] > 0 and out["whole"]["peak_rss_gb"] > 0.1
@@ -36,6 +37,7 @@ def test_pipeline_smoke(tmp_path):
     assert parts <= stages["total_s"] * 1.001  # the stages are disjoint pieces of one run
 
 
+@pytest.mark.bench
 def test_variants_smoke(tmp_path):
     pytest.importorskip("onnxruntime")
     out = run_smoke("variants.py", tmp_path, "--variants", "fp32,channels_last,bf16,onnx,paper_2mm")
@@ -50,6 +52,7 @@ def test_variants_smoke(tmp_path):
     assert results["paper_2mm"]["parameters_m"] > 3 * results["fp32"]["parameters_m"]
 
 
+@pytest.mark.bench
 def test_accuracy_smoke(tmp_path):
     pytest.importorskip("brats_evaluation")
     out = run_smoke("accuracy.py", tmp_path, "--models", "intensity-baseline")
@@ -60,6 +63,7 @@ def test_accuracy_smoke(tmp_path):
         assert row["lesionwise"][region]["global_dice"] == pytest.approx(row[f"dice_{region}"], abs=1e-6)
 
 
+@pytest.mark.bench
 def test_robustness_smoke(tmp_path):
     pytest.importorskip("torchio")
     out = run_smoke("robustness.py", tmp_path, "--degradations", "clean,5 mm slices,low SNR,missing T2W")
@@ -68,6 +72,7 @@ def test_robustness_smoke(tmp_path):
     assert (tmp_path / "robustness.png").stat().st_size > 1000
 
 
+@pytest.mark.bench
 def test_where_time_goes_smoke(tmp_path):
     out = run_smoke("where_time_goes.py", tmp_path)
     assert out["flops"] > 1e9 and out["gemm_peak_gflops_fp32"] > 1
@@ -101,6 +106,7 @@ def test_benchmarks_md_quotes_the_committed_results():
     assert text.count("<!-- table:") >= 7 and "not run" not in text
 
 
+@pytest.mark.bench
 def test_error_analysis_smoke(tmp_path):
     out = run_smoke("error_analysis.py", tmp_path)
     assert set(out["resolution_ceiling"]) == {"ET", "NETC", "SNFH", "TC", "WT"}
@@ -113,6 +119,7 @@ def test_error_analysis_smoke(tmp_path):
     assert len(out["border_profile"]["cases"]) == 2  # the case and one engine case
 
 
+@pytest.mark.bench
 def test_gui_thread_smoke(tmp_path):
     out = run_smoke("gui_thread.py", tmp_path)
     assert set(out["results"]) == {"t1c", "t2w", "t2f"}
