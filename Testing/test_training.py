@@ -438,9 +438,11 @@ def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(t
         assert cli.main(["cv-report", str(out)]) == 0
         report = capsys.readouterr().out
         assert "| no-t2w | 4 |" in report and "| no-t1c | 4 |" in report and "| other | 4 |" in report
-        assert cli.main(["cv-postprocess", str(out), "--output", str(tmp_path / "pp.csv")]) == 0
+        assert cli.main(["cv-postprocess", str(out), "--output", str(tmp_path / "pp.csv"), "--nested"]) == 0
         printed = capsys.readouterr().out
         assert printed.startswith("none ") and "(4 held-out cases)" in printed
+        assert "nested (each fold scored with the rule chosen on the others)" in printed and "(4 cases)" in printed
+        assert "  fold0: tumour_threshold=" in printed and "  fold1: tumour_threshold=" in printed
         with open(tmp_path / "pp.csv") as f:
             assert len(list(csv.DictReader(f))) == len(crossval.postprocess_grid())
         capsys.readouterr()
@@ -534,3 +536,33 @@ def test_gpu_script_trains_from_a_pack_and_the_folds_are_scored_here_without_ret
     assert {p: p.stat().st_mtime_ns for p in models} == stamps  # scored, not retrained
     rows = crossval.read_cases(run)
     assert sorted({r["case"] for r in rows}) == sorted(p.name for p in data.iterdir())
+
+
+def test_nested_postprocess_scores_each_fold_with_the_rule_chosen_without_it(tmp_path, monkeypatch):
+    """Two folds that want different thresholds: each is scored with the rule chosen on the other, which is
+    worse than the rule chosen on both and scored on both (the in-sample figure cv-postprocess prints)."""
+    from brainunet_lab import crossval
+
+    monkeypatch.setattr(crossval, "POSTPROCESS_STAGES", (("tumour_threshold", (None, 0.3, 0.9)),))
+    reference = np.zeros((8, 8, 8), np.uint8)
+    reference[2:6, 2:6, 2:6] = 2
+    for fold, p_tumour in (("fold0", 0.95), ("fold1", 0.35)):
+        probs = np.zeros((4, 8, 8, 8), np.float32)
+        probs[0] = 1 - p_tumour / 2  # argmax says background in the tumour, a threshold can say tumour
+        probs[2] = p_tumour / 2
+        probs[0][reference == 0], probs[2][reference == 0] = 0.8, 0.2  # outside: P(tumour) 0.2
+        # a fold's two cases: the tumour at P(tumour) p_tumour and a false blob at 0.5 / 0.92
+        blob = np.zeros_like(reference, bool)
+        blob[0, 0, :] = True
+        probs[0][blob] = 0.5 if fold == "fold0" else 0.08
+        probs[2][blob] = 0.5 if fold == "fold0" else 0.92
+        folder = tmp_path / "run" / fold / "heldout"
+        folder.mkdir(parents=True)
+        np.savez(folder / "case.npz", probs=probs, mask=np.ones_like(reference, bool), reference=reference)
+    _, chosen = crossval.sweep_postprocess([tmp_path / "run"])
+    row, rules = crossval.nested_postprocess([tmp_path / "run"])
+    assert rules["fold0"]["tumour_threshold"] != rules["fold1"]["tumour_threshold"]  # chosen on the other fold
+    assert row["cases"] == 2
+    best_in_sample = max(r["mean"] for r in crossval._score_rules(
+        [c for _, c in crossval._load_heldout([tmp_path / "run"])], [chosen]))
+    assert row["mean"] < best_in_sample  # choosing on the scored cases flatters; nested does not

@@ -131,6 +131,9 @@ def add_commands(sub) -> None:
                                               "brainunet cv runs")
     p.add_argument("runs", nargs="+", help="run folders of brainunet cv")
     p.add_argument("--output", help="CSV of every rule's held-out Dice")
+    p.add_argument("--nested", action="store_true",
+                   help="also score each fold with the rule chosen on the other folds (what the search is worth "
+                        "on unseen cases; five times the work)")
 
     p = sub.add_parser("bundle", help="make a trained model the extension's bundled default (writes the repository's "
                                       "models/ folder and registry.json; for developers)")
@@ -398,6 +401,14 @@ def cmd_cv_postprocess(args) -> int:
         rule = ", ".join(f"{k}={r[k]}" for k in RULE_KEYS)
         print(f"{name:6s} {rule}: " + "  ".join(f"{k[5:]} {r[k]:.3f}" for k in keys) + f"  mean {r['mean']:.4f}"
               f"  ({r['cases']} held-out cases)")
+    if args.nested:
+        from .crossval import nested_postprocess
+
+        row, rules = nested_postprocess(args.runs)
+        print("nested (each fold scored with the rule chosen on the others): "
+              + "  ".join(f"{k[5:]} {row[k]:.3f}" for k in keys) + f"  mean {row['mean']:.4f}  ({row['cases']} cases)")
+        for fold, rule in rules.items():
+            print(f"  {fold}: " + ", ".join(f"{k}={rule[k]}" for k in RULE_KEYS))
     settings = " ".join(f"--set {k}={'null' if chosen[k] is None else chosen[k]}" for k in RULE_KEYS)
     print(f"register with: {settings}")
     return 0

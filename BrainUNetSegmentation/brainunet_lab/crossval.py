@@ -331,36 +331,42 @@ def postprocess_grid() -> list[dict]:
     return grid
 
 
-def _score_rules(cases, rules) -> list[dict]:
+def _case_dice(cases, rule: dict) -> list[dict]:
+    """Dice per region of each case under one post-processing rule."""
     from brainunet import postprocess
     from brainunet.settings import Postprocessing
 
     from .evaluation import dice
 
     rows = []
-    for rule in rules:
-        score = {k: [] for k in REGION_KEYS}
-        for probs, mask, ref in cases:
-            labels = postprocess.apply(probs, mask, Postprocessing(**rule))
-            for region in ALL_REGIONS:
-                score[region.key].append(dice(region.mask(labels), region.mask(ref)))
-        means = {f"dice_{k}": float(np.mean(v)) for k, v in score.items()}
-        rows.append({**rule, **means, "mean": float(np.mean(list(means.values()))), "cases": len(cases)})
+    for probs, mask, ref in cases:
+        labels = postprocess.apply(probs, mask, Postprocessing(**rule))
+        rows.append({r.key: dice(r.mask(labels), r.mask(ref)) for r in ALL_REGIONS})
     return rows
 
 
-def sweep_postprocess(run_dirs, start: dict | None = None) -> tuple[list[dict], dict]:
-    """Post-processing chosen by cross-validation: stage by stage (threshold, whole-tumour components,
-    ET rules), each stage keeps the rule with the best mean of the five regions' held-out Dice, the
-    earlier stages' choices fixed. Returns (every rule scored, the chosen rule). ``start``: the settings
-    the first stage starts from (default: argmax, nothing removed)."""
+def _mean_row(per_case: list[dict]) -> dict:
+    means = {f"dice_{k}": float(np.mean([c[k] for c in per_case])) for k in REGION_KEYS}
+    return {**means, "mean": float(np.mean(list(means.values()))), "cases": len(per_case)}
+
+
+def _score_rules(cases, rules) -> list[dict]:
+    return [{**rule, **_mean_row(_case_dice(cases, rule))} for rule in rules]
+
+
+def _load_heldout(run_dirs) -> list[tuple[str, tuple]]:
+    """(fold name, (probabilities, mask, reference)) of every kept held-out case of the runs."""
     files = [p for d in run_dirs for p in sorted(Path(d).glob("fold*/heldout/*.npz"))]
     if not files:
         raise InputError("No kept held-out probabilities (fold*/heldout/*.npz); run brainunet cv first.")
     cases = []
     for path in files:
         with np.load(path) as z:
-            cases.append((z["probs"].astype(np.float32), z["mask"], z["reference"]))
+            cases.append((path.parent.parent.name, (z["probs"].astype(np.float32), z["mask"], z["reference"])))
+    return cases
+
+
+def _choose_postprocess(cases, start: dict | None) -> tuple[list[dict], dict]:
     chosen = {"tumour_threshold": None, "min_component_voxels": 0, "min_et_component_voxels": 0,
               "et_to_netc_below_voxels": 0, **(start or {})}
     scored = []
@@ -372,6 +378,27 @@ def sweep_postprocess(run_dirs, start: dict | None = None) -> tuple[list[dict], 
         best = max(rows, key=lambda r: r["mean"])
         chosen = {k: best[k] for k in RULE_KEYS}
     return scored, chosen
+
+
+def sweep_postprocess(run_dirs, start: dict | None = None) -> tuple[list[dict], dict]:
+    """Post-processing chosen by cross-validation: stage by stage (threshold, whole-tumour components,
+    ET rules), each stage keeps the rule with the best mean of the five regions' held-out Dice, the
+    earlier stages' choices fixed. Returns (every rule scored, the chosen rule). ``start``: the settings
+    the first stage starts from (default: argmax, nothing removed)."""
+    return _choose_postprocess([case for _, case in _load_heldout(run_dirs)], start)
+
+
+def nested_postprocess(run_dirs, start: dict | None = None) -> tuple[dict, dict]:
+    """What the post-processing search is worth on cases it did not see: each fold's held-out cases are
+    scored with the rule chosen (as ``sweep_postprocess`` chooses) on the other folds' cases. The rule
+    chosen on all cases is scored on those same cases, so its figures are a little optimistic; this
+    one is not. Returns (the mean row over every case, {fold: the rule chosen without it})."""
+    cases = _load_heldout(run_dirs)
+    per_case, rules = [], {}
+    for fold in sorted({name for name, _ in cases}):
+        _, rules[fold] = _choose_postprocess([c for name, c in cases if name != fold], start)
+        per_case += _case_dice([c for name, c in cases if name == fold], rules[fold])
+    return _mean_row(per_case), rules
 
 
 def pack_cases(data_dir, pack_dir, base_model=None, overrides: dict | None = None, margin_mm: float = 24.0,
