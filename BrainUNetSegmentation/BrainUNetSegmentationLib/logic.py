@@ -79,14 +79,8 @@ def model_choices(user_home: str | None = None) -> list[ModelChoice]:
     from brainunet import weights
     from brainunet.errors import WeightsError
 
-    if user_home:
-        # the registry the worker reads (weights.user_registry_path under its BRAINUNET_HOME)
-        user_registry = Path(user_home) / "models" / "registry.json"
-        user = weights.load_registry(user_registry) if user_registry.is_file() else []
-        names = {e.name for e in user}
-        entries = user + [e for e in weights.load_registry(weights.REGISTRY_PATH) if e.name not in names]
-    else:
-        entries = weights.load_registry()
+    # the registry the worker reads (weights.user_registry_path under its BRAINUNET_HOME)
+    entries = weights.load_registry(user_registry=Path(user_home) / "models" / "registry.json" if user_home else None)
     try:
         default = weights.default_model(entries).name
     except WeightsError:  # the worker says why when it runs; the list still shows what is registered

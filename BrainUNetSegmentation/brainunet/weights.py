@@ -82,11 +82,13 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_registry(path: Path | None = None) -> list[ModelEntry]:
-    """The entries of one registry file, or (``path`` None) the user's registered models first, then the
-    bundled ones (a user entry of the same name wins)."""
+def load_registry(path: Path | None = None, user_registry: Path | None = None) -> list[ModelEntry]:
+    """The entries of one registry file, or (``path`` None) the user's registered models first (from
+    ``user_registry``, default ``user_registry_path()``), then the bundled ones (a user entry of the same
+    name wins)."""
     if path is None:
-        user = load_registry(user_registry_path()) if user_registry_path().is_file() else []
+        user_registry = Path(user_registry) if user_registry else user_registry_path()
+        user = load_registry(user_registry) if user_registry.is_file() else []
         names = {e.name for e in user}
         return user + [e for e in load_registry(REGISTRY_PATH) if e.name not in names]
     path = Path(path)
