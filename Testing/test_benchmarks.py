@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +41,9 @@ def test_pipeline_smoke(tmp_path):
 @pytest.mark.bench
 def test_variants_smoke(tmp_path):
     pytest.importorskip("onnxruntime")
-    out = run_smoke("variants.py", tmp_path, "--variants", "fp32,channels_last,bf16,onnx,paper_2mm")
+    out = run_smoke("variants.py", tmp_path, "--variants", "fp32,channels_last,bf16,onnx,paper_2mm,grid_1p5mm")
     results = out["results"]
-    assert set(results) == {"fp32", "channels_last", "bf16", "onnx", "paper_2mm"}
+    assert set(results) == {"fp32", "channels_last", "bf16", "onnx", "paper_2mm", "grid_1p5mm"}
     for name, r in results.items():
         assert "error" not in r, (name, r)
         assert r["median_s"] > 0
@@ -50,6 +51,10 @@ def test_variants_smoke(tmp_path):
     assert results["onnx"]["agreement_with_fp32"]["WT"] > 0.99
     assert results["channels_last"]["agreement_with_fp32"]["WT"] > 0.99
     assert results["paper_2mm"]["parameters_m"] > 3 * results["fp32"]["parameters_m"]
+    # a finer grid: more voxels for the same network, and no label comparison (its weights are 2 mm's)
+    grid = results["grid_1p5mm"]
+    assert grid["parameters_m"] == results["fp32"]["parameters_m"] and "agreement_with_fp32" not in grid
+    assert np.prod(grid["working_shape"]) > 2 * np.prod(results["fp32"]["working_shape"])
 
 
 @pytest.mark.bench
