@@ -7,7 +7,7 @@ post-processing keys inside ``"preprocessing"``; ``ModelSettings.from_stored`` s
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 
 from .errors import WeightsError
 
@@ -78,9 +78,6 @@ class ModelSettings:
 
     def with_overrides(self, overrides: dict | None, source: str = "settings") -> "ModelSettings":
         return ModelSettings.from_flat({**self.flat(), **(overrides or {})}, source) if overrides else self
-
-    def with_postprocessing(self, **values) -> "ModelSettings":
-        return replace(self, postprocessing=replace(self.postprocessing, **values))
 
     def flat(self) -> dict:
         return {**asdict(self.preprocessing), **asdict(self.postprocessing)}
