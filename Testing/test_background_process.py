@@ -60,7 +60,8 @@ def test_plain_terminate_would_leave_the_child_running(tmp_path):
     script.write_text(LAUNCHER)
     pid_file = tmp_path / "child.pid"
     process = subprocess.Popen([sys.executable, str(script), str(pid_file)], stdout=subprocess.DEVNULL)
-    while not pid_file.exists() or not pid_file.read_text():
+    deadline = time.monotonic() + 30
+    while (not pid_file.exists() or not pid_file.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     child = int(pid_file.read_text())
     process.terminate()

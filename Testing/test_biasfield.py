@@ -88,6 +88,11 @@ def test_finetuning_keeps_the_base_models_registry_settings(monkeypatch):
     monkeypatch.delenv("BRAINUNET_MODEL", raising=False)
     config = finetune_config(None, steps=1)
     assert config.bias_correction is True
+    # the post-processing chosen for the base model by cross-validation goes into the fine-tuned model
+    from brainunet_lab.training import model_settings
+
+    base = pipeline.load_model(weights.default_model().name).postprocessing
+    assert model_settings(config).postprocessing == base and base.tumour_threshold is not None
 
 
 def test_tiny_volumes_are_left_alone():

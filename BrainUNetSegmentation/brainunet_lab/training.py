@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from brainunet.errors import Cancelled, InputError
 from brainunet.labels import ALL_REGIONS, CLASS_LABELS
-from brainunet.settings import ModelSettings, Postprocessing, Preprocessing
+from brainunet.settings import POSTPROCESSING_KEYS, ModelSettings, Postprocessing, Preprocessing
 
 SEED_STRIDE = 1_000_003  # training case seed = config.seed * SEED_STRIDE + case index
 VALIDATION_SEED_BASE = 10**12  # validation seeds live far above any training seed
@@ -87,6 +87,9 @@ class TrainConfig:
     real_augmentation: bool = True
     init_weights: str | None = None  # weights file to start from (fine-tuning)
     min_component_voxels: int = 50  # stored in model.pt: post-processing at inference (native voxels)
+    # the rest of the post-processing stored in model.pt (settings.Postprocessing fields): a fine-tuned
+    # model keeps its base model's (e.g. the tumour_threshold chosen for it by cross-validation)
+    postprocessing: dict = field(default_factory=dict)
     # stored in model.pt: N4 bias-field correction of real inputs (inference and real training cases);
     # engine cases are rendered with their own bias fields and are not corrected
     bias_correction: bool = False
@@ -142,6 +145,9 @@ class TrainConfig:
         unknown = sorted(set(self.loss) - {"alpha", "beta", "ce_weight", "smooth"})
         if unknown:
             fail(f"unknown loss setting(s) {', '.join(unknown)}; use alpha, beta, ce_weight, smooth.")
+        unknown = sorted(set(self.postprocessing) - set(POSTPROCESSING_KEYS))
+        if unknown:
+            fail(f"unknown post-processing setting(s) {', '.join(unknown)}; use {', '.join(POSTPROCESSING_KEYS)}.")
         if len(self.network.get("features", [])) < 2:
             fail("network.features needs at least two levels, e.g. [16, 32, 64, 128].")
         divisor = self.network_config().divisor
@@ -552,7 +558,7 @@ def model_settings(config: TrainConfig) -> ModelSettings:
                       bias_correction=config.bias_correction,
                       # lets the pipeline accept a case with one sequence missing (zero channel)
                       modality_dropout=config.modality_dropout > 0),
-        Postprocessing(min_component_voxels=config.min_component_voxels))
+        Postprocessing(**{**config.postprocessing, "min_component_voxels": config.min_component_voxels}))
 
 
 class _Optimisation:
@@ -778,7 +784,7 @@ def finetune_config(base_model, steps: int, lr: float | None = None, engine_frac
 
     resolved = resolve_network(base_model)
     path = resolved.path
-    net, payload = weights_mod.load_weights(path)
+    net, payload = weights_mod.load_weights(path, resolved.sha256)
     stored = ModelSettings.from_stored(payload, resolved.settings, source=str(path))
     pp = stored.preprocessing
     trained = payload.get("extra", {}).get("training", {})
@@ -791,6 +797,7 @@ def finetune_config(base_model, steps: int, lr: float | None = None, engine_frac
                 "patch_size": trained.get("patch_size", [64, 64, 64]), "anatomy": trained.get("anatomy", "sri24"),
                 "inference_patch_size": list(pp.patch_size),
                 "min_component_voxels": stored.postprocessing.min_component_voxels,
+                "postprocessing": {k: v for k, v in asdict(stored.postprocessing).items() if k != "min_component_voxels"},
                 "bias_correction": pp.bias_correction,
                 "steps": int(steps), "lr": 2e-4, "warmup_steps": 20, "device": device, "seed": seed,
                 "init_weights": str(path.resolve())}
