@@ -294,10 +294,8 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
 
     def _modelIndex(self, name: str) -> int:
         """Combo box index of a model name ("" or a name no longer registered: the default model)."""
-        for index, model in enumerate(self._models):
-            if (model.name == name) if name else model.default:
-                return index
-        return next((i for i, m in enumerate(self._models) if m.default), 0)
+        default = next((i for i, m in enumerate(self._models) if m.default), 0)
+        return next((i for i, m in enumerate(self._models) if name and m.name == name), default)
 
     def onModelChanged(self, *args) -> None:
         self._showModelInformation()
@@ -341,10 +339,9 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if self._run is not None:
             self.ui.applyButton.setEnabled(True)
             return
-        from brainunet.imageio import MODALITY_NAMES
+        from BrainUNetSegmentationLib.logic import missing_inputs
 
-        inputs = self.selectedInputs()
-        missing = [MODALITY_NAMES[r] for r in ("t1c", "t2w", "t2f") if inputs.get(r) is None]
+        missing = missing_inputs(self.selectedInputs())
         self.ui.applyButton.setEnabled(len(missing) <= 1)
         if len(missing) > 1:
             self.ui.applyButton.setToolTip(_("Select the {volumes} volumes first.").format(
@@ -493,9 +490,8 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
 
     def _setRunning(self, running) -> None:
         self.ui.applyButton.setText(_("Cancel") if running else _("Apply"))
-        self.ui.applyButton.setToolTip(
-            _("Stop the running segmentation; nothing is added to the scene.") if running
-            else _("Segment the tumour (ET, NETC, SNFH). Runs in the background; click again to cancel."))
+        if running:  # when idle, _updateApplyButton says what Apply would do with the inputs chosen
+            self.ui.applyButton.setToolTip(_("Stop the running segmentation; nothing is added to the scene."))
         for name in ("inputsCollapsibleButton", "outputsCollapsibleButton", "advancedCollapsibleButton"):
             getattr(self.ui, name).setEnabled(not running)
         if running:

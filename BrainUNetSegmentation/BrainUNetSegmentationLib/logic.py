@@ -24,8 +24,6 @@ from brainunet.errors import BrainUNetError, InputError
 from brainunet.imageio import MODALITY_NAMES
 
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # folder that contains the brainunet package
-#: Longest Cancel waits for the input writer to finish its current file (it then removes what it wrote).
-CANCEL_WAIT_S = 5.0
 
 #: Name patterns per input role, tried in order (case-insensitive, on word-ish boundaries).
 NAME_PATTERNS = {
@@ -43,6 +41,11 @@ def guess_role(name: str) -> str | None:
             if re.search(r"(?<![a-z0-9])" + pattern, low):
                 return role
     return None
+
+
+def missing_inputs(inputs: dict) -> list[str]:
+    """The names of T1CE, T2W and FLAIR that ``inputs`` (role -> node) lacks."""
+    return [MODALITY_NAMES[r] for r in ("t1c", "t2w", "t2f") if inputs.get(r) is None]
 
 
 def guess_inputs(scene) -> dict:
@@ -79,8 +82,7 @@ def model_choices(user_home: str | None = None) -> list[ModelChoice]:
     from brainunet import weights
     from brainunet.errors import WeightsError
 
-    # the registry the worker reads (weights.user_registry_path under its BRAINUNET_HOME)
-    entries = weights.load_registry(user_registry=Path(user_home) / "models" / "registry.json" if user_home else None)
+    entries = weights.load_registry(user_registry=weights.user_registry_path(user_home))
     try:
         default = weights.default_model(entries).name
     except WeightsError:  # the worker says why when it runs; the list still shows what is registered
@@ -244,10 +246,8 @@ class BackgroundRun:
                 self.error = "Cancelled by the user; nothing was changed."
         if process is not None:
             kill_tree(process)
-        if self._writer is not None:
-            # the writer stops at the next file; waiting for it keeps a half-written file from
-            # reappearing in the folder removed below (one file takes well under a second)
-            self._writer.join(CANCEL_WAIT_S)
+        # never waits for the input writer: it stops at the next file, and its own clean-up removes the
+        # folder again after a file it was still writing
         self.cleanup()
 
     def cleanup(self):
@@ -274,7 +274,7 @@ class BrainUNetLogic:
     def check_inputs(self, inputs: dict) -> dict:
         """Volumes per role (a checked copy each, in the node's voxel type); raises InputError naming what
         to fix."""
-        missing = [MODALITY_NAMES[r] for r in ("t1c", "t2w", "t2f") if inputs.get(r) is None]
+        missing = missing_inputs(inputs)
         # One missing sequence is left to the model to accept (modality dropout) or refuse, with its
         # own message from the background process; two missing is never enough.
         if len(missing) > 1:
@@ -389,10 +389,9 @@ def kill_tree(process: subprocess.Popen, grace_s: float = 0.5) -> None:
         except subprocess.TimeoutExpired:
             pass
     try:
-        os.killpg(process.pid, signal.SIGKILL)  # a child may outlive its launcher's exit
-    except (ProcessLookupError, PermissionError):
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:  # a launcher that cannot be signalled: leave it rather than hang the panel
         pass
-    process.wait()
 
 
 def default_python() -> str:

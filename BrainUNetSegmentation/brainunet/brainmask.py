@@ -12,15 +12,12 @@ shell is scalp fat, which is bright on T1CE, T2W and FLAIR.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
 from .errors import InputError
-
-log = logging.getLogger(__name__)
 
 MAX_STRIPPED_ML = 2200.0  # the largest adult brain is ~1.9 L (BraTS brains here: 1.0-1.9 L)
 SHELL_MM = 3.0  # outer shell of the non-zero region

@@ -53,7 +53,7 @@ def check_images(volumes: dict) -> None:
             raise InputError(f"{_name(key)} has almost no signal ({nonzero} non-zero voxels); check that the right "
                              "series was selected and exported completely.")
         sample = data[::3, ::3, ::3]
-        values = np.unique(sample[:, :, :])
+        values = np.unique(sample)
         if values.size <= MAX_LABEL_VALUES and np.all(values == np.round(values)):
             values = np.unique(data)  # confirm on every voxel
             if values.size <= MAX_LABEL_VALUES and np.all(values == np.round(values)):

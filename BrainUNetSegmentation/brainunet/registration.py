@@ -23,8 +23,8 @@ MAX_PLAUSIBLE_MM = 40.0  # a patient does not move further inside the head coil
 MAX_PLAUSIBLE_DEG = 30.0
 MIN_GAIN = 0.05  # relative mutual-information gain below which a found movement is not trusted
 MIN_SHARED_INFORMATION = 0.1  # Mattes MI (negated by SimpleITK) of unrelated images is ~0; sequences of one head: 0.4-0.9
-BRAIN_RADIUS_MM = 80.0
-MIN_LEVEL_VOXELS = 32  # a registration level needs at least this many voxels along every axis  # how far from the centre a brain point lies, to turn a rotation into millimetres
+BRAIN_RADIUS_MM = 80.0  # how far from the centre a brain point lies, to turn a rotation into millimetres
+MIN_LEVEL_VOXELS = 32  # a registration level needs at least this many voxels along every axis
 
 
 @dataclass

@@ -31,10 +31,11 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 REGISTRY_PATH = MODELS_DIR / "registry.json"
 
 
-def user_models_dir() -> Path:
-    """Per-user folder for registered and downloaded models. Inside Slicer the module sets
-    ``$BRAINUNET_HOME`` next to Slicer's user settings, as the anchors keep their models in the user's home."""
-    home = os.environ.get("BRAINUNET_HOME")
+def user_models_dir(home: str | Path | None = None) -> Path:
+    """Per-user folder for registered and downloaded models: under ``home``, else ``$BRAINUNET_HOME``, else the
+    platform's user data folder. Inside Slicer the bridge gives the worker a home next to Slicer's user
+    settings, as the anchors keep their models in the user's home."""
+    home = home or os.environ.get("BRAINUNET_HOME")
     if home:
         return Path(home) / "models"
     try:
@@ -45,8 +46,8 @@ def user_models_dir() -> Path:
         return Path.home() / ".brainunet" / "models"
 
 
-def user_registry_path() -> Path:
-    return user_models_dir() / "registry.json"
+def user_registry_path(home: str | Path | None = None) -> Path:
+    return user_models_dir(home) / "registry.json"
 
 
 WEIGHTS_FORMAT = "brainunet-weights"
