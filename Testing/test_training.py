@@ -444,7 +444,7 @@ def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(t
         assert "nested (each fold scored with the rule chosen on the others)" in printed and "(4 cases)" in printed
         assert "  fold0: tumour_threshold=" in printed and "  fold1: tumour_threshold=" in printed
         with open(tmp_path / "pp.csv") as f:
-            assert len(list(csv.DictReader(f))) == len(crossval.postprocess_grid())
+            assert len(list(csv.DictReader(f))) == sum(len(values) for _, values in crossval.POSTPROCESS_STAGES)
         capsys.readouterr()
         assert cli.main(["cv-rescore", str(out), "--data", str(data), "--set", "tumour_threshold=0.99",
                          "--set", "min_component_voxels=10", "--tag", "strict"]) == 0

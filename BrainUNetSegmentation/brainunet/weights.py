@@ -291,8 +291,13 @@ def register_model(weights_file: Path, name: str, description: str = "", setting
     with open(registry_path, encoding="utf-8") as f:
         registry = json.load(f)
     registry["models"] = [entry] + [m for m in registry["models"] if m.get("name") != name]
-    tmp = Path(str(registry_path) + ".tmp")
-    tmp.write_text(json.dumps(registry, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, registry_path)
+    write_registry(registry_path, registry)
     return load_registry(registry_path)[0]
+
+
+def write_registry(path: Path, registry: dict) -> None:
+    """Replace a registry file whole (a crash leaves the old one, never half a file)."""
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(registry, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 

@@ -439,5 +439,5 @@ def bundle_model(weights_file: Path, name: str, description: str, settings: dict
         if old["name"] in replaces and old["name"] != name and old.get("file"):
             (registry_path.parent / old["file"]).unlink(missing_ok=True)
     registry["models"] = [m for m in registry["models"] if m["name"] not in replaces or m["name"] == name]
-    registry_path.write_text(json.dumps(registry, indent=2) + "\n", encoding="utf-8")
+    weights.write_registry(registry_path, registry)
     return entry

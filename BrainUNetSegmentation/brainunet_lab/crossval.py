@@ -319,16 +319,11 @@ POSTPROCESS_STAGES = (
 RULE_KEYS = ("tumour_threshold", "min_component_voxels", "min_et_component_voxels", "et_to_netc_below_voxels")
 
 
-def postprocess_grid() -> list[dict]:
-    """Every rule of every stage, each with the other settings at their defaults (argmax, none)."""
-    base = {"tumour_threshold": None, "min_component_voxels": 0, "min_et_component_voxels": 0,
-            "et_to_netc_below_voxels": 0}
-    grid = []
-    for keys, values in POSTPROCESS_STAGES:
-        for value in values:
-            keys_, values_ = (keys, value) if isinstance(keys, tuple) else ((keys,), (value,))
-            grid.append({**base, **dict(zip(keys_, values_))})
-    return grid
+def _no_rule() -> dict:
+    """The search's starting point: argmax, nothing removed (``settings.Postprocessing``'s defaults)."""
+    from brainunet.settings import Postprocessing
+
+    return {k: getattr(Postprocessing(), k) for k in RULE_KEYS}
 
 
 def _case_dice(cases, rule: dict) -> list[dict]:
@@ -367,13 +362,16 @@ def _load_heldout(run_dirs) -> list[tuple[str, tuple]]:
 
 
 def _choose_postprocess(cases, start: dict | None) -> tuple[list[dict], dict]:
-    chosen = {"tumour_threshold": None, "min_component_voxels": 0, "min_et_component_voxels": 0,
-              "et_to_netc_below_voxels": 0, **(start or {})}
-    scored = []
+    chosen = {**_no_rule(), **(start or {})}
+    scored, known = [], {}  # a stage's starting rule is the previous stage's winner: scored once
     for keys, values in POSTPROCESS_STAGES:
         keys = keys if isinstance(keys, tuple) else (keys,)
         rules = [{**chosen, **dict(zip(keys, v if isinstance(v, tuple) else (v,)))} for v in values]
-        rows = _score_rules(cases, rules)
+        for rule in rules:
+            key = tuple(rule[k] for k in RULE_KEYS)
+            if key not in known:
+                known[key] = _score_rules(cases, [rule])[0]
+        rows = [dict(known[tuple(rule[k] for k in RULE_KEYS)]) for rule in rules]
         scored += rows
         best = max(rows, key=lambda r: r["mean"])
         chosen = {k: best[k] for k in RULE_KEYS}
