@@ -29,7 +29,7 @@ class OutputError(BrainUNetError):
     """An output could not be written; nothing was changed."""
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     """Same file by path after resolving links, or by device and inode (hard links) when both exist."""
     try:
         if a.resolve() == b.resolve():
@@ -53,7 +53,7 @@ def check_outputs(outputs: dict[str, Path], inputs=()) -> dict[str, Path]:
     inputs = [Path(p) for p in inputs if p]
     for key, path in outputs.items():
         for source in inputs:
-            if _same_file(path, source):
+            if same_file(path, source):
                 raise InputError(f"Output {path} is one of the input images ({source}); choose another file "
                                  "name so no input is overwritten.")
         if path.is_dir():
@@ -70,7 +70,7 @@ def check_outputs(outputs: dict[str, Path], inputs=()) -> dict[str, Path]:
     keys = list(outputs)
     for i, a in enumerate(keys):
         for b in keys[i + 1:]:
-            if _same_file(outputs[a], outputs[b]):
+            if same_file(outputs[a], outputs[b]):
                 raise InputError(f"The {a} and {b} outputs are the same file ({outputs[a]}); give each its own "
                                  "file name.")
     return outputs

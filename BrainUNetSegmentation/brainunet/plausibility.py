@@ -10,13 +10,13 @@ Warnings (a note in the run's output and in the log), because the input may stil
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
 from .imageio import MODALITY_NAMES
+from .outputs import same_file
 
 MAX_LABEL_VALUES = 8  # an MR image has far more distinct intensities than any label map
 MIN_SIGNAL_VOXELS = 1000  # fewer non-zero voxels than this is no brain image
@@ -34,11 +34,7 @@ def check_distinct_files(paths: dict) -> None:
     items = [(k, Path(p)) for k, p in paths.items() if p]
     for i, (ka, pa) in enumerate(items):
         for kb, pb in items[i + 1:]:
-            try:
-                same = pa.resolve() == pb.resolve() or (pa.exists() and pb.exists() and os.path.samefile(pa, pb))
-            except OSError:
-                same = False
-            if same:
+            if same_file(pa, pb):
                 raise InputError(f"The same file ({pa}) is given as {_name(ka)} and {_name(kb)}; select the right image "
                                  "for each sequence.")
 
