@@ -111,27 +111,18 @@ def extract_brain_if_needed(aligned: dict[str, np.ndarray], reference: Volume, r
 
 
 def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing: bool = False,
-                   notes: list | None = None, brain_extraction: bool = True, registration: bool = True):
-    """(raw intensities on the reference grid, the network's input) as the model's settings say.
-    ``registration``: register sequences that moved to the reference (rigid, mutual information);
-    ``brain_extraction``: extract the brain when the image is not skull-stripped (detected from the
-    image); what was done is appended to ``notes``."""
+                   notes: list | None = None):
+    """(raw intensities on the reference grid, the network's input) as the model's settings say: sequences
+    that moved are registered to the reference (rigid, mutual information), the brain is extracted when
+    the image is not skull-stripped (detected from the image); what was done is appended to ``notes``."""
     from . import preprocessing
+    from .registration import register_to_reference
 
     ref_key = reference_key(volumes)
     aligned = preprocessing.align_to_reference(volumes, ref_key)
     notes = notes if notes is not None else []
-    if registration:
-        from .registration import register_to_reference
-
-        reference = volumes[ref_key]
-        # sequences stored on one grid were resampled together (BraTS, or a registration's output):
-        # co-registered already; sequences on their own grids are checked for movement
-        moved_grids = [k for k, v in volumes.items() if k != ref_key and not preprocessing.same_grid(
-            v, reference.data.shape, reference.affine)]
-        register_to_reference(volumes, aligned, ref_key, notes, keys=moved_grids)
-    if brain_extraction:
-        extract_brain_if_needed(aligned, volumes[ref_key], ref_key, notes)
+    register_to_reference(volumes, aligned, ref_key, notes)
+    extract_brain_if_needed(aligned, volumes[ref_key], ref_key, notes)
     notes += plausibility.contrast_warnings(aligned)
     pp = model.preprocessing
     prepared = preprocessing.prepare(aligned, volumes[ref_key], model.modalities, pp.spacing_mm,

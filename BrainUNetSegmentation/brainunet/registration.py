@@ -115,13 +115,15 @@ def resample_registered(moving: Volume, reference: Volume, transform) -> np.ndar
     return sitk.GetArrayFromImage(out).transpose(2, 1, 0).astype(np.float32)
 
 
-def register_to_reference(volumes: dict, aligned: dict, ref_key: str, notes: list,
-                          keys=("t2w", "t2f", "t1n", "t1c")) -> None:
+def register_to_reference(volumes: dict, aligned: dict, ref_key: str, notes: list) -> None:
     """Replace (in ``aligned``) each sequence that moved relative to the reference by its registered
-    version; say so in ``notes``. Refuse a registration that failed."""
+    version; say so in ``notes``. Refuse a registration that failed. Sequences stored on the reference's
+    grid were resampled together (BraTS, or a registration's output): co-registered already, left alone."""
+    from .preprocessing import same_grid
+
     reference = volumes[ref_key]
-    for key in keys:
-        if key == ref_key or key not in volumes:
+    for key in volumes:
+        if key == ref_key or same_grid(volumes[key], reference.data.shape, reference.affine):
             continue
         name, ref_name = MODALITY_NAMES.get(key, key), MODALITY_NAMES.get(ref_key, ref_key)
         reg = register_rigid(reference, volumes[key])
