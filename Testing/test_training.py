@@ -566,3 +566,28 @@ def test_nested_postprocess_scores_each_fold_with_the_rule_chosen_without_it(tmp
     best_in_sample = max(r["mean"] for r in crossval._score_rules(
         [c for _, c in crossval._load_heldout([tmp_path / "run"])], [chosen]))
     assert row["mean"] < best_in_sample  # choosing on the scored cases flatters; nested does not
+
+
+def test_a_postprocessing_stage_must_gain_the_minimum_to_change_the_rule(tmp_path, monkeypatch):
+    """A threshold that helps a little is kept only when its gain reaches ``min_gain``; the argmax stays
+    otherwise, and what the search prints is still every rule's score."""
+    from brainunet_lab import crossval
+
+    monkeypatch.setattr(crossval, "POSTPROCESS_STAGES", (("tumour_threshold", (None, 0.3)),))
+    reference = np.zeros((8, 8, 8), np.uint8)
+    reference[2:6, 2:6, 2:6] = 2  # 64 voxels
+    probs = np.zeros((4, 8, 8, 8), np.float32)
+    probs[0], probs[2] = 0.8, 0.2  # background everywhere by argmax and by threshold 0.3
+    probs[0][reference == 2], probs[2][reference == 2] = 0.2, 0.8
+    probs[0][2, 2, 2], probs[2][2, 2, 2] = 0.6, 0.4  # one tumour voxel only the threshold finds
+    folder = tmp_path / "run" / "fold0" / "heldout"
+    folder.mkdir(parents=True)
+    np.savez(folder / "case.npz", probs=probs, mask=np.ones_like(reference, bool), reference=reference)
+
+    rows, chosen = crossval.sweep_postprocess([tmp_path / "run"], min_gain=0.0)
+    gain = rows[1]["mean"] - rows[0]["mean"]
+    assert 0 < gain < 0.05 and chosen["tumour_threshold"] == 0.3
+    _, chosen = crossval.sweep_postprocess([tmp_path / "run"], min_gain=gain * 2)
+    assert chosen["tumour_threshold"] is None
+    _, chosen = crossval.sweep_postprocess([tmp_path / "run"], min_gain=gain / 2)
+    assert chosen["tumour_threshold"] == 0.3

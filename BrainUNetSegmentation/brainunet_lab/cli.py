@@ -14,6 +14,7 @@ from brainunet.cli import Progress, _add_model_args, _load_model
 from brainunet.errors import InputError
 
 from . import calibration, montage  # their options live beside the code they drive
+from .crossval import MIN_POSTPROCESS_GAIN
 
 
 def _add_run_args(p):
@@ -134,6 +135,9 @@ def add_commands(sub) -> None:
     p.add_argument("--nested", action="store_true",
                    help="also score each fold with the rule chosen on the other folds (what the search is worth "
                         "on unseen cases; five times the work)")
+    p.add_argument("--min-gain", type=float, default=MIN_POSTPROCESS_GAIN,
+                   help="a stage changes the rule only if it raises the five-region mean held-out Dice by this much "
+                        "(default %(default)s)")
 
     p = sub.add_parser("bundle", help="make a trained model the extension's bundled default (writes the repository's "
                                       "models/ folder and registry.json; for developers)")
@@ -391,7 +395,7 @@ def cmd_cv_postprocess(args) -> int:
     from .crossval import RULE_KEYS, sweep_postprocess
     from .evaluation import write_metrics_csv
 
-    rows, chosen = sweep_postprocess(args.runs)
+    rows, chosen = sweep_postprocess(args.runs, min_gain=args.min_gain)
     if args.output:
         write_metrics_csv(rows, args.output)
     keys = [k for k in rows[0] if k.startswith("dice_")]
@@ -404,7 +408,7 @@ def cmd_cv_postprocess(args) -> int:
     if args.nested:
         from .crossval import nested_postprocess
 
-        row, rules = nested_postprocess(args.runs)
+        row, rules = nested_postprocess(args.runs, min_gain=args.min_gain)
         print("nested (each fold scored with the rule chosen on the others): "
               + "  ".join(f"{k[5:]} {row[k]:.3f}" for k in keys) + f"  mean {row['mean']:.4f}  ({row['cases']} cases)")
         for fold, rule in rules.items():

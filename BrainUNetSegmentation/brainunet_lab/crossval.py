@@ -361,32 +361,45 @@ def _load_heldout(run_dirs) -> list[tuple[str, tuple]]:
     return cases
 
 
-def _choose_postprocess(cases, start: dict | None) -> tuple[list[dict], dict]:
+#: A post-processing stage changes the rule only if it raises the five-region mean Dice of the held-out
+#: cases by at least this much: smaller gains are within the spread between folds, and every step kept is
+#: one more way to fail on cases unlike these (a component rule can remove a multifocal tumour's satellite).
+MIN_POSTPROCESS_GAIN = 0.005
+
+
+def _choose_postprocess(cases, start: dict | None, min_gain: float = MIN_POSTPROCESS_GAIN) -> tuple[list[dict], dict]:
     chosen = {**_no_rule(), **(start or {})}
     scored, known = [], {}  # a stage's starting rule is the previous stage's winner: scored once
+
+    def score(rule):
+        key = tuple(rule[k] for k in RULE_KEYS)
+        if key not in known:
+            known[key] = _score_rules(cases, [rule])[0]
+        return dict(known[key])
+
     for keys, values in POSTPROCESS_STAGES:
         keys = keys if isinstance(keys, tuple) else (keys,)
         rules = [{**chosen, **dict(zip(keys, v if isinstance(v, tuple) else (v,)))} for v in values]
-        for rule in rules:
-            key = tuple(rule[k] for k in RULE_KEYS)
-            if key not in known:
-                known[key] = _score_rules(cases, [rule])[0]
-        rows = [dict(known[tuple(rule[k] for k in RULE_KEYS)]) for rule in rules]
+        rows = [score(rule) for rule in rules]
         scored += rows
         best = max(rows, key=lambda r: r["mean"])
-        chosen = {k: best[k] for k in RULE_KEYS}
+        if best["mean"] >= score(chosen)["mean"] + min_gain:
+            chosen = {k: best[k] for k in RULE_KEYS}
     return scored, chosen
 
 
-def sweep_postprocess(run_dirs, start: dict | None = None) -> tuple[list[dict], dict]:
+def sweep_postprocess(run_dirs, start: dict | None = None,
+                      min_gain: float = MIN_POSTPROCESS_GAIN) -> tuple[list[dict], dict]:
     """Post-processing chosen by cross-validation: stage by stage (threshold, whole-tumour components,
-    ET rules), each stage keeps the rule with the best mean of the five regions' held-out Dice, the
-    earlier stages' choices fixed. Returns (every rule scored, the chosen rule). ``start``: the settings
-    the first stage starts from (default: argmax, nothing removed)."""
-    return _choose_postprocess([case for _, case in _load_heldout(run_dirs)], start)
+    ET rules), each stage keeps the rule with the best mean of the five regions' held-out Dice if it beats
+    the stage's starting rule by ``min_gain``, the earlier stages' choices fixed. Returns (every rule
+    scored, the chosen rule). ``start``: the settings the first stage starts from (default: argmax,
+    nothing removed)."""
+    return _choose_postprocess([case for _, case in _load_heldout(run_dirs)], start, min_gain)
 
 
-def nested_postprocess(run_dirs, start: dict | None = None) -> tuple[dict, dict]:
+def nested_postprocess(run_dirs, start: dict | None = None,
+                       min_gain: float = MIN_POSTPROCESS_GAIN) -> tuple[dict, dict]:
     """What the post-processing search is worth on cases it did not see: each fold's held-out cases are
     scored with the rule chosen (as ``sweep_postprocess`` chooses) on the other folds' cases. The rule
     chosen on all cases is scored on those same cases, so its figures are a little optimistic; this
@@ -394,7 +407,7 @@ def nested_postprocess(run_dirs, start: dict | None = None) -> tuple[dict, dict]
     cases = _load_heldout(run_dirs)
     per_case, rules = [], {}
     for fold in sorted({name for name, _ in cases}):
-        _, rules[fold] = _choose_postprocess([c for name, c in cases if name != fold], start)
+        _, rules[fold] = _choose_postprocess([c for name, c in cases if name != fold], start, min_gain)
         per_case += _case_dice([c for name, c in cases if name == fold], rules[fold])
     return _mean_row(per_case), rules
 
