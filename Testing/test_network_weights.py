@@ -224,3 +224,23 @@ def test_bundle_replaces_the_old_bundled_model_and_keeps_the_rest(tmp_path):
     assert not old.exists() and entry.path().is_file() and weights.sha256_of(entry.path()) == entry.sha256
     _, payload = weights.load_weights(entry.path(), entry.sha256)
     assert payload["postprocessing"]["tumour_threshold"] == 0.75
+
+
+def test_entries_listed_for_another_home_download_there_and_find_it(tmp_path, monkeypatch):
+    """The Slicer process lists the worker's models (its BRAINUNET_HOME, not its own): an install-tree
+    entry's download goes to that home, and the listing then finds the file there, as the worker does."""
+    worker_home, own_home = tmp_path / "worker", tmp_path / "own"
+    monkeypatch.setenv("BRAINUNET_HOME", str(own_home))
+    net = BrainUNet(NetworkConfig(features=(4, 8)))
+    src = tmp_path / "src.pt"
+    sha = weights.save_weights(src, net, "remote")
+    entry = weights.load_registry(user_registry=weights.user_registry_path(worker_home))[0]
+    remote = weights.ModelEntry("remote", "network", "d", file="remote-test.pt", sha256=sha, url=src.as_uri(),
+                                base_dir=weights.MODELS_DIR, user_dir=entry.user_dir)
+    assert entry.user_dir == worker_home / "models"
+    assert remote.download_target() == worker_home / "models" / "remote-test.pt"  # never the install tree
+    path = weights.ensure_weights(remote)
+    assert path == worker_home / "models" / "remote-test.pt" and remote.path() == path
+    assert not (own_home / "models").exists()
+    elsewhere = weights.ModelEntry("local", "network", "d", file="local.pt", base_dir=tmp_path / "registry")
+    assert elsewhere.download_target() == tmp_path / "registry" / "local.pt"  # a writable registry's own folder

@@ -62,16 +62,28 @@ class ModelEntry:
     url: str | None = None
     extra: dict = field(default_factory=dict)
     base_dir: Path | None = None  # the folder of the registry that lists it (relative files live there)
+    # the user's models folder it was listed with (None: this process's, ``user_models_dir()``): the
+    # Slicer process lists the worker's models, whose home is not its own
+    user_dir: Path | None = None
+
+    def _listed(self, registry_dir: Path | None) -> Path:
+        p = Path(self.file)
+        return p if p.is_absolute() else Path(registry_dir or self.base_dir or MODELS_DIR) / p
+
+    def download_target(self, registry_dir: Path | None = None) -> Path:
+        """Where a download of the weights goes: the user's folder when the registry lists them in the
+        (read-only) install tree, else where the registry lists them."""
+        listed = self._listed(registry_dir)
+        if listed.parent.resolve() == MODELS_DIR:
+            return Path(self.user_dir or user_models_dir()) / listed.name
+        return listed
 
     def path(self, registry_dir: Path | None = None) -> Path | None:
-        """Where the weights are: the registry's folder, or the user's copy of a downloaded file."""
+        """Where the weights are: where the registry lists them, or where they were downloaded to."""
         if self.file is None:
             return None
-        p = Path(self.file)
-        if p.is_absolute():
-            return p
-        listed = Path(registry_dir or self.base_dir or MODELS_DIR) / p
-        downloaded = user_models_dir() / p.name
+        listed = self._listed(registry_dir)
+        downloaded = self.download_target(registry_dir)
         return downloaded if not listed.exists() and downloaded.exists() else listed
 
 
@@ -91,7 +103,10 @@ def load_registry(path: Path | None = None, user_registry: Path | None = None) -
         user_registry = Path(user_registry) if user_registry else user_registry_path()
         user = load_registry(user_registry) if user_registry.is_file() else []
         names = {e.name for e in user}
-        return user + [e for e in load_registry(REGISTRY_PATH) if e.name not in names]
+        entries = user + [e for e in load_registry(REGISTRY_PATH) if e.name not in names]
+        for e in entries:
+            e.user_dir = user_registry.parent
+        return entries
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -204,10 +219,7 @@ def ensure_weights(entry: ModelEntry, registry_dir: Path | None = None, progress
         if not entry.url:
             raise WeightsError(f"Weights file for model '{entry.name}' is missing: {path}. Reinstall BrainUNet "
                                "or pass --model with the path to a weights file.")
-        # into the user's folder when the registry's own folder is the (read-only) install tree
-        target = user_models_dir() / path.name if path.parent == MODELS_DIR else path
-        download(entry.url, target, entry.sha256, progress)
-        path = target
+        path = download(entry.url, entry.download_target(registry_dir), entry.sha256, progress)
     return path
 
 
