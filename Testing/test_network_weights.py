@@ -244,3 +244,23 @@ def test_entries_listed_for_another_home_download_there_and_find_it(tmp_path, mo
     assert not (own_home / "models").exists()
     elsewhere = weights.ModelEntry("local", "network", "d", file="local.pt", base_dir=tmp_path / "registry")
     assert elsewhere.download_target() == tmp_path / "registry" / "local.pt"  # a writable registry's own folder
+
+
+def test_mirror_tta_averages_the_image_and_its_left_right_mirror():
+    """"mirror" is two passes, the second on the image flipped along its first (left-right) axis: its
+    output on an image equals that on the mirrored image, mirrored back."""
+    from brainunet.inference import tta_flips
+
+    assert len(tta_flips(False)) == 1 and len(tta_flips("mirror")) == 2 and len(tta_flips(True)) == 8
+    with pytest.raises(ValueError, match="mirror"):
+        tta_flips("sideways")
+    torch.manual_seed(0)
+    net = BrainUNet(NetworkConfig(features=(4, 8)))
+    image = np.random.default_rng(0).normal(size=(3, 32, 24, 16)).astype(np.float32)
+    plain = predict_probabilities(net, image, (32, 24, 16))
+    mirrored = predict_probabilities(net, image, (32, 24, 16), tta="mirror")
+    flipped = predict_probabilities(net, np.ascontiguousarray(image[:, ::-1]), (32, 24, 16), tta="mirror")
+    assert not np.allclose(plain, mirrored, atol=1e-4)
+    assert np.allclose(mirrored, flipped[:, ::-1], atol=1e-5)
+    assert np.allclose(mirrored, (plain + predict_probabilities(
+        net, np.ascontiguousarray(image[:, ::-1]), (32, 24, 16))[:, ::-1]) / 2, atol=1e-5)

@@ -88,11 +88,24 @@ def window_plan(shape, patch_size, divisor, overlap=0.5):
     return tuple(padded), tuple(patch), list(itertools.product(*starts))
 
 
+def tta_flips(tta) -> list[tuple]:
+    """The tensor dimensions flipped by each pass of test-time augmentation. ``tta``: False (one pass),
+    True or "all" (every combination of the three axes: 8 passes), "mirror" (the image and its left-right
+    mirror: the prepared image is RAS, so its first spatial axis runs left to right)."""
+    if tta in (False, None, "off"):
+        return [()]
+    if tta in (True, "all"):
+        return [()] + [f for r in (1, 2, 3) for f in itertools.combinations((2, 3, 4), r)]
+    if tta == "mirror":
+        return [(), (2,)]
+    raise ValueError(f"Unknown test-time augmentation {tta!r}: off, mirror or all.")
+
+
 def predict_probabilities(model, image: np.ndarray, patch_size=(128, 128, 128), overlap=0.5, tta=False,
                           device="cpu", progress=None, should_cancel=None, num_threads=None,
                           precision: str | None = None) -> np.ndarray:
-    """Softmax probabilities (K, X, Y, Z) for a normalised (C, X, Y, Z) image. ``precision``: see
-    ``resolve_precision``."""
+    """Softmax probabilities (K, X, Y, Z) for a normalised (C, X, Y, Z) image. ``tta``: see ``tta_flips``;
+    ``precision``: see ``resolve_precision``."""
     import torch
 
     if num_threads:
@@ -130,7 +143,7 @@ def _predict(model, image, patch_size, overlap, tta, device, progress, should_ca
     acc = torch.zeros((k, *padded), dtype=torch.float32)
     norm = torch.zeros(padded, dtype=torch.float32)
     weight = torch.from_numpy(_gaussian_weight(patch)) if len(origins) > 1 else torch.ones(patch)
-    flips = [()] + ([f for r in (1, 2, 3) for f in itertools.combinations((2, 3, 4), r)] if tta else [])
+    flips = tta_flips(tta)
     total = len(origins) * len(flips)
     done = 0
     with torch.inference_mode():

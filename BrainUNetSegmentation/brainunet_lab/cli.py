@@ -127,6 +127,8 @@ def add_commands(sub) -> None:
                    help="post-processing setting (JSON value), e.g. tumour_threshold=0.9")
     p.add_argument("--tag", required=True, help="name of this scoring (writes cases-TAG.csv)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--tta", default="off", choices=["off", "mirror", "all"],
+                   help="test-time augmentation: none, the left-right mirror (2 passes) or every flip (8 passes)")
 
     p = sub.add_parser("cv-postprocess", help="compare post-processing rules on the held-out probabilities of "
                                               "brainunet cv runs")
@@ -386,7 +388,8 @@ def cmd_cv_rescore(args) -> int:
 
     from .crossval import format_report, rescore
 
-    rescore(args.run, args.data, parse_settings(args.set), args.tag, args.device, log=lambda m: print(m, flush=True))
+    rescore(args.run, args.data, parse_settings(args.set), args.tag, args.device, log=lambda m: print(m, flush=True),
+            tta=args.tta)
     print(format_report(args.run, args.tag))
     return 0
 

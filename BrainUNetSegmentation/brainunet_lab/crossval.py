@@ -157,11 +157,12 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
 
 
 def score_fold(weights, held_cases, fold: int, keep_dir, device: str = "auto",
-               settings: dict | None = None) -> list[dict]:
+               settings: dict | None = None, tta=False) -> list[dict]:
     """Segment each held-out case from its files as inference does, for every condition; Dice and HD95 on
     the case's own 1 mm grid. The 'all' condition's probabilities are kept (float16, crop grid) for
     choosing post-processing, unless ``keep_dir`` is None. ``settings`` override the model's stored
-    post-processing (as a registry entry's settings do)."""
+    post-processing (as a registry entry's settings do); ``tta``: test-time augmentation
+    (``inference.tta_flips``)."""
     from brainunet import pipeline, postprocess
     from brainunet.imageio import find_case_files
     from brainunet.inference import predict_probabilities, resolve_device
@@ -189,7 +190,7 @@ def score_fold(weights, held_cases, fold: int, keep_dir, device: str = "auto",
                 image = image.copy()
                 image[list(loaded.modalities).index(dropped)] = 0.0  # what inference feeds for a missing sequence
             probs = predict_probabilities(loaded.network, image, model_settings.preprocessing.patch_size,
-                                          device=device, precision="fp32")
+                                          tta=tta, device=device, precision="fp32")
             probs = prepared.restore_channels(probs)
             if condition == "all" and keep_dir is not None:
                 np.savez_compressed(keep_dir / f"{case.name}.npz", probs=probs.astype(np.float16),
@@ -224,10 +225,10 @@ def _read_rows(path) -> list[dict]:
     return rows
 
 
-def rescore(run_dir, data_dir, settings: dict, tag: str, device: str = "auto", log=print) -> Path:
+def rescore(run_dir, data_dir, settings: dict, tag: str, device: str = "auto", log=print, tta=False) -> Path:
     """Score every fold model again on its held-out cases, every condition, with post-processing
-    ``settings`` (the ones chosen by ``sweep_postprocess``, as the shipped model applies them); writes
-    ``cases-<tag>.csv`` beside ``cases.csv``."""
+    ``settings`` (the ones chosen by ``sweep_postprocess``, as the shipped model applies them) and
+    test-time augmentation ``tta``; writes ``cases-<tag>.csv`` beside ``cases.csv``."""
     from types import SimpleNamespace
 
     from .realdata import find_labelled_cases
@@ -243,7 +244,7 @@ def rescore(run_dir, data_dir, settings: dict, tag: str, device: str = "auto", l
         if not weights.is_file():
             raise InputError(f"{weights} is missing; finish the cross-validation first (brainunet cv ... --resume).")
         held = [SimpleNamespace(name=n, path=paths[n]) for n in names]
-        rows += score_fold(weights, held, i, None, device, settings)
+        rows += score_fold(weights, held, i, None, device, settings, tta)
         log(f"fold {i} rescored")
     out = run_dir / f"cases-{tag}.csv"
     _write_rows(rows, out)
