@@ -399,6 +399,9 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                 return False
             self._dependenciesReady = True
         p = self._parameterNode
+        if not self._confirmReplacing(p.outputSegmentation):
+            self._setStatus(_("Nothing was run; the segmentation was left as it was."))
+            return False
         options = self.logic.runOptions(p.device, p.tta, p.model)
         self._run = self.logic.start(inputs, options, on_progress=self._onProgress, on_log=self._onLog)
         self._runOutputSegmentation = self._parameterNode.outputSegmentation
@@ -407,6 +410,16 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._setStatus(_("Starting the segmentation..."))
         self._timer.start()
         return True
+
+    def _confirmReplacing(self, segmentationNode) -> bool:
+        """A chosen output segmentation with segments is replaced only when the user says so: it may hold
+        corrections made in Segment Editor, or another patient's result."""
+        if segmentationNode is None or segmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
+            return True
+        return slicer.util.confirmOkCancelDisplay(
+            _("Replace the segments of \"{name}\" and its statistics with the new result? Corrections made to "
+              "it in Segment Editor will be lost. Choose \"Create new segmentation\" as output to keep it.").format(
+                name=segmentationNode.GetName()), windowTitle="BrainUNet")
 
     def cancelRun(self, message: str = "") -> None:
         if self._run is None:
@@ -448,13 +461,18 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self._setStatus(message)
             slicer.util.errorDisplay(message, windowTitle="BrainUNet")
             return
-        if self._parameterNode is not None:
-            self._parameterNode.outputSegmentation = segmentationNode  # Apply again updates this segmentation
-            self.updateGUIFromParameterNode()
+        # the output choice is left as it was: with "Create new segmentation", the next Apply (often another
+        # patient) never replaces this result or the corrections made to it
+        self.ui.segmentationShow3DButton.setSegmentationNode(segmentationNode)
         self.ui.progressBar.setValue(100)
         self._showResults(tableNode)
-        self._setStatus(_("Done: segmentation \"{segmentation}\" and table \"{table}\".").format(
-            segmentation=segmentationNode.GetName(), table=tableNode.GetName()))
+        done = _("Done: segmentation \"{segmentation}\" and table \"{table}\".").format(
+            segmentation=segmentationNode.GetName(), table=tableNode.GetName())
+        if run.notes:  # what the worker did to the input or doubts about it: shown, not left in the log
+            self._setStatus(done + " " + _("Check the notes."))
+            slicer.util.warningDisplay("\n\n".join(run.notes), windowTitle=_("BrainUNet: notes on this result"))
+        else:
+            self._setStatus(done)
 
     def onExportCsvButton(self, *args) -> None:
         tableNode = slicer.mrmlScene.GetNodeByID(self._resultTableNodeID) if self._resultTableNodeID else None

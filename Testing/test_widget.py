@@ -328,7 +328,7 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
     headers = [ui.resultsTableView.horizontalHeaderItem(c).text() for c in range(ui.resultsTableView.columnCount())]
     assert headers[:4] == ["Region", "Name", "Voxels", "Volume (mL)"]
     assert [ui.resultsTableView.item(r, 0).text() for r in range(5)] == ["ET", "NETC", "SNFH", "TC", "WT"]
-    assert ui.outputSegmentationSelector.currentNode() is seg  # the next Apply updates this segmentation
+    assert ui.outputSegmentationSelector.currentNode() is None  # the next Apply creates a new one
     assert ui.segmentationShow3DButton.segmentationNode() is seg  # Show 3D acts on the result
 
     # export CSV
@@ -345,14 +345,24 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
     assert widget_harness.QtWidgets.QApplication.overrideCursor() is None
     harness.messages.clear()
 
-    # a second run into the chosen segmentation updates it and its table
+    # choosing the result as output: Apply asks before replacing it; declined, nothing runs or changes
+    ui.outputSegmentationSelector.setCurrentNode(seg)
+    harness.answers[:] = [False]
+    ui.applyButton.click()
+    assert widget._run is None and text(ui.applyButton) == "Apply"
+    assert len(harness.questions) == 1 and seg.GetName() in harness.questions[0]
+    assert ui.statusLabel.text().startswith("Nothing was run")
+    assert seg.GetSegmentation().GetNumberOfSegments() == 3
+    # accepted: the run updates that segmentation and its table, and creates no other
+    harness.answers[:] = [True]
     ui.applyButton.click()
     harness.wait_until(lambda: widget._run is None, RUN_TIMEOUT_S)
-    assert harness.errors() == []
+    assert harness.errors() == [] and len(harness.questions) == 2
     assert harness.dependency_checks == [True]  # checked once per session
     assert harness.nodes_of("vtkMRMLSegmentationNode") == [seg]
     assert harness.nodes_of("vtkMRMLTableNode") == [table]
     assert seg.GetSegmentation().GetNumberOfSegments() == 3 and table.GetNumberOfRows() == 5
+    assert ui.outputSegmentationSelector.currentNode() is seg  # an explicit choice stays
     ui.outputSegmentationSelector.setCurrentNode(None)
     assert ui.segmentationShow3DButton.segmentationNode() is None
 
@@ -378,6 +388,24 @@ def test_apply_is_disabled_until_two_sequences_are_selected(harness):
     process_events(0.3)
     assert harness.widget._run is None and harness.scene.GetNumberOfNodes() == count
     assert harness.errors() == []
+
+def test_notes_on_a_result_are_shown_when_it_is_done(harness):
+    """A run without T2W finishes (the bundled model was trained with modality dropout) and says so in a
+    warning once the result is in, not only in the log."""
+    ui, widget = harness.ui, harness.widget
+    add_case(harness)
+    widget.enter()
+    ui.deviceComboBox.setCurrentIndex(1)  # cpu
+    ui.modelComboBox.setCurrentIndex(ui.modelComboBox.findText("brainunet-2mm-real"))
+    ui.t2wSelector.setCurrentNode(None)
+    ui.applyButton.click()
+    harness.wait_until(lambda: widget._run is None, RUN_TIMEOUT_S)
+    assert harness.errors() == []
+    assert ui.statusLabel.text().startswith("Done") and ui.statusLabel.text().endswith("Check the notes.")
+    assert len(harness.warnings) == 1 and "T2W missing" in harness.warnings[0]
+    table = harness.nodes_of("vtkMRMLTableNode")[0]
+    assert "T2W missing" in (table.GetDescription() or "")  # the note stays with the figures
+
 
 def test_a_bad_input_is_reported_and_changes_nothing(harness, tmp_path):
     """slicer.util.tryWithErrorDisplay around Apply: the reason in a message box, no run, no node, no file."""

@@ -390,13 +390,17 @@ _MISSING = object()
 class WidgetHarness:
     """Installs the stand-ins, imports the module, sets up its widget on a fresh real scene.
 
-    ``messages`` records the text of every errorDisplay call.
+    ``messages`` records the text of every errorDisplay call, ``warnings`` of every warningDisplay call;
+    confirmOkCancelDisplay records its question in ``questions`` and answers with the next of ``answers``.
     Leaving the ``with`` block tears everything down (widget, observers, scene) and restores
     ``sys.modules``, ``slicer`` and ``slicer.util`` as they were.
     """
 
     def __init__(self):
         self.messages: list[str] = []
+        self.warnings: list[str] = []  # warningDisplay texts
+        self.questions: list[str] = []  # confirmOkCancelDisplay texts
+        self.answers: list[bool] = []  # the user's answers to them, in order (a question without one fails)
         self.module = None
         self.widget = None
         self.ui = None
@@ -442,7 +446,15 @@ class WidgetHarness:
         self._set_attr(self._saved_util, util, "loadUI", lambda path: UiLoader().load_file(path))
         self._set_attr(self._saved_util, util, "childWidgetVariables", child_widget_variables)
         self._set_attr(self._saved_util, util, "errorDisplay", lambda text, *a, **kw: self.messages.append(str(text)))
+        self._set_attr(self._saved_util, util, "warningDisplay", lambda text, *a, **kw: self.warnings.append(str(text)))
+        self._set_attr(self._saved_util, util, "confirmOkCancelDisplay", self._confirm)
         self._set_attr(self._saved_util, util, "pip_install", self._refuse("pip_install"))
+
+    def _confirm(self, text, *args, **kwargs) -> bool:
+        self.questions.append(str(text))
+        if not self.answers:
+            raise AssertionError(f"unexpected question to the user: {text}")
+        return self.answers.pop(0)
 
     def restore(self):
         for name, value in self._saved_util.items():

@@ -147,11 +147,13 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
     plausibility.check_images(volumes)
     missing = check_modalities(volumes, model)
     ref_key = reference_key(volumes)
+    notes: list[str] = []
     if missing:
         names = ", ".join(MODALITY_NAMES.get(m, m) for m in missing)
-        log.warning("%s missing: segmenting without it (expect lower accuracy, above all for ET without T1CE).", names)
+        # a note, not only a log line: it stays with the statistics (table, CSV) the result is read from
+        notes.append(f"{names} missing: segmented without it, with lower accuracy"
+                     + (" (above all ET and the tumour core, which need T1CE)." if "t1c" in missing else "."))
     report(0.02, f"Aligning inputs to the {MODALITY_NAMES.get(ref_key, ref_key)} grid")
-    notes: list[str] = []
     aligned, prepared = prepare_inputs(volumes, model, allow_missing=bool(missing), notes=notes)
     for note in notes:
         log.info(note)
