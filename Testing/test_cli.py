@@ -141,6 +141,19 @@ def test_batch_skip_existing_resumes_an_interrupted_batch(tmp_path):
     assert r.returncode == 0 and (out / "case-a-seg.nii.gz").read_bytes() != b"from the interrupted run"
 
 
+def test_demo_passes_precision_and_threads_to_segment(tmp_path, monkeypatch):
+    from brainunet import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda argv: seen.append(argv) or 0)
+    args = cli.build_parser().parse_args(["demo", "--output-dir", str(tmp_path), "--precision", "fp32",
+                                          "--threads", "2", "--progress", "none"])
+    assert cli.cmd_demo(args) == 0
+    (argv,) = seen
+    assert argv[0] == "segment"
+    assert argv[argv.index("--precision") + 1] == "fp32" and argv[argv.index("--threads") + 1] == "2"
+
+
 def test_demo_writes_the_four_outputs(tmp_path):
     r = brainunet("demo", "--output-dir", tmp_path / "out", "--progress", "none")
     assert r.returncode == 0, r.stderr

@@ -67,7 +67,9 @@ def _add_model_args(p):
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
                    help="network arithmetic; auto (default, or $BRAINUNET_PRECISION): bf16 only on a CPU with "
                         "native bf16 (AVX512-BF16/AMX), else fp32")
-    p.add_argument("--progress", default="bar", choices=["bar", "machine", "none"])
+    p.add_argument("--progress", default="bar", choices=["bar", "machine", "none"],
+                   help="bar (default): a progress bar; machine: BRAINUNET_PROGRESS lines, as the Slicer module "
+                        "reads them; none: messages only")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: all cores)")
 
 
@@ -108,8 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. to resume an interrupted batch")
     _add_model_args(p)
 
-    p = sub.add_parser("demo", help="segment the built-in synthetic case; writes labels, .seg.nrrd, CSV and PNG")
-    p.add_argument("--output-dir", default="out")
+    p = sub.add_parser("demo", help="segment the built-in synthetic case; writes labels, .seg.nrrd, CSV and PNG",
+                       description="Write a synthetic case (a phantom brain with a ring-enhancing glioma; no data "
+                                   "needed) to OUTPUT_DIR/demo_case and segment it as 'brainunet segment' would: "
+                                   "demo-seg.nii.gz, demo.seg.nrrd, demo-stats.csv and demo-overlay.png in "
+                                   "OUTPUT_DIR.", epilog=EXIT_CODES_HELP)
+    p.add_argument("--output-dir", default="out", help="folder for the case and the outputs (default: %(default)s)")
     _add_model_args(p)
 
     sub.add_parser("models", help="list registered models and which one is the default")
@@ -260,6 +266,10 @@ def cmd_demo(args) -> int:
         common += ["--model", args.model]
     if args.tta:
         common += ["--tta"]
+    if args.precision:
+        common += ["--precision", args.precision]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
     return main(["segment", *common, "--output", str(out / "demo-seg.nii.gz"), "--seg-nrrd", str(out / "demo.seg.nrrd"),
                  "--stats", str(out / "demo-stats.csv"), "--overlay", str(out / "demo-overlay.png")])
 
