@@ -363,14 +363,23 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             if self._parameterNode is None:
                 self.initializeParameterNode()
             guesses = self.logic.guess_inputs()
-            if not guesses:
+            several = "; ".join(_("several volumes look like {role} ({names})").format(role=role.upper(),
+                                                                                       names=", ".join(names))
+                                for role, names in self.logic.ambiguous_inputs().items())
+            if not guesses and not several:
                 self._setStatus(_("No volume name looks like T1CE, T2W, FLAIR or T1. Select the volumes by hand."))
                 return
             for role, node in guesses.items():
                 setattr(self._parameterNode, role, node)
             self.updateGUIFromParameterNode()
             found = ", ".join(f"{role.upper()} = {node.GetName()}" for role, node in guesses.items())
-            self._setStatus(_("Detected: {volumes}").format(volumes=found))
+            if not several:
+                self._setStatus(_("Detected: {volumes}").format(volumes=found))
+            elif found:
+                self._setStatus(_("Detected: {volumes}. Not chosen: {which}. Select those by hand.").format(
+                    volumes=found, which=several))
+            else:
+                self._setStatus(_("Not chosen: {which}. Select those by hand.").format(which=several))
 
     def onApplyButton(self, *args) -> None:
         """Apply starts a run; while a run is going the same button cancels it."""

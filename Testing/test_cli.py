@@ -81,6 +81,79 @@ def test_batch_reads_brats2021_and_2023_layouts(tmp_path):
     assert r.returncode == 1  # one case could not be done
 
 
+def _two_cases(data):
+    from brainunet import synthetic
+
+    for seed, name in enumerate(("case-a", "case-b"), start=1):
+        synthetic.write_case(data / name, name, seed=seed, shape=(40, 48, 36))
+
+
+def _main_in_process(argv):
+    """cli.main in this process (to reach inside it), its SIGTERM handler put back afterwards."""
+    import signal
+
+    from brainunet import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        return cli.main([str(a) for a in argv])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_batch_goes_on_after_an_unexpected_error_in_one_case(tmp_path, tiny_weights, monkeypatch, capsys):
+    """Any exception in one case (here a RuntimeError as torch raises one) fails that case only: the next is
+    segmented, the summary is printed and the exit status says that a case failed."""
+    from brainunet import pipeline
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    _two_cases(data)
+    real_run = pipeline.run
+
+    def run_failing_on_case_a(paths, output, *args, **kwargs):
+        if Path(output).name.startswith("case-a"):
+            raise RuntimeError("CUDA out of memory")
+        return real_run(paths, output, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run", run_failing_on_case_a)
+    code = _main_in_process(["batch", data, "--output-dir", out, "--model", tiny_weights[0], "--device", "cpu",
+                             "--progress", "none"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "case-a: failed, nothing written: RuntimeError: CUDA out of memory" in captured.err
+    assert not (out / "case-a-seg.nii.gz").exists() and (out / "case-b-seg.nii.gz").exists()
+    assert "1 of 2 cases segmented" in captured.out and "1 failed" in captured.out
+
+
+def test_batch_skip_existing_resumes_an_interrupted_batch(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    _two_cases(data)
+    out.mkdir()
+    (out / "case-a-seg.nii.gz").write_bytes(b"from the interrupted run")
+    r = brainunet("batch", data, "--output-dir", out, "--skip-existing", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert f"case-a: skipped, {out / 'case-a-seg.nii.gz'} already exists" in r.stderr
+    assert (out / "case-a-seg.nii.gz").read_bytes() == b"from the interrupted run"  # left as it was
+    assert not (out / "case-a-stats.csv").exists() and (out / "case-b-seg.nii.gz").exists()
+    assert "1 of 2 cases segmented" in r.stdout and "1 skipped" in r.stdout
+    # without the option every case is segmented again
+    r = brainunet("batch", data, "--output-dir", out, "--progress", "none")
+    assert r.returncode == 0 and (out / "case-a-seg.nii.gz").read_bytes() != b"from the interrupted run"
+
+
+def test_demo_passes_precision_and_threads_to_segment(tmp_path, monkeypatch):
+    from brainunet import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda argv: seen.append(argv) or 0)
+    args = cli.build_parser().parse_args(["demo", "--output-dir", str(tmp_path), "--precision", "fp32",
+                                          "--threads", "2", "--progress", "none"])
+    assert cli.cmd_demo(args) == 0
+    (argv,) = seen
+    assert argv[0] == "segment"
+    assert argv[argv.index("--precision") + 1] == "fp32" and argv[argv.index("--threads") + 1] == "2"
+
+
 def test_demo_writes_the_four_outputs(tmp_path):
     r = brainunet("demo", "--output-dir", tmp_path / "out", "--progress", "none")
     assert r.returncode == 0, r.stderr

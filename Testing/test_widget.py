@@ -235,6 +235,18 @@ def test_enter_auto_fills_selectors_from_volume_names(harness):
     assert (p.device, p.tta, p.show3D) == ("cpu", True, False)
 
 
+def test_auto_detect_leaves_a_sequence_that_several_volumes_match_and_says_so(harness):
+    ui = harness.ui
+    nodes = add_case(harness)
+    harness.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Case_T2 resampled")
+    harness.widget.enter()
+    assert ui.t2wSelector.currentNode() is None  # neither T2 is taken on trust
+    ui.autoDetectButton.click()
+    assert ui.t1cSelector.currentNode() is nodes["t1c"] and ui.t2fSelector.currentNode() is nodes["t2f"]
+    assert ui.t2wSelector.currentNode() is None
+    assert "several volumes look like T2W (Case_T2, Case_T2 resampled)" in ui.statusLabel.text()
+
+
 def test_model_selector_lists_the_registry_and_passes_the_choice(harness, tmp_path, monkeypatch):
     """User-registered models first, the bundled network, the intensity baseline last and labelled; the box
     under it says what the selection was trained on, its inputs, accuracy and licence; the choice is kept

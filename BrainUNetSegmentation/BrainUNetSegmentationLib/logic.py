@@ -25,21 +25,49 @@ from brainunet.imageio import MODALITY_NAMES
 
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # folder that contains the brainunet package
 
-#: Name patterns per input role, tried in order (case-insensitive, on word-ish boundaries).
-NAME_PATTERNS = {
-    "t1c": [r"t1[\W_]*(ce|c|gd|post|contrast|\+c?)(?![a-z])", r"gad", r"contrast"],
-    "t2f": [r"t2f", r"flair"],
-    "t2w": [r"t2w", r"t2(?![\W_]*f)(?!.*flair)"],
-    "t1n": [r"t1n", r"t1(?![\W_]*(ce|c|gd|post|contrast|\+))(?!.*gad)"],
-}
+# Series names as scanners and archives write them ("AX T1 FLAIR POST", "t1_mprage_sag_p2_iso_post",
+# "T2W_TSE", "BraTS-GLI-00001-000-t1c"), read as words: a word starts after anything but a letter or digit.
+_W = r"(?<![a-z0-9])"
+#: Series that are none of the four inputs, whatever else their name says (T2* and susceptibility,
+#: diffusion, perfusion).
+NOT_AN_INPUT = [r"t2[\W_]*(\*|star)", _W + r"(swi|swan|dwi|dti|adc|tracew?|dsc|dce|pwi|asl)(?![a-z])",
+                _W + r"(diff|perf)"]  # diff, diffusion, perf, perfusion
+#: A T1-weighted series: T1 (T1W, T1N, T1C, ...) or a T1 sequence named without "T1".
+T1_NAMES = [_W + r"(ce)?t1(?![0-9])", _W + r"(mprage|spgr|fspgr|bravo)(?![a-z])"]
+#: Marks of a contrast-enhanced T1, anywhere in its name ("T1 FS POST", "T1W_TSE_GD", "Ax T1 SE +C", "T1wCE").
+CONTRAST = [_W + r"t1w?[\W_]*(ce|c|gd)(?![a-z])", _W + r"t1w?[\W_]*(post|gad|contrast)", _W + r"cet1",
+            _W + r"(ce|gd)(?![a-z])", _W + r"(post(?!er)|gad|contrast)", r"\+"]
+#: ... overruled by marks of a native T1 ("T1 PRE", "T1 pre-contrast", "T1 non contrast", "T1N").
+NATIVE = [_W + r"t1n(?![a-z])", _W + r"pre(?![a-z])", _W + r"pre[\W_]*(contrast|gd|gad)",
+          _W + r"non[\W_]*(contrast|gd|gad)", _W + r"without(?![a-z])", _W + r"w/o(?![a-z])", _W + r"nativ"]
+T2_NAMES = [_W + r"t2(?![0-9])"]
+#: FLAIR: T2F, FLAIR, Siemens's "dark-fluid"; a T1-weighted FLAIR (GE's "AX T1 FLAIR") is a T1 all the same.
+FLAIR_NAMES = [_W + r"t2[\W_]*f(lair)?(?![a-z])", _W + r"flair", _W + r"dark[\W_]*fluid"]
+#: Gradient echo: a T2-weighted one is T2* (not T2W); a T1-weighted one (spoiled GRE) is a T1.
+GRADIENT_ECHO = [_W + r"gre(?![a-z])"]
+
+
+def _any(patterns, text: str) -> bool:
+    return any(re.search(p, text) for p in patterns)
 
 
 def guess_role(name: str) -> str | None:
+    """The input role a volume's name suggests (t1c, t1n, t2w, t2f), or None for any other series and
+    for a name that says both T1 and T2."""
     low = name.lower()
-    for role in ("t1c", "t2f", "t2w", "t1n"):
-        for pattern in NAME_PATTERNS[role]:
-            if re.search(r"(?<![a-z0-9])" + pattern, low):
-                return role
+    if _any(NOT_AN_INPUT, low):
+        return None
+    t1, t2, flair = _any(T1_NAMES, low), _any(T2_NAMES, low), _any(FLAIR_NAMES, low)
+    if t1 and t2:
+        return None
+    if t1:
+        return "t1c" if _any(CONTRAST, low) and not _any(NATIVE, low) else "t1n"
+    if _any(GRADIENT_ECHO, low):
+        return None
+    if flair:
+        return "t2f"
+    if t2:
+        return "t2w"
     return None
 
 
@@ -48,18 +76,30 @@ def missing_inputs(inputs: dict) -> list[str]:
     return [MODALITY_NAMES[r] for r in ("t1c", "t2w", "t2f") if inputs.get(r) is None]
 
 
-def guess_inputs(scene) -> dict:
-    """Role -> scalar volume node, from node names (t1c/t1ce/t1gd, t2w/t2, flair/t2f, t1/t1n)."""
-    chosen: dict = {}
+def input_candidates(scene) -> dict:
+    """Role -> every scalar volume node (label maps aside) whose name suggests that role, in scene order."""
+    found: dict = {}
     nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
     for i in range(nodes.GetNumberOfItems()):
         node = nodes.GetItemAsObject(i)
         if node.IsA("vtkMRMLLabelMapVolumeNode"):
             continue
         role = guess_role(node.GetName() or "")
-        if role and role not in chosen:
-            chosen[role] = node
-    return chosen
+        if role:
+            found.setdefault(role, []).append(node)
+    return found
+
+
+def guess_inputs(scene) -> dict:
+    """Role -> scalar volume node, from node names (t1c/t1ce/t1gd or a T1 marked post/gd/+c, t2w/t2,
+    flair/t2f, t1/t1n). A role that two or more volumes match is left out: which one is meant is the
+    user's choice, and the first in scene order is as likely the wrong one (a resampled copy, an older study)."""
+    return {role: nodes[0] for role, nodes in input_candidates(scene).items() if len(nodes) == 1}
+
+
+def ambiguous_inputs(scene) -> dict:
+    """Role -> the names of the volumes that match it, for each role that two or more volumes match."""
+    return {role: [n.GetName() for n in nodes] for role, nodes in input_candidates(scene).items() if len(nodes) > 1}
 
 
 @dataclass(frozen=True)
@@ -270,6 +310,9 @@ class BrainUNetLogic:
 
     def guess_inputs(self) -> dict:
         return guess_inputs(self.scene)
+
+    def ambiguous_inputs(self) -> dict:
+        return ambiguous_inputs(self.scene)
 
     def check_inputs(self, inputs: dict) -> dict:
         """Volumes per role (a checked copy each, in the node's voxel type); raises InputError naming what

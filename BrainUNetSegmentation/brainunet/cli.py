@@ -67,7 +67,9 @@ def _add_model_args(p):
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
                    help="network arithmetic; auto (default, or $BRAINUNET_PRECISION): bf16 only on a CPU with "
                         "native bf16 (AVX512-BF16/AMX), else fp32")
-    p.add_argument("--progress", default="bar", choices=["bar", "machine", "none"])
+    p.add_argument("--progress", default="bar", choices=["bar", "machine", "none"],
+                   help="bar (default): a progress bar; machine: BRAINUNET_PROGRESS lines, as the Slicer module "
+                        "reads them; none: messages only")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: all cores)")
 
 
@@ -95,16 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("batch", help="segment every BraTS-layout case folder inside DIR",
                        description="Segment every case folder inside DIR (BraTS 2021 or 2023 file names). A case "
-                                   "that fails is reported and skipped; the others go on.",
-                       epilog="exit status: 0 every case segmented; 1 some cases failed (each named above the "
-                              "summary); 2 nothing to do (bad folder or options); 3 missing or corrupt weights")
+                                   "that fails, for whatever reason, is reported and skipped; the others go on. "
+                                   "With --skip-existing an interrupted batch resumes where it stopped.",
+                       epilog="exit status: 0 every case segmented (or skipped); 1 some cases failed (each named "
+                              "above the summary); 2 nothing to do (bad folder or options); 3 missing or corrupt "
+                              "weights")
     p.add_argument("data_dir")
     p.add_argument("--output-dir", help="where to write <case>-seg.nii.gz (default: DIR/brainunet)")
     p.add_argument("--format", default="nii.gz", choices=["nii.gz", "seg.nrrd"])
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip a case whose labels file (<case>-seg.FORMAT) is already in the output folder, "
+                        "e.g. to resume an interrupted batch")
     _add_model_args(p)
 
-    p = sub.add_parser("demo", help="segment the built-in synthetic case; writes labels, .seg.nrrd, CSV and PNG")
-    p.add_argument("--output-dir", default="out")
+    p = sub.add_parser("demo", help="segment the built-in synthetic case; writes labels, .seg.nrrd, CSV and PNG",
+                       description="Write a synthetic case (a phantom brain with a ring-enhancing glioma; no data "
+                                   "needed) to OUTPUT_DIR/demo_case and segment it as 'brainunet segment' would: "
+                                   "demo-seg.nii.gz, demo.seg.nrrd, demo-stats.csv and demo-overlay.png in "
+                                   "OUTPUT_DIR.", epilog=EXIT_CODES_HELP)
+    p.add_argument("--output-dir", default="out", help="folder for the case and the outputs (default: %(default)s)")
     _add_model_args(p)
 
     sub.add_parser("models", help="list registered models and which one is the default")
@@ -206,26 +217,39 @@ def cmd_batch(args) -> int:
         raise InputError(f"No case folders in {data_dir}; expected one folder per case with BraTS file names.")
     progress = Progress(args.progress, "BrainUNet batch")
     loaded = _load_model(args, progress)
-    failures = 0
+    failures = skipped = 0
     try:
         for n, case in enumerate(cases):
-            files = find_case_files(case)
+            out = out_dir / f"{case.name}-seg.{args.format}"
+            stats = out_dir / f"{case.name}-stats.csv"
+            if args.skip_existing and out.exists():
+                skipped += 1
+                _say(args, f"{case.name}: skipped, {out} already exists")
+                progress((n + 1) / len(cases), f"{case.name}: skipped")
+                continue
+
+            def case_progress(f, msg, n=n, case=case):
+                progress((n + f) / len(cases), f"{case.name}: {msg}")
+
             try:
-                out = out_dir / f"{case.name}-seg.{args.format}"
-                stats = out_dir / f"{case.name}-stats.csv"
-
-                def case_progress(f, msg, n=n):
-                    progress((n + f) / len(cases), f"{case.name}: {msg}")
-
+                files = find_case_files(case)
                 pipeline.run({k: files.get(k) for k in ("t1c", "t2w", "t2f", "t1n")}, out, stats,
                              device=args.device, tta=args.tta, precision=args.precision, progress=case_progress,
                              loaded_model=loaded)
+            except (Cancelled, WeightsError):
+                raise  # the user stopped the batch, or no case can run: not one case's failure
             except (InputError, OutputError) as exc:
                 failures += 1
                 _say(args, f"{case.name}: failed, nothing written: {exc}")
+            except Exception as exc:  # e.g. a RuntimeError from torch (out of memory): the next case may run
+                failures += 1
+                # outputs are staged and moved into place only after a complete run, so none is left
+                _say(args, f"{case.name}: failed, nothing written: {type(exc).__name__}: {exc}")
     finally:
         progress.close()
-    print(f"{len(cases) - failures} of {len(cases)} cases segmented into {out_dir}"
+    done = len(cases) - failures - skipped
+    print(f"{done} of {len(cases)} cases segmented into {out_dir}"
+          + (f"; {skipped} skipped (output already there)" if skipped else "")
           + (f"; {failures} failed (named above)" if failures else ""))
     return 0 if failures == 0 else 1
 
@@ -242,6 +266,10 @@ def cmd_demo(args) -> int:
         common += ["--model", args.model]
     if args.tta:
         common += ["--tta"]
+    if args.precision:
+        common += ["--precision", args.precision]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
     return main(["segment", *common, "--output", str(out / "demo-seg.nii.gz"), "--seg-nrrd", str(out / "demo.seg.nrrd"),
                  "--stats", str(out / "demo-stats.csv"), "--overlay", str(out / "demo-overlay.png")])
 
