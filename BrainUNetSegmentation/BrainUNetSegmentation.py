@@ -155,6 +155,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._runOutputSegmentation = None
         self._dependenciesReady = False
         self._resultTableNodeID = None
+        self._resultSegmentationNodeID = None
         self._timer = None
         self._models = []  # BrainUNetSegmentationLib.logic.ModelChoice per item of the model combo box
 
@@ -189,6 +190,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.autoDetectButton.clicked.connect(self.onAutoDetectButton)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.exportCsvButton.clicked.connect(self.onExportCsvButton)
+        self.ui.updateStatisticsButton.clicked.connect(self.onUpdateStatisticsButton)
 
         self.ui.progressBar.setRange(0, 100)
         self.ui.progressBar.setValue(0)
@@ -474,6 +476,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         # patient) never replaces this result or the corrections made to it
         self.ui.segmentationShow3DButton.setSegmentationNode(segmentationNode)
         self.ui.progressBar.setValue(100)
+        self._resultSegmentationNodeID = segmentationNode.GetID()
         self._showResults(tableNode)
         done = _("Done: segmentation \"{segmentation}\" and table \"{table}\".").format(
             segmentation=segmentationNode.GetName(), table=tableNode.GetName())
@@ -483,11 +486,32 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         else:
             self._setStatus(done)
 
-    def onExportCsvButton(self, *args) -> None:
+    def _updateStatistics(self):
+        """The result's table, computed again from its segments as they are now; None (and a message) when
+        there is no result or it cannot be computed."""
         tableNode = slicer.mrmlScene.GetNodeByID(self._resultTableNodeID) if self._resultTableNodeID else None
         if tableNode is None:
-            slicer.util.errorDisplay(_("There is no statistics table to export: run the segmentation first."),
+            slicer.util.errorDisplay(_("There are no statistics: run the segmentation first."), windowTitle="BrainUNet")
+            return None
+        segmentationNode = (slicer.mrmlScene.GetNodeByID(self._resultSegmentationNodeID)
+                            if self._resultSegmentationNodeID else None)
+        if segmentationNode is None:
+            slicer.util.errorDisplay(_("The segmentation of these statistics was removed from the scene."),
                                      windowTitle="BrainUNet")
+            return None
+        with slicer.util.tryWithErrorDisplay(_("Could not compute the statistics again."), waitCursor=True):
+            self.logic.update_statistics(segmentationNode, tableNode)
+            self._showResults(tableNode)
+            return tableNode
+        return None
+
+    def onUpdateStatisticsButton(self, *args) -> None:
+        if self._updateStatistics() is not None:
+            self._setStatus(_("Statistics computed again from the segments as they are now."))
+
+    def onExportCsvButton(self, *args) -> None:
+        tableNode = self._updateStatistics()  # the file holds the segments' figures as they are now
+        if tableNode is None:
             return
         defaultPath = os.path.join(os.path.expanduser("~"), f"{tableNode.GetName()}.csv")
         path = qt.QFileDialog.getSaveFileName(self.uiWidget, _("Export statistics"), defaultPath,
@@ -531,6 +555,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         table.clear()
         self._resultTableNodeID = tableNode.GetID() if tableNode is not None else None
         self.ui.exportCsvButton.setEnabled(tableNode is not None)
+        self.ui.updateStatisticsButton.setEnabled(tableNode is not None)
         if tableNode is None:
             table.setRowCount(0)
             table.setColumnCount(0)

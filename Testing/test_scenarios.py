@@ -168,3 +168,44 @@ def test_the_panel_lists_the_models_of_the_workers_registry(tmp_path, monkeypatc
     bundled = choices[1]
     assert bundled.sequences == ("t1c", "t2w", "t2f") and bundled.one_may_be_missing is True
     assert bundled.accuracy and bundled.licence
+
+
+def test_statistics_are_computed_again_from_the_edited_segments(scene, tmp_path):
+    """Unedited, the recomputed table equals the worker's; with ET erased (as in Segment Editor), ET is 0 mL
+    and the tumour core shrinks by ET's volume; the run's notes stay, with one line saying it was recomputed.
+    Without the volume it was made on, it says why instead."""
+    import numpy as np
+    import pytest
+
+    from BrainUNetSegmentationLib import mrml
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic, RECOMPUTED_NOTE, RunOptions
+    from brainunet.errors import InputError
+
+    nodes, _ = scenarios.load_synthetic_case(scene, seed=3)
+    logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
+    seg, table = logic.segment(logic.guess_inputs(), RunOptions(device="cpu"), timeout=300)
+    worker = {r["region"]: r for r in mrml.table_to_rows(table)}
+    table.SetAttribute(mrml.NOTES_ATTRIBUTE, "FLAIR registered to T1CE")
+    logic.update_statistics(seg, table)
+    again = {r["region"]: r for r in mrml.table_to_rows(table)}
+    assert set(again["ET"]) == set(worker["ET"])  # every input is on the result's grid here
+    for region in again:
+        for column in ("voxels", "volume_ml", "mean_T1CE", "median_FLAIR", "max_diameter_mm"):
+            assert again[region][column] == pytest.approx(worker[region][column], rel=1e-4, abs=1e-6, nan_ok=True)
+    assert worker["ET"]["voxels"] > 0
+
+    segmentation = seg.GetSegmentation()
+    segmentation.RemoveSegment("ET")  # a correction: no enhancing tumour after all
+    logic.update_statistics(seg, table)
+    edited = {r["region"]: r for r in mrml.table_to_rows(table)}
+    assert edited["ET"]["voxels"] == 0
+    assert edited["TC"]["voxels"] == worker["TC"]["voxels"] - worker["ET"]["voxels"]
+    assert edited["SNFH"]["voxels"] == worker["SNFH"]["voxels"]
+    notes = table.GetAttribute(mrml.NOTES_ATTRIBUTE).splitlines()
+    assert notes[0] == "FLAIR registered to T1CE" and notes[1].startswith(RECOMPUTED_NOTE) and len(notes) == 2
+
+    scene.RemoveNode(nodes["t1c"])
+    before = mrml.table_to_rows(table)
+    with pytest.raises(InputError, match="no longer in the scene"):
+        logic.update_statistics(seg, table)
+    assert repr(mrml.table_to_rows(table)) == repr(before)  # unchanged (repr: NaN equals NaN)

@@ -82,6 +82,7 @@ EXPECTED_WIDGETS = {
     "logTextEdit": "QPlainTextEdit",
     "resultsTableView": "QTableWidget",
     "exportCsvButton": "QPushButton",
+    "updateStatisticsButton": "QPushButton",
 }
 
 
@@ -130,7 +131,7 @@ def test_ui_loads_with_expected_widgets(harness):
         "Fast", "Accurate (test-time augmentation)"]
     assert ui.logTextEdit.isReadOnly()
     assert text(ui.applyButton) == "Apply"
-    assert not ui.exportCsvButton.isEnabled()
+    assert not ui.exportCsvButton.isEnabled() and not ui.updateStatisticsButton.isEnabled()
     assert ui.inputsCollapsibleButton.property("text") == "Inputs"
     assert ui.advancedCollapsibleButton.property("collapsed") is True
 
@@ -357,6 +358,21 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
     assert widget_harness.QtWidgets.QApplication.overrideCursor() is None
     harness.messages.clear()
 
+    # a correction in Segment Editor (ET erased), then Update statistics: the panel and the CSV follow it
+    et_voxels = int(ui.resultsTableView.item(0, 2).text())
+    tc_voxels = int(ui.resultsTableView.item(3, 2).text())
+    assert et_voxels > 0 and ui.updateStatisticsButton.isEnabled()
+    seg.GetSegmentation().RemoveSegment("ET")
+    ui.updateStatisticsButton.click()
+    assert harness.errors() == [] and ui.statusLabel.text().startswith("Statistics computed again")
+    assert ui.resultsTableView.item(0, 2).text() == "0"
+    assert int(ui.resultsTableView.item(3, 2).text()) == tc_voxels - et_voxels
+    seg.GetSegmentation().RemoveSegment("NETC")
+    widget_harness.FileDialog.answers[:] = [tmp_path / "edited"]
+    ui.exportCsvButton.click()  # exporting computes them again first
+    edited = (tmp_path / "edited.csv").read_text(encoding="utf-8").splitlines()
+    assert [line.split(",")[2] for line in edited[1:4]] == ["0", "0", ui.resultsTableView.item(2, 2).text()]
+
     # choosing the result as output: Apply asks before replacing it; declined, nothing runs or changes
     ui.outputSegmentationSelector.setCurrentNode(seg)
     harness.answers[:] = [False]
@@ -364,7 +380,7 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
     assert widget._run is None and text(ui.applyButton) == "Apply"
     assert len(harness.questions) == 1 and seg.GetName() in harness.questions[0]
     assert ui.statusLabel.text().startswith("Nothing was run")
-    assert seg.GetSegmentation().GetNumberOfSegments() == 3
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1  # as corrected above: SNFH only
     # accepted: the run updates that segmentation and its table, and creates no other
     harness.answers[:] = [True]
     ui.applyButton.click()

@@ -24,6 +24,11 @@ from brainunet.errors import BrainUNetError, InputError
 from brainunet.imageio import MODALITY_NAMES
 
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # folder that contains the brainunet package
+#: Node references of a result's segmentation to the volumes it was made from (role appended for inputs),
+#: so its statistics can be computed again after corrections in Segment Editor.
+REFERENCE_VOLUME_REFERENCE = "BrainUNetReferenceVolume"
+INPUT_VOLUME_REFERENCE = "BrainUNetInput_"
+RECOMPUTED_NOTE = "Statistics computed again from the segments as edited"
 
 # Series names as scanners and archives write them ("AX T1 FLAIR POST", "t1_mprage_sag_p2_iso_post",
 # "T2W_TSE", "BraTS-GLI-00001-000-t1c"), read as words: a word starts after anything but a letter or digit.
@@ -168,6 +173,7 @@ class BackgroundRun:
     error: str = ""
     log: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # what the worker did to the input ("Note: ..." lines)
+    inputs: dict = field(default_factory=dict)  # role -> the volume node it was made from
     _lines: queue.Queue = field(default_factory=queue.Queue)
 
     def __post_init__(self):
@@ -362,7 +368,8 @@ class BrainUNetLogic:
                     return
                 self.write_volume(volume, files[role])
 
-        run = BackgroundRun(None, workdir, reference, outputs, on_progress, on_log)
+        run = BackgroundRun(None, workdir, reference, outputs, on_progress, on_log,
+                            inputs={role: node for role, node in inputs.items() if node is not None})
         run.launch_after(write_inputs, self.command(files, outputs, options), env)
         return run
 
@@ -382,9 +389,42 @@ class BrainUNetLogic:
             seg = mrml.create_segmentation(self.scene, labels, reference, segmentation_node=segmentation_node)
             table = mrml.statistics_table(self.scene, rows, f"{seg.GetName()} statistics", table_node, run.notes)
             mrml.place_beside(self.scene, table, reference)
+            seg.SetNodeReferenceID(REFERENCE_VOLUME_REFERENCE, reference.GetID())
+            for role in ("t1c", "t2w", "t2f", "t1n"):
+                node = run.inputs.get(role)
+                seg.SetNodeReferenceID(INPUT_VOLUME_REFERENCE + role, node.GetID() if node is not None else None)
         finally:
             run.cleanup()
         return seg, table
+
+    def update_statistics(self, segmentation_node, table_node):
+        """Compute ``table_node``'s statistics again from the segments of ``segmentation_node`` as they are
+        now (after corrections). Intensity columns come from the input volumes on the result's grid (those
+        the worker registered are left out: their registration lives in the worker). Raises InputError
+        when the segmentation is not a BrainUNet result or its volume was removed."""
+        import numpy as np
+
+        from brainunet import statistics
+
+        reference = segmentation_node.GetNodeReference(REFERENCE_VOLUME_REFERENCE)
+        if reference is None or reference.GetImageData() is None:
+            raise InputError(f"The statistics of \"{segmentation_node.GetName()}\" cannot be computed again: the "
+                             "volume it was segmented on is no longer in the scene (or it is not a BrainUNet result).")
+        labels = mrml.segmentation_to_labels(segmentation_node, reference)
+        affine = mrml.ijk_to_ras(reference)
+        intensities = {}
+        for role in ("t1c", "t2w", "t2f", "t1n"):
+            node = segmentation_node.GetNodeReference(INPUT_VOLUME_REFERENCE + role)
+            if node is None or node.GetImageData() is None:
+                continue
+            volume = mrml.voxels_from_node(node)
+            if volume.data.shape == labels.shape and np.allclose(volume.affine, affine, atol=1e-3):
+                intensities[role] = np.asarray(volume.data, np.float32)
+        rows = statistics.region_statistics(labels, affine, intensities)
+        notes = [n for n in (table_node.GetAttribute(mrml.NOTES_ATTRIBUTE) or "").split("\n")
+                 if n and not n.startswith(RECOMPUTED_NOTE)]
+        notes.append(f"{RECOMPUTED_NOTE} ({time.strftime('%Y-%m-%d %H:%M')}).")
+        return mrml.statistics_table(self.scene, rows, table_node=table_node, notes=notes)
 
     def segment(self, inputs: dict, options: RunOptions | None = None, timeout: float | None = None, **kw):
         """Blocking run (scripts, tests, the self-test)."""
