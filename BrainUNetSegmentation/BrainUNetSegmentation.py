@@ -42,6 +42,8 @@ PYTHON_REQUIREMENTS = {
     "tqdm": "tqdm>=4.60",
     "slicerio": "slicerio>=1.4",
     "SimpleITK": "SimpleITK>=2.2",  # bundled with Slicer; N4 bias-field correction
+    "deepbet": "deepbet>=1.0.2",  # brain extraction of scans that still hold the skull (after torch: uses it)
+    "platformdirs": "platformdirs>=3",  # the per-user folder of downloaded models, as the command line finds it
 }
 MINIMUM_TORCH_VERSION = (2, 1)
 TORCH_REQUIREMENT = ">=2.1"
@@ -184,6 +186,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.outputSegmentationSelector.currentNodeChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.outputSegmentationSelector.currentNodeChanged.connect(self.onOutputSegmentationChanged)
         self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
+        self.ui.addModelButton.clicked.connect(self.onAddModelButton)
         self.ui.deviceComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.qualityComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.show3DCheckBox.toggled.connect(self.updateParameterNodeFromGUI)
@@ -210,7 +213,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
 
     def enter(self) -> None:
         self._entered = True
-        self.updateModelList()  # a model registered (brainunet register) while Slicer runs shows up
+        self.updateModelList()  # a model added for this user (Add model file...) since shows up
         self.initializeParameterNode()
 
     def exit(self) -> None:
@@ -293,6 +296,27 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if self._parameterNode is not None:
             self.updateGUIFromParameterNode()
         self._showModelInformation()
+
+    def onAddModelButton(self, *args) -> None:
+        """Register a weights file for this user (the worker's folder) and select it."""
+        path = qt.QFileDialog.getOpenFileName(self.uiWidget, _("Add a BrainUNet model"), os.path.expanduser("~"),
+                                              _("BrainUNet weights (*.pt *.pth)"))
+        if isinstance(path, tuple):  # PySide6 returns (path, filter); PythonQt the path only
+            path = path[0]
+        if not path:
+            return
+        name = qt.QInputDialog.getText(self.uiWidget, _("Add a BrainUNet model"),
+                                       _("Name of the model in the list:"), qt.QLineEdit.Normal,
+                                       os.path.splitext(os.path.basename(path))[0])
+        if isinstance(name, tuple):  # PySide6: (text, ok)
+            name = name[0] if name[1] else ""
+        if not name:
+            return
+        with slicer.util.tryWithErrorDisplay(_("The model could not be added."), waitCursor=True):
+            name = self.logic.register_model_file(path, name)
+            self.updateModelList()
+            self.ui.modelComboBox.setCurrentIndex(self._modelIndex(name))
+            self._setStatus(_("Model \"{name}\" added; it is now the default.").format(name=name))
 
     def _modelIndex(self, name: str) -> int:
         """Combo box index of a model name ("" or a name no longer registered: the default model)."""

@@ -73,6 +73,7 @@ EXPECTED_WIDGETS = {
     "autoDetectButton": "QPushButton",
     "modelComboBox": "QComboBox",
     "modelInfoLabel": "QLabel",
+    "addModelButton": "QPushButton",
     "deviceComboBox": "QComboBox",
     "qualityComboBox": "QComboBox",
     "show3DCheckBox": "QCheckBox",
@@ -295,6 +296,37 @@ def test_model_selector_lists_the_registry_and_passes_the_choice(harness, tmp_pa
     p.model = "intensity-baseline"  # parameter node -> panel (a scene loaded with a saved choice)
     widget.updateGUIFromParameterNode()
     assert combo.currentIndex() == 2 and "Not a trained network" in info.text()
+
+
+def test_add_model_file_registers_it_for_the_worker_and_selects_it(harness, tmp_path, monkeypatch, tiny_weights):
+    """Add model file...: the weights file is registered in the worker's folder under the name given, the
+    list is read again with it first (the default) and selected; a file that is not BrainUNet weights is
+    refused with the worker's reason and the list stays as it was."""
+    home = tmp_path / "home"
+    monkeypatch.delenv("BRAINUNET_MODEL")
+    harness.widget.logic.user_home = str(home)
+    ui, widget = harness.ui, harness.widget
+    widget.enter()
+    count = ui.modelComboBox.count()
+    widget_harness.FileDialog.answers[:] = [tiny_weights[0]]
+    widget_harness.InputDialog.answers[:] = [("our clinic model", True)]
+    ui.addModelButton.click()
+    assert harness.errors() == []
+    assert ui.modelComboBox.count() == count + 1
+    assert ui.modelComboBox.currentText() == "our-clinic-model (default)"
+    assert (home / "models" / "our-clinic-model.pt").is_file()
+    assert widget.logic.getParameterNode().model == ""  # "the default", which this model now is
+
+    (tmp_path / "notes.pt").write_text("not weights")
+    widget_harness.FileDialog.answers[:] = [tmp_path / "notes.pt"]
+    widget_harness.InputDialog.answers[:] = [("other", True)]
+    with pytest.raises(Exception):  # tryWithErrorDisplay shows the reason, then raises again
+        widget.onAddModelButton()
+    assert len(harness.errors()) == 1 and "could not be added" in harness.errors()[0]
+    assert ui.modelComboBox.count() == count + 1 and not (home / "models" / "other.pt").exists()
+    widget_harness.FileDialog.answers[:] = []  # cancelled file dialog: nothing happens
+    ui.addModelButton.click()
+    assert ui.modelComboBox.count() == count + 1 and len(harness.errors()) == 1
 
 
 def test_an_unreadable_user_registry_leaves_the_panel_usable(harness, tmp_path, monkeypatch):

@@ -234,7 +234,7 @@ def connect_ui_connections(top, path) -> None:
 
 
 class FileDialog(QtWidgets.QFileDialog):
-    """qt.QFileDialog with a scripted getSaveFileName (PySide6's (path, filter) return shape)."""
+    """qt.QFileDialog with scripted getSaveFileName / getOpenFileName (PySide6's (path, filter) return shape)."""
 
     answers: list = []
 
@@ -242,6 +242,21 @@ class FileDialog(QtWidgets.QFileDialog):
     def getSaveFileName(parent=None, caption="", directory="", filter=""):  # noqa: A002
         path = FileDialog.answers.pop(0) if FileDialog.answers else ""
         return (str(path), filter)
+
+    @staticmethod
+    def getOpenFileName(parent=None, caption="", directory="", filter=""):  # noqa: A002
+        path = FileDialog.answers.pop(0) if FileDialog.answers else ""
+        return (str(path), filter)
+
+
+class InputDialog(QtWidgets.QInputDialog):
+    """qt.QInputDialog with a scripted getText: ``answers`` holds PySide6's (text, ok) replies in order."""
+
+    answers: list = []
+
+    @staticmethod
+    def getText(parent=None, title="", label="", echo=None, text=""):
+        return InputDialog.answers.pop(0) if InputDialog.answers else ("", False)
 
 
 def make_qt_module() -> types.ModuleType:
@@ -252,6 +267,7 @@ def make_qt_module() -> types.ModuleType:
             if not name.startswith("_"):
                 setattr(qt, name, getattr(module, name))
     qt.QFileDialog = FileDialog
+    qt.QInputDialog = InputDialog
     return qt
 
 

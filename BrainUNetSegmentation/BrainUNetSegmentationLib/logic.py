@@ -331,6 +331,40 @@ class BrainUNetLogic:
         return {role: mrml.voxels_from_node(node, f"{MODALITY_NAMES[role]} ({node.GetName()})")
                 for role, node in inputs.items() if node is not None}
 
+    def register_model_file(self, weights_file, name: str, timeout_s: float = 300) -> str:
+        """Add a trained weights file to the worker's registry (its BRAINUNET_HOME) as ``name``, the new
+        default, by ``brainunet register`` in a worker process (which checks the file; this process never
+        imports torch). Returns the name; raises InputError with the worker's reason."""
+        weights_file = Path(weights_file)
+        if not weights_file.is_file():
+            raise InputError(f"{weights_file} is not a file; choose a BrainUNet weights file (.pt).")
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name.strip()).strip("-.")
+        if not name:
+            raise InputError("Give the model a name (letters, digits, '-', '_' or '.').")
+        cmd = [self.python_executable, "-m", "brainunet", "register", str(weights_file), "--name", name,
+               "--description", f"Added from {weights_file.name}"]
+        kwargs = {"creationflags": subprocess.CREATE_NO_WINDOW} if os.name == "nt" else {}
+        try:
+            done = subprocess.run(cmd, env=self.worker_environment(), capture_output=True, text=True,
+                                  encoding="utf-8", errors="replace", timeout=timeout_s, **kwargs)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise InputError(f"The model could not be added: {exc}") from exc
+        if done.returncode != 0:
+            errors = [line[len("error: "):] for line in done.stderr.splitlines() if line.startswith("error: ")]
+            reason = errors[-1] if errors else (done.stderr.strip().splitlines() or ["unknown reason"])[-1]
+            raise InputError(f"The model could not be added: {reason}")
+        return name
+
+    def worker_environment(self) -> dict:
+        """The environment of a worker process: this package importable, output unbuffered, and the
+        user's BrainUNet folder (registered models)."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.user_home:
+            env["BRAINUNET_HOME"] = str(self.user_home)
+        return env
+
     # -- running ----------------------------------------------------------------------------------
     def command(self, files: dict, outputs: dict, options: RunOptions) -> list[str]:
         cmd = [self.python_executable, "-m", "brainunet", "segment", "--progress", "machine",
@@ -355,11 +389,7 @@ class BrainUNetLogic:
         # uncompressed: gzip took most of the time of writing (benchmarks/gui_thread.py)
         files = {role: workdir / f"{role}.nii" for role in volumes}
         outputs = {"labels": workdir / "labels.nii.gz", "stats": workdir / "stats.csv"}
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        env["PYTHONUNBUFFERED"] = "1"
-        if self.user_home:
-            env["BRAINUNET_HOME"] = str(self.user_home)
+        env = self.worker_environment()
         reference = next(inputs[r] for r in ("t1c", "t2f", "t2w") if inputs.get(r) is not None)  # output grid
 
         def write_inputs(stopped):
