@@ -185,6 +185,9 @@ def test_statistics_are_computed_again_from_the_edited_segments(scene, tmp_path)
     logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
     seg, table = logic.segment(logic.guess_inputs(), RunOptions(device="cpu"), timeout=300)
     worker = {r["region"]: r for r in mrml.table_to_rows(table)}
+    # the Tables module shows units and what each column is
+    assert table.GetColumnUnitLabel("volume_ml") == "mL" and table.GetColumnUnitLabel("max_diameter_mm") == "mm"
+    assert "FLAIR" in table.GetColumnDescription("median_FLAIR")
     table.SetAttribute(mrml.NOTES_ATTRIBUTE, "FLAIR registered to T1CE")
     logic.update_statistics(seg, table)
     again = {r["region"]: r for r in mrml.table_to_rows(table)}

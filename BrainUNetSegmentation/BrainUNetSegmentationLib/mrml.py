@@ -204,6 +204,26 @@ def place_beside(scene, node, reference_node) -> None:
 
 
 NOTES_ATTRIBUTE = "BrainUNet.Notes"
+#: Column -> (unit, description) shown by Slicer's Tables module (intensity columns: see _column_meta).
+STATISTICS_COLUMNS = {
+    "region": ("", "BraTS region key (ET, NETC, SNFH; TC = ET + NETC, WT = TC + SNFH)"),
+    "name": ("", "Region name"),
+    "voxels": ("voxels", "Voxels of the region on the reference volume's grid"),
+    "volume_ml": ("mL", "Volume of the region"),
+    "centroid_r": ("mm", "Centroid, right (RAS)"),
+    "centroid_a": ("mm", "Centroid, anterior (RAS)"),
+    "centroid_s": ("mm", "Centroid, superior (RAS)"),
+    "max_diameter_mm": ("mm", "Largest 3D diameter of the region"),
+}
+
+
+def _column_meta(column: str) -> tuple[str, str]:
+    if column in STATISTICS_COLUMNS:
+        return STATISTICS_COLUMNS[column]
+    for prefix, what in (("mean_", "Mean"), ("median_", "Median")):
+        if column.startswith(prefix):
+            return "", f"{what} {column[len(prefix):]} intensity in the region (scanner units)"
+    return "", ""
 
 
 def statistics_table(scene, rows: list[dict], name: str | None = None, table_node=None, notes=()):
@@ -233,6 +253,9 @@ def statistics_table(scene, rows: list[dict], name: str | None = None, table_nod
         for v in values:
             arr.InsertNextValue(float(v) if numeric else str(v))
         table.AddColumn(arr)
+        unit, description = _column_meta(column)
+        table_node.SetColumnUnitLabel(column, unit)
+        table_node.SetColumnDescription(column, description)
     table_node.Modified()
     return table_node
 
