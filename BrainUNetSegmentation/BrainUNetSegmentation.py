@@ -313,10 +313,23 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if not name:
             return
         with slicer.util.tryWithErrorDisplay(_("The model could not be added."), waitCursor=True):
+            name = self.logic.model_name(name)
+            if name in {m.name for m in self._models} and not slicer.util.confirmOkCancelDisplay(
+                    _("A model named \"{name}\" is already in the list. Replace it?").format(name=name),
+                    windowTitle="BrainUNet"):
+                return
+            if not self._dependenciesReady:  # checking the file needs PyTorch in the worker
+                if not self.logic.ensureDependencies():
+                    self._setStatus(_("Adding a model needs PyTorch; nothing was added."))
+                    return
+                self._dependenciesReady = True
             name = self.logic.register_model_file(path, name)
             self.updateModelList()
-            self.ui.modelComboBox.setCurrentIndex(self._modelIndex(name))
-            self._setStatus(_("Model \"{name}\" added; it is now the default.").format(name=name))
+            index = self._modelIndex(name)
+            self.ui.modelComboBox.setCurrentIndex(index)
+            default = 0 <= index < len(self._models) and self._models[index].default
+            self._setStatus((_("Model \"{name}\" added; it is now the default.") if default else
+                             _("Model \"{name}\" added and selected.")).format(name=name))
 
     def _modelIndex(self, name: str) -> int:
         """Combo box index of a model name ("" or a name no longer registered: the default model)."""
@@ -388,17 +401,21 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         with slicer.util.tryWithErrorDisplay(_("Could not choose the inputs."), waitCursor=True):
             if self._parameterNode is None:
                 self.initializeParameterNode()
+            from brainunet.imageio import MODALITY_NAMES
+
             guesses = self.logic.guess_inputs()
-            several = "; ".join(_("several volumes look like {role} ({names})").format(role=role.upper(),
-                                                                                       names=", ".join(names))
-                                for role, names in self.logic.ambiguous_inputs().items())
+            ambiguous = self.logic.ambiguous_inputs()
+            several = "; ".join(_("several volumes look like {role} ({names})").format(
+                role=MODALITY_NAMES.get(role, role), names=", ".join(names)) for role, names in ambiguous.items())
             if not guesses and not several:
                 self._setStatus(_("No volume name looks like T1CE, T2W, FLAIR or T1. Select the volumes by hand."))
                 return
             for role, node in guesses.items():
                 setattr(self._parameterNode, role, node)
+            for role in ambiguous:  # emptied, not left on an earlier choice (perhaps another patient's)
+                setattr(self._parameterNode, role, None)
             self.updateGUIFromParameterNode()
-            found = ", ".join(f"{role.upper()} = {node.GetName()}" for role, node in guesses.items())
+            found = ", ".join(f"{MODALITY_NAMES.get(role, role)} = {node.GetName()}" for role, node in guesses.items())
             if not several:
                 self._setStatus(_("Detected: {volumes}").format(volumes=found))
             elif found:
@@ -510,46 +527,56 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         else:
             self._setStatus(done)
 
-    def _updateStatistics(self):
-        """The result's table, computed again from its segments as they are now; None (and a message) when
-        there is no result or it cannot be computed."""
-        tableNode = slicer.mrmlScene.GetNodeByID(self._resultTableNodeID) if self._resultTableNodeID else None
-        if tableNode is None:
-            slicer.util.errorDisplay(_("There are no statistics: run the segmentation first."), windowTitle="BrainUNet")
-            return None
-        segmentationNode = (slicer.mrmlScene.GetNodeByID(self._resultSegmentationNodeID)
-                            if self._resultSegmentationNodeID else None)
+    def _resultNodes(self):
+        """(segmentation, table) of the last result; None for one removed from the scene."""
+        get = slicer.mrmlScene.GetNodeByID
+        return (get(self._resultSegmentationNodeID) if self._resultSegmentationNodeID else None,
+                get(self._resultTableNodeID) if self._resultTableNodeID else None)
+
+    def _updateStatistics(self, segmentationNode, tableNode) -> str:
+        """Compute the table again from the segments; returns the status to show (the table is left as it
+        was, and the message says why, when it cannot be done)."""
         if segmentationNode is None:
-            slicer.util.errorDisplay(_("The segmentation of these statistics was removed from the scene."),
-                                     windowTitle="BrainUNet")
-            return None
-        with slicer.util.tryWithErrorDisplay(_("Could not compute the statistics again."), waitCursor=True):
-            self.logic.update_statistics(segmentationNode, tableNode)
-            self._showResults(tableNode)
-            return tableNode
-        return None
+            return _("The segmentation of these statistics was removed from the scene; they are as computed last.")
+        try:
+            changed = self.logic.update_statistics(segmentationNode, tableNode)
+        except Exception as exc:  # the reference volume removed, or an unexpected failure: the table stays
+            return _("The statistics could not be computed again ({reason}); they are as computed last.").format(
+                reason=str(exc) or exc.__class__.__name__)
+        self._showResults(tableNode)
+        return (_("Statistics computed again from the segments as they are now.") if changed
+                else _("The statistics already match the segments."))
 
     def onUpdateStatisticsButton(self, *args) -> None:
-        if self._updateStatistics() is not None:
-            self._setStatus(_("Statistics computed again from the segments as they are now."))
+        segmentationNode, tableNode = self._resultNodes()
+        if tableNode is None:
+            slicer.util.errorDisplay(_("There are no statistics: run the segmentation first."), windowTitle="BrainUNet")
+            return
+        with slicer.util.WaitCursor():
+            status = self._updateStatistics(segmentationNode, tableNode)
+        self._setStatus(status)
 
     def onExportCsvButton(self, *args) -> None:
-        tableNode = self._updateStatistics()  # the file holds the segments' figures as they are now
+        segmentationNode, tableNode = self._resultNodes()
         if tableNode is None:
+            slicer.util.errorDisplay(_("There is no statistics table to export: run the segmentation first."),
+                                     windowTitle="BrainUNet")
             return
+        status = self._updateStatistics(segmentationNode, tableNode)  # the file holds the segments as they are
         defaultPath = os.path.join(os.path.expanduser("~"), f"{tableNode.GetName()}.csv")
         path = qt.QFileDialog.getSaveFileName(self.uiWidget, _("Export statistics"), defaultPath,
                                               _("CSV files (*.csv)"))
         if isinstance(path, tuple):  # PySide6 returns (path, filter); PythonQt the path only
             path = path[0]
         if not path:
+            self._setStatus(status)
             return
         if not path.lower().endswith(".csv"):
             path += ".csv"
         with slicer.util.tryWithErrorDisplay(_("Could not save the statistics to {path}.").format(path=path),
                                              waitCursor=True):
             self.logic.exportStatisticsCsv(tableNode, path)
-            self._setStatus(_("Statistics saved to {path}").format(path=path))
+            self._setStatus(_("Statistics saved to {path}").format(path=path) + ". " + status)
 
     # -- display helpers ----------------------------------------------------------------------
     def _onProgress(self, fraction, text) -> None:

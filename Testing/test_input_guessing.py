@@ -19,7 +19,12 @@ NAMES = [
     ("CE-T1", "t1c"), ("3D MPRAGE POST", "t1c"), ("T1 GRE POST", "t1c"),
     # ... unless it says pre-contrast; a plain T1 sequence is native
     ("T1 PRE", "t1n"), ("T1 pre-contrast", "t1n"), ("T1 W/O contrast", "t1n"), ("MPRAGE", "t1n"),
-    ("T1 SPACE", "t1n"),
+    ("T1 SPACE", "t1n"), ("T1 C-", "t1n"), ("T1 -C", "t1n"),
+    # "post" after surgery or treatment, or posterior, is no contrast mark (post-operative blood is bright
+    # on a native T1); "pre-op" does not overrule one
+    ("T1 POST-OP", "t1n"), ("T1_postop", "t1n"), ("T1 postoperative", "t1n"), ("sub-01_ses-postop_T1w", "t1n"),
+    ("T1 post-treatment", "t1n"), ("T1 posterior fossa", "t1n"), ("T1 pre-op +C", "t1c"),
+    ("T1 post Gd (pre-op)", "t1c"), ("t1c-resampled", "t1c"), ("postcontrast T1", "t1c"),
     # T2 and FLAIR as scanners name them
     ("AX T2 FSE", "t2w"), ("T2W_TSE", "t2w"), ("AX T2 FLAIR", "t2f"), ("301: Ax T2 FLAIR", "t2f"),
     ("t2_tirm_tra_dark-fluid", "t2f"),

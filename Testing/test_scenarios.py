@@ -171,9 +171,10 @@ def test_the_panel_lists_the_models_of_the_workers_registry(tmp_path, monkeypatc
 
 
 def test_statistics_are_computed_again_from_the_edited_segments(scene, tmp_path):
-    """Unedited, the recomputed table equals the worker's; with ET erased (as in Segment Editor), ET is 0 mL
-    and the tumour core shrinks by ET's volume; the run's notes stay, with one line saying it was recomputed.
-    Without the volume it was made on, it says why instead."""
+    """Unedited, the recomputed table equals the worker's and nothing is noted; with ET erased (as in
+    Segment Editor), ET is 0 mL and the tumour core shrinks by ET's volume, and the notes say so. An input
+    on another grid is resampled, unless the worker registered it (then its intensities are left out, and
+    the note says so). Without the volume it was made on, it says why and leaves the table alone."""
     import numpy as np
     import pytest
 
@@ -188,24 +189,35 @@ def test_statistics_are_computed_again_from_the_edited_segments(scene, tmp_path)
     # the Tables module shows units and what each column is
     assert table.GetColumnUnitLabel("volume_ml") == "mL" and table.GetColumnUnitLabel("max_diameter_mm") == "mm"
     assert "FLAIR" in table.GetColumnDescription("median_FLAIR")
-    table.SetAttribute(mrml.NOTES_ATTRIBUTE, "FLAIR registered to T1CE")
-    logic.update_statistics(seg, table)
-    again = {r["region"]: r for r in mrml.table_to_rows(table)}
-    assert set(again["ET"]) == set(worker["ET"])  # every input is on the result's grid here
-    for region in again:
-        for column in ("voxels", "volume_ml", "mean_T1CE", "median_FLAIR", "max_diameter_mm"):
-            assert again[region][column] == pytest.approx(worker[region][column], rel=1e-4, abs=1e-6, nan_ok=True)
     assert worker["ET"]["voxels"] > 0
+    assert logic.update_statistics(seg, table) is False  # nothing edited: nothing changes, nothing noted
+    assert (table.GetAttribute(mrml.NOTES_ATTRIBUTE) or "") == ""
 
     segmentation = seg.GetSegmentation()
     segmentation.RemoveSegment("ET")  # a correction: no enhancing tumour after all
-    logic.update_statistics(seg, table)
+    assert logic.update_statistics(seg, table) is True
     edited = {r["region"]: r for r in mrml.table_to_rows(table)}
     assert edited["ET"]["voxels"] == 0
     assert edited["TC"]["voxels"] == worker["TC"]["voxels"] - worker["ET"]["voxels"]
     assert edited["SNFH"]["voxels"] == worker["SNFH"]["voxels"]
+    assert edited["SNFH"]["mean_FLAIR"] == pytest.approx(worker["SNFH"]["mean_FLAIR"], rel=1e-4)
+    assert table.GetAttribute(mrml.NOTES_ATTRIBUTE).startswith(RECOMPUTED_NOTE)
+
+    # FLAIR on a grid of its own (2 mm off): resampled through world coordinates ...
+    origin = list(nodes["t2f"].GetOrigin())
+    nodes["t2f"].SetOrigin(origin[0] + 2.0, origin[1], origin[2])
+    logic.update_statistics(seg, table)
+    moved = {r["region"]: r for r in mrml.table_to_rows(table)}
+    assert np.isfinite(moved["SNFH"]["mean_FLAIR"])
+    assert moved["SNFH"]["mean_FLAIR"] != pytest.approx(edited["SNFH"]["mean_FLAIR"], rel=1e-6)
+    # ... unless the run registered it: its registration lives in the worker, so it is left out, and said
+    table.SetAttribute(mrml.NOTES_ATTRIBUTE, "FLAIR registered to T1CE (the patient moved: 2.0 mm, 0.0°)")
+    assert logic.update_statistics(seg, table) is True
+    rows = mrml.table_to_rows(table)
+    assert "mean_FLAIR" not in rows[0] and "mean_T2W" in rows[0]
     notes = table.GetAttribute(mrml.NOTES_ATTRIBUTE).splitlines()
-    assert notes[0] == "FLAIR registered to T1CE" and notes[1].startswith(RECOMPUTED_NOTE) and len(notes) == 2
+    assert notes[0].startswith("FLAIR registered") and notes[1].startswith(RECOMPUTED_NOTE) and len(notes) == 2
+    assert "FLAIR are left out" in notes[1]
 
     scene.RemoveNode(nodes["t1c"])
     before = mrml.table_to_rows(table)

@@ -247,6 +247,10 @@ def test_auto_detect_leaves_a_sequence_that_several_volumes_match_and_says_so(ha
     assert ui.t1cSelector.currentNode() is nodes["t1c"] and ui.t2fSelector.currentNode() is nodes["t2f"]
     assert ui.t2wSelector.currentNode() is None
     assert "several volumes look like T2W (Case_T2, Case_T2 resampled)" in ui.statusLabel.text()
+    ui.t2wSelector.setCurrentNode(nodes["t2f"])  # an earlier choice is emptied, not kept, by Auto-detect
+    ui.autoDetectButton.click()
+    assert ui.t2wSelector.currentNode() is None
+    assert "Detected: T1CE = Case_T1CE" in ui.statusLabel.text()
 
 
 def test_model_selector_lists_the_registry_and_passes_the_choice(harness, tmp_path, monkeypatch):
@@ -327,6 +331,21 @@ def test_add_model_file_registers_it_for_the_worker_and_selects_it(harness, tmp_
     widget_harness.FileDialog.answers[:] = []  # cancelled file dialog: nothing happens
     ui.addModelButton.click()
     assert ui.modelComboBox.count() == count + 1 and len(harness.errors()) == 1
+    # the same name again: asked first, and declined, nothing changes
+    stamp = (home / "models" / "our-clinic-model.pt").stat().st_mtime_ns
+    widget_harness.FileDialog.answers[:] = [tiny_weights[0]]
+    widget_harness.InputDialog.answers[:] = [("our clinic model", True)]
+    harness.answers[:] = [False]
+    ui.addModelButton.click()
+    assert len(harness.questions) == 1 and "already in the list" in harness.questions[0]
+    assert (home / "models" / "our-clinic-model.pt").stat().st_mtime_ns == stamp
+    # a bundled model's name is refused: a user's model would hide it
+    widget_harness.FileDialog.answers[:] = [tiny_weights[0]]
+    widget_harness.InputDialog.answers[:] = [("brainunet-2mm-real", True)]
+    with pytest.raises(Exception):
+        widget.onAddModelButton()
+    assert "comes with BrainUNet" in harness.errors()[-1]
+    assert ui.modelComboBox.count() == count + 1
 
 
 def test_an_unreadable_user_registry_leaves_the_panel_usable(harness, tmp_path, monkeypatch):

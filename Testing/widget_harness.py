@@ -376,9 +376,11 @@ def parameterNodeWrapper(cls):
 
 
 def make_application() -> types.SimpleNamespace:
-    """slicer.app as far as the module and slicer.util.tryWithErrorDisplay use it (slicer-core has none)."""
+    """slicer.app as far as the module and slicer.util.tryWithErrorDisplay / WaitCursor use it (slicer-core
+    has none)."""
     return types.SimpleNamespace(setOverrideCursor=QtWidgets.QApplication.setOverrideCursor,
                                  restoreOverrideCursor=QtWidgets.QApplication.restoreOverrideCursor,
+                                 processEvents=QtWidgets.QApplication.processEvents,
                                  testingEnabled=lambda: False, connect=lambda signal, slot: True)
 
 

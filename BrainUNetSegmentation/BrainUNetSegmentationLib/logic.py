@@ -40,10 +40,14 @@ NOT_AN_INPUT = [r"t2[\W_]*(\*|star)", _W + r"(swi|swan|dwi|dti|adc|tracew?|dsc|d
 #: A T1-weighted series: T1 (T1W, T1N, T1C, ...) or a T1 sequence named without "T1".
 T1_NAMES = [_W + r"(ce)?t1(?![0-9])", _W + r"(mprage|spgr|fspgr|bravo)(?![a-z])"]
 #: Marks of a contrast-enhanced T1, anywhere in its name ("T1 FS POST", "T1W_TSE_GD", "Ax T1 SE +C", "T1wCE").
-CONTRAST = [_W + r"t1w?[\W_]*(ce|c|gd)(?![a-z])", _W + r"t1w?[\W_]*(post|gad|contrast)", _W + r"cet1",
-            _W + r"(ce|gd)(?![a-z])", _W + r"(post(?!er)|gad|contrast)", r"\+"]
+# "post" as in after contrast, not posterior or post-operative / post-treatment (a native T1 after surgery,
+# whose blood is bright without contrast)
+_POST = r"post(?!er|[\W_]*op|[\W_]*(surg|treat|therap|rad))"
+CONTRAST = [_W + r"t1w?[\W_]*(ce|c|gd)(?![a-z]|-(?![a-z0-9]))", _W + r"t1w?[\W_]*(" + _POST + r"|gad|contrast)", _W + r"cet1",
+            _W + r"(ce|gd)(?![a-z])", _W + r"(" + _POST + r"|gad|contrast)", r"\+"]
 #: ... overruled by marks of a native T1 ("T1 PRE", "T1 pre-contrast", "T1 non contrast", "T1N").
-NATIVE = [_W + r"t1n(?![a-z])", _W + r"pre(?![a-z])", _W + r"pre[\W_]*(contrast|gd|gad)",
+NATIVE = [_W + r"t1n(?![a-z])", _W + r"pre(?![a-z]|[\W_]*op)", _W + r"pre[\W_]*(contrast|gd|gad)",
+          r"c-(?![a-z0-9])", r"-c(?![a-z0-9])",  # "T1 C-", "T1C-", "T1 -C": without contrast
           _W + r"non[\W_]*(contrast|gd|gad)", _W + r"without(?![a-z])", _W + r"w/o(?![a-z])", _W + r"nativ"]
 T2_NAMES = [_W + r"t2(?![0-9])"]
 #: FLAIR: T2F, FLAIR, Siemens's "dark-fluid"; a T1-weighted FLAIR (GE's "AX T1 FLAIR") is a T1 all the same.
@@ -338,9 +342,7 @@ class BrainUNetLogic:
         weights_file = Path(weights_file)
         if not weights_file.is_file():
             raise InputError(f"{weights_file} is not a file; choose a BrainUNet weights file (.pt).")
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name.strip()).strip("-.")
-        if not name:
-            raise InputError("Give the model a name (letters, digits, '-', '_' or '.').")
+        name = self.model_name(name)
         cmd = [self.python_executable, "-m", "brainunet", "register", str(weights_file), "--name", name,
                "--description", f"Added from {weights_file.name}"]
         kwargs = {"creationflags": subprocess.CREATE_NO_WINDOW} if os.name == "nt" else {}
@@ -353,6 +355,19 @@ class BrainUNetLogic:
             errors = [line[len("error: "):] for line in done.stderr.splitlines() if line.startswith("error: ")]
             reason = errors[-1] if errors else (done.stderr.strip().splitlines() or ["unknown reason"])[-1]
             raise InputError(f"The model could not be added: {reason}")
+        return name
+
+    @staticmethod
+    def model_name(name: str) -> str:
+        """``name`` as a registry name (other characters become '-'); raises InputError for an empty name
+        or a bundled model's (a user's model of that name would hide the bundled one)."""
+        from brainunet import weights
+
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name.strip()).strip("-.")
+        if not name:
+            raise InputError("Give the model a name (letters, digits, '-', '_' or '.').")
+        if name in {e.name for e in weights.load_registry(weights.REGISTRY_PATH)}:
+            raise InputError(f"'{name}' is the name of a model that comes with BrainUNet; choose another name.")
         return name
 
     def worker_environment(self) -> dict:
@@ -427,14 +442,17 @@ class BrainUNetLogic:
             run.cleanup()
         return seg, table
 
-    def update_statistics(self, segmentation_node, table_node):
+    def update_statistics(self, segmentation_node, table_node) -> bool:
         """Compute ``table_node``'s statistics again from the segments of ``segmentation_node`` as they are
-        now (after corrections). Intensity columns come from the input volumes on the result's grid (those
-        the worker registered are left out: their registration lives in the worker). Raises InputError
+        now (after corrections); returns whether any figure changed (then a note says so). Intensities come
+        from the input volumes, resampled onto the result's grid through their world coordinates as the
+        worker does before it registers; a sequence the worker registered (a note says so) is left out,
+        with a note, since its registration lives in the worker. Raises InputError, the table unchanged,
         when the segmentation is not a BrainUNet result or its volume was removed."""
         import numpy as np
 
         from brainunet import statistics
+        from brainunet.preprocessing import resample_to_grid
 
         reference = segmentation_node.GetNodeReference(REFERENCE_VOLUME_REFERENCE)
         if reference is None or reference.GetImageData() is None:
@@ -442,19 +460,29 @@ class BrainUNetLogic:
                              "volume it was segmented on is no longer in the scene (or it is not a BrainUNet result).")
         labels = mrml.segmentation_to_labels(segmentation_node, reference)
         affine = mrml.ijk_to_ras(reference)
-        intensities = {}
+        old_notes = [n for n in (table_node.GetAttribute(mrml.NOTES_ATTRIBUTE) or "").split("\n") if n]
+        intensities, left_out = {}, []
         for role in ("t1c", "t2w", "t2f", "t1n"):
             node = segmentation_node.GetNodeReference(INPUT_VOLUME_REFERENCE + role)
             if node is None or node.GetImageData() is None:
                 continue
+            name = MODALITY_NAMES.get(role, role)
             volume = mrml.voxels_from_node(node)
-            if volume.data.shape == labels.shape and np.allclose(volume.affine, affine, atol=1e-3):
-                intensities[role] = np.asarray(volume.data, np.float32)
+            same = volume.data.shape == labels.shape and np.allclose(volume.affine, affine, atol=1e-3)
+            if not same and any(n.startswith(f"{name} registered to") for n in old_notes):
+                left_out.append(name)
+                continue
+            intensities[role] = np.asarray(resample_to_grid(volume, labels.shape, affine), np.float32)
         rows = statistics.region_statistics(labels, affine, intensities)
-        notes = [n for n in (table_node.GetAttribute(mrml.NOTES_ATTRIBUTE) or "").split("\n")
-                 if n and not n.startswith(RECOMPUTED_NOTE)]
-        notes.append(f"{RECOMPUTED_NOTE} ({time.strftime('%Y-%m-%d %H:%M')}).")
-        return mrml.statistics_table(self.scene, rows, table_node=table_node, notes=notes)
+        if _same_rows(rows, mrml.table_to_rows(table_node)):
+            return False
+        notes = [n for n in old_notes if not n.startswith(RECOMPUTED_NOTE)]
+        note = f"{RECOMPUTED_NOTE} ({time.strftime('%Y-%m-%d %H:%M')})"
+        if left_out:
+            note += (f"; the intensities of {', '.join(left_out)} are left out (registered by the segmentation "
+                     "run; run it again for them)")
+        mrml.statistics_table(self.scene, rows, table_node=table_node, notes=notes + [note + "."])
+        return True
 
     def segment(self, inputs: dict, options: RunOptions | None = None, timeout: float | None = None, **kw):
         """Blocking run (scripts, tests, the self-test)."""
@@ -468,6 +496,24 @@ class BrainUNetLogic:
             run.cleanup()
             raise BrainUNetError(run.error)
         return self.import_results(run)
+
+
+def _same_rows(rows: list[dict], table_rows: list[dict]) -> bool:
+    """Whether statistics rows equal a table's: same columns, numbers within the 6 significant digits the
+    worker's CSV keeps (NaN equals NaN), texts equal."""
+    import math
+
+    if len(rows) != len(table_rows) or any(list(a) != list(b) for a, b in zip(rows, table_rows)):
+        return False
+
+    def same(a, b) -> bool:
+        try:
+            a, b = float(a), float(b)
+        except (TypeError, ValueError):
+            return str(a) == str(b)
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-9)
+
+    return all(same(a[k], b[k]) for a, b in zip(rows, table_rows) for k in a)
 
 
 def launch(cmd: list[str], env: dict, cwd) -> subprocess.Popen:

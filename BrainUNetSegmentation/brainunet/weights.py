@@ -74,7 +74,7 @@ class ModelEntry:
         """Where a download of the weights goes: the user's folder when the registry lists them in the
         (read-only) install tree, else where the registry lists them."""
         listed = self._listed(registry_dir)
-        if listed.parent.resolve() == MODELS_DIR:
+        if listed.resolve().is_relative_to(MODELS_DIR):
             return Path(self.user_dir or user_models_dir()) / listed.name
         return listed
 
