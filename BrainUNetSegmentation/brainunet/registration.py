@@ -60,13 +60,27 @@ def _shrunk(image, target_mm: float):
     return sitk.BinShrink(image, factors)
 
 
-def register_rigid(fixed: Volume, moving: Volume, seed: int = 0) -> Registration:
-    """Rigid transform taking the fixed (reference) grid's points to the moving image's, by mutual
-    information on ~8, 4 and 2 mm grids (deterministic for a given ``seed``)."""
+LEVELS_MM = (8.0, 4.0, 2.0)
+
+
+def registration_levels(volume: Volume) -> dict:
+    """The normalised image at each level (mm -> SimpleITK image), full resolution under None: made once
+    for the reference and reused for every sequence registered to it."""
     import SimpleITK as sitk
 
-    f = sitk.Normalize(to_sitk(fixed))
-    m = sitk.Normalize(to_sitk(moving))
+    image = sitk.Normalize(to_sitk(volume))
+    return {None: image, **{mm: _shrunk(image, mm) for mm in LEVELS_MM}}
+
+
+def register_rigid(fixed: Volume, moving: Volume, seed: int = 0, fixed_levels: dict | None = None) -> Registration:
+    """Rigid transform taking the fixed (reference) grid's points to the moving image's, by mutual
+    information on ~8, 4 and 2 mm grids (deterministic for a given ``seed``). ``fixed_levels``: the
+    fixed image's ``registration_levels``, when already made."""
+    import SimpleITK as sitk
+
+    fixed_levels = fixed_levels or registration_levels(fixed)
+    moving_levels = registration_levels(moving)
+    f = fixed_levels[None]
     centre = f.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in f.GetSize()])
     initial = sitk.Euler3DTransform()
     initial.SetCenter(centre)  # identity: the scanner frame is the starting point
@@ -80,11 +94,11 @@ def register_rigid(fixed: Volume, moving: Volume, seed: int = 0) -> Registration
         method.SetInitialTransform(transform, inPlace=False)
         return float(method.MetricEvaluate(fi, mi))
 
-    levels = {mm: (_shrunk(f, mm), _shrunk(m, mm)) for mm in (8.0, 4.0, 2.0)}
+    levels = {mm: (fixed_levels[mm], moving_levels[mm]) for mm in LEVELS_MM}
     before = metric(initial, *levels[4.0])
     transform = sitk.Euler3DTransform(initial)
     # a level needs enough voxels to show anatomy: on a small image the coarse ones mislead the optimiser
-    usable = [mm for mm in (8.0, 4.0, 2.0) if min(levels[mm][0].GetSize()) >= MIN_LEVEL_VOXELS] or [2.0]
+    usable = [mm for mm in LEVELS_MM if min(levels[mm][0].GetSize()) >= MIN_LEVEL_VOXELS] or [2.0]
     for level_mm in usable:
         fi, mi = levels[level_mm]
         method = sitk.ImageRegistrationMethod()
@@ -122,11 +136,13 @@ def register_to_reference(volumes: dict, aligned: dict, ref_key: str, notes: lis
     from .preprocessing import same_grid
 
     reference = volumes[ref_key]
+    reference_levels = None
     for key in volumes:
         if key == ref_key or same_grid(volumes[key], reference.data.shape, reference.affine):
             continue
         name, ref_name = MODALITY_NAMES.get(key, key), MODALITY_NAMES.get(ref_key, ref_key)
-        reg = register_rigid(reference, volumes[key])
+        reference_levels = reference_levels or registration_levels(reference)
+        reg = register_rigid(reference, volumes[key], fixed_levels=reference_levels)
         shared = max(-reg.metric_before, -reg.metric_after)
         if shared < MIN_SHARED_INFORMATION:
             raise InputError(f"{name} shares almost no structure with {ref_name} (mutual information "
