@@ -109,3 +109,29 @@ def test_small_components_go_but_never_the_largest():
     out = postprocess.remove_small_components(labels, 100)
     assert (out[2:6, 2:6, 2:6] == 2).all() and not out[20:22, 20:22, 20:22].any()
     assert np.array_equal(postprocess.remove_small_components(labels, 5), labels)
+
+
+def test_components_without_core_go_but_never_the_largest():
+    """A FLAIR-only blob away from the tumour goes; a satellite with enhancement stays; a tumour that is
+    all SNFH (no core anywhere) keeps its largest part."""
+    from brainunet import postprocess
+    from brainunet.settings import Postprocessing
+
+    labels = np.zeros((40, 40, 40), np.uint8)
+    labels[2:12, 2:12, 2:12] = 2
+    labels[5:8, 5:8, 5:8] = 3  # the tumour: SNFH around ET
+    labels[20:26, 20:26, 20:26] = 2  # oedema-like, no core: goes
+    labels[30:34, 30:34, 30:34] = 2
+    labels[31, 31, 31] = 3  # a satellite with enhancement: stays
+    out = postprocess.remove_components_without_core(labels)
+    assert not out[20:26, 20:26, 20:26].any()
+    assert np.array_equal(out[2:12, 2:12, 2:12], labels[2:12, 2:12, 2:12])
+    assert np.array_equal(out[30:34, 30:34, 30:34], labels[30:34, 30:34, 30:34])
+    no_core = np.where(labels == 3, 2, labels).astype(np.uint8)
+    kept = postprocess.remove_components_without_core(no_core)
+    assert kept[2:12, 2:12, 2:12].all() and not kept[20:26, 20:26, 20:26].any()  # the largest only
+    probs = np.zeros((4,) + labels.shape, np.float32)
+    for c in range(4):
+        probs[c][labels == c] = 1.0
+    assert np.array_equal(postprocess.apply(probs, None, Postprocessing(components_need_core=True)), out)
+    assert np.array_equal(postprocess.apply(probs, None, Postprocessing()), labels)  # off by default

@@ -41,6 +41,27 @@ def remove_small_components(labels: np.ndarray, min_voxels: int) -> np.ndarray:
     return labels
 
 
+def remove_components_without_core(labels: np.ndarray) -> np.ndarray:
+    """Drop whole-tumour components that hold no tumour core (ET or NETC), but never the largest: a FLAIR
+    hyperintensity away from the tumour (white-matter disease, a bright cortex) has no core, while the
+    second lesion of a multifocal glioma usually has, and a tumour without core is its own largest part."""
+    if not labels.any():
+        return labels
+    comp, n = ndimage.label(labels > 0, structure=np.ones((3, 3, 3)))
+    if n < 2:
+        return labels
+    sizes = np.bincount(comp.ravel(), minlength=n + 1)
+    with_core = np.bincount(comp[np.isin(labels, (NETC.label, ET.label))], minlength=n + 1) > 0
+    sizes[0] = 0
+    drop = np.flatnonzero(~with_core)
+    drop = drop[(drop > 0) & (drop != int(np.argmax(sizes)))]
+    if not drop.size:
+        return labels
+    labels = labels.copy()
+    labels[np.isin(comp, drop)] = 0
+    return labels
+
+
 def fill_core_holes(labels: np.ndarray) -> np.ndarray:
     """Everything enclosed by tumour core is tumour core: background or SNFH voxels inside an
     enhancing rim become NETC (the BraTS definition of necrosis inside a ring). Holes are filled in
@@ -99,6 +120,8 @@ def apply(probs: np.ndarray, mask: np.ndarray | None, rules: Postprocessing) -> 
     Voxel counts are native voxels."""
     labels = probabilities_to_labels(probs, mask, rules.tumour_threshold)
     labels = remove_small_components(labels, rules.min_component_voxels)
+    if rules.components_need_core:
+        labels = remove_components_without_core(labels)
     labels = small_et_components_to_netc(labels, rules.min_et_component_voxels)
     labels = tiny_et_to_netc(labels, rules.et_to_netc_below_voxels)
     if rules.fill_core_holes:

@@ -37,6 +37,7 @@ class Postprocessing:
     """Probabilities -> labels (``postprocess.apply``); chosen by cross-validation (``cv-postprocess``)."""
     tumour_threshold: float | None = None  # None: argmax over background and the three regions
     min_component_voxels: int = 0  # tumour components smaller than this go (the largest always stays)
+    components_need_core: bool = False  # tumour components without ET or NETC go (the largest always stays)
     min_et_component_voxels: int = 0  # ET components smaller than this become NETC
     et_to_netc_below_voxels: int = 0  # all ET becomes NETC when there is less than this in total
     fill_core_holes: bool = False
@@ -47,6 +48,7 @@ class Postprocessing:
         for name in ("min_component_voxels", "min_et_component_voxels", "et_to_netc_below_voxels"):
             object.__setattr__(self, name, int(getattr(self, name) or 0))
         object.__setattr__(self, "fill_core_holes", bool(self.fill_core_holes))
+        object.__setattr__(self, "components_need_core", bool(self.components_need_core))
 
 
 PREPROCESSING_KEYS = tuple(f.name for f in fields(Preprocessing))

@@ -313,11 +313,14 @@ POSTPROCESS_STAGES = (
     # whole-tumour components smaller than this (native voxels) are dropped, never the largest; capped at
     # 3 mL: a second lesion of a multifocal glioma is often larger, and these 29 cases have few of them
     ("min_component_voxels", (0, 50, 200, 1000, 3000)),
+    # whole-tumour components without any core (FLAIR hyperintensity away from the tumour) dropped
+    ("components_need_core", (False, True)),
     # lesion-wise small ET components become NETC; all ET becomes NETC when the whole ET is tiny
     (("min_et_component_voxels", "et_to_netc_below_voxels"), ((0, 0), (20, 0), (100, 0), (0, 100), (0, 500),
                                                               (20, 100), (100, 500))),
 )
-RULE_KEYS = ("tumour_threshold", "min_component_voxels", "min_et_component_voxels", "et_to_netc_below_voxels")
+RULE_KEYS = ("tumour_threshold", "min_component_voxels", "components_need_core", "min_et_component_voxels",
+             "et_to_netc_below_voxels")
 
 
 def _no_rule() -> dict:
