@@ -591,3 +591,26 @@ def test_a_postprocessing_stage_must_gain_the_minimum_to_change_the_rule(tmp_pat
     assert chosen["tumour_threshold"] is None
     _, chosen = crossval.sweep_postprocess([tmp_path / "run"], min_gain=gain / 2)
     assert chosen["tumour_threshold"] == 0.3
+
+
+def test_cv_errors_measures_excess_volume_and_how_far_it_lies(tmp_path, capsys):
+    """A case whose prediction adds a far blob to the reference tumour: ratio and far share as drawn."""
+    from brainunet_lab.crossval import volume_errors
+
+    reference = np.zeros((40, 20, 20), np.uint8)
+    reference[2:6, 2:6, 2:6] = 2  # 64 voxels
+    probs = np.zeros((4, 40, 20, 20), np.float32)
+    probs[0] = 1.0
+    tumour = (reference > 0).copy()
+    tumour[30:34, 2:6, 2:6] = True  # 64 more voxels, 24 mm away
+    tumour[6, 2:6, 2:6] = True  # 16 voxels touching the tumour
+    probs[0][tumour], probs[2][tumour] = 0.0, 1.0
+    folder = tmp_path / "run" / "fold0" / "heldout"
+    folder.mkdir(parents=True)
+    np.savez(folder / "case.npz", probs=probs, mask=np.ones_like(reference, bool), reference=reference,
+             spacing=np.array([1.0, 1.0, 1.0]))
+    row = volume_errors([tmp_path / "run"])[0]
+    assert row["reference_ml"] == pytest.approx(0.064) and row["predicted_ml"] == pytest.approx(0.144)
+    assert row["ratio"] == pytest.approx(144 / 64) and row["false_positive_far"] == pytest.approx(64 / 80)
+    assert cli.main(["cv-errors", str(tmp_path / "run")]) == 0
+    assert "2.25" in capsys.readouterr().out

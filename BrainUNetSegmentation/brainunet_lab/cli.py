@@ -119,6 +119,12 @@ def add_commands(sub) -> None:
     p.add_argument("runs", nargs="+", help="run folders of brainunet cv")
     p.add_argument("--tag", help="report the cases rescored by cv-rescore --tag TAG")
 
+    p = sub.add_parser("cv-errors", help="whole-tumour volume errors of the held-out cases (argmax): predicted "
+                                         "against reference volume, and how much of the excess lies far from "
+                                         "the tumour")
+    p.add_argument("runs", nargs="+", help="run folders of brainunet cv")
+    p.add_argument("--far-mm", type=float, default=10.0, help="false positives farther than this count as far")
+
     p = sub.add_parser("cv-rescore", help="score a cross-validation's fold models again with post-processing "
                                           "settings (e.g. those cv-postprocess chose), every condition")
     p.add_argument("run", help="run folder of brainunet cv")
@@ -159,6 +165,7 @@ def add_commands(sub) -> None:
     sub.choices["calibrate"].set_defaults(handler=cmd_calibrate)
     sub.choices["cv"].set_defaults(handler=cmd_cv)
     sub.choices["cv-report"].set_defaults(handler=cmd_cv_report)
+    sub.choices["cv-errors"].set_defaults(handler=cmd_cv_errors)
     sub.choices["cv-pack"].set_defaults(handler=cmd_cv_pack)
     sub.choices["cv-rescore"].set_defaults(handler=cmd_cv_rescore)
     sub.choices["cv-postprocess"].set_defaults(handler=cmd_cv_postprocess)
@@ -380,6 +387,18 @@ def cmd_cv_report(args) -> int:
     for run in args.runs:
         print(format_report(run, args.tag))
         print()
+    return 0
+
+
+def cmd_cv_errors(args) -> int:
+    from .crossval import volume_errors
+
+    rows = volume_errors(args.runs, args.far_mm)
+    print(f"{'fold':6s} {'case':28s} {'reference mL':>12s} {'predicted mL':>12s} {'ratio':>6s} {'Dice WT':>7s} "
+          f"{'FP far':>6s}")
+    for r in rows:
+        print(f"{r['fold']:6s} {r['case'][:28]:28s} {r['reference_ml']:12.1f} {r['predicted_ml']:12.1f} "
+              f"{r['ratio']:6.2f} {r['dice_WT']:7.3f} {r['false_positive_far']:6.0%}")
     return 0
 
 

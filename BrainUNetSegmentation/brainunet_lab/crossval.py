@@ -416,6 +416,40 @@ def nested_postprocess(run_dirs, start: dict | None = None,
     return _mean_row(per_case), rules
 
 
+def volume_errors(run_dirs, far_mm: float = 10.0) -> list[dict]:
+    """Per kept held-out case (argmax labels): reference and predicted whole-tumour volume, Dice, and the
+    share of the false-positive volume more than ``far_mm`` from the reference tumour (far false
+    positives are other FLAIR hyperintensities; near ones, a boundary disagreement). Worst ratio first."""
+    from scipy import ndimage
+
+    from brainunet import postprocess
+    from brainunet.settings import Postprocessing
+
+    from .evaluation import dice
+
+    rows = []
+    files = [p for d in run_dirs for p in sorted(Path(d).glob("fold*/heldout/*.npz"))]
+    for path in files:
+        with np.load(path) as z:
+            probs, mask, reference = z["probs"].astype(np.float32), z["mask"], z["reference"]
+            spacing = np.asarray(z["spacing"], float) if "spacing" in z else np.ones(3)
+        ref = reference > 0
+        pred = postprocess.apply(probs, mask, Postprocessing()) > 0
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        false = pred & ~ref
+        far = 0.0
+        if false.any() and ref.any():
+            distance = ndimage.distance_transform_edt(~ref, sampling=spacing)
+            far = float((distance[false] > far_mm).mean())
+        ref_ml, pred_ml = float(ref.sum()) * voxel_ml, float(pred.sum()) * voxel_ml
+        rows.append({"fold": path.parent.parent.name, "case": path.stem, "reference_ml": ref_ml,
+                     "predicted_ml": pred_ml, "ratio": pred_ml / ref_ml if ref_ml else float("inf"),
+                     "dice_WT": dice(pred, ref), "false_positive_far": far})
+    if not rows:
+        raise InputError("No kept held-out probabilities (fold*/heldout/*.npz); run brainunet cv first.")
+    return sorted(rows, key=lambda r: -r["ratio"])
+
+
 def pack_cases(data_dir, pack_dir, base_model=None, overrides: dict | None = None, margin_mm: float = 24.0,
                log=print) -> list[Path]:
     """Preprocess every case in ``data_dir`` as the recipe would and write a compact pack of each."""
