@@ -130,3 +130,11 @@ def test_gui_thread_smoke(tmp_path):
     assert set(out["results"]) == {"t1c", "t2w", "t2f"}
     for r in out["results"].values():
         assert r["now_copy_native_s"] >= 0 and r["before_app_thread_s"] > 0 and r["nii_native_mb"] > 0
+
+
+@pytest.mark.bench
+def test_training_step_smoke(tmp_path):
+    """Both forward passes take real optimiser steps: a finite loss and a time each."""
+    out = run_smoke("training_step.py", tmp_path)
+    assert set(out["median_s"]) == {"fp32", "bf16"} and all(v > 0 for v in out["median_s"].values())
+    assert out["bf16_speedup"] > 0

@@ -614,3 +614,20 @@ def test_cv_errors_measures_excess_volume_and_how_far_it_lies(tmp_path, capsys):
     assert row["ratio"] == pytest.approx(144 / 64) and row["false_positive_far"] == pytest.approx(64 / 80)
     assert cli.main(["cv-errors", str(tmp_path / "run")]) == 0
     assert "2.25" in capsys.readouterr().out
+
+
+def test_cpu_bf16_training_step_runs_the_loss_in_fp32():
+    """cpu_bf16: the forward pass autocasts to bf16, the loss and the update stay fp32 (finite, weights fp32)."""
+    import torch
+
+    from brainunet_lab.training import TrainConfig, _Optimisation
+
+    config = TrainConfig(network={"features": [4, 8], "blocks_per_level": 1, "attention": True, "dropout": 0.0},
+                         patch_size=[16, 16, 16], batch_size=1, steps=3, lr=1e-3, cpu_bf16=True)
+    opt = _Optimisation(config, None, "cpu", 1)
+    x, y = torch.randn(1, 3, 16, 16, 16), torch.randint(0, 4, (1, 16, 16, 16))
+    before = [p.detach().clone() for p in opt.model.parameters()]
+    loss, _ = opt.train_step(x, y)
+    assert np.isfinite(loss) and opt.cpu_bf16
+    assert all(p.dtype == torch.float32 for p in opt.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, opt.model.parameters()))

@@ -77,6 +77,7 @@ class TrainConfig:
     # lack most (no contrast given, no T2W acquired); the pipeline then feeds a zero channel
     modality_dropout_weights: list = field(default_factory=lambda: [0.4, 0.4, 0.2])
     amp: bool = True  # mixed precision on CUDA only: bf16 where supported, else fp16 with a GradScaler
+    cpu_bf16: bool = False  # bf16 autocast of the forward pass on a CPU (benchmarks/training_step.py: speed)
     checkpoint_every: int = 250
     validate_every: int = 250  # 0: never (a final validation still runs when there are validation cases)
     validation_cases: int = 4  # fixed synthetic cases, seeds disjoint from training seeds
@@ -573,6 +574,7 @@ class _Optimisation:
         self.use_amp = bool(config.amp) and device.startswith("cuda")
         self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.cpu_bf16 = bool(config.cpu_bf16) and not device.startswith("cuda")
         self.loss_fn = build_loss(**config.loss)
         self.grad_clip = config.grad_clip
         self.world = world
@@ -593,8 +595,13 @@ class _Optimisation:
 
     def train_step(self, x, y) -> tuple[float, float]:
         """One optimiser step on a batch; returns (loss averaged over the ranks, the step's learning rate)."""
-        with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.use_amp):
-            outputs = self.net(x)
+        if self.cpu_bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outputs = self.net(x)
+            outputs = _as_float(outputs)  # the loss in fp32: soft Dice sums lose digits in bf16
+        else:
+            with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.use_amp):
+                outputs = self.net(x)
         loss = self.loss_fn(outputs, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -615,6 +622,13 @@ class _Optimisation:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
                 "history": self.history, "config": config.to_dict(), "seconds": seconds}
+
+
+def _as_float(outputs):
+    """A network's output (a tensor, or deep supervision's list of them) in fp32."""
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(o.float() for o in outputs)
+    return outputs.float()
 
 
 def _engine_anatomy(config: TrainConfig, data, device: str):
