@@ -154,6 +154,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._updatingGUI = False
         self._entered = False
         self._run = None  # BrainUNetSegmentationLib.logic.BackgroundRun while a segmentation is running
+        self._registerRun = None  # the same, while Add model file... checks and registers a file
         self._runOutputSegmentation = None
         self._dependenciesReady = False
         self._resultTableNodeID = None
@@ -177,6 +178,9 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.timeout.connect(self.onPollTimer)
+        self._registerTimer = qt.QTimer()  # Add model file...: its worker process
+        self._registerTimer.setInterval(POLL_INTERVAL_MS)
+        self._registerTimer.timeout.connect(self.onRegisterPollTimer)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -205,9 +209,13 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         """Called when the application closes or the module is reloaded: stop the run, drop observers."""
         if self._timer is not None:
             self._timer.stop()
+            self._registerTimer.stop()
         if self._run is not None:
             self._run.cancel()
             self._run = None
+        if self._registerRun is not None:  # a half-added model is never listed: the worker writes it last
+            self._registerRun.cancel()
+            self._registerRun = None
         self.removeObservers()
         self._parameterNode = None
 
@@ -323,13 +331,32 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                     self._setStatus(_("Adding a model needs PyTorch; nothing was added."))
                     return
                 self._dependenciesReady = True
-            name = self.logic.register_model_file(path, name)
-            self.updateModelList()
-            index = self._modelIndex(name)
-            self.ui.modelComboBox.setCurrentIndex(index)
-            default = 0 <= index < len(self._models) and self._models[index].default
-            self._setStatus((_("Model \"{name}\" added; it is now the default.") if default else
-                             _("Model \"{name}\" added and selected.")).format(name=name))
+            # checked in a worker process (torch loads the file): the application stays responsive
+            self._registerRun = self.logic.start_registering(path, name)
+            self.ui.addModelButton.enabled = False
+            self._setStatus(_("Adding model \"{name}\": checking the file...").format(name=name))
+            self._registerTimer.start()
+
+    def onRegisterPollTimer(self) -> None:
+        run = self._registerRun
+        if run is None or run.poll() == "running":
+            return
+        self._registerTimer.stop()
+        self._registerRun = None
+        run.cleanup()
+        self.ui.addModelButton.enabled = True
+        name = run.model_name
+        if run.state != "done":
+            self._setStatus(_("The model could not be added; the list is unchanged."))
+            slicer.util.errorDisplay(_("The model could not be added: {reason}").format(reason=run.error),
+                                     windowTitle="BrainUNet")
+            return
+        self.updateModelList()
+        index = self._modelIndex(name)
+        self.ui.modelComboBox.setCurrentIndex(index)
+        default = 0 <= index < len(self._models) and self._models[index].default
+        self._setStatus((_("Model \"{name}\" added; it is now the default.") if default else
+                         _("Model \"{name}\" added and selected.")).format(name=name))
 
     def _modelIndex(self, name: str) -> int:
         """Combo box index of a model name ("" or a name no longer registered: the default model)."""

@@ -303,8 +303,9 @@ def test_model_selector_lists_the_registry_and_passes_the_choice(harness, tmp_pa
 
 
 def test_add_model_file_registers_it_for_the_worker_and_selects_it(harness, tmp_path, monkeypatch, tiny_weights):
-    """Add model file...: the weights file is registered in the worker's folder under the name given, the
-    list is read again with it first (the default) and selected; a file that is not BrainUNet weights is
+    """Add model file...: the weights file is checked and registered by a worker process, in the worker's
+    folder under the name given, while the panel stays responsive (the button disabled meanwhile); then the
+    list is read again with it first (the default) and selected. A file that is not BrainUNet weights is
     refused with the worker's reason and the list stays as it was."""
     home = tmp_path / "home"
     monkeypatch.delenv("BRAINUNET_MODEL")
@@ -315,22 +316,29 @@ def test_add_model_file_registers_it_for_the_worker_and_selects_it(harness, tmp_
     widget_harness.FileDialog.answers[:] = [tiny_weights[0]]
     widget_harness.InputDialog.answers[:] = [("our clinic model", True)]
     ui.addModelButton.click()
-    assert harness.errors() == []
+    assert widget._registerRun is not None and not ui.addModelButton.enabled  # returned before the worker ended
+    assert "checking the file" in ui.statusLabel.text()
+    harness.wait_until(lambda: widget._registerRun is None, RUN_TIMEOUT_S)
+    assert harness.errors() == [] and ui.addModelButton.enabled
     assert ui.modelComboBox.count() == count + 1
     assert ui.modelComboBox.currentText() == "our-clinic-model (default)"
+    assert "now the default" in ui.statusLabel.text()
     assert (home / "models" / "our-clinic-model.pt").is_file()
+    assert not list((home / "models").glob("*.tmp"))
     assert widget.logic.getParameterNode().model == ""  # "the default", which this model now is
 
     (tmp_path / "notes.pt").write_text("not weights")
     widget_harness.FileDialog.answers[:] = [tmp_path / "notes.pt"]
     widget_harness.InputDialog.answers[:] = [("other", True)]
-    with pytest.raises(Exception):  # tryWithErrorDisplay shows the reason, then raises again
-        widget.onAddModelButton()
+    ui.addModelButton.click()
+    harness.wait_until(lambda: widget._registerRun is None, RUN_TIMEOUT_S)
     assert len(harness.errors()) == 1 and "could not be added" in harness.errors()[0]
+    assert "cannot be read" in harness.errors()[0]  # the worker's reason, passed on
     assert ui.modelComboBox.count() == count + 1 and not (home / "models" / "other.pt").exists()
+    assert ui.addModelButton.enabled and "could not be added" in ui.statusLabel.text()
     widget_harness.FileDialog.answers[:] = []  # cancelled file dialog: nothing happens
     ui.addModelButton.click()
-    assert ui.modelComboBox.count() == count + 1 and len(harness.errors()) == 1
+    assert ui.modelComboBox.count() == count + 1 and len(harness.errors()) == 1 and widget._registerRun is None
     # the same name again: asked first, and declined, nothing changes
     stamp = (home / "models" / "our-clinic-model.pt").stat().st_mtime_ns
     widget_harness.FileDialog.answers[:] = [tiny_weights[0]]
@@ -338,14 +346,28 @@ def test_add_model_file_registers_it_for_the_worker_and_selects_it(harness, tmp_
     harness.answers[:] = [False]
     ui.addModelButton.click()
     assert len(harness.questions) == 1 and "already in the list" in harness.questions[0]
+    assert widget._registerRun is None
     assert (home / "models" / "our-clinic-model.pt").stat().st_mtime_ns == stamp
-    # a bundled model's name is refused: a user's model would hide it
+    # a bundled model's name is refused at once: a user's model would hide it
     widget_harness.FileDialog.answers[:] = [tiny_weights[0]]
     widget_harness.InputDialog.answers[:] = [("brainunet-2mm-real-v2", True)]
     with pytest.raises(Exception):
         widget.onAddModelButton()
-    assert "comes with BrainUNet" in harness.errors()[-1]
+    assert "comes with BrainUNet" in harness.errors()[-1] and widget._registerRun is None
     assert ui.modelComboBox.count() == count + 1
+
+
+def test_closing_the_module_while_a_model_is_added_stops_its_worker(harness, tmp_path, monkeypatch, tiny_weights):
+    harness.widget.logic.user_home = str(tmp_path / "home")
+    monkeypatch.delenv("BRAINUNET_MODEL")
+    widget = harness.widget
+    widget.enter()
+    widget_harness.FileDialog.answers[:] = [tiny_weights[0]]
+    widget_harness.InputDialog.answers[:] = [("clinic", True)]
+    harness.ui.addModelButton.click()
+    run = widget._registerRun
+    widget.cleanup()
+    assert widget._registerRun is None and run.state == "cancelled" and not run.workdir.exists()
 
 
 def test_an_unreadable_user_registry_leaves_the_panel_usable(harness, tmp_path, monkeypatch):

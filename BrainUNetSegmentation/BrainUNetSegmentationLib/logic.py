@@ -178,6 +178,8 @@ class BackgroundRun:
     log: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # what the worker did to the input ("Note: ..." lines)
     inputs: dict = field(default_factory=dict)  # role -> the volume node it was made from
+    task: str = "the segmentation"  # what the worker does, as messages name it
+    model_name: str = ""  # the registry name a "brainunet register" run adds
     _lines: queue.Queue = field(default_factory=queue.Queue)
 
     def __post_init__(self):
@@ -208,7 +210,7 @@ class BackgroundRun:
                     self._start_reader()
         except Exception as exc:  # a full disk, a missing interpreter: the run fails with the reason
             if self.state == "running":
-                self._start_error = f"The segmentation could not start: {exc}"
+                self._start_error = f"{self.task[0].upper()}{self.task[1:]} could not start: {exc}"
         finally:
             if self.state != "running":  # cancelled while a file was being written
                 self.cleanup()
@@ -251,7 +253,7 @@ class BackgroundRun:
                 self.progress = 1.0
             else:
                 self.state = "failed"
-                self.error = self.error or f"The segmentation process stopped unexpectedly (exit code {code})."
+                self.error = self.error or f"{self.task[0].upper()}{self.task[1:]} stopped unexpectedly (its process ended with exit code {code})."
                 self.cleanup()
         return self.state
 
@@ -284,7 +286,7 @@ class BackgroundRun:
         end = None if timeout is None else time.monotonic() + timeout
         while self.poll() == "running":
             if end is not None and time.monotonic() > end:
-                raise TimeoutError("segmentation did not finish in time")
+                raise TimeoutError(f"{self.task} did not finish in time")
             time.sleep(interval)
         return self.state
 
@@ -335,27 +337,36 @@ class BrainUNetLogic:
         return {role: mrml.voxels_from_node(node, f"{MODALITY_NAMES[role]} ({node.GetName()})")
                 for role, node in inputs.items() if node is not None}
 
-    def register_model_file(self, weights_file, name: str, timeout_s: float = 300) -> str:
-        """Add a trained weights file to the worker's registry (its BRAINUNET_HOME) as ``name``, the new
-        default, by ``brainunet register`` in a worker process (which checks the file; this process never
-        imports torch). Returns the name; raises InputError with the worker's reason."""
+    def start_registering(self, weights_file, name: str) -> BackgroundRun:
+        """Start adding a trained weights file to the worker's registry (its BRAINUNET_HOME) as ``name``, the
+        new default, by ``brainunet register`` in a worker process, which checks the file (importing torch
+        takes seconds: never on the application's thread). Returns the run at once, ``model_name`` set;
+        raises InputError for a path that is not a file or a name that cannot be used."""
         weights_file = Path(weights_file)
         if not weights_file.is_file():
             raise InputError(f"{weights_file} is not a file; choose a BrainUNet weights file (.pt).")
         name = self.model_name(name)
         cmd = [self.python_executable, "-m", "brainunet", "register", str(weights_file), "--name", name,
                "--description", f"Added from {weights_file.name}"]
-        kwargs = {"creationflags": subprocess.CREATE_NO_WINDOW} if os.name == "nt" else {}
+        workdir = Path(tempfile.mkdtemp(prefix="brainunet-register-", dir=self.temp_root))
+        run = BackgroundRun(None, workdir, None, {}, task="adding the model", model_name=name)
+        run.launch_after(lambda stopped: None, cmd, self.worker_environment())
+        return run
+
+    def register_model_file(self, weights_file, name: str, timeout_s: float = 300) -> str:
+        """``start_registering`` and wait for it (scripts, tests). Returns the name; raises InputError with
+        the worker's reason."""
+        run = self.start_registering(weights_file, name)
         try:
-            done = subprocess.run(cmd, env=self.worker_environment(), capture_output=True, text=True,
-                                  encoding="utf-8", errors="replace", timeout=timeout_s, **kwargs)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise InputError(f"The model could not be added: {exc}") from exc
-        if done.returncode != 0:
-            errors = [line[len("error: "):] for line in done.stderr.splitlines() if line.startswith("error: ")]
-            reason = errors[-1] if errors else (done.stderr.strip().splitlines() or ["unknown reason"])[-1]
-            raise InputError(f"The model could not be added: {reason}")
-        return name
+            state = run.wait(timeout_s)
+        except TimeoutError:
+            run.cancel()
+            raise InputError(f"The model could not be added: the check did not end in {timeout_s:.0f} s.") from None
+        finally:
+            run.cleanup()
+        if state != "done":
+            raise InputError(f"The model could not be added: {run.error}")
+        return run.model_name
 
     @staticmethod
     def model_name(name: str) -> str:

@@ -292,9 +292,11 @@ def register_model(weights_file: Path, name: str, description: str = "", setting
     payload.update(model_settings.to_stored())
     payload["name"] = name
     target = Path(registry_path).parent / f"{name}.pt"
-    torch.save(payload, target)
+    # written beside it first: a run stopped while writing leaves a model of the same name as it was
+    staged = target.with_name(target.name + ".tmp")
+    torch.save(payload, staged)
     entry = {"name": name, "kind": "network", "description": description or f"BrainUNet weights {name}",
-             "file": target.name, "sha256": sha256_of(target)}
+             "file": target.name, "sha256": sha256_of(staged)}
     if settings:
         entry["settings"] = dict(settings)  # stored in the weights too; here so that `brainunet models` shows them
     entry["inputs"] = {"sequences": list(model_settings.preprocessing.modalities),
@@ -303,6 +305,7 @@ def register_model(weights_file: Path, name: str, description: str = "", setting
     with open(registry_path, encoding="utf-8") as f:
         registry = json.load(f)
     registry["models"] = [entry] + [m for m in registry["models"] if m.get("name") != name]
+    os.replace(staged, target)
     write_registry(registry_path, registry)
     return load_registry(registry_path)[0]
 
