@@ -349,7 +349,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if run.state != "done":
             self._setStatus(_("The model could not be added; the list is unchanged."))
             slicer.util.errorDisplay(_("The model could not be added: {reason}").format(reason=run.error),
-                                     windowTitle="BrainUNet")
+                                     windowTitle="BrainUNet", detailedText="\n".join(run.log[-50:]))
             return
         self.updateModelList()
         index = self._modelIndex(name)

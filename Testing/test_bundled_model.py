@@ -9,7 +9,7 @@ from brainunet_lab.engine import generate_case, phantom_anatomy
 from brainunet_lab.evaluation import dice
 
 BUNDLED = "brainunet-2mm-real-v2"
-WT_FLOOR = 0.85  # whole-tumour Dice on engine case 12345 (measured 0.989 with brainunet-2mm-real)
+WT_FLOOR = 0.85  # whole-tumour Dice on engine case 12345 (measured 0.983 with brainunet-2mm-real-v2)
 
 
 def test_bundled_model_is_registered_verified_compact_and_default(monkeypatch):

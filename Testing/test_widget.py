@@ -336,9 +336,11 @@ def test_add_model_file_registers_it_for_the_worker_and_selects_it(harness, tmp_
     assert "cannot be read" in harness.errors()[0]  # the worker's reason, passed on
     assert ui.modelComboBox.count() == count + 1 and not (home / "models" / "other.pt").exists()
     assert ui.addModelButton.enabled and "could not be added" in ui.statusLabel.text()
+    started = []  # from here on, no worker may start
+    monkeypatch.setattr(widget.logic, "start_registering", lambda *a: started.append(a))
     widget_harness.FileDialog.answers[:] = []  # cancelled file dialog: nothing happens
     ui.addModelButton.click()
-    assert ui.modelComboBox.count() == count + 1 and len(harness.errors()) == 1 and widget._registerRun is None
+    assert ui.modelComboBox.count() == count + 1 and len(harness.errors()) == 1 and started == []
     # the same name again: asked first, and declined, nothing changes
     stamp = (home / "models" / "our-clinic-model.pt").stat().st_mtime_ns
     widget_harness.FileDialog.answers[:] = [tiny_weights[0]]
@@ -346,19 +348,20 @@ def test_add_model_file_registers_it_for_the_worker_and_selects_it(harness, tmp_
     harness.answers[:] = [False]
     ui.addModelButton.click()
     assert len(harness.questions) == 1 and "already in the list" in harness.questions[0]
-    assert widget._registerRun is None
+    assert started == []
     assert (home / "models" / "our-clinic-model.pt").stat().st_mtime_ns == stamp
     # a bundled model's name is refused at once: a user's model would hide it
     widget_harness.FileDialog.answers[:] = [tiny_weights[0]]
     widget_harness.InputDialog.answers[:] = [("brainunet-2mm-real-v2", True)]
     with pytest.raises(Exception):
         widget.onAddModelButton()
-    assert "comes with BrainUNet" in harness.errors()[-1] and widget._registerRun is None
+    assert "comes with BrainUNet" in harness.errors()[-1] and started == []
     assert ui.modelComboBox.count() == count + 1
 
 
 def test_closing_the_module_while_a_model_is_added_stops_its_worker(harness, tmp_path, monkeypatch, tiny_weights):
-    harness.widget.logic.user_home = str(tmp_path / "home")
+    home = tmp_path / "home"
+    harness.widget.logic.user_home = str(home)
     monkeypatch.delenv("BRAINUNET_MODEL")
     widget = harness.widget
     widget.enter()
@@ -366,8 +369,11 @@ def test_closing_the_module_while_a_model_is_added_stops_its_worker(harness, tmp
     widget_harness.InputDialog.answers[:] = [("clinic", True)]
     harness.ui.addModelButton.click()
     run = widget._registerRun
+    harness.wait_until(lambda: run.process is not None, 30)  # the worker is running
     widget.cleanup()
     assert widget._registerRun is None and run.state == "cancelled" and not run.workdir.exists()
+    assert run.process.poll() is not None  # stopped, not left running
+    assert not (home / "models" / "clinic.pt").exists() and not list(home.rglob("*.tmp"))
 
 
 def test_an_unreadable_user_registry_leaves_the_panel_usable(harness, tmp_path, monkeypatch):

@@ -220,7 +220,7 @@ class BackgroundRun:
             for line in self.process.stdout:
                 self._lines.put(line.rstrip("\n"))
         except Exception as exc:  # e.g. undecodable output: report it; the end marker still comes
-            self._lines.put(f"error: the segmentation process's output could not be read ({type(exc).__name__}).")
+            self._lines.put(f"error: the output of {self.task} could not be read ({type(exc).__name__}).")
         finally:
             self._lines.put(None)
 

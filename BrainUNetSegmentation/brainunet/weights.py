@@ -292,21 +292,27 @@ def register_model(weights_file: Path, name: str, description: str = "", setting
     payload.update(model_settings.to_stored())
     payload["name"] = name
     target = Path(registry_path).parent / f"{name}.pt"
-    # written beside it first: a run stopped while writing leaves a model of the same name as it was
-    staged = target.with_name(target.name + ".tmp")
-    torch.save(payload, staged)
-    entry = {"name": name, "kind": "network", "description": description or f"BrainUNet weights {name}",
-             "file": target.name, "sha256": sha256_of(staged)}
-    if settings:
-        entry["settings"] = dict(settings)  # stored in the weights too; here so that `brainunet models` shows them
-    entry["inputs"] = {"sequences": list(model_settings.preprocessing.modalities),
-                       "one_may_be_missing": model_settings.preprocessing.modality_dropout}
-    entry.update(fields or {})
-    with open(registry_path, encoding="utf-8") as f:
-        registry = json.load(f)
-    registry["models"] = [entry] + [m for m in registry["models"] if m.get("name") != name]
-    os.replace(staged, target)
-    write_registry(registry_path, registry)
+    # written beside it first and moved in just before the registry: a run stopped while the weights are
+    # written leaves a model of the same name as it was
+    handle, staged = tempfile.mkstemp(prefix=f".{name}-", suffix=".pt.tmp", dir=target.parent)
+    os.close(handle)
+    staged = Path(staged)
+    try:
+        torch.save(payload, staged)
+        entry = {"name": name, "kind": "network", "description": description or f"BrainUNet weights {name}",
+                 "file": target.name, "sha256": sha256_of(staged)}
+        if settings:
+            entry["settings"] = dict(settings)  # stored in the weights too; here so that `brainunet models` shows them
+        entry["inputs"] = {"sequences": list(model_settings.preprocessing.modalities),
+                           "one_may_be_missing": model_settings.preprocessing.modality_dropout}
+        entry.update(fields or {})
+        with open(registry_path, encoding="utf-8") as f:
+            registry = json.load(f)
+        registry["models"] = [entry] + [m for m in registry["models"] if m.get("name") != name]
+        os.replace(staged, target)
+        write_registry(registry_path, registry)
+    finally:
+        staged.unlink(missing_ok=True)
     return load_registry(registry_path)[0]
 
 
