@@ -213,7 +213,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if self._run is not None:
             self._run.cancel()
             self._run = None
-        if self._registerRun is not None:  # a half-added model is never listed: the worker writes it last
+        if self._registerRun is not None:  # a half-added model is never listed: the worker writes the registry last
             self._registerRun.cancel()
             self._registerRun = None
         self.removeObservers()

@@ -210,7 +210,7 @@ class BackgroundRun:
                     self._start_reader()
         except Exception as exc:  # a full disk, a missing interpreter: the run fails with the reason
             if self.state == "running":
-                self._start_error = f"{self.task[0].upper()}{self.task[1:]} could not start: {exc}"
+                self._start_error = f"{self._sentence_start()} could not start: {exc}"
         finally:
             if self.state != "running":  # cancelled while a file was being written
                 self.cleanup()
@@ -253,9 +253,13 @@ class BackgroundRun:
                 self.progress = 1.0
             else:
                 self.state = "failed"
-                self.error = self.error or f"{self.task[0].upper()}{self.task[1:]} stopped unexpectedly (its process ended with exit code {code})."
+                self.error = self.error or (f"{self._sentence_start()} stopped unexpectedly (its process ended "
+                                            f"with exit code {code}).")
                 self.cleanup()
         return self.state
+
+    def _sentence_start(self) -> str:
+        return self.task[:1].upper() + self.task[1:]
 
     def _handle(self, line: str):
         if line.startswith(PROGRESS_PREFIX):
