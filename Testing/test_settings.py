@@ -46,3 +46,40 @@ def test_registry_settings_override_the_stored_postprocessing(tmp_path):
     assert payload["postprocessing"]["min_component_voxels"] == 3000
     with pytest.raises(WeightsError, match="unknown setting"):
         weights.register_model(src, "typo", "", {"min_component_voxel": 10}, registry_path=registry)
+
+
+def test_missing_sequence_postprocessing_is_typed_stored_and_applied_only_without_that_sequence():
+    s = ModelSettings.from_flat({"tumour_threshold": 0.75, "modality_dropout": True,
+                                 "no-t2w.tumour_threshold": "0.65", "no-t1c.min_component_voxels": 1000.0})
+    assert s.missing_postprocessing == {"t2w": {"tumour_threshold": 0.65}, "t1c": {"min_component_voxels": 1000}}
+    assert s.postprocessing_for(()) == s.postprocessing == Postprocessing(tumour_threshold=0.75)
+    assert s.postprocessing_for(("t2w",)) == Postprocessing(tumour_threshold=0.65)
+    assert s.postprocessing_for(("t1c",)) == Postprocessing(tumour_threshold=0.75, min_component_voxels=1000)
+    assert s.postprocessing_for(("t2f",)) == s.postprocessing  # no rule of its own: the model's
+    assert s.to_stored()["postprocessing_missing"] == {"t2w": {"tumour_threshold": 0.65},
+                                                       "t1c": {"min_component_voxels": 1000}}
+    assert ModelSettings.from_stored(s.to_stored()) == s
+    assert s.with_overrides({"no-t2w.tumour_threshold": None}).postprocessing_for(("t2w",)).tumour_threshold is None
+    assert "postprocessing_missing" not in ModelSettings().to_stored()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("no-adc.tumour_threshold", 0.5, r"unknown setting no-adc\.tumour_threshold.*t1c, t2w, t2f"),
+    ("no-t2w.spacing_mm", [1, 1, 1], r"unknown setting no-t2w\.spacing_mm.*post-processing setting"),
+    ("without-t2w.tumour_threshold", 0.5, "unknown setting without-t2w"),
+    ("no-t2w.min_component_voxels", "many", "without t2w has a value of the wrong kind"),
+])
+def test_a_bad_missing_sequence_setting_is_refused_by_name(key, value, message):
+    with pytest.raises(WeightsError, match=message):
+        ModelSettings().with_overrides({key: value}, "--set")
+
+
+def test_a_registry_entry_can_give_a_missing_sequence_its_own_postprocessing(tmp_path):
+    src = tmp_path / "model.pt"
+    weights.save_weights(src, BrainUNet(NetworkConfig(features=(4, 8))), "run",
+                         ModelSettings(Preprocessing(modality_dropout=True), Postprocessing(tumour_threshold=0.75)))
+    registry = tmp_path / "models" / "registry.json"
+    weights.register_model(src, "tuned", "", {"no-t2w.tumour_threshold": 0.6}, registry_path=registry)
+    loaded = pipeline.load_model(weights.load_registry(registry)[0].path())
+    assert loaded.settings.postprocessing_for(("t2w",)).tumour_threshold == 0.6
+    assert loaded.postprocessing.tumour_threshold == 0.75

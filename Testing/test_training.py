@@ -1,6 +1,7 @@
 """Training, resuming, fine-tuning and their command line, on the engine's phantom anatomy at 4 mm
 with a two-level network (fast, offline, CPU)."""
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -104,6 +105,13 @@ def test_the_weights_file_loads_and_segments(tiny_run, synthetic_case):
     assert loaded.preprocessing.modality_dropout
     without_t2w = pipeline.segment({k: v for k, v in volumes.items() if k != "t2w"}, loaded)
     assert without_t2w.labels.shape == volumes["t1c"].data.shape
+    # a rule of its own for a missing T2W applies without T2W, and only then: nothing is tumour by the model's
+    # rule (threshold above 1), every brain voxel is by the no-T2W rule (threshold 0)
+    tuned = dataclasses.replace(loaded, settings=loaded.settings.with_overrides(
+        {"tumour_threshold": 1.5, "no-t2w.tumour_threshold": 0.0}))
+    assert not pipeline.segment(volumes, tuned).labels.any()
+    assert pipeline.segment({k: v for k, v in volumes.items() if k != "t1c"}, tuned).labels.sum() == 0
+    assert (pipeline.segment({k: v for k, v in volumes.items() if k != "t2w"}, tuned).labels > 0).sum() > 1000
 
 
 def test_engine_case_dice_honours_tta():
@@ -566,6 +574,39 @@ def test_nested_postprocess_scores_each_fold_with_the_rule_chosen_without_it(tmp
     best_in_sample = max(r["mean"] for r in crossval._score_rules(
         [c for _, c in crossval._load_heldout([tmp_path / "run"])], [chosen]))
     assert row["mean"] < best_in_sample  # choosing on the scored cases flatters; nested does not
+
+
+def _write_heldout(folder, probs, reference):
+    folder.mkdir(parents=True)
+    np.savez(folder / "case.npz", probs=probs, mask=np.ones_like(reference, bool), reference=reference)
+
+
+def test_a_missing_sequence_gets_its_own_rule_only_where_its_held_out_cases_want_one(tmp_path, monkeypatch):
+    """Every sequence: the tumour is found by argmax. Without T2W the tumour's probability falls to 0.35: the
+    search for no-t2w starts from the every-sequence rule (argmax) and moves to the threshold that finds it,
+    nested as well, and the setting it prints is only the key that differs. A run scored before conditions
+    were kept says how to keep them."""
+    from brainunet_lab import crossval
+
+    monkeypatch.setattr(crossval, "POSTPROCESS_STAGES", (("tumour_threshold", (None, 0.3, 0.9)),
+                                                         ("min_component_voxels", (0, 5))))
+    reference = np.zeros((8, 8, 8), np.uint8)
+    reference[2:6, 2:6, 2:6] = 2
+    for fold in ("fold0", "fold1"):
+        for condition, p_tumour in (("all", 0.9), ("no-t2w", 0.35)):
+            probs = np.zeros((4, 8, 8, 8), np.float32)
+            probs[0], probs[2] = 0.9, 0.1
+            probs[0][reference == 2], probs[2][reference == 2] = 1 - p_tumour, p_tumour
+            heldout = tmp_path / "run" / fold / "heldout"
+            _write_heldout(heldout if condition == "all" else heldout / condition, probs, reference)
+    _, shared, chosen = crossval.sweep_condition_postprocess([tmp_path / "run"], "no-t2w")
+    assert shared["tumour_threshold"] is None and chosen["tumour_threshold"] == 0.3
+    assert crossval.condition_settings("no-t2w", shared, chosen) == {"no-t2w.tumour_threshold": 0.3}
+    shared_row, own_row, rules = crossval.nested_condition_postprocess([tmp_path / "run"], "no-t2w")
+    assert shared_row["dice_WT"] == 0.0 and own_row["dice_WT"] == 1.0 and own_row["cases"] == 2
+    assert all(rule["tumour_threshold"] == 0.3 for rule in rules.values())
+    with pytest.raises(InputError, match="cv-rescore .* --keep"):
+        crossval.sweep_condition_postprocess([tmp_path / "run"], "no-t1c")
 
 
 def test_a_postprocessing_stage_must_gain_the_minimum_to_change_the_rule(tmp_path, monkeypatch):

@@ -4,6 +4,11 @@ Stored in the weights file as two dicts (``"preprocessing"``, ``"postprocessing"
 entry's ``settings`` and ``--set key=value`` override them by name, as one flat dict whose keys are
 the field names below (no name is in both parts). Weights files written before the split kept the
 post-processing keys inside ``"preprocessing"``; ``ModelSettings.from_stored`` sorts them out.
+
+A model trained with modality dropout may also carry post-processing for when one sequence is missing,
+chosen by cross-validation on held-out cases scored without it: flat keys ``no-<sequence>.<field>``
+(``no-t2w.tumour_threshold``), stored as ``"postprocessing_missing": {"t2w": {...}}``; fields not named
+there are the model's own.
 """
 from __future__ import annotations
 
@@ -53,40 +58,82 @@ class Postprocessing:
 
 PREPROCESSING_KEYS = tuple(f.name for f in fields(Preprocessing))
 POSTPROCESSING_KEYS = tuple(f.name for f in fields(Postprocessing))
+MISSING_PREFIX = "no-"
+
+
+def missing_condition(modality: str) -> str:
+    """The name of the condition "``modality`` missing" (settings prefix and cross-validation condition)."""
+    return f"{MISSING_PREFIX}{modality}"
 
 
 @dataclass(frozen=True)
 class ModelSettings:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     postprocessing: Postprocessing = field(default_factory=Postprocessing)
+    # {missing sequence: the post-processing fields that differ when it is missing}
+    missing_postprocessing: dict = field(default_factory=dict)
 
     @classmethod
     def from_flat(cls, flat: dict, source: str = "model settings") -> "ModelSettings":
-        unknown = sorted(set(flat) - set(PREPROCESSING_KEYS) - set(POSTPROCESSING_KEYS))
+        plain = {k: v for k, v in flat.items() if "." not in k}
+        unknown = sorted(set(plain) - set(PREPROCESSING_KEYS) - set(POSTPROCESSING_KEYS))
         if unknown:
             raise WeightsError(f"{source}: unknown setting(s) {', '.join(unknown)}. Known: "
-                               f"{', '.join(PREPROCESSING_KEYS + POSTPROCESSING_KEYS)}.")
+                               f"{', '.join(PREPROCESSING_KEYS + POSTPROCESSING_KEYS)}, and "
+                               f"{MISSING_PREFIX}<sequence>.<post-processing setting>.")
         try:
-            return cls(Preprocessing(**{k: v for k, v in flat.items() if k in PREPROCESSING_KEYS}),
-                       Postprocessing(**{k: v for k, v in flat.items() if k in POSTPROCESSING_KEYS}))
+            pre = Preprocessing(**{k: v for k, v in plain.items() if k in PREPROCESSING_KEYS})
+            post = Postprocessing(**{k: v for k, v in plain.items() if k in POSTPROCESSING_KEYS})
         except (TypeError, ValueError) as exc:
             raise WeightsError(f"{source}: a setting has a value of the wrong kind ({exc}).") from exc
+        missing: dict[str, dict] = {}
+        for key, value in flat.items():
+            if "." not in key:
+                continue
+            condition, _, name = key.partition(".")
+            modality = condition[len(MISSING_PREFIX):] if condition.startswith(MISSING_PREFIX) else None
+            if modality not in pre.modalities or name not in POSTPROCESSING_KEYS:
+                raise WeightsError(f"{source}: unknown setting {key}. A missing-sequence setting reads "
+                                   f"{MISSING_PREFIX}<sequence>.<post-processing setting>, the sequence one of "
+                                   f"{', '.join(pre.modalities)} and the setting one of {', '.join(POSTPROCESSING_KEYS)}.")
+            missing.setdefault(modality, {})[name] = value
+        for modality, changed in missing.items():
+            try:  # typed as the model's own post-processing is
+                typed = asdict(Postprocessing(**{**asdict(post), **changed}))
+            except (TypeError, ValueError) as exc:
+                raise WeightsError(f"{source}: a setting without {modality} has a value of the wrong kind ({exc}).") \
+                    from exc
+            missing[modality] = {k: typed[k] for k in changed}
+        return cls(pre, post, missing)
 
     @classmethod
     def from_stored(cls, stored: dict, overrides: dict | None = None, source: str = "model settings") -> "ModelSettings":
-        """From a weights payload's ``"preprocessing"`` / ``"postprocessing"`` dicts, then ``overrides``."""
-        flat = {**stored.get("preprocessing", {}), **stored.get("postprocessing", {}), **(overrides or {})}
+        """From a weights payload's ``"preprocessing"`` / ``"postprocessing"`` (/ ``"postprocessing_missing"``)
+        dicts, then ``overrides``."""
+        missing = {f"{missing_condition(m)}.{k}": v
+                   for m, changed in stored.get("postprocessing_missing", {}).items() for k, v in changed.items()}
+        flat = {**stored.get("preprocessing", {}), **stored.get("postprocessing", {}), **missing, **(overrides or {})}
         return cls.from_flat(flat, source)
+
+    def postprocessing_for(self, missing=()) -> Postprocessing:
+        """The post-processing to apply when the sequences ``missing`` are (at most one, as inference allows)."""
+        changed = self.missing_postprocessing.get(missing[0]) if len(missing) == 1 else None
+        return Postprocessing(**{**asdict(self.postprocessing), **changed}) if changed else self.postprocessing
 
     def with_overrides(self, overrides: dict | None, source: str = "settings") -> "ModelSettings":
         return ModelSettings.from_flat({**self.flat(), **(overrides or {})}, source) if overrides else self
 
     def flat(self) -> dict:
-        return {**asdict(self.preprocessing), **asdict(self.postprocessing)}
+        return {**asdict(self.preprocessing), **asdict(self.postprocessing),
+                **{f"{missing_condition(m)}.{k}": v for m, changed in self.missing_postprocessing.items()
+                   for k, v in changed.items()}}
 
     def to_stored(self) -> dict:
-        """The two dicts a weights file keeps (lists, so they read back the same from JSON or torch)."""
+        """The dicts a weights file keeps (lists, so they read back the same from JSON or torch)."""
         def plain(d):
             return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
-        return {"preprocessing": plain(asdict(self.preprocessing)), "postprocessing": plain(asdict(self.postprocessing))}
+        stored = {"preprocessing": plain(asdict(self.preprocessing)), "postprocessing": plain(asdict(self.postprocessing))}
+        if self.missing_postprocessing:
+            stored["postprocessing_missing"] = {m: dict(changed) for m, changed in self.missing_postprocessing.items()}
+        return stored

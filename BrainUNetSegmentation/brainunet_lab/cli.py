@@ -135,6 +135,9 @@ def add_commands(sub) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--tta", default="off", choices=["off", "mirror", "all"],
                    help="test-time augmentation: none, the left-right mirror (2 passes) or every flip (8 passes)")
+    p.add_argument("--keep", action="store_true",
+                   help="also keep the probabilities scored without each sequence (fold<i>/heldout/<condition>/) "
+                        "for cv-postprocess --condition, when the run did not keep them")
 
     p = sub.add_parser("cv-postprocess", help="compare post-processing rules on the held-out probabilities of "
                                               "brainunet cv runs")
@@ -146,6 +149,9 @@ def add_commands(sub) -> None:
     p.add_argument("--min-gain", type=float, default=MIN_POSTPROCESS_GAIN,
                    help="a stage changes the rule only if it raises the five-region mean held-out Dice by this much "
                         "(default %(default)s)")
+    p.add_argument("--condition", choices=[c for c in CONDITIONS if c != "all"],
+                   help="choose the rule for when this sequence is missing, starting from the rule chosen with "
+                        "every sequence (the held-out cases scored without it)")
 
     p = sub.add_parser("bundle", help="make a trained model the extension's bundled default (writes the repository's "
                                       "models/ folder and registry.json; for developers)")
@@ -408,7 +414,7 @@ def cmd_cv_rescore(args) -> int:
     from .crossval import format_report, rescore
 
     rescore(args.run, args.data, parse_settings(args.set), args.tag, args.device, log=lambda m: print(m, flush=True),
-            tta=args.tta)
+            tta=args.tta, keep=args.keep)
     print(format_report(args.run, args.tag))
     return 0
 
@@ -417,6 +423,8 @@ def cmd_cv_postprocess(args) -> int:
     from .crossval import RULE_KEYS, sweep_postprocess
     from .evaluation import write_metrics_csv
 
+    if args.condition:
+        return _cv_postprocess_condition(args)
     rows, chosen = sweep_postprocess(args.runs, min_gain=args.min_gain)
     if args.output:
         write_metrics_csv(rows, args.output)
@@ -437,6 +445,36 @@ def cmd_cv_postprocess(args) -> int:
             print(f"  {fold}: " + ", ".join(f"{k}={rule[k]}" for k in RULE_KEYS))
     settings = " ".join(f"--set {k}={'null' if chosen[k] is None else chosen[k]}" for k in RULE_KEYS)
     print(f"register with: {settings}")
+    return 0
+
+
+def _cv_postprocess_condition(args) -> int:
+    from .crossval import RULE_KEYS, condition_settings, sweep_condition_postprocess
+    from .evaluation import write_metrics_csv
+
+    rows, shared, chosen = sweep_condition_postprocess(args.runs, args.condition, args.min_gain)
+    if args.output:
+        write_metrics_csv(rows, args.output)
+    keys = [k for k in rows[0] if k.startswith("dice_")]
+
+    def line(r):
+        return "  ".join(f"{k[5:]} {r[k]:.3f}" for k in keys) + f"  mean {r['mean']:.4f}  ({r['cases']} held-out cases)"
+
+    scored = {tuple(r[k] for k in RULE_KEYS): r for r in rows}
+    for name, rule in (("every-sequence rule", shared), (f"{args.condition} rule", chosen)):
+        print(f"{name} ({', '.join(f'{k}={rule[k]}' for k in RULE_KEYS)}), {args.condition}: "
+              + line(scored[tuple(rule[k] for k in RULE_KEYS)]))
+    if args.nested:
+        from .crossval import nested_condition_postprocess
+
+        shared_row, own_row, rules = nested_condition_postprocess(args.runs, args.condition, args.min_gain)
+        print(f"nested, every-sequence rule chosen on the other folds: {line(shared_row)}")
+        print(f"nested, {args.condition} rule chosen on the other folds: {line(own_row)}")
+        for fold, rule in rules.items():
+            print(f"  {fold}: " + ", ".join(f"{k}={rule[k]}" for k in RULE_KEYS))
+    settings = condition_settings(args.condition, shared, chosen)
+    print("register with: " + (" ".join(f"--set {k}={'null' if v is None else v}" for k, v in settings.items())
+                               or f"nothing (the every-sequence rule holds for {args.condition})"))
     return 0
 
 

@@ -4,12 +4,12 @@
 tumour size, ``realdata.institution_folds``), each on the other folds' cases, and scores it on the cases it
 never saw, through the inference path: every sequence, and without T2W and without T1CE (the missing
 sequence becomes the zero channel inference gives it). Held-out class probabilities are kept, so
-post-processing rules are chosen by the same cross-validation (``brainunet cv-postprocess``) without
-retraining. ``brainunet cv-report`` prints the tables (per region, per institution, per condition, mean
+post-processing rules are chosen by the same cross-validation (``brainunet cv-postprocess``, with
+``--condition`` for a missing sequence) without retraining. ``brainunet cv-report`` prints the tables (per region, per institution, per condition, mean
 and spread over folds) that MODEL_CARD.md copies.
 
 Run folder: ``recipe.json``, ``folds.json``, ``fold<i>/`` (the training run, resumable), ``fold<i>/heldout/``
-(probabilities), ``cases.csv`` (one row per held-out case and condition), optional ``final/`` (the recipe
+(probabilities; ``heldout/<condition>/`` without a sequence), ``cases.csv`` (one row per held-out case and condition), optional ``final/`` (the recipe
 on every case: the model that ships).
 """
 from __future__ import annotations
@@ -23,8 +23,10 @@ import numpy as np
 
 from brainunet.errors import InputError
 from brainunet.labels import ALL_REGIONS
+from brainunet.settings import missing_condition
 
-CONDITIONS = {"all": None, "no-t2w": "t2w", "no-t1c": "t1c"}
+#: scoring conditions: every sequence, and each sequence old protocols lack (fed as inference feeds it)
+CONDITIONS = {"all": None, **{missing_condition(m): m for m in ("t2w", "t1c")}}
 REGION_KEYS = [r.key for r in ALL_REGIONS]
 CASE_FIELDS = ["fold", "case", "institution", "condition"] + [f"dice_{k}" for k in REGION_KEYS] + \
     [f"hd95_{k}" for k in REGION_KEYS]
@@ -135,7 +137,8 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
             weights = result.weights
         if train_only:
             continue
-        rows = score_fold(weights, [cases[j] for j in held], i, fold_dir / "heldout", device)
+        rows = score_fold(weights, [cases[j] for j in held], i, fold_dir / "heldout", device,
+                          keep_conditions=tuple(CONDITIONS))
         _write_rows(rows, fold_dir / "scores.csv")
         log(f"fold {i}: " + "  ".join(f"{k} {np.mean([r[f'dice_{k}'] for r in rows if r['condition'] == 'all']):.3f}"
                                       for k in REGION_KEYS))
@@ -157,12 +160,13 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
 
 
 def score_fold(weights, held_cases, fold: int, keep_dir, device: str = "auto",
-               settings: dict | None = None, tta=False) -> list[dict]:
+               settings: dict | None = None, tta=False, keep_conditions=("all",)) -> list[dict]:
     """Segment each held-out case from its files as inference does, for every condition; Dice and HD95 on
-    the case's own 1 mm grid. The 'all' condition's probabilities are kept (float16, crop grid) for
+    the case's own 1 mm grid. The probabilities of the ``keep_conditions`` are kept (float16, crop grid;
+    ``keep_dir/<case>.npz`` for all sequences, ``keep_dir/<condition>/<case>.npz`` for the others) for
     choosing post-processing, unless ``keep_dir`` is None. ``settings`` override the model's stored
-    post-processing (as a registry entry's settings do); ``tta``: test-time augmentation
-    (``inference.tta_flips``)."""
+    post-processing (as a registry entry's settings do; ``no-t2w.tumour_threshold`` applies without T2W);
+    ``tta``: test-time augmentation (``inference.tta_flips``)."""
     from brainunet import pipeline, postprocess
     from brainunet.imageio import find_case_files
     from brainunet.inference import predict_probabilities, resolve_device
@@ -192,11 +196,14 @@ def score_fold(weights, held_cases, fold: int, keep_dir, device: str = "auto",
             probs = predict_probabilities(loaded.network, image, model_settings.preprocessing.patch_size,
                                           tta=tta, device=device, precision="fp32")
             probs = prepared.restore_channels(probs)
-            if condition == "all" and keep_dir is not None:
-                np.savez_compressed(keep_dir / f"{case.name}.npz", probs=probs.astype(np.float16),
+            if condition in keep_conditions and keep_dir is not None:
+                folder = keep_dir if condition == "all" else keep_dir / condition
+                folder.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(folder / f"{case.name}.npz", probs=probs.astype(np.float16),
                                     mask=prepared.crop_mask, reference=crop_ref,
                                     spacing=np.asarray(prepared.native_spacing))
-            labels = postprocess.apply(probs, prepared.crop_mask, model_settings.postprocessing)
+            labels = postprocess.apply(probs, prepared.crop_mask,
+                                       model_settings.postprocessing_for((dropped,) if dropped else ()))
             full = prepared.restore_labels(labels)
             rows.append({"fold": fold, "case": case.name, "institution": institution(case.name),
                          "condition": condition, **evaluate_case(full, reference, spacing)})
@@ -225,14 +232,20 @@ def _read_rows(path) -> list[dict]:
     return rows
 
 
-def rescore(run_dir, data_dir, settings: dict, tag: str, device: str = "auto", log=print, tta=False) -> Path:
+def rescore(run_dir, data_dir, settings: dict, tag: str, device: str = "auto", log=print, tta=False,
+            keep: bool = False) -> Path:
     """Score every fold model again on its held-out cases, every condition, with post-processing
     ``settings`` (the ones chosen by ``sweep_postprocess``, as the shipped model applies them) and
-    test-time augmentation ``tta``; writes ``cases-<tag>.csv`` beside ``cases.csv``."""
+    test-time augmentation ``tta``; writes ``cases-<tag>.csv`` beside ``cases.csv``. ``keep``: also keep
+    the missing-sequence conditions' probabilities in ``fold<i>/heldout/<condition>/`` (runs scored before
+    ``brainunet cv`` kept them), for ``cv-postprocess --condition``."""
     from types import SimpleNamespace
 
     from .realdata import find_labelled_cases
 
+    if keep and tta:
+        raise InputError("The probabilities kept for choosing post-processing are those of plain inference, as "
+                         "brainunet cv keeps them: rescore with --keep and without --tta.")
     run_dir = Path(run_dir)
     folds_file = run_dir / "folds.json"
     if not folds_file.is_file():
@@ -244,7 +257,8 @@ def rescore(run_dir, data_dir, settings: dict, tag: str, device: str = "auto", l
         if not weights.is_file():
             raise InputError(f"{weights} is missing; finish the cross-validation first (brainunet cv ... --resume).")
         held = [SimpleNamespace(name=n, path=paths[n]) for n in names]
-        rows += score_fold(weights, held, i, None, device, settings, tta)
+        rows += score_fold(weights, held, i, run_dir / f"fold{i}" / "heldout" if keep else None, device, settings,
+                           tta, keep_conditions=tuple(c for c in CONDITIONS if c != "all"))
         log(f"fold {i} rescored")
     out = run_dir / f"cases-{tag}.csv"
     _write_rows(rows, out)
@@ -353,15 +367,25 @@ def _score_rules(cases, rules) -> list[dict]:
     return [{**rule, **_mean_row(_case_dice(cases, rule))} for rule in rules]
 
 
-def _load_heldout(run_dirs) -> list[tuple[str, tuple]]:
-    """(fold name, (probabilities, mask, reference)) of every kept held-out case of the runs."""
-    files = [p for d in run_dirs for p in sorted(Path(d).glob("fold*/heldout/*.npz"))]
+def _heldout_files(run_dirs, condition: str = "all") -> list[tuple[str, Path]]:
+    """(fold name, file) of every kept held-out case of the runs, scored under ``condition``."""
+    if condition not in CONDITIONS:
+        raise InputError(f"Unknown condition {condition}; one of {', '.join(CONDITIONS)}.")
+    pattern, depth = ("fold*/heldout/*.npz", 1) if condition == "all" else (f"fold*/heldout/{condition}/*.npz", 2)
+    files = [(p.parents[depth].name, p) for d in run_dirs for p in sorted(Path(d).glob(pattern))]
     if not files:
-        raise InputError("No kept held-out probabilities (fold*/heldout/*.npz); run brainunet cv first.")
+        raise InputError(f"No kept held-out probabilities ({pattern}); " +
+                         ("run brainunet cv first." if condition == "all" else
+                          "run brainunet cv-rescore RUN --data DIR --tag TAG --keep first (runs of brainunet cv keep them)."))
+    return files
+
+
+def _load_heldout(run_dirs, condition: str = "all") -> list[tuple[str, tuple]]:
+    """(fold name, (probabilities, mask, reference)) of every kept held-out case of the runs."""
     cases = []
-    for path in files:
+    for fold, path in _heldout_files(run_dirs, condition):
         with np.load(path) as z:
-            cases.append((path.parent.parent.name, (z["probs"].astype(np.float32), z["mask"], z["reference"])))
+            cases.append((fold, (z["probs"].astype(np.float32), z["mask"], z["reference"])))
     return cases
 
 
@@ -402,6 +426,41 @@ def sweep_postprocess(run_dirs, start: dict | None = None,
     return _choose_postprocess([case for _, case in _load_heldout(run_dirs)], start, min_gain)
 
 
+def sweep_condition_postprocess(run_dirs, condition: str, min_gain: float = MIN_POSTPROCESS_GAIN):
+    """Post-processing for when one sequence is missing: the search of ``sweep_postprocess`` on the held-out
+    cases scored under ``condition``, starting from the rule chosen with every sequence (what the model
+    applies unless told otherwise), so a stage departs from it only for a gain of ``min_gain``. Returns
+    (every rule scored, the rule chosen with every sequence, the rule chosen for ``condition``)."""
+    _, shared = sweep_postprocess(run_dirs, min_gain=min_gain)
+    cases = [case for _, case in _load_heldout(run_dirs, condition)]
+    rows, chosen = _choose_postprocess(cases, shared, min_gain)
+    if not any(all(r[k] == shared[k] for k in RULE_KEYS) for r in rows):  # a starting value no stage lists
+        rows = _score_rules(cases, [shared]) + rows
+    return rows, shared, chosen
+
+
+def nested_condition_postprocess(run_dirs, condition: str, min_gain: float = MIN_POSTPROCESS_GAIN):
+    """``nested_postprocess`` for a missing sequence: each fold's held-out cases, scored without the
+    sequence, get (a) the rule chosen with every sequence on the other folds and (b) that rule refined on
+    the other folds' cases scored without the sequence. Returns (mean row of a, mean row of b,
+    {fold: rule b})."""
+    every = _load_heldout(run_dirs)
+    cases = _load_heldout(run_dirs, condition)
+    shared_case, own_case, rules = [], [], {}
+    for fold in sorted({name for name, _ in cases}):
+        _, shared = _choose_postprocess([c for name, c in every if name != fold], None, min_gain)
+        _, rules[fold] = _choose_postprocess([c for name, c in cases if name != fold], shared, min_gain)
+        held = [c for name, c in cases if name == fold]
+        shared_case += _case_dice(held, shared)
+        own_case += _case_dice(held, rules[fold])
+    return _mean_row(shared_case), _mean_row(own_case), rules
+
+
+def condition_settings(condition: str, shared: dict, chosen: dict) -> dict:
+    """The ``--set`` settings that give ``condition`` its own rule: the keys where it differs."""
+    return {f"{condition}.{k}": chosen[k] for k in RULE_KEYS if chosen[k] != shared[k]}
+
+
 def nested_postprocess(run_dirs, start: dict | None = None,
                        min_gain: float = MIN_POSTPROCESS_GAIN) -> tuple[dict, dict]:
     """What the post-processing search is worth on cases it did not see: each fold's held-out cases are
@@ -428,8 +487,7 @@ def volume_errors(run_dirs, far_mm: float = 10.0) -> list[dict]:
     from .evaluation import dice
 
     rows = []
-    files = [p for d in run_dirs for p in sorted(Path(d).glob("fold*/heldout/*.npz"))]
-    for path in files:
+    for fold, path in _heldout_files(run_dirs):
         with np.load(path) as z:
             probs, mask, reference = z["probs"].astype(np.float32), z["mask"], z["reference"]
             spacing = np.asarray(z["spacing"], float) if "spacing" in z else np.ones(3)
@@ -442,11 +500,9 @@ def volume_errors(run_dirs, far_mm: float = 10.0) -> list[dict]:
             distance = ndimage.distance_transform_edt(~ref, sampling=spacing)
             far = float((distance[false] > far_mm).mean())
         ref_ml, pred_ml = float(ref.sum()) * voxel_ml, float(pred.sum()) * voxel_ml
-        rows.append({"fold": path.parent.parent.name, "case": path.stem, "reference_ml": ref_ml,
+        rows.append({"fold": fold, "case": path.stem, "reference_ml": ref_ml,
                      "predicted_ml": pred_ml, "ratio": pred_ml / ref_ml if ref_ml else float("inf"),
                      "dice_WT": dice(pred, ref), "false_positive_far": far})
-    if not rows:
-        raise InputError("No kept held-out probabilities (fold*/heldout/*.npz); run brainunet cv first.")
     return sorted(rows, key=lambda r: -r["ratio"])
 
 
