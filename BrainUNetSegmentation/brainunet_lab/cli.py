@@ -14,7 +14,7 @@ from brainunet.cli import Progress, _add_model_args, _load_model
 from brainunet.errors import InputError
 
 from . import calibration, montage  # their options live beside the code they drive
-from .crossval import MIN_POSTPROCESS_GAIN
+from .crossval import CONDITIONS, MIN_POSTPROCESS_GAIN
 
 
 def _add_run_args(p):
