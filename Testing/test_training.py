@@ -435,6 +435,8 @@ def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(t
             assert trained["steps"] == 3 and trained["init_weights"].endswith("model.pt")
             assert sorted({r["case"] for r in rows if r["fold"] == i}) == sorted(held)  # scored only where held out
             assert len(list((out / f"fold{i}" / "heldout").glob("*.npz"))) == len(held)
+            for condition in ("no-t2w", "no-t1c"):
+                assert len(list((out / f"fold{i}" / "heldout" / condition).glob("*.npz"))) == len(held)
         assert (out / "final" / "model.pt").is_file()
         assert len(list((tmp_path / "cache").rglob("*.npz"))) == 4  # preprocessed once, kept outside the run
         with pytest.raises(InputError, match="--resume"):
@@ -460,6 +462,19 @@ def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(t
         assert len(strict) == len(rows) and "| all | 4 |" in capsys.readouterr().out
         wt = {(r["case"], r["condition"]): r["dice_WT"] for r in rows}
         assert any(r["dice_WT"] != wt[(r["case"], r["condition"])] for r in strict)  # the settings were applied
+        # a rule of its own without T2W: applied to the no-t2w rows, and to them only
+        assert cli.main(["cv-rescore", str(out), "--data", str(data), "--set", "no-t2w.tumour_threshold=0.99",
+                         "--set", "no-t2w.min_component_voxels=10", "--tag", "own"]) == 0
+        own = crossval.read_cases(out, "own")
+        assert all(r["dice_WT"] == wt[(r["case"], r["condition"])] for r in own if r["condition"] != "no-t2w")
+        assert any(r["dice_WT"] != wt[(r["case"], r["condition"])] for r in own if r["condition"] == "no-t2w")
+        capsys.readouterr()
+        assert cli.main(["cv-postprocess", str(out), "--condition", "no-t2w", "--nested"]) == 0
+        printed = capsys.readouterr().out
+        assert "every-sequence rule (tumour_threshold=" in printed and "no-t2w rule (" in printed
+        assert "nested, no-t2w rule chosen on the other folds: " in printed and "register with: " in printed
+        assert cli.main(["cv-rescore", str(out), "--data", str(data), "--tag", "x", "--keep", "--tta", "mirror"]) == 2
+        assert "without --tta" in capsys.readouterr().err
     finally:
         if env_cache is None:
             os.environ.pop("BRAINUNET_CASE_CACHE", None)

@@ -243,7 +243,9 @@ def rescore(run_dir, data_dir, settings: dict, tag: str, device: str = "auto", l
 
     from .realdata import find_labelled_cases
 
-    if keep and tta:
+    from brainunet.inference import tta_flips
+
+    if keep and len(tta_flips(tta)) > 1:
         raise InputError("The probabilities kept for choosing post-processing are those of plain inference, as "
                          "brainunet cv keeps them: rescore with --keep and without --tta.")
     run_dir = Path(run_dir)
