@@ -5,12 +5,12 @@ tumour size, ``realdata.institution_folds``), each on the other folds' cases, an
 never saw, through the inference path: every sequence, and without T2W and without T1CE (the missing
 sequence becomes the zero channel inference gives it). Held-out class probabilities are kept, so
 post-processing rules are chosen by the same cross-validation (``brainunet cv-postprocess``, with
-``--condition`` for a missing sequence) without retraining. ``brainunet cv-report`` prints the tables (per region, per institution, per condition, mean
-and spread over folds) that MODEL_CARD.md copies.
+``--condition`` for a missing sequence) without retraining. ``brainunet cv-report`` prints the tables (per
+region, per institution, per condition, mean and spread over folds) that MODEL_CARD.md copies.
 
 Run folder: ``recipe.json``, ``folds.json``, ``fold<i>/`` (the training run, resumable), ``fold<i>/heldout/``
-(probabilities; ``heldout/<condition>/`` without a sequence), ``cases.csv`` (one row per held-out case and condition), optional ``final/`` (the recipe
-on every case: the model that ships).
+(probabilities; ``heldout/<condition>/`` without a sequence), ``cases.csv`` (one row per held-out case and
+condition), optional ``final/`` (the recipe on every case: the model that ships).
 """
 from __future__ import annotations
 
@@ -241,9 +241,9 @@ def rescore(run_dir, data_dir, settings: dict, tag: str, device: str = "auto", l
     ``brainunet cv`` kept them), for ``cv-postprocess --condition``."""
     from types import SimpleNamespace
 
-    from .realdata import find_labelled_cases
-
     from brainunet.inference import tta_flips
+
+    from .realdata import find_labelled_cases
 
     if keep and len(tta_flips(tta)) > 1:
         raise InputError("The probabilities kept for choosing post-processing are those of plain inference, as "
