@@ -95,7 +95,8 @@ class ModelSettings:
             if modality not in pre.modalities or name not in POSTPROCESSING_KEYS:
                 raise WeightsError(f"{source}: unknown setting {key}. A missing-sequence setting reads "
                                    f"{MISSING_PREFIX}<sequence>.<post-processing setting>, the sequence one of "
-                                   f"{', '.join(pre.modalities)} and the setting one of {', '.join(POSTPROCESSING_KEYS)}.")
+                                   f"{', '.join(pre.modalities)} and the setting one of "
+                                   f"{', '.join(POSTPROCESSING_KEYS)}.")
             missing.setdefault(modality, {})[name] = value
         for modality, changed in missing.items():
             try:  # typed as the model's own post-processing is
@@ -133,7 +134,8 @@ class ModelSettings:
         def plain(d):
             return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
-        stored = {"preprocessing": plain(asdict(self.preprocessing)), "postprocessing": plain(asdict(self.postprocessing))}
+        stored = {"preprocessing": plain(asdict(self.preprocessing)),
+                  "postprocessing": plain(asdict(self.postprocessing))}
         if self.missing_postprocessing:
             stored["postprocessing_missing"] = {m: dict(changed) for m, changed in self.missing_postprocessing.items()}
         return stored

@@ -378,7 +378,8 @@ def _heldout_files(run_dirs, condition: str = "all") -> list[tuple[str, Path]]:
     if not files:
         raise InputError(f"No kept held-out probabilities ({pattern}); " +
                          ("run brainunet cv first." if condition == "all" else
-                          "run brainunet cv-rescore RUN --data DIR --tag TAG --keep first (runs of brainunet cv keep them)."))
+                          "run brainunet cv-rescore RUN --data DIR --tag TAG --keep first "
+                          "(runs of brainunet cv keep them)."))
     return files
 
 
