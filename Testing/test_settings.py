@@ -68,10 +68,24 @@ def test_missing_sequence_postprocessing_is_typed_stored_and_applied_only_withou
     ("no-t2w.spacing_mm", [1, 1, 1], r"unknown setting no-t2w\.spacing_mm.*post-processing setting"),
     ("without-t2w.tumour_threshold", 0.5, "unknown setting without-t2w"),
     ("no-t2w.min_component_voxels", "many", "without t2w has a value of the wrong kind"),
+    ("no-t2w.components_need_core", "nope", "without t2w has a value of the wrong kind.*true or false"),
 ])
 def test_a_bad_missing_sequence_setting_is_refused_by_name(key, value, message):
     with pytest.raises(WeightsError, match=message):
-        ModelSettings().with_overrides({key: value}, "--set")
+        ModelSettings(Preprocessing(modality_dropout=True)).with_overrides({key: value}, "--set")
+
+
+def test_a_missing_sequence_rule_is_refused_for_a_model_that_cannot_run_without_one():
+    with pytest.raises(WeightsError, match=r"no-t2w\.tumour_threshold set, but the model was not trained"):
+        ModelSettings().with_overrides({"no-t2w.tumour_threshold": 0.6}, "--set")
+
+
+def test_yes_no_settings_read_true_and_false_and_refuse_other_text():
+    assert ModelSettings.from_flat({"components_need_core": "true", "bias_correction": 0}).postprocessing \
+        .components_need_core
+    assert not ModelSettings.from_flat({"components_need_core": "FALSE"}).postprocessing.components_need_core
+    with pytest.raises(WeightsError, match="true or false"):
+        ModelSettings.from_flat({"fill_core_holes": "no"})
 
 
 def test_a_registry_entry_can_give_a_missing_sequence_its_own_postprocessing(tmp_path):

@@ -453,6 +453,8 @@ def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(t
         assert printed.startswith("none ") and "(4 held-out cases)" in printed
         assert "nested (each fold scored with the rule chosen on the others)" in printed and "(4 cases)" in printed
         assert "  fold0: tumour_threshold=" in printed and "  fold1: tumour_threshold=" in printed
+        register = printed.split("register with: ")[1]  # pasted into --set, read as JSON
+        assert "--set components_need_core=false" in register or "--set components_need_core=true" in register
         with open(tmp_path / "pp.csv") as f:
             assert len(list(csv.DictReader(f))) == sum(len(values) for _, values in crossval.POSTPROCESS_STAGES)
         capsys.readouterr()
@@ -475,6 +477,18 @@ def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(t
         assert "nested, no-t2w rule chosen on the other folds: " in printed and "register with: " in printed
         assert cli.main(["cv-rescore", str(out), "--data", str(data), "--tag", "x", "--keep", "--tta", "mirror"]) == 2
         assert "without --tta" in capsys.readouterr().err
+        assert cli.main(["cv-rescore", str(out), "--data", str(data), "--tag", "x", "--keep",
+                         "--set", "patch_size=[16,16,16]"]) == 2
+        assert "only post-processing settings" in capsys.readouterr().err
+        # a run whose missing-sequence probabilities were not kept gets them from cv-rescore --keep
+        import shutil
+        for folder in out.glob("fold*/heldout/no-t*"):
+            shutil.rmtree(folder)
+        assert cli.main(["cv-rescore", str(out), "--data", str(data), "--tag", "kept", "--keep"]) == 0
+        assert crossval.read_cases(out, "kept") == rows  # the same scoring, and ...
+        for i, held in enumerate(folds.values()):  # ... the probabilities behind it kept
+            for condition in ("no-t2w", "no-t1c"):
+                assert len(list((out / f"fold{i}" / "heldout" / condition).glob("*.npz"))) == len(held)
     finally:
         if env_cache is None:
             os.environ.pop("BRAINUNET_CASE_CACHE", None)
@@ -616,7 +630,7 @@ def test_a_missing_sequence_gets_its_own_rule_only_where_its_held_out_cases_want
             _write_heldout(heldout if condition == "all" else heldout / condition, probs, reference)
     _, shared, chosen = crossval.sweep_condition_postprocess([tmp_path / "run"], "no-t2w")
     assert shared["tumour_threshold"] is None and chosen["tumour_threshold"] == 0.3
-    assert crossval.condition_settings("no-t2w", shared, chosen) == {"no-t2w.tumour_threshold": 0.3}
+    assert crossval.condition_settings("no-t2w", chosen) == {f"no-t2w.{k}": chosen[k] for k in crossval.RULE_KEYS}
     shared_row, own_row, rules = crossval.nested_condition_postprocess([tmp_path / "run"], "no-t2w")
     assert shared_row["dice_WT"] == 0.0 and own_row["dice_WT"] == 1.0 and own_row["cases"] == 2
     assert all(rule["tumour_threshold"] == 0.3 for rule in rules.values())

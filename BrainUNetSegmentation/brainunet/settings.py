@@ -17,6 +17,15 @@ from dataclasses import asdict, dataclass, field, fields
 from .errors import WeightsError
 
 
+def _flag(value, name: str) -> bool:
+    """A yes/no setting; text only as true/false (``bool("False")`` would be True: a pasted Python value)."""
+    if isinstance(value, str):
+        if value.strip().lower() not in ("true", "false"):
+            raise ValueError(f"{name} must be true or false, not {value!r}")
+        return value.strip().lower() == "true"
+    return bool(value)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """What the network was trained on, so what inference must feed it."""
@@ -33,8 +42,8 @@ class Preprocessing:
         object.__setattr__(self, "spacing_mm", tuple(float(s) for s in self.spacing_mm))
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
         object.__setattr__(self, "clip_percentiles", tuple(float(p) for p in self.clip_percentiles))
-        object.__setattr__(self, "bias_correction", bool(self.bias_correction))
-        object.__setattr__(self, "modality_dropout", bool(self.modality_dropout))
+        object.__setattr__(self, "bias_correction", _flag(self.bias_correction, "bias_correction"))
+        object.__setattr__(self, "modality_dropout", _flag(self.modality_dropout, "modality_dropout"))
 
 
 @dataclass(frozen=True)
@@ -52,8 +61,8 @@ class Postprocessing:
             object.__setattr__(self, "tumour_threshold", float(self.tumour_threshold))
         for name in ("min_component_voxels", "min_et_component_voxels", "et_to_netc_below_voxels"):
             object.__setattr__(self, name, int(getattr(self, name) or 0))
-        object.__setattr__(self, "fill_core_holes", bool(self.fill_core_holes))
-        object.__setattr__(self, "components_need_core", bool(self.components_need_core))
+        object.__setattr__(self, "fill_core_holes", _flag(self.fill_core_holes, "fill_core_holes"))
+        object.__setattr__(self, "components_need_core", _flag(self.components_need_core, "components_need_core"))
 
 
 PREPROCESSING_KEYS = tuple(f.name for f in fields(Preprocessing))
@@ -71,7 +80,7 @@ class ModelSettings:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     postprocessing: Postprocessing = field(default_factory=Postprocessing)
     # {missing sequence: the post-processing fields that differ when it is missing}
-    missing_postprocessing: dict = field(default_factory=dict)
+    missing_postprocessing: dict = field(default_factory=dict, hash=False)
 
     @classmethod
     def from_flat(cls, flat: dict, source: str = "model settings") -> "ModelSettings":
@@ -98,6 +107,9 @@ class ModelSettings:
                                    f"{', '.join(pre.modalities)} and the setting one of "
                                    f"{', '.join(POSTPROCESSING_KEYS)}.")
             missing.setdefault(modality, {})[name] = value
+        if missing and not pre.modality_dropout:
+            raise WeightsError(f"{source}: {', '.join(sorted(k for k in flat if '.' in k))} set, but the model was not "
+                               "trained to run without a sequence (modality_dropout); it would never apply.")
         for modality, changed in missing.items():
             try:  # typed as the model's own post-processing is
                 typed = asdict(Postprocessing(**{**asdict(post), **changed}))

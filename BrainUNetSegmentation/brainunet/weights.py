@@ -6,7 +6,7 @@ A weights file is a ``torch.save`` of plain containers (no pickled classes) so i
     {"format": "brainunet-weights", "version": 1, "name": str, "network": NetworkConfig dict,
      "preprocessing": {...}, "postprocessing": {...}, "extra": {...}, "state_dict": {name: fp16/fp32 tensor}}
 
-(the two settings dicts are ``settings.ModelSettings``).
+(the settings dicts, with an optional ``"postprocessing_missing"``, are ``settings.ModelSettings``).
 
 The bundled registry (``models/registry.json``, in the read-only install tree) lists each model with
 its file, SHA-256 and an optional download URL; the URL is only used when the file is absent and is
@@ -149,7 +149,7 @@ class ResolvedModel:
     kind: str  # "network" or "baseline"
     path: Path | None  # the weights file (None for the baseline)
     sha256: str | None  # expected checksum (registry entries only)
-    settings: dict  # the registry entry's overrides of the stored settings (flat: ModelSettings field names)
+    settings: dict  # the registry entry's overrides of the stored settings (flat: ModelSettings.flat() keys)
     description: str
     from_file: bool = False  # named by a file path, not by the registry
 

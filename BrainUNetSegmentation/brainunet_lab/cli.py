@@ -443,8 +443,7 @@ def cmd_cv_postprocess(args) -> int:
               + "  ".join(f"{k[5:]} {row[k]:.3f}" for k in keys) + f"  mean {row['mean']:.4f}  ({row['cases']} cases)")
         for fold, rule in rules.items():
             print(f"  {fold}: " + ", ".join(f"{k}={rule[k]}" for k in RULE_KEYS))
-    settings = " ".join(f"--set {k}={'null' if chosen[k] is None else chosen[k]}" for k in RULE_KEYS)
-    print(f"register with: {settings}")
+    print("register with: " + " ".join(f"--set {k}={json.dumps(chosen[k])}" for k in RULE_KEYS))
     return 0
 
 
@@ -472,9 +471,9 @@ def _cv_postprocess_condition(args) -> int:
         print(f"nested, {args.condition} rule chosen on the other folds: {line(own_row)}")
         for fold, rule in rules.items():
             print(f"  {fold}: " + ", ".join(f"{k}={rule[k]}" for k in RULE_KEYS))
-    settings = condition_settings(args.condition, shared, chosen)
-    print("register with: " + (" ".join(f"--set {k}={'null' if v is None else v}" for k, v in settings.items())
-                               or f"nothing (the every-sequence rule holds for {args.condition})"))
+    settings = condition_settings(args.condition, chosen)
+    print("register with: " + (" ".join(f"--set {k}={json.dumps(v)}" for k, v in settings.items())
+                               if chosen != shared else f"nothing (the every-sequence rule holds for {args.condition})"))
     return 0
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from brainunet.errors import InputError
 from brainunet.labels import ALL_REGIONS
-from brainunet.settings import missing_condition
+from brainunet.settings import PREPROCESSING_KEYS, missing_condition
 
 #: scoring conditions: every sequence, and each sequence old protocols lack (fed as inference feeds it)
 CONDITIONS = {"all": None, **{missing_condition(m): m for m in ("t2w", "t1c")}}
@@ -248,6 +248,9 @@ def rescore(run_dir, data_dir, settings: dict, tag: str, device: str = "auto", l
     if keep and len(tta_flips(tta)) > 1:
         raise InputError("The probabilities kept for choosing post-processing are those of plain inference, as "
                          "brainunet cv keeps them: rescore with --keep and without --tta.")
+    if keep and set(settings or {}) & set(PREPROCESSING_KEYS):
+        raise InputError("With --keep, --set only post-processing settings: the kept probabilities must be those of "
+                         "the model as brainunet cv scored it.")
     run_dir = Path(run_dir)
     folds_file = run_dir / "folds.json"
     if not folds_file.is_file():
@@ -431,8 +434,8 @@ def sweep_postprocess(run_dirs, start: dict | None = None,
 
 def sweep_condition_postprocess(run_dirs, condition: str, min_gain: float = MIN_POSTPROCESS_GAIN):
     """Post-processing for when one sequence is missing: the search of ``sweep_postprocess`` on the held-out
-    cases scored under ``condition``, starting from the rule chosen with every sequence (what the model
-    applies unless told otherwise), so a stage departs from it only for a gain of ``min_gain``. Returns
+    cases scored under ``condition``, starting from the rule the same search chooses with every sequence (the
+    one to register for every sequence), so a stage departs from it only for a gain of ``min_gain``. Returns
     (every rule scored, the rule chosen with every sequence, the rule chosen for ``condition``)."""
     _, shared = sweep_postprocess(run_dirs, min_gain=min_gain)
     cases = [case for _, case in _load_heldout(run_dirs, condition)]
@@ -459,9 +462,10 @@ def nested_condition_postprocess(run_dirs, condition: str, min_gain: float = MIN
     return _mean_row(shared_case), _mean_row(own_case), rules
 
 
-def condition_settings(condition: str, shared: dict, chosen: dict) -> dict:
-    """The ``--set`` settings that give ``condition`` its own rule: the keys where it differs."""
-    return {f"{condition}.{k}": chosen[k] for k in RULE_KEYS if chosen[k] != shared[k]}
+def condition_settings(condition: str, chosen: dict) -> dict:
+    """The ``--set`` settings that give ``condition`` its own rule: every key of the rule, so that it is the
+    rule that was scored whatever the model's every-sequence rule is or later becomes."""
+    return {f"{condition}.{k}": chosen[k] for k in RULE_KEYS}
 
 
 def nested_postprocess(run_dirs, start: dict | None = None,

@@ -811,6 +811,8 @@ def finetune_config(base_model, steps: int, lr: float | None = None, engine_frac
                 "patch_size": trained.get("patch_size", [64, 64, 64]), "anatomy": trained.get("anatomy", "sri24"),
                 "inference_patch_size": list(pp.patch_size),
                 "min_component_voxels": stored.postprocessing.min_component_voxels,
+                # a missing sequence's own rule is not carried over: it was chosen for the old network's
+                # probabilities, and the new model's cross-validation chooses again
                 "postprocessing": {k: v for k, v in asdict(stored.postprocessing).items() if k != "min_component_voxels"},
                 "bias_correction": pp.bias_correction,
                 "steps": int(steps), "lr": 2e-4, "warmup_steps": 20, "device": device, "seed": seed,
