@@ -638,6 +638,36 @@ def test_a_missing_sequence_gets_its_own_rule_only_where_its_held_out_cases_want
         crossval.sweep_condition_postprocess([tmp_path / "run"], "no-t1c")
 
 
+def test_ensemble_averages_the_runs_probabilities_case_by_case(tmp_path):
+    """Two runs of the same folds, each sure of the tumour in a different half: pooled, each run's cases
+    count apart (four cases, each half-right); averaged, each case once with both halves found by a
+    threshold. Runs of other folds are refused."""
+    from brainunet_lab import crossval
+
+    reference = np.zeros((8, 8, 8), np.uint8)
+    reference[2:6, 2:6, 2:6] = 2
+    for run, half in (("a", slice(0, 4)), ("b", slice(4, 8))):
+        probs = np.zeros((4, 8, 8, 8), np.float32)
+        probs[0] = 1.0
+        tumour = reference == 2
+        inside = np.zeros_like(tumour)
+        inside[half] = True
+        probs[0][tumour & inside], probs[2][tumour & inside] = 0.0, 1.0
+        for fold in ("fold0", "fold1"):
+            _write_heldout(tmp_path / run / fold / "heldout", probs, reference)
+    runs = [tmp_path / "a", tmp_path / "b"]
+    assert len(crossval._load_heldout(runs)) == 4
+    averaged = crossval._load_heldout(runs, ensemble=True)
+    assert [fold for fold, _ in averaged] == ["fold0", "fold1"]
+    assert np.allclose(averaged[0][1][0][2][reference == 2], 0.5)
+    rows = crossval._score_rules([c for _, c in averaged], [{**crossval._no_rule(), "tumour_threshold": 0.4}])
+    assert rows[0]["dice_WT"] == 1.0  # each run alone finds half the tumour; their average, all of it
+    import shutil
+    shutil.rmtree(tmp_path / "b" / "fold1")
+    with pytest.raises(InputError, match="same folds"):
+        crossval.sweep_postprocess(runs, ensemble=True)
+
+
 def test_a_postprocessing_stage_must_gain_the_minimum_to_change_the_rule(tmp_path, monkeypatch):
     """A threshold that helps a little is kept only when its gain reaches ``min_gain``; the argmax stays
     otherwise, and what the search prints is still every rule's score."""

@@ -149,6 +149,9 @@ def add_commands(sub) -> None:
     p.add_argument("--min-gain", type=float, default=MIN_POSTPROCESS_GAIN,
                    help="a stage changes the rule only if it raises the five-region mean held-out Dice by this much "
                         "(default %(default)s)")
+    p.add_argument("--ensemble", action="store_true",
+                   help="average the runs' held-out probabilities case by case (runs of the same folds): what an "
+                        "ensemble of their models would give")
     p.add_argument("--condition", choices=[c for c in CONDITIONS if c != "all"],
                    help="choose the rule for when this sequence is missing, starting from the rule chosen with "
                         "every sequence (the held-out cases scored without it)")
@@ -425,7 +428,7 @@ def cmd_cv_postprocess(args) -> int:
 
     if args.condition:
         return _cv_postprocess_condition(args)
-    rows, chosen = sweep_postprocess(args.runs, min_gain=args.min_gain)
+    rows, chosen = sweep_postprocess(args.runs, min_gain=args.min_gain, ensemble=args.ensemble)
     if args.output:
         write_metrics_csv(rows, args.output)
     keys = [k for k in rows[0] if k.startswith("dice_")]
@@ -438,7 +441,7 @@ def cmd_cv_postprocess(args) -> int:
     if args.nested:
         from .crossval import nested_postprocess
 
-        row, rules = nested_postprocess(args.runs, min_gain=args.min_gain)
+        row, rules = nested_postprocess(args.runs, min_gain=args.min_gain, ensemble=args.ensemble)
         print("nested (each fold scored with the rule chosen on the others): "
               + "  ".join(f"{k[5:]} {row[k]:.3f}" for k in keys) + f"  mean {row['mean']:.4f}  ({row['cases']} cases)")
         for fold, rule in rules.items():
@@ -451,7 +454,7 @@ def _cv_postprocess_condition(args) -> int:
     from .crossval import RULE_KEYS, condition_settings, sweep_condition_postprocess
     from .evaluation import write_metrics_csv
 
-    rows, shared, chosen = sweep_condition_postprocess(args.runs, args.condition, args.min_gain)
+    rows, shared, chosen = sweep_condition_postprocess(args.runs, args.condition, args.min_gain, args.ensemble)
     if args.output:
         write_metrics_csv(rows, args.output)
     keys = [k for k in rows[0] if k.startswith("dice_")]
@@ -466,7 +469,8 @@ def _cv_postprocess_condition(args) -> int:
     if args.nested:
         from .crossval import nested_condition_postprocess
 
-        shared_row, own_row, rules = nested_condition_postprocess(args.runs, args.condition, args.min_gain)
+        shared_row, own_row, rules = nested_condition_postprocess(args.runs, args.condition, args.min_gain,
+                                                                  args.ensemble)
         print(f"nested, every-sequence rule chosen on the other folds: {line(shared_row)}")
         print(f"nested, {args.condition} rule chosen on the other folds: {line(own_row)}")
         for fold, rule in rules.items():
