@@ -596,12 +596,13 @@ def test_nested_postprocess_scores_each_fold_with_the_rule_chosen_without_it(tmp
         folder = tmp_path / "run" / fold / "heldout"
         folder.mkdir(parents=True)
         np.savez(folder / "case.npz", probs=probs, mask=np.ones_like(reference, bool), reference=reference)
-    _, chosen = crossval.sweep_postprocess([tmp_path / "run"])
-    row, rules = crossval.nested_postprocess([tmp_path / "run"])
+    heldout = crossval.load_heldout([tmp_path / "run"])
+    _, chosen = crossval.sweep_postprocess(heldout)
+    row, rules = crossval.nested_postprocess(heldout)
     assert rules["fold0"]["tumour_threshold"] != rules["fold1"]["tumour_threshold"]  # chosen on the other fold
     assert row["cases"] == 2
     best_in_sample = max(r["mean"] for r in crossval._score_rules(
-        [c for _, c in crossval._load_heldout([tmp_path / "run"])], [chosen]))
+        [c for _, c in heldout], [chosen]))
     assert row["mean"] < best_in_sample  # choosing on the scored cases flatters; nested does not
 
 
@@ -628,14 +629,16 @@ def test_a_missing_sequence_gets_its_own_rule_only_where_its_held_out_cases_want
             probs[0][reference == 2], probs[2][reference == 2] = 1 - p_tumour, p_tumour
             heldout = tmp_path / "run" / fold / "heldout"
             _write_heldout(heldout if condition == "all" else heldout / condition, probs, reference)
-    _, shared, chosen = crossval.sweep_condition_postprocess([tmp_path / "run"], "no-t2w")
+    every = crossval.load_heldout([tmp_path / "run"])
+    without = crossval.load_heldout([tmp_path / "run"], "no-t2w")
+    _, shared, chosen = crossval.sweep_condition_postprocess(every, without)
     assert shared["tumour_threshold"] is None and chosen["tumour_threshold"] == 0.3
     assert crossval.condition_settings("no-t2w", chosen) == {f"no-t2w.{k}": chosen[k] for k in crossval.RULE_KEYS}
-    shared_row, own_row, rules = crossval.nested_condition_postprocess([tmp_path / "run"], "no-t2w")
+    shared_row, own_row, rules = crossval.nested_condition_postprocess(every, without)
     assert shared_row["dice_WT"] == 0.0 and own_row["dice_WT"] == 1.0 and own_row["cases"] == 2
     assert all(rule["tumour_threshold"] == 0.3 for rule in rules.values())
     with pytest.raises(InputError, match="cv-rescore .* --keep"):
-        crossval.sweep_condition_postprocess([tmp_path / "run"], "no-t1c")
+        crossval.load_heldout([tmp_path / "run"], "no-t1c")
 
 
 def test_ensemble_averages_the_runs_probabilities_case_by_case(tmp_path):
@@ -656,8 +659,8 @@ def test_ensemble_averages_the_runs_probabilities_case_by_case(tmp_path):
         for fold in ("fold0", "fold1"):
             _write_heldout(tmp_path / run / fold / "heldout", probs, reference)
     runs = [tmp_path / "a", tmp_path / "b"]
-    assert len(crossval._load_heldout(runs)) == 4
-    averaged = crossval._load_heldout(runs, ensemble=True)
+    assert len(crossval.load_heldout(runs)) == 4
+    averaged = crossval.load_heldout(runs, ensemble=True)
     assert [fold for fold, _ in averaged] == ["fold0", "fold1"]
     assert np.allclose(averaged[0][1][0][2][reference == 2], 0.5)
     rows = crossval._score_rules([c for _, c in averaged], [{**crossval._no_rule(), "tumour_threshold": 0.4}])
@@ -665,7 +668,7 @@ def test_ensemble_averages_the_runs_probabilities_case_by_case(tmp_path):
     import shutil
     shutil.rmtree(tmp_path / "b" / "fold1")
     with pytest.raises(InputError, match="same folds"):
-        crossval.sweep_postprocess(runs, ensemble=True)
+        crossval.load_heldout(runs, ensemble=True)
 
 
 def test_a_postprocessing_stage_must_gain_the_minimum_to_change_the_rule(tmp_path, monkeypatch):
@@ -684,12 +687,12 @@ def test_a_postprocessing_stage_must_gain_the_minimum_to_change_the_rule(tmp_pat
     folder.mkdir(parents=True)
     np.savez(folder / "case.npz", probs=probs, mask=np.ones_like(reference, bool), reference=reference)
 
-    rows, chosen = crossval.sweep_postprocess([tmp_path / "run"], min_gain=0.0)
+    rows, chosen = crossval.sweep_postprocess(crossval.load_heldout([tmp_path / "run"]), min_gain=0.0)
     gain = rows[1]["mean"] - rows[0]["mean"]
     assert 0 < gain < 0.05 and chosen["tumour_threshold"] == 0.3
-    _, chosen = crossval.sweep_postprocess([tmp_path / "run"], min_gain=gain * 2)
+    _, chosen = crossval.sweep_postprocess(crossval.load_heldout([tmp_path / "run"]), min_gain=gain * 2)
     assert chosen["tumour_threshold"] is None
-    _, chosen = crossval.sweep_postprocess([tmp_path / "run"], min_gain=gain / 2)
+    _, chosen = crossval.sweep_postprocess(crossval.load_heldout([tmp_path / "run"]), min_gain=gain / 2)
     assert chosen["tumour_threshold"] == 0.3
 
 

@@ -422,59 +422,59 @@ def cmd_cv_rescore(args) -> int:
     return 0
 
 
+def _dice_line(row: dict, cases: str = "held-out cases") -> str:
+    return "  ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("dice_")) + \
+        f"  mean {row['mean']:.4f}  ({row['cases']} {cases})"
+
+
+def _rule_text(rule: dict) -> str:
+    from .crossval import RULE_KEYS
+
+    return ", ".join(f"{k}={rule[k]}" for k in RULE_KEYS)
+
+
 def cmd_cv_postprocess(args) -> int:
-    from .crossval import RULE_KEYS, sweep_postprocess
+    from .crossval import RULE_KEYS, load_heldout, nested_postprocess, sweep_postprocess
     from .evaluation import write_metrics_csv
 
+    every = load_heldout(args.runs, ensemble=args.ensemble)
     if args.condition:
-        return _cv_postprocess_condition(args)
-    rows, chosen = sweep_postprocess(args.runs, min_gain=args.min_gain, ensemble=args.ensemble)
+        return _cv_postprocess_condition(args, every)
+    rows, chosen = sweep_postprocess(every, min_gain=args.min_gain)
     if args.output:
         write_metrics_csv(rows, args.output)
-    keys = [k for k in rows[0] if k.startswith("dice_")]
     first = rows[0]  # argmax, nothing removed
     best = next(r for r in rows if all(r[k] == chosen[k] for k in RULE_KEYS))
     for name, r in (("none", first), ("chosen", best)):
-        rule = ", ".join(f"{k}={r[k]}" for k in RULE_KEYS)
-        print(f"{name:6s} {rule}: " + "  ".join(f"{k[5:]} {r[k]:.3f}" for k in keys) + f"  mean {r['mean']:.4f}"
-              f"  ({r['cases']} held-out cases)")
+        print(f"{name:6s} {_rule_text(r)}: {_dice_line(r)}")
     if args.nested:
-        from .crossval import nested_postprocess
-
-        row, rules = nested_postprocess(args.runs, min_gain=args.min_gain, ensemble=args.ensemble)
-        print("nested (each fold scored with the rule chosen on the others): "
-              + "  ".join(f"{k[5:]} {row[k]:.3f}" for k in keys) + f"  mean {row['mean']:.4f}  ({row['cases']} cases)")
+        row, rules = nested_postprocess(every, min_gain=args.min_gain)
+        print(f"nested (each fold scored with the rule chosen on the others): {_dice_line(row, 'cases')}")
         for fold, rule in rules.items():
-            print(f"  {fold}: " + ", ".join(f"{k}={rule[k]}" for k in RULE_KEYS))
+            print(f"  {fold}: {_rule_text(rule)}")
     print("register with: " + " ".join(f"--set {k}={json.dumps(chosen[k])}" for k in RULE_KEYS))
     return 0
 
 
-def _cv_postprocess_condition(args) -> int:
-    from .crossval import RULE_KEYS, condition_settings, sweep_condition_postprocess
+def _cv_postprocess_condition(args, every) -> int:
+    from .crossval import (RULE_KEYS, condition_settings, load_heldout, nested_condition_postprocess,
+                           sweep_condition_postprocess)
     from .evaluation import write_metrics_csv
 
-    rows, shared, chosen = sweep_condition_postprocess(args.runs, args.condition, args.min_gain, args.ensemble)
+    without = load_heldout(args.runs, args.condition, args.ensemble)
+    rows, shared, chosen = sweep_condition_postprocess(every, without, args.min_gain)
     if args.output:
         write_metrics_csv(rows, args.output)
-    keys = [k for k in rows[0] if k.startswith("dice_")]
-
-    def line(r):
-        return "  ".join(f"{k[5:]} {r[k]:.3f}" for k in keys) + f"  mean {r['mean']:.4f}  ({r['cases']} held-out cases)"
-
     scored = {tuple(r[k] for k in RULE_KEYS): r for r in rows}
     for name, rule in (("every-sequence rule", shared), (f"{args.condition} rule", chosen)):
-        print(f"{name} ({', '.join(f'{k}={rule[k]}' for k in RULE_KEYS)}), {args.condition}: "
-              + line(scored[tuple(rule[k] for k in RULE_KEYS)]))
+        row = scored[tuple(rule[k] for k in RULE_KEYS)]
+        print(f"{name} ({_rule_text(rule)}), {args.condition}: {_dice_line(row)}")
     if args.nested:
-        from .crossval import nested_condition_postprocess
-
-        shared_row, own_row, rules = nested_condition_postprocess(args.runs, args.condition, args.min_gain,
-                                                                  args.ensemble)
-        print(f"nested, every-sequence rule chosen on the other folds: {line(shared_row)}")
-        print(f"nested, {args.condition} rule chosen on the other folds: {line(own_row)}")
+        shared_row, own_row, rules = nested_condition_postprocess(every, without, args.min_gain)
+        print(f"nested, every-sequence rule chosen on the other folds: {_dice_line(shared_row)}")
+        print(f"nested, {args.condition} rule chosen on the other folds: {_dice_line(own_row)}")
         for fold, rule in rules.items():
-            print(f"  {fold}: " + ", ".join(f"{k}={rule[k]}" for k in RULE_KEYS))
+            print(f"  {fold}: {_rule_text(rule)}")
     settings = condition_settings(args.condition, chosen)
     print("register with: " + (" ".join(f"--set {k}={json.dumps(v)}" for k, v in settings.items())
                                if chosen != shared else f"nothing (the every-sequence rule holds for {args.condition})"))

@@ -386,10 +386,11 @@ def _heldout_files(run_dirs, condition: str = "all") -> list[tuple[str, Path]]:
     return files
 
 
-def _load_heldout(run_dirs, condition: str = "all", ensemble: bool = False) -> list[tuple[str, tuple]]:
+def load_heldout(run_dirs, condition: str = "all", ensemble: bool = False) -> list[tuple[str, tuple]]:
     """(fold name, (probabilities, mask, reference)) of every kept held-out case of the runs (pooled), or with
     ``ensemble`` of every case once, its probabilities averaged over the runs: runs of the same folds, whose
-    average is what an ensemble of their models would give each held-out case."""
+    average is what an ensemble of their models would give each held-out case. Read once, then given to the
+    searches below."""
     if not ensemble:
         cases = []
         for fold, path in _heldout_files(run_dirs, condition):
@@ -444,38 +445,36 @@ def _choose_postprocess(cases, start: dict | None, min_gain: float = MIN_POSTPRO
     return scored, chosen
 
 
-def sweep_postprocess(run_dirs, start: dict | None = None, min_gain: float = MIN_POSTPROCESS_GAIN,
-                      ensemble: bool = False) -> tuple[list[dict], dict]:
+def sweep_postprocess(heldout, start: dict | None = None,
+                      min_gain: float = MIN_POSTPROCESS_GAIN) -> tuple[list[dict], dict]:
     """Post-processing chosen by cross-validation: stage by stage (threshold, whole-tumour components,
     ET rules), each stage keeps the rule with the best mean of the five regions' held-out Dice if it beats
     the stage's starting rule by ``min_gain``, the earlier stages' choices fixed. Returns (every rule
     scored, the chosen rule). ``start``: the settings the first stage starts from (default: argmax,
-    nothing removed). ``ensemble``: the runs' models averaged (``_load_heldout``)."""
-    return _choose_postprocess([case for _, case in _load_heldout(run_dirs, ensemble=ensemble)], start, min_gain)
+    nothing removed). ``heldout``: ``load_heldout``'s cases."""
+    return _choose_postprocess([case for _, case in heldout], start, min_gain)
 
 
-def sweep_condition_postprocess(run_dirs, condition: str, min_gain: float = MIN_POSTPROCESS_GAIN,
-                                ensemble: bool = False):
+def sweep_condition_postprocess(every, without, min_gain: float = MIN_POSTPROCESS_GAIN):
     """Post-processing for when one sequence is missing: the search of ``sweep_postprocess`` on the held-out
-    cases scored under ``condition``, starting from the rule the same search chooses with every sequence (the
-    one to register for every sequence), so a stage departs from it only for a gain of ``min_gain``. Returns
-    (every rule scored, the rule chosen with every sequence, the rule chosen for ``condition``)."""
-    _, shared = sweep_postprocess(run_dirs, min_gain=min_gain, ensemble=ensemble)
-    cases = [case for _, case in _load_heldout(run_dirs, condition, ensemble)]
+    cases scored without the sequence (``without``), starting from the rule the same search chooses on
+    ``every`` (the cases scored with every sequence: the rule to register for them), so a stage departs from
+    it only for a gain of ``min_gain``. Returns (every rule scored, the rule chosen with every sequence, the
+    rule chosen without the sequence)."""
+    _, shared = sweep_postprocess(every, min_gain=min_gain)
+    cases = [case for _, case in without]
     rows, chosen = _choose_postprocess(cases, shared, min_gain)
     if not any(all(r[k] == shared[k] for k in RULE_KEYS) for r in rows):  # a starting value no stage lists
         rows = _score_rules(cases, [shared]) + rows
     return rows, shared, chosen
 
 
-def nested_condition_postprocess(run_dirs, condition: str, min_gain: float = MIN_POSTPROCESS_GAIN,
-                                 ensemble: bool = False):
+def nested_condition_postprocess(every, without, min_gain: float = MIN_POSTPROCESS_GAIN):
     """``nested_postprocess`` for a missing sequence: each fold's held-out cases, scored without the
     sequence, get (a) the rule chosen with every sequence on the other folds and (b) that rule refined on
     the other folds' cases scored without the sequence. Returns (mean row of a, mean row of b,
-    {fold: rule b})."""
-    every = _load_heldout(run_dirs, ensemble=ensemble)
-    cases = _load_heldout(run_dirs, condition, ensemble)
+    {fold: rule b}). ``every``, ``without``: ``load_heldout``'s cases with every sequence and without it."""
+    cases = without
     shared_case, own_case, rules = [], [], {}
     for fold in sorted({name for name, _ in cases}):
         _, shared = _choose_postprocess([c for name, c in every if name != fold], None, min_gain)
@@ -492,13 +491,13 @@ def condition_settings(condition: str, chosen: dict) -> dict:
     return {f"{condition}.{k}": chosen[k] for k in RULE_KEYS}
 
 
-def nested_postprocess(run_dirs, start: dict | None = None, min_gain: float = MIN_POSTPROCESS_GAIN,
-                       ensemble: bool = False) -> tuple[dict, dict]:
+def nested_postprocess(heldout, start: dict | None = None,
+                       min_gain: float = MIN_POSTPROCESS_GAIN) -> tuple[dict, dict]:
     """What the post-processing search is worth on cases it did not see: each fold's held-out cases are
     scored with the rule chosen (as ``sweep_postprocess`` chooses) on the other folds' cases. The rule
     chosen on all cases is scored on those same cases, so its figures are a little optimistic; this
     one is not. Returns (the mean row over every case, {fold: the rule chosen without it})."""
-    cases = _load_heldout(run_dirs, ensemble=ensemble)
+    cases = heldout
     per_case, rules = [], {}
     for fold in sorted({name for name, _ in cases}):
         _, rules[fold] = _choose_postprocess([c for name, c in cases if name != fold], start, min_gain)
