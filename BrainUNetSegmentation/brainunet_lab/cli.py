@@ -1,5 +1,5 @@
 """Command line of the lab: ``brainunet evaluate | templates | train | finetune | montage | calibrate | cv |
-cv-report | cv-postprocess``.
+cv-pack | cv-report | cv-errors | cv-rescore | cv-postprocess | grid-ceiling | bundle``.
 
 Registered in the runtime's ``brainunet`` command through the ``brainunet.commands`` entry point
 (``add_commands``), so the runtime never imports the lab and an installation without it (Slicer's)
@@ -115,6 +115,13 @@ def add_commands(sub) -> None:
     p.add_argument("--config", help="the recipe's JSON settings (its spacing_mm decides the pack's grid)")
     p.add_argument("--margin-mm", type=float, default=24.0, help="brain kept around the tumour (default 24)")
 
+    p = sub.add_parser("grid-ceiling", help="the best Dice a network on a coarser grid can reach (reference labels "
+                                            "averaged onto the grid and interpolated back, as inference does)")
+    p.add_argument("--data", required=True, help="folder of BraTS-layout case folders with a *_seg / *-seg file")
+    p.add_argument("--spacing", type=float, action="append", metavar="MM",
+                   help="working grid in mm (repeatable; default 2 and 1.5)")
+    p.add_argument("--output", help="CSV of every case and spacing")
+
     p = sub.add_parser("cv-report", help="print cross-validation tables (per region, condition, institution)")
     p.add_argument("runs", nargs="+", help="run folders of brainunet cv")
     p.add_argument("--tag", help="report the cases rescored by cv-rescore --tag TAG")
@@ -173,6 +180,7 @@ def add_commands(sub) -> None:
     sub.choices["finetune"].set_defaults(handler=cmd_finetune)
     sub.choices["calibrate"].set_defaults(handler=cmd_calibrate)
     sub.choices["cv"].set_defaults(handler=cmd_cv)
+    sub.choices["grid-ceiling"].set_defaults(handler=cmd_grid_ceiling)
     sub.choices["cv-report"].set_defaults(handler=cmd_cv_report)
     sub.choices["cv-errors"].set_defaults(handler=cmd_cv_errors)
     sub.choices["cv-pack"].set_defaults(handler=cmd_cv_pack)
@@ -396,6 +404,25 @@ def cmd_cv_report(args) -> int:
     for run in args.runs:
         print(format_report(run, args.tag))
         print()
+    return 0
+
+
+def cmd_grid_ceiling(args) -> int:
+    from .evaluation import write_metrics_csv
+    from .realdata import find_labelled_cases
+    from .resolution import ceiling_rows, summarise
+
+    spacings = args.spacing or [2.0, 1.5]
+    if any(s <= 0 for s in spacings):
+        raise InputError("--spacing takes a grid size in mm greater than 0, e.g. --spacing 2 --spacing 1.5.")
+    rows = ceiling_rows(find_labelled_cases(args.data), spacings)
+    if args.output:
+        write_metrics_csv(rows, args.output)
+    for row in summarise(rows):
+        print(f"{row['spacing_mm']:g} mm grid: " + _dice_line(
+            {**{k: v for k, v in row.items() if k.startswith("dice_")},
+             "mean": float(sum(row[f"dice_{k}"] for k in ("ET", "NETC", "SNFH", "TC", "WT")) / 5),
+             "cases": row["cases"]}, "cases"))
     return 0
 
 
