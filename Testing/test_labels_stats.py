@@ -135,3 +135,56 @@ def test_components_without_core_go_but_never_the_largest():
         probs[c][labels == c] = 1.0
     assert np.array_equal(postprocess.apply(probs, None, Postprocessing(components_need_core=True)), out)
     assert np.array_equal(postprocess.apply(probs, None, Postprocessing()), labels)  # off by default
+
+
+def test_core_holes_become_netc_in_3d_and_in_a_rim_open_at_one_pole():
+    """Background or SNFH enclosed by an enhancing rim is necrosis (NETC); a rim open at its top still
+    encloses its centre slice by slice; nothing outside the rim changes, and the rule off changes nothing."""
+    from brainunet import postprocess
+
+    labels = np.zeros((30, 30, 30), np.uint8)
+    labels[3:27, 3:27, 3:27] = 2  # SNFH around everything
+    labels[8:20, 8:20, 8:20] = 3  # a closed ET shell ...
+    labels[10:18, 10:18, 10:18] = 2  # ... around SNFH
+    labels[12:16, 12:16, 12:16] = 0  # ... and background
+    out = postprocess.fill_core_holes(labels)
+    assert (out[10:18, 10:18, 10:18] == 1).all()
+    outside = np.ones(labels.shape, bool)
+    outside[8:20, 8:20, 8:20] = False
+    assert np.array_equal(out[outside], labels[outside]) and (out == 3).sum() == (labels == 3).sum()
+
+    open_top = labels.copy()
+    open_top[10:18, 10:18, 18:20] = 2  # the shell's top cap gone: no 3D hole any more
+    filled = postprocess.fill_core_holes(open_top)
+    assert not postprocess.ndimage.binary_fill_holes(np.isin(open_top, (1, 3)))[12, 12, 12]  # open in 3D
+    assert (filled[10:18, 10:18, 10:20] == 1).all()  # but each axial slice inside the rim walls is enclosed
+    assert np.array_equal(filled[outside], open_top[outside])
+
+    probs = np.zeros((4,) + labels.shape, np.float32)
+    for c in range(4):
+        probs[c][labels == c] = 1.0
+    assert np.array_equal(postprocess.apply(probs, None, Postprocessing(fill_core_holes=True)), out)
+    assert np.array_equal(postprocess.apply(probs, None, Postprocessing(fill_core_holes=False)), labels)
+    no_core = np.where(labels == 3, 2, labels).astype(np.uint8)
+    assert np.array_equal(postprocess.fill_core_holes(no_core), no_core)
+
+
+def test_rule_sizes_are_volumes_whatever_the_grid():
+    """min_component_voxels=3000 means 3 mL: on a 0.9 x 0.9 x 5.5 mm clinical grid (4.455 mm³ a voxel) a
+    700-voxel satellite (3.1 mL) stays and a 600-voxel one (2.7 mL) goes; on 1 mm both go."""
+    from brainunet import postprocess
+
+    labels = np.zeros((60, 60, 20), np.uint8)
+    labels[0:20, 0:20, 0:10] = 2  # the tumour, 4000 voxels
+    labels[30:37, 0:10, 0:10] = 2  # 700 voxels
+    labels[45:51, 0:10, 0:10] = 2  # 600 voxels
+    probs = np.zeros((4,) + labels.shape, np.float32)
+    for c in range(4):
+        probs[c][labels == c] = 1.0
+    rule = Postprocessing(min_component_voxels=3000)
+    clinical = postprocess.apply(probs, None, rule, voxel_mm3=0.9 * 0.9 * 5.5)
+    assert clinical[30:37, 0:10, 0:10].all() and not clinical[45:51].any() and clinical[0:20, 0:20, 0:10].all()
+    one_mm = postprocess.apply(probs, None, rule)
+    assert not one_mm[30:].any() and one_mm[0:20, 0:20, 0:10].all()
+    assert postprocess.native_voxels(3000, 0.5 ** 3) == 24000 and postprocess.native_voxels(0, 4.0) == 0
+    assert postprocess.native_voxels(1, 8.0) == 1  # a rule that is on stays on

@@ -19,6 +19,18 @@ def test_background_run_imports_segmentation_and_table(scene, tmp_path):
     assert list(tmp_path.iterdir()) == []  # temp files cleaned
 
 
+def test_background_run_lands_on_the_tumour_of_an_oblique_left_handed_case_under_a_transform(scene, tmp_path):
+    import numpy as np
+    from test_geometry import oblique_affine
+
+    shape = (40, 48, 36)
+    affine = oblique_affine(spacing=(1.6, 1.6, 1.6), angles=(10, -5, 15), left_handed=True)
+    affine[:3, 3] = -affine[:3, :3] @ (np.array(shape) / 2)  # the synthetic brain is centred on the origin
+    scenarios.scenario_background_run(scene, sys.executable, str(tmp_path), affine=affine,
+                                      parent_translation=(25.0, -10.0, 5.0))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cancel_leaves_scene_unchanged(scene, tmp_path):
     scenarios.scenario_cancel(scene, sys.executable, str(tmp_path))
 

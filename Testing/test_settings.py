@@ -88,6 +88,14 @@ def test_yes_no_settings_read_true_and_false_and_refuse_other_text():
         ModelSettings.from_flat({"fill_core_holes": "no"})
 
 
+@pytest.mark.parametrize("key,value", [("tumour_threshold", 0), ("tumour_threshold", 1.5),
+                                       ("min_component_voxels", -1), ("no-t2w.tumour_threshold", -0.2)])
+def test_out_of_range_postprocessing_is_refused(key, value):
+    with pytest.raises(WeightsError, match=r"must be (above 0 and at most 1|0 or more)"):
+        ModelSettings(Preprocessing(modality_dropout=True)).with_overrides({key: value}, "--set")
+    assert ModelSettings.from_flat({"tumour_threshold": 1}).postprocessing.tumour_threshold == 1.0
+
+
 def test_a_registry_entry_can_give_a_missing_sequence_its_own_postprocessing(tmp_path):
     src = tmp_path / "model.pt"
     weights.save_weights(src, BrainUNet(NetworkConfig(features=(4, 8))), "run",

@@ -177,7 +177,8 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
     report(0.92, "Post-processing")
     t2 = time.perf_counter()
     probs = prepared.restore_channels(probs)
-    crop_labels = postprocess.apply(probs, prepared.crop_mask, model.settings.postprocessing_for(missing))
+    crop_labels = postprocess.apply(probs, prepared.crop_mask, model.settings.postprocessing_for(missing),
+                                    voxel_mm3=float(np.prod(prepared.native_spacing)))
     labels = prepared.restore_labels(crop_labels)
     ref = volumes[ref_key]
     stats = statistics.region_statistics(labels, ref.affine, aligned)

@@ -114,16 +114,24 @@ def tiny_et_to_netc(labels: np.ndarray, below_voxels: int) -> np.ndarray:
     return labels
 
 
-def apply(probs: np.ndarray, mask: np.ndarray | None, rules: Postprocessing) -> np.ndarray:
+def native_voxels(mm3: int, voxel_mm3: float) -> int:
+    """A rule's size, given in 1 mm voxels (mm³), as a count of the image's own voxels: the same volume on
+    a 0.9 × 0.9 × 5.5 mm clinical scan (4.5 mm³ a voxel) as on the 1 mm cases that chose it."""
+    if mm3 <= 0:
+        return 0
+    return max(1, int(round(mm3 / float(voxel_mm3))))
+
+
+def apply(probs: np.ndarray, mask: np.ndarray | None, rules: Postprocessing, voxel_mm3: float = 1.0) -> np.ndarray:
     """Probabilities (background, NETC, SNFH, ET) on the native crop grid -> labels, with every
     post-processing rule of a model's settings (the one place the pipeline and cross-validation share).
-    Voxel counts are native voxels."""
+    The rules' sizes are in 1 mm voxels (mm³); ``voxel_mm3`` is the volume of one voxel of ``probs``."""
     labels = probabilities_to_labels(probs, mask, rules.tumour_threshold)
-    labels = remove_small_components(labels, rules.min_component_voxels)
+    labels = remove_small_components(labels, native_voxels(rules.min_component_voxels, voxel_mm3))
     if rules.components_need_core:
         labels = remove_components_without_core(labels)
-    labels = small_et_components_to_netc(labels, rules.min_et_component_voxels)
-    labels = tiny_et_to_netc(labels, rules.et_to_netc_below_voxels)
+    labels = small_et_components_to_netc(labels, native_voxels(rules.min_et_component_voxels, voxel_mm3))
+    labels = tiny_et_to_netc(labels, native_voxels(rules.et_to_netc_below_voxels, voxel_mm3))
     if rules.fill_core_holes:
         labels = fill_core_holes(labels)
     return labels

@@ -50,6 +50,8 @@ class Preprocessing:
 class Postprocessing:
     """Probabilities -> labels (``postprocess.apply``); chosen by cross-validation (``cv-postprocess``)."""
     tumour_threshold: float | None = None  # None: argmax over background and the three regions
+    # Sizes are in 1 mm voxels (mm³: 3000 is 3 mL) whatever the scan's grid, so a rule chosen on 1 mm cases
+    # removes the same volume from a 5.5 mm clinical scan (postprocess.native_voxels).
     min_component_voxels: int = 0  # tumour components smaller than this go (the largest always stays)
     components_need_core: bool = False  # tumour components without ET or NETC go (the largest always stays)
     min_et_component_voxels: int = 0  # ET components smaller than this become NETC
@@ -59,8 +61,12 @@ class Postprocessing:
     def __post_init__(self):
         if self.tumour_threshold is not None:
             object.__setattr__(self, "tumour_threshold", float(self.tumour_threshold))
+            if not 0.0 < self.tumour_threshold <= 1.0:  # a probability; outside it, all or nothing is tumour
+                raise ValueError(f"tumour_threshold must be above 0 and at most 1, not {self.tumour_threshold:g}")
         for name in ("min_component_voxels", "min_et_component_voxels", "et_to_netc_below_voxels"):
             object.__setattr__(self, name, int(getattr(self, name) or 0))
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)}")
         object.__setattr__(self, "fill_core_holes", _flag(self.fill_core_holes, "fill_core_holes"))
         object.__setattr__(self, "components_need_core", _flag(self.components_need_core, "components_need_core"))
 

@@ -203,7 +203,8 @@ def score_fold(weights, held_cases, fold: int, keep_dir, device: str = "auto",
                                     mask=prepared.crop_mask, reference=crop_ref,
                                     spacing=np.asarray(prepared.native_spacing))
             labels = postprocess.apply(probs, prepared.crop_mask,
-                                       model_settings.postprocessing_for((dropped,) if dropped else ()))
+                                       model_settings.postprocessing_for((dropped,) if dropped else ()),
+                                       voxel_mm3=float(np.prod(prepared.native_spacing)))
             full = prepared.restore_labels(labels)
             rows.append({"fold": fold, "case": case.name, "institution": institution(case.name),
                          "condition": condition, **evaluate_case(full, reference, spacing)})
@@ -329,7 +330,7 @@ def format_report(run_dir, tag: str | None = None) -> str:
 POSTPROCESS_STAGES = (
     # P(tumour) threshold instead of argmax: corrects a systematic over- or under-segmentation
     ("tumour_threshold", (None, 0.55, 0.65, 0.75, 0.85, 0.9, 0.95)),
-    # whole-tumour components smaller than this (native voxels) are dropped, never the largest; capped at
+    # whole-tumour components smaller than this (1 mm voxels, mm³) are dropped, never the largest; capped at
     # 3 mL: a second lesion of a multifocal glioma is often larger, and these 29 cases have few of them
     ("min_component_voxels", (0, 50, 200, 1000, 3000)),
     # whole-tumour components without any core (FLAIR hyperintensity away from the tumour) dropped
@@ -357,8 +358,8 @@ def _case_dice(cases, rule: dict) -> list[dict]:
     from .evaluation import dice
 
     rows = []
-    for probs, mask, ref in cases:
-        labels = postprocess.apply(probs, mask, Postprocessing(**rule))
+    for probs, mask, ref, voxel_mm3 in cases:
+        labels = postprocess.apply(probs, mask, Postprocessing(**rule), voxel_mm3)
         rows.append({r.key: dice(r.mask(labels), r.mask(ref)) for r in ALL_REGIONS})
     return rows
 
@@ -387,7 +388,7 @@ def _heldout_files(run_dirs, condition: str = "all") -> list[tuple[str, Path]]:
 
 
 def load_heldout(run_dirs, condition: str = "all", ensemble: bool = False) -> list[tuple[str, tuple]]:
-    """(fold name, (probabilities, mask, reference)) of every kept held-out case of the runs (pooled), or with
+    """(fold name, (probabilities, mask, reference, voxel mm³)) of every kept held-out case of the runs (pooled), or with
     ``ensemble`` of every case once, its probabilities averaged over the runs: runs of the same folds, whose
     average is what an ensemble of their models would give each held-out case. Read once, then given to the
     searches below."""
@@ -395,7 +396,7 @@ def load_heldout(run_dirs, condition: str = "all", ensemble: bool = False) -> li
         cases = []
         for fold, path in _heldout_files(run_dirs, condition):
             with np.load(path) as z:
-                cases.append((fold, (z["probs"].astype(np.float32), z["mask"], z["reference"])))
+                cases.append((fold, (z["probs"].astype(np.float32), z["mask"], z["reference"], _voxel_mm3(z))))
         return cases
     per_run = [{(fold, path.name): path for fold, path in _heldout_files([d], condition)} for d in run_dirs]
     if len(per_run) < 2 or any(set(files) != set(per_run[0]) for files in per_run):
@@ -408,14 +409,19 @@ def load_heldout(run_dirs, condition: str = "all", ensemble: bool = False) -> li
             with np.load(files[key]) as z:
                 probs = z["probs"].astype(np.float32)
                 if total is None:
-                    total, mask, reference = probs, z["mask"], z["reference"]
+                    total, mask, reference, voxel_mm3 = probs, z["mask"], z["reference"], _voxel_mm3(z)
                 elif probs.shape != total.shape or not np.array_equal(z["reference"], reference):
                     raise InputError(f"{files[key]} does not match the first run's {key[1]}: the runs prepared the "
                                      "case differently, so their probabilities cannot be averaged.")
                 else:
                     total += probs
-        cases.append((key[0], (total / len(per_run), mask, reference)))
+        cases.append((key[0], (total / len(per_run), mask, reference, voxel_mm3)))
     return cases
+
+
+def _voxel_mm3(stored) -> float:
+    """The volume of a kept case's voxel (its native grid; 1 mm³ for files kept without their spacing)."""
+    return float(np.prod(stored["spacing"])) if "spacing" in stored else 1.0
 
 
 #: A post-processing stage changes the rule only if it raises the five-region mean Dice of the held-out
