@@ -72,12 +72,16 @@ def test_batch_reads_brats2021_and_2023_layouts(tmp_path):
     p = synthetic.write_case(c21, "tmp", seed=2, shape=(40, 48, 36))
     for key, new in (("t1c", "t1ce"), ("t2w", "t2"), ("t2f", "flair"), ("t1n", "t1"), ("seg", "seg")):
         p[key].rename(c21 / f"BraTS2021_00001_{new}.nii.gz")
-    (data / "notes").mkdir()  # a folder without images is reported, not fatal
+    (data / "notes").mkdir()  # a folder without images is no case: reported and passed over
+    (data / "partial").mkdir()  # a case with its FLAIR only: a case that fails, with the reason
+    import shutil
+    shutil.copy(c21 / "BraTS2021_00001_flair.nii.gz", data / "partial" / "partial_flair.nii.gz")
     r = brainunet("batch", data, "--output-dir", tmp_path / "out", "--progress", "none")
     assert (tmp_path / "out" / "BraTS-GLI-00001-000-seg.nii.gz").exists()
     assert (tmp_path / "out" / "BraTS2021_00001-seg.nii.gz").exists()
     assert (tmp_path / "out" / "BraTS2021_00001-stats.csv").exists()
-    assert "notes: failed, nothing written" in r.stderr and "Missing input" in r.stderr
+    assert "Skipped, no .nii / .nii.gz images inside: notes" in r.stderr
+    assert "partial: failed, nothing written" in r.stderr and "Missing input" in r.stderr
     assert r.returncode == 1  # one case could not be done
 
 
@@ -123,6 +127,40 @@ def test_batch_goes_on_after_an_unexpected_error_in_one_case(tmp_path, tiny_weig
     assert "case-a: failed, nothing written: RuntimeError: CUDA out of memory" in captured.err
     assert not (out / "case-a-seg.nii.gz").exists() and (out / "case-b-seg.nii.gz").exists()
     assert "1 of 2 cases segmented" in captured.out and "1 failed" in captured.out
+
+
+def test_batch_passes_over_folders_without_images_and_a_cancel_says_what_was_written(tmp_path, tiny_weights,
+                                                                                        monkeypatch, capsys):
+    from brainunet import pipeline
+    from brainunet.errors import Cancelled
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    _two_cases(data)
+    (data / "__MACOSX").mkdir()
+    (data / "__MACOSX" / "._case-a").write_bytes(b"resource fork")
+    (data / "notes").mkdir()
+    code = _main_in_process(["batch", data, "--output-dir", out, "--model", tiny_weights[0], "--device", "cpu",
+                             "--progress", "none"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Skipped, no .nii / .nii.gz images inside: __MACOSX, notes" in captured.err
+    assert "2 of 2 cases segmented" in captured.out
+
+    real_run = pipeline.run
+
+    def cancelled_during_case_b(paths, output, *args, **kwargs):
+        if Path(output).name.startswith("case-b"):
+            raise Cancelled()
+        return real_run(paths, output, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run", cancelled_during_case_b)
+    again = tmp_path / "again"
+    code = _main_in_process(["batch", data, "--output-dir", again, "--model", tiny_weights[0], "--device", "cpu",
+                             "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert "Cancelled during case-b, after 1 of 2 cases were segmented" in err and "--skip-existing" in err
+    assert (again / "case-a-seg.nii.gz").exists() and not (again / "case-b-seg.nii.gz").exists()
 
 
 def test_batch_skip_existing_resumes_an_interrupted_batch(tmp_path):

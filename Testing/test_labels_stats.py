@@ -76,6 +76,11 @@ def test_csv_round_trip(tmp_path):
     back = read_csv(tmp_path / "s.csv")
     assert [r["region"] for r in back] == ["ET", "NETC", "SNFH", "TC", "WT"]
     assert float(back[0]["volume_ml"]) == pytest.approx(0.008)
+    # a table read back from Slicer holds counts as doubles: a large count stays a whole number
+    big = [{**rows[4], "voxels": 1234567.0, "volume_ml": 1234.567891, "mean_t1c": float("nan")}]
+    write_csv(big, tmp_path / "big.csv")
+    again = read_csv(tmp_path / "big.csv")[0]
+    assert again["voxels"] == "1234567" and again["volume_ml"] == "1234.57" and again["mean_t1c"] == "nan"
 
 
 def test_et_post_processing_rules():

@@ -44,6 +44,19 @@ def test_outputs_that_are_the_same_file_or_not_regular_files_are_refused(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("option,name,message", [("--overlay", "view", "ending in .png"),
+                                                 ("--overlay", "view.txt", "ending in .png"),
+                                                 ("--seg-nrrd", "copy.nii.gz", "must end in .seg.nrrd")])
+def test_an_output_of_the_wrong_kind_is_refused_before_any_work(tmp_path, synthetic_case, capsys, option, name,
+                                                                message):
+    out = tmp_path / "out"
+    assert run("segment", *case_args(synthetic_case), "--output", out / "x.nii.gz", "--stats", out / "x.csv",
+               option, out / name) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_a_write_error_gives_exit_2_and_leaves_the_previous_outputs_as_they_were(tmp_path, synthetic_case, capsys,
                                                                                  monkeypatch):
     out = tmp_path / "out"
@@ -143,3 +156,24 @@ def test_misleading_files_get_messages_that_say_what_to_do(tmp_path, synthetic_c
     assert run("segment", *case_args(dict(synthetic_case, t2w=huge)), "--output", tmp_path / "x.nii.gz") == 2
     err = capsys.readouterr().err
     assert "header claims 10000 x 10000 x 10000 voxels" in err and "MemoryError" not in err
+
+
+def test_a_cancel_while_a_file_is_read_is_a_cancel_not_a_corrupt_file(tmp_path, synthetic_case, tiny_weights,
+                                                                      monkeypatch):
+    """Slicer's Cancel arrives as SIGTERM, raised as Cancelled wherever the worker is: inside nibabel or
+    torch.load it must stay a cancel (exit 130), not become 'the file is corrupt' (exit 2 or 3)."""
+    import nibabel
+    import torch
+
+    from brainunet import imageio, weights
+
+    def cancelled(*args, **kwargs):
+        raise Cancelled()
+
+    monkeypatch.setattr(nibabel, "load", cancelled)
+    with pytest.raises(Cancelled):
+        imageio.load_volume(synthetic_case["t1c"], "T1CE")
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "load", cancelled)
+    with pytest.raises(Cancelled):
+        weights.load_weights(tiny_weights[0])

@@ -82,3 +82,37 @@ def test_overlay_and_statistics_honour_thick_slices():
     assert views == pytest.approx({"Axial": 1.0, "Coronal": 5.5 / 0.9, "Sagittal": 5.5 / 0.9})
     wt = next(r for r in result.statistics if r["region"] == "WT")
     assert wt["volume_ml"] == pytest.approx(wt["voxels"] * 0.9 * 0.9 * 5.5 / 1000)
+
+
+def _slab(volume, first, count, name):
+    """Slices ``first`` .. ``first + count`` of ``volume`` on their own grid (same world positions)."""
+    shift = np.eye(4)
+    shift[2, 3] = first
+    return Volume(volume.data[:, :, first:first + count].copy(), volume.affine @ shift, name)
+
+
+def test_a_slab_or_localiser_is_refused_and_a_partial_field_of_view_is_noted():
+    volumes, _ = synthetic.make_case(seed=2, shape=(40, 48, 36))
+    model = pipeline.load_model("intensity-baseline")
+    with pytest.raises(pipeline.InputError, match="T2W has only 4 slices along one axis: it is a localiser"):
+        pipeline.segment({**volumes, "t2w": _slab(volumes["t2w"], 16, 4, "T2W")}, model)
+    with pytest.raises(pipeline.InputError, match=r"FLAIR covers only \d+% of the T1CE image's brain"):
+        pipeline.segment({**volumes, "t2f": _slab(volumes["t2f"], 12, 10, "FLAIR")}, model)
+    result = pipeline.segment({**volumes, "t2w": _slab(volumes["t2w"], 10, 20, "T2W")}, model)
+    assert any("T2W covers" in n and "relies on the other sequences" in n for n in result.notes)
+    whole = pipeline.segment(volumes, model)
+    assert not any("covers" in n for n in whole.notes)
+
+
+def test_an_unusable_native_t1_is_left_out_of_the_statistics_not_a_reason_to_stop():
+    """T1 feeds only the statistics table: a T1 from another study (no overlap) or a localiser is dropped
+    with a note, and the segmentation is the one made without it."""
+    volumes, _ = synthetic.make_case(seed=2, shape=(40, 48, 36))
+    model = pipeline.load_model("intensity-baseline")
+    without = pipeline.segment({k: v for k, v in volumes.items() if k != "t1n"}, model)
+    elsewhere = Volume(volumes["t1n"].data, volumes["t1n"].affine @ np.diag([1, 1, 1, 1.0]), "T1")
+    elsewhere.affine[2, 3] += 400.0
+    for bad in (elsewhere, _slab(volumes["t1n"], 16, 3, "T1")):
+        result = pipeline.segment({**volumes, "t1n": bad}, model)
+        assert any(n.startswith("T1 left out of the statistics:") for n in result.notes), result.notes
+        assert np.array_equal(result.labels, without.labels)

@@ -236,3 +236,34 @@ def test_statistics_are_computed_again_from_the_edited_segments(scene, tmp_path)
     with pytest.raises(InputError, match="no longer in the scene"):
         logic.update_statistics(seg, table)
     assert repr(mrml.table_to_rows(table)) == repr(before)  # unchanged (repr: NaN equals NaN)
+
+
+def test_the_scene_changing_during_a_run_loses_nothing_and_misplaces_nothing(scene, tmp_path):
+    """While the worker runs the user may delete the chosen output segmentation (a new one is made) or
+    move the reference volume (the result is refused with a message, not drawn in the wrong place)."""
+    import numpy as np
+    import pytest
+
+    from BrainUNetSegmentationLib import mrml
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic, RunOptions
+    from brainunet.errors import InputError
+
+    nodes, _ = scenarios.load_synthetic_case(scene, seed=2)
+    logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
+    chosen = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Chosen output")
+    run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"))
+    scene.RemoveNode(chosen)
+    assert run.wait(300) == "done"
+    seg, table = logic.import_results(run, segmentation_node=chosen)
+    assert seg is not chosen and seg.GetScene() is scene and seg.GetSegmentation().GetNumberOfSegments() == 3
+    assert table.GetScene() is scene
+
+    run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"))
+    moved = np.array(mrml.ijk_to_ras(nodes["t1c"]))
+    moved[:3, 3] += 12.0
+    nodes["t1c"].SetIJKToRASMatrix(mrml._numpy_to_matrix(moved))
+    assert run.wait(300) == "done"
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match="was moved, transformed or changed while BrainUNet ran"):
+        logic.import_results(run)
+    assert scene.GetNumberOfNodes() == count and not run.workdir.exists()

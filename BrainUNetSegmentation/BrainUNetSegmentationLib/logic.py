@@ -443,9 +443,23 @@ class BrainUNetLogic:
         if run.state != "done":
             raise BrainUNetError(run.error or f"The run has not finished (state: {run.state}).")
         try:
-            labels = np.asarray(nib.load(str(run.outputs["labels"])).dataobj).astype(np.uint8)
+            written = nib.load(str(run.outputs["labels"]))
+            labels = np.asarray(written.dataobj).astype(np.uint8)
             rows = read_csv(run.outputs["stats"])
             reference = run.reference_node
+            # the scene may have changed while the worker ran: never import into a removed node, nor onto a
+            # reference whose geometry is no longer the one the worker segmented
+            if reference.GetScene() is not self.scene:
+                raise InputError(f"The reference volume {reference.GetName()} was removed from the scene while "
+                                 "BrainUNet ran; load it again and press Apply.")
+            if (labels.shape != tuple(reference.GetImageData().GetDimensions())
+                    or not np.allclose(mrml.ijk_to_ras(reference), written.affine, atol=1e-3)):
+                raise InputError(f"The reference volume {reference.GetName()} was moved, transformed or changed "
+                                 "while BrainUNet ran; press Apply again to segment it as it is now.")
+            if segmentation_node is not None and segmentation_node.GetScene() is not self.scene:
+                segmentation_node = None  # the chosen output was deleted during the run: a new one
+            if table_node is not None and table_node.GetScene() is not self.scene:
+                table_node = None
             seg = mrml.create_segmentation(self.scene, labels, reference, segmentation_node=segmentation_node)
             table = mrml.statistics_table(self.scene, rows, f"{seg.GetName()} statistics", table_node, run.notes)
             mrml.place_beside(self.scene, table, reference)

@@ -212,12 +212,18 @@ def cmd_batch(args) -> int:
     if not data_dir.is_dir():
         raise InputError(f"{data_dir} is not a folder of case folders.")
     out_dir = Path(args.output_dir) if args.output_dir else data_dir / "brainunet"
-    cases = sorted(p for p in data_dir.iterdir() if p.is_dir() and p.resolve() != out_dir.resolve())
+    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and p.resolve() != out_dir.resolve())
+    # a folder without any image (__MACOSX, .git, an older output folder, DICOM not yet converted) is no case
+    cases = [f for f in folders if _holds_images(f)]
+    others = [f.name for f in folders if f not in cases]
     if not cases:
-        raise InputError(f"No case folders in {data_dir}; expected one folder per case with BraTS file names.")
+        raise InputError(f"No case folders in {data_dir}; expected one folder per case with BraTS file names "
+                         "(.nii.gz images).")
     progress = Progress(args.progress, "BrainUNet batch")
+    if others:
+        _say(args, f"Skipped, no .nii / .nii.gz images inside: {', '.join(others)}")
     loaded = _load_model(args, progress)
-    failures = skipped = 0
+    failures = skipped = finished = 0
     try:
         for n, case in enumerate(cases):
             out = out_dir / f"{case.name}-seg.{args.format}"
@@ -236,8 +242,14 @@ def cmd_batch(args) -> int:
                 pipeline.run({k: files.get(k) for k in ("t1c", "t2w", "t2f", "t1n")}, out, stats,
                              device=args.device, tta=args.tta, precision=args.precision, progress=case_progress,
                              loaded_model=loaded)
-            except (Cancelled, WeightsError):
-                raise  # the user stopped the batch, or no case can run: not one case's failure
+                finished += 1
+            except (Cancelled, KeyboardInterrupt):
+                # the cases before this one are written and stay; this one left nothing
+                raise Cancelled(f"Cancelled during {case.name}, after {finished} of {len(cases)} cases were "
+                                f"segmented into {out_dir}; {case.name} was not written. Run again with "
+                                "--skip-existing to go on.") from None
+            except WeightsError:
+                raise  # no case can run: not one case's failure
             except (InputError, OutputError) as exc:
                 failures += 1
                 _say(args, f"{case.name}: failed, nothing written: {exc}")
@@ -252,6 +264,13 @@ def cmd_batch(args) -> int:
           + (f"; {skipped} skipped (output already there)" if skipped else "")
           + (f"; {failures} failed (named above)" if failures else ""))
     return 0 if failures == 0 else 1
+
+
+def _holds_images(folder: Path) -> bool:
+    try:
+        return any(p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")) for p in folder.iterdir())
+    except OSError:  # unreadable: a case that fails with its own message
+        return True
 
 
 def cmd_demo(args) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import Cancelled, InputError
 
 #: Modality key -> display name. Keys follow BraTS 2023 file suffixes.
 MODALITY_NAMES = {"t1c": "T1CE", "t2w": "T2W", "t2f": "FLAIR", "t1n": "T1"}
@@ -102,6 +102,8 @@ def load_volume(path, name: str | None = None) -> Volume:
                          f"{path.name}.gz (or {path.stem}.nii.gz) and try again.")
     try:
         img = nib.load(str(path))
+    except Cancelled:  # SIGTERM (Slicer's Cancel) raised while reading: a cancel, not a corrupt file
+        raise
     except Exception as exc:
         raise InputError(f"{name}: {path.name} cannot be read as an image ({type(exc).__name__}: "
                          f"{str(exc)[:120]}). The file is corrupt, truncated or not NIfTI: export it again.") from exc
@@ -112,6 +114,8 @@ def load_volume(path, name: str | None = None) -> Volume:
                          "is corrupt. Export the image again.")
     try:
         data = np.asanyarray(img.dataobj)
+    except Cancelled:
+        raise
     except Exception as exc:  # nibabel raises many types for corrupt / truncated / foreign files
         raise InputError(f"{name}: {path.name} cannot be read as an image ({type(exc).__name__}: "
                          f"{str(exc)[:120]}). The file is corrupt, truncated or not NIfTI: export it again.") from exc

@@ -119,10 +119,28 @@ def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing
     from .registration import register_to_reference
 
     ref_key = reference_key(volumes)
-    aligned = preprocessing.align_to_reference(volumes, ref_key)
     notes = notes if notes is not None else []
-    register_to_reference(volumes, aligned, ref_key, notes)
+    # a sequence the network does not read (native T1: statistics only) never stops the segmentation
+    extra = [k for k in volumes if k not in model.modalities and k != ref_key]
+    needed = {k: v for k, v in volumes.items() if k not in extra}
+    aligned = preprocessing.align_to_reference(needed, ref_key)
+    register_to_reference(needed, aligned, ref_key, notes)
+    for key in extra:
+        try:
+            one = {ref_key: volumes[ref_key], key: volumes[key]}
+            moved = preprocessing.align_to_reference(one, ref_key)
+            register_to_reference(one, moved, ref_key, notes)
+            aligned[key] = moved[key]
+        except InputError as exc:
+            notes.append(f"{MODALITY_NAMES.get(key, key)} left out of the statistics: {exc}")
     extract_brain_if_needed(aligned, volumes[ref_key], ref_key, notes)
+    notes += plausibility.coverage_notes({k: v for k, v in aligned.items() if k in needed}, ref_key)
+    for key in [k for k in extra if k in aligned]:
+        try:
+            notes += plausibility.coverage_notes({ref_key: aligned[ref_key], key: aligned[key]}, ref_key)
+        except InputError as exc:
+            del aligned[key]
+            notes.append(f"{MODALITY_NAMES.get(key, key)} left out of the statistics: {exc}")
     notes += plausibility.contrast_warnings(aligned)
     pp = model.preprocessing
     prepared = preprocessing.prepare(aligned, volumes[ref_key], model.modalities, pp.spacing_mm,
@@ -260,7 +278,7 @@ def write_overlay_png(result: SegmentationResult, path, background: str = "t2f")
                facecolor="black", labelcolor="white", frameon=False)
     fig.suptitle(f"BrainUNet ({result.model_name})", color="white")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=90, facecolor="black")
+    fig.savefig(path, dpi=90, facecolor="black", format="png")  # the name may be a temporary one
     plt.close(fig)
     return Path(path)
 
@@ -288,6 +306,10 @@ def run(paths: dict, output, stats_csv=None, overlay_png=None, model: str | Path
     plausibility.check_distinct_files(paths)
     outputs = check_outputs({k: Path(v) for k, v in outputs.items() if v}, [p for p in paths.values() if p])
     kind = output_kind(outputs["labels"])
+    if "seg_nrrd" in outputs and not str(outputs["seg_nrrd"]).lower().endswith(".seg.nrrd"):
+        raise InputError(f"The Slicer segmentation {outputs['seg_nrrd']} must end in .seg.nrrd.")
+    if "overlay" in outputs and not str(outputs["overlay"]).lower().endswith(".png"):
+        raise InputError(f"The overlay {outputs['overlay']} is a PNG picture: give a file name ending in .png.")
     volumes = load_inputs(paths)
     device = resolve_device(device)
     t = time.perf_counter()

@@ -3,8 +3,10 @@
 Refusals (``InputError``, exit 2), because no segmentation of such input can be right:
 - one file (or identical voxels) given for two sequences;
 - a label map or a binary mask given as an image;
-- an image with almost no signal.
+- an image with almost no signal;
+- a sequence covering less than half of the reference image's brain (a slab, a localiser).
 Warnings (a note in the run's output and in the log), because the input may still be right:
+- a sequence covering less than 90 % of the reference image's brain;
 - T2W and FLAIR that look swapped (on T2W the CSF is bright, on FLAIR it is dark);
 - a tumour implausibly large for the brain.
 """
@@ -23,6 +25,8 @@ MIN_SIGNAL_VOXELS = 1000  # fewer non-zero voxels than this is no brain image
 BRIGHT_FACTOR = 1.5  # "bright" = above 1.5 x the brain's median
 SWAP_RATIO = 0.8  # T2W's bright (CSF) fraction below 0.8 x FLAIR's: the two look swapped
 MAX_TUMOUR_FRACTION = 0.5  # a whole tumour over half the brain is implausible
+MIN_COVERAGE = 0.5  # a sequence seeing less of the reference's brain is a slab or a localiser
+FULL_COVERAGE = 0.9  # below this the network sees zeros (no signal) over part of the brain
 
 
 def _name(key: str) -> str:
@@ -95,3 +99,25 @@ def size_warnings(wt_ml: float, brain_ml: float) -> list[str]:
         return [f"The whole tumour ({wt_ml:.0f} mL) is over half the brain ({brain_ml:.0f} mL), which is implausible; "
                 "check that the sequences are selected correctly and that the images show a brain."]
     return []
+
+
+def coverage_notes(aligned: dict, ref_key: str) -> list[str]:
+    """How much of the reference image's foreground (its brain, once extracted) each other sequence
+    covers on the reference grid (zero outside its own field of view). Refuses a slab or a localiser;
+    a note for a partial field of view."""
+    brain = aligned[ref_key] != 0
+    total = int(np.count_nonzero(brain))
+    notes = []
+    if total == 0:
+        return notes
+    for key, data in aligned.items():
+        if key == ref_key:
+            continue
+        covered = int(np.count_nonzero(brain & (data != 0))) / total
+        if covered < MIN_COVERAGE:
+            raise InputError(f"{_name(key)} covers only {covered:.0%} of the {_name(ref_key)} image's brain: it is a "
+                             "partial slab or a localiser, not the full series. Select the whole 3D series.")
+        if covered < FULL_COVERAGE:
+            notes.append(f"{_name(key)} covers {covered:.0%} of the {_name(ref_key)} image's brain; outside its "
+                         "field of view the segmentation relies on the other sequences.")
+    return notes

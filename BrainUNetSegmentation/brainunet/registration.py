@@ -25,6 +25,7 @@ MIN_GAIN = 0.05  # relative mutual-information gain below which a found movement
 MIN_SHARED_INFORMATION = 0.1  # Mattes MI (negated by SimpleITK) of unrelated images is ~0; sequences of one head: 0.4-0.9
 BRAIN_RADIUS_MM = 80.0  # how far from the centre a brain point lies, to turn a rotation into millimetres
 MIN_LEVEL_VOXELS = 32  # a registration level needs at least this many voxels along every axis
+MIN_SLICES = 8  # a brain series has more slices than this along every axis (5.5 mm slices: about 26)
 
 
 @dataclass
@@ -56,7 +57,8 @@ def _shrunk(image, target_mm: float):
     """Block-averaged to about ``target_mm`` (anti-aliased and cheap: no full-resolution filtering)."""
     import SimpleITK as sitk
 
-    factors = [max(1, int(round(target_mm / s))) for s in image.GetSpacing()]
+    # never more than the image holds along an axis (a thin slab: BinShrink refuses a factor beyond its size)
+    factors = [max(1, min(int(round(target_mm / s)), n)) for s, n in zip(image.GetSpacing(), image.GetSize())]
     return sitk.BinShrink(image, factors)
 
 
@@ -141,8 +143,16 @@ def register_to_reference(volumes: dict, aligned: dict, ref_key: str, notes: lis
         if key == ref_key or same_grid(volumes[key], reference.data.shape, reference.affine):
             continue
         name, ref_name = MODALITY_NAMES.get(key, key), MODALITY_NAMES.get(ref_key, ref_key)
+        thinnest = int(min(volumes[key].data.shape))
+        if thinnest < MIN_SLICES:
+            raise InputError(f"{name} has only {thinnest} slices along one axis: it is a localiser or a thin slab, "
+                             "not the full series. Select the whole 3D series.")
         reference_levels = reference_levels or registration_levels(reference)
-        reg = register_rigid(reference, volumes[key], fixed_levels=reference_levels)
+        try:
+            reg = register_rigid(reference, volumes[key], fixed_levels=reference_levels)
+        except RuntimeError as exc:  # SimpleITK: too few voxels or samples to match on
+            raise InputError(f"{name} could not be registered to {ref_name} ({str(exc).strip().splitlines()[-1][:120]}). "
+                             "Check that it is the full 3D series of the same patient.") from exc
         shared = max(-reg.metric_before, -reg.metric_after)
         if shared < MIN_SHARED_INFORMATION:
             raise InputError(f"{name} shares almost no structure with {ref_name} (mutual information "

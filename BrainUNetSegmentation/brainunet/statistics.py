@@ -69,8 +69,18 @@ def write_csv(rows, path) -> Path:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            writer.writerow({k: _cell(v) for k, v in row.items()})
     return path
+
+
+def _cell(value):
+    """Six significant digits for measurements; whole numbers whole (a table read back from Slicer holds
+    voxel counts as doubles, and 1234567 must not become 1.23457e+06)."""
+    if isinstance(value, (float, np.floating)):
+        if float(value).is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return f"{float(value):.6g}"
+    return value
 
 
 def read_csv(path) -> list[dict]:

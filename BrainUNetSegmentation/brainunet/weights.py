@@ -24,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import WeightsError
+from .errors import Cancelled, WeightsError
 from .settings import ModelSettings
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -259,6 +259,8 @@ def load_weights(path: Path, expected_sha256: str | None = None, device: str = "
                            "download the file again.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Cancelled:  # SIGTERM (Slicer's Cancel) raised while reading: a cancel, not a corrupt file
+        raise
     except Exception as exc:  # truncated zip, pickle refused by weights_only, ...
         raise WeightsError(f"Weights file {path} cannot be read ({type(exc).__name__}); it is corrupt, "
                            "truncated or not a BrainUNet weights file.") from exc
