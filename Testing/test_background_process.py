@@ -3,6 +3,7 @@ launcher whose child does the work), and a broken output stream cannot leave the
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,9 +45,7 @@ def test_cancel_stops_the_launcher_and_its_child(tmp_path):
         time.sleep(0.05)
     child = int(pid_file.read_text())
     assert alive(child)
-    started = time.monotonic()
-    run.cancel()
-    assert time.monotonic() - started < 3.0  # the panel is not held up
+    run.cancel()  # how long it holds the panel is measured in benchmarks/gui_thread.py, not here
     assert run.state == "cancelled" and process.poll() is not None
     deadline = time.monotonic() + 5
     while alive(child) and time.monotonic() < deadline:
@@ -136,10 +135,11 @@ def test_cancel_while_the_inputs_are_written_leaves_nothing(scene, tmp_path):
     from BrainUNetSegmentationLib import mrml
 
     calls = []
+    release = threading.Event()
 
     def slow_writer(volume, path):
         calls.append(path)
-        time.sleep(0.4)
+        release.wait(30)  # held until the test has pressed Cancel: Cancel lands during the first file
         mrml.save_volume_nifti(volume, path)
 
     logic = _case_logic(scene, tmp_path, slow_writer)
@@ -149,9 +149,11 @@ def test_cancel_while_the_inputs_are_written_leaves_nothing(scene, tmp_path):
     while not calls and time.monotonic() < deadline:
         time.sleep(0.01)
     run.cancel()  # during the first file
+    release.set()
+    run._writer.join(30)
+    assert not run._writer.is_alive()
     assert run.state == "cancelled" and run.poll() == "cancelled"
     assert len(calls) == 1, "the writer went on after Cancel"
-    time.sleep(0.5)
     assert run.process is None, "the worker was started after Cancel"
     assert not run.workdir.exists() and list(tmp_path.iterdir()) == []
     assert scene.GetNumberOfNodes() == count

@@ -203,7 +203,12 @@ def test_demo_writes_the_four_outputs(tmp_path):
 def test_models_lists_registry():
     r = brainunet("models")
     assert r.returncode == 0 and "intensity-baseline" in r.stdout
-    assert "tumour_threshold=0.75" in r.stdout  # the bundled model's registry settings are shown
+    from brainunet import weights
+
+    bundled = weights.load_registry(weights.REGISTRY_PATH)[0]
+    assert bundled.extra.get("settings")  # the bundled model carries the post-processing CV chose
+    for key, value in bundled.extra["settings"].items():  # ... and `models` shows it
+        assert f"{key}={value}" in r.stdout
 
 
 # ---- bad input: one clear line, exit status != 0, nothing written, inputs unchanged ------------------------
@@ -367,3 +372,59 @@ def test_register_rejects_bad_names_and_settings(tmp_path, tiny_weights):
     assert r.returncode == 2 and "KEY=VALUE" in r.stderr
     r = brainunet("register", tmp_path / "missing.pt", "--name", "ok")
     assert r.returncode == 3 and "not found" in r.stderr
+
+
+def test_batch_default_folder_seg_nrrd_format_and_its_refusals(tmp_path):
+    """Without --output-dir the results go to DIR/brainunet, which a second run does not take for a case;
+    --format seg.nrrd writes Slicer segmentations; a bad folder is exit 2 and missing weights exit 3."""
+    import slicerio
+
+    data = tmp_path / "data"
+    _two_cases(data)
+    for attempt in range(2):
+        r = brainunet("batch", data, "--format", "seg.nrrd", "--model", "intensity-baseline", "--progress", "none")
+        assert r.returncode == 0, r.stderr
+        assert "2 of 2 cases segmented" in r.stdout and "brainunet" not in r.stderr.split("Model:")[0]
+    seg = slicerio.read_segmentation(str(data / "brainunet" / "case-a-seg.seg.nrrd"))
+    assert [s["labelValue"] for s in seg["segments"]] == [3, 1, 2]
+    assert (data / "brainunet" / "case-b-stats.csv").exists()
+    assert brainunet("batch", tmp_path / "nothing-here").returncode == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = brainunet("batch", empty)
+    assert r.returncode == 2 and "No case folders" in r.stderr
+    r = brainunet("batch", data, "--output-dir", tmp_path / "w", "--model", tmp_path / "missing.pt")
+    assert r.returncode == 3 and not (tmp_path / "w").exists()
+
+
+def test_a_result_without_tumour_writes_every_output_and_imports_as_empty_segments(tmp_path, synthetic_case, scene):
+    import torch
+
+    from BrainUNetSegmentationLib import mrml
+    from brainunet import weights
+    from brainunet.network import BrainUNet, NetworkConfig
+    from brainunet.settings import ModelSettings
+    from brainunet.statistics import read_csv
+
+    torch.manual_seed(0)
+    finds_nothing = tmp_path / "nothing.pt"  # P(tumour) never reaches 1: no voxel is tumour
+    weights.save_weights(finds_nothing, BrainUNet(NetworkConfig(features=(4, 8), blocks_per_level=1)), "nothing",
+                         ModelSettings.from_flat({"spacing_mm": [2, 2, 2], "patch_size": [32, 32, 32],
+                                                  "tumour_threshold": 1.0}))
+    out = tmp_path / "out"
+    r = brainunet("segment", *case_args(synthetic_case), "--output", out / "l.nii.gz", "--seg-nrrd",
+                  out / "l.seg.nrrd", "--stats", out / "s.csv", "--overlay", out / "o.png", "--model", finds_nothing,
+                  "--device", "cpu", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert "WT 0.0 mL" in r.stdout
+    labels = nib.load(str(out / "l.nii.gz"))
+    assert not np.asarray(labels.dataobj).any()
+    rows = {row["region"]: row for row in read_csv(out / "s.csv")}
+    assert set(rows) == {"ET", "NETC", "SNFH", "TC", "WT"} and float(rows["WT"]["volume_ml"]) == 0.0
+    assert (out / "o.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    node = mrml.load_volume_file(scene, synthetic_case["t1c"], "T1CE")
+    seg = mrml.create_segmentation(scene, np.asarray(labels.dataobj).astype(np.uint8), node)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 3
+    assert not mrml.segmentation_to_labels(seg, node).any()
+    table = mrml.statistics_table(scene, read_csv(out / "s.csv"))
+    assert [row["region"] for row in mrml.table_to_rows(table)] == ["ET", "NETC", "SNFH", "TC", "WT"]

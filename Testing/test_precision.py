@@ -33,5 +33,6 @@ def test_bf16_labels_agree_with_fp32():
     fp32 = inference.predict_probabilities(net, image, (32, 32, 32), precision="fp32")
     bf16 = inference.predict_probabilities(net, image, (32, 32, 32), precision="bf16")
     assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    assert not np.array_equal(bf16, fp32)  # bf16 did run: it is not fp32 under another name
     assert np.abs(bf16 - fp32).max() < 0.05  # bf16 keeps 8 bits of mantissa
     assert (bf16.argmax(0) == fp32.argmax(0)).mean() > 0.97

@@ -174,7 +174,10 @@ def test_the_panel_lists_the_models_of_the_workers_registry(tmp_path, monkeypatc
         {"name": "mine", "kind": "network", "description": "mine", "file": "mine.pt"}]}))
     monkeypatch.setenv("BRAINUNET_MODEL", "mine")
     choices = model_choices(str(tmp_path))
-    assert [c.name for c in choices] == ["mine", "brainunet-2mm-real-v2", "intensity-baseline"]
+    from brainunet import weights
+
+    bundled_name = weights.load_registry(weights.REGISTRY_PATH)[0].name
+    assert [c.name for c in choices] == ["mine", bundled_name, "intensity-baseline"]
     assert [c.default for c in choices] == [True, False, False]
     assert choices[2].description == "the user's copy" and choices[0].sequences == ()
     bundled = choices[1]

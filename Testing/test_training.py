@@ -363,8 +363,8 @@ def test_distributed_training_with_torchrun(tmp_path):
 
     import torch.distributed as dist
 
-    if not dist.is_available() or importlib.util.find_spec("torch.distributed.run") is None:
-        pytest.skip("torch.distributed / torchrun is not available")
+    # the CPU build of torch on Linux has both: a missing one is a broken install, not a reason to skip
+    assert dist.is_available() and importlib.util.find_spec("torch.distributed.run") is not None
     config = tmp_path / "ddp.json"
     config.write_text(json.dumps({**TINY, "steps": 3, "crops_per_case": 1, "warmup_steps": 1}))
     env = dict(os.environ, PYTHONPATH=str(ROOT / "BrainUNetSegmentation"), OMP_NUM_THREADS="1")
@@ -730,7 +730,21 @@ def test_cpu_bf16_training_step_runs_the_loss_in_fp32():
     opt = _Optimisation(config, None, "cpu", 1)
     x, y = torch.randn(1, 3, 16, 16, 16), torch.randint(0, 4, (1, 16, 16, 16))
     before = [p.detach().clone() for p in opt.model.parameters()]
+    seen = {}
+
+    def record_network_output(module, args, out):  # returns None: the output goes on unchanged
+        seen["network"] = (out[0] if isinstance(out, (list, tuple)) else out).dtype
+
+    opt.net.register_forward_hook(record_network_output)
+    loss_fn = opt.loss_fn
+
+    def recording_loss(outputs, target):
+        seen["loss"] = {o.dtype for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])}
+        return loss_fn(outputs, target)
+
+    opt.loss_fn = recording_loss
     loss, _ = opt.train_step(x, y)
+    assert seen["network"] == torch.bfloat16 and seen["loss"] == {torch.float32}
     assert np.isfinite(loss) and opt.cpu_bf16
     assert all(p.dtype == torch.float32 for p in opt.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, opt.model.parameters()))

@@ -13,12 +13,17 @@ import xml.etree.ElementTree as ElementTree
 
 import pytest
 
-pytest.importorskip("PySide6.QtUiTools")
+import PySide6.QtUiTools  # noqa: E402,F401  (a test dependency: missing, the suite must fail, not skip)
 
 import widget_harness  # noqa: E402
 from widget_harness import MODULE_FILE, UI_FILE, WidgetHarness, process_events  # noqa: E402
 
 RUN_TIMEOUT_S = 120
+# the bundled model as the registry lists it: the panel shows what the registry says, whichever model ships
+from brainunet import weights as _weights  # noqa: E402
+
+BUNDLED_ENTRY = _weights.load_registry(_weights.REGISTRY_PATH)[0]
+BUNDLED = BUNDLED_ENTRY.name
 SHAPE = (40, 48, 36)
 
 
@@ -272,17 +277,17 @@ def test_model_selector_lists_the_registry_and_passes_the_choice(harness, tmp_pa
     widget.enter()  # the list is read again on entering the module
     combo, info = ui.modelComboBox, ui.modelInfoLabel
     assert [combo.itemText(i) for i in range(combo.count())] == [
-        "mine (default)", "brainunet-2mm-real-v2", "intensity-baseline (not a trained network)"]
+        "mine (default)", BUNDLED, "intensity-baseline (not a trained network)"]
     p = widget.logic.getParameterNode()
     assert p.model == "" and combo.currentIndex() == 0
     assert info.text().splitlines() == ["Trained on our own 40 cases", "Inputs: T1CE, FLAIR; all are required.",
                                         "T1 native is not used.", "Accuracy: not measured.", "Licence: not stated."]
     combo.setCurrentIndex(1)
-    assert p.model == "brainunet-2mm-real-v2"
-    assert "fine-tuned on the 29 real expert-labelled BraTS 2018 cases" in info.text()
+    assert p.model == BUNDLED
+    assert BUNDLED_ENTRY.description in info.text()
     assert "Inputs: T1CE, T2W, FLAIR; one of them may be missing, with lower accuracy." in info.text()
-    assert "Accuracy: Cross-validated on 29 real BraTS 2018 cases" in info.text() and "MODEL_CARD.md" in info.text()
-    assert "Licence: Apache-2.0" in info.text()
+    assert f"Accuracy: {BUNDLED_ENTRY.extra['accuracy']}" in info.text()
+    assert f"Licence: {BUNDLED_ENTRY.extra['licence']}" in info.text()
     combo.setCurrentIndex(2)
     assert p.model == "intensity-baseline" and "Not a trained network" in info.text()
     assert "all are required" in info.text()
@@ -294,7 +299,7 @@ def test_model_selector_lists_the_registry_and_passes_the_choice(harness, tmp_pa
         combo.setCurrentIndex(index)
         ui.applyButton.click()
         ui.applyButton.click()  # cancel: the command line is all this test needs
-    assert commands[0][commands[0].index("--model") + 1] == "brainunet-2mm-real-v2"
+    assert commands[0][commands[0].index("--model") + 1] == BUNDLED
     assert "--model" not in commands[1]  # the default: the worker's own choice from the same registry
     assert harness.errors() == []
     p.model = "intensity-baseline"  # parameter node -> panel (a scene loaded with a saved choice)
@@ -352,7 +357,7 @@ def test_add_model_file_registers_it_for_the_worker_and_selects_it(harness, tmp_
     assert (home / "models" / "our-clinic-model.pt").stat().st_mtime_ns == stamp
     # a bundled model's name is refused at once: a user's model would hide it
     widget_harness.FileDialog.answers[:] = [tiny_weights[0]]
-    widget_harness.InputDialog.answers[:] = [("brainunet-2mm-real-v2", True)]
+    widget_harness.InputDialog.answers[:] = [(BUNDLED, True)]
     with pytest.raises(Exception):
         widget.onAddModelButton()
     assert "comes with BrainUNet" in harness.errors()[-1] and started == []
@@ -503,7 +508,7 @@ def test_notes_on_a_result_are_shown_when_it_is_done(harness):
     add_case(harness)
     widget.enter()
     ui.deviceComboBox.setCurrentIndex(1)  # cpu
-    ui.modelComboBox.setCurrentIndex(ui.modelComboBox.findText("brainunet-2mm-real-v2"))
+    ui.modelComboBox.setCurrentIndex(ui.modelComboBox.findText(BUNDLED))
     ui.t2wSelector.setCurrentNode(None)
     ui.applyButton.click()
     harness.wait_until(lambda: widget._run is None, RUN_TIMEOUT_S)
