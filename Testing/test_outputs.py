@@ -81,6 +81,33 @@ def test_a_write_error_gives_exit_2_and_leaves_the_previous_outputs_as_they_were
     assert not (tmp_path / "new").exists()  # the folders it made for the failed set are gone too
 
 
+def test_a_move_into_place_that_fails_halfway_leaves_the_previous_set_whole(tmp_path):
+    """The labels moved in, then the statistics' move fails: the new labels are taken back and the old
+    ones restored, so the folder holds the previous set, whole, and no temporary file."""
+    from brainunet.outputs import OutputError, OutputSet
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.nii.gz").write_bytes(b"old labels")
+    (out / "x.csv").write_bytes(b"old statistics")
+    real_replace = os.replace
+
+    def replace_failing_for_the_csv(src, dst):
+        if str(dst).endswith("x.csv") and ".brainunet-" in str(src) and "-previous-" not in str(src):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(src, dst)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(os, "replace", replace_failing_for_the_csv)
+        with pytest.raises(OutputError, match="Cannot move .*x.csv into place.*Nothing was changed"):
+            with OutputSet({"labels": out / "x.nii.gz", "stats": out / "x.csv"}) as outputs:
+                outputs.write("labels", lambda p: p.write_bytes(b"new labels"))
+                outputs.write("stats", lambda p: p.write_bytes(b"new statistics"))
+                outputs.commit()
+    assert snapshot(out) == {"x.csv": b"old statistics", "x.nii.gz": b"old labels"}
+    assert sorted(p.name for p in out.iterdir()) == ["x.csv", "x.nii.gz"]
+
+
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, Cancelled])
 def test_an_interrupt_during_the_write_leaves_nothing_behind(tmp_path, synthetic_case, monkeypatch, interrupt):
     out = tmp_path / "out"

@@ -6,7 +6,8 @@ final place, and moved into place together only when every one of them has been 
   /dev/full), or a folder that cannot be written is refused before anything is computed.
 - A refused run creates no folder: missing folders are made only when the outputs are moved in.
 - A write error (disk full, permission, ...) removes every temporary file, leaves existing files as they
-  were, and raises ``OutputError`` (exit 2) naming the file and the cause.
+  were, and raises ``OutputError`` (exit 2) naming the file and the cause; so does a move into place that
+  fails after others succeeded (they are taken back, and the files they replaced restored).
 - Ctrl-C or SIGTERM (Slicer's Cancel) before the move leaves nothing behind; the move itself runs with
   those signals held, so a cancelled run never leaves part of a set in place. A killed process
   (SIGKILL) can leave only a hidden ``.brainunet-*`` temporary file, never a truncated output.
@@ -126,12 +127,29 @@ class OutputSet:
         return temp
 
     def commit(self) -> dict[str, Path]:
+        """Move every output into place; if one move fails, the files moved before it are taken back and
+        the files they replaced restored, so the set is all new or all as it was."""
         with _signals_held():
-            for key, temp in self.temps.items():
-                try:
-                    os.replace(temp, self.outputs[key])
-                except OSError as exc:
-                    raise OutputError(f"Cannot move {self.outputs[key]} into place: {exc.strerror or exc}.") from exc
+            previous: dict[str, Path] = {}  # output -> the file it replaced, set aside until all are in place
+            placed: list[str] = []
+            try:
+                for key, temp in self.temps.items():
+                    final = self.outputs[key]
+                    if final.exists():
+                        aside = final.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-previous-{final.name}")
+                        os.replace(final, aside)
+                        previous[key] = aside
+                    os.replace(temp, final)
+                    placed.append(key)
+            except OSError as exc:
+                for key in placed:
+                    self.outputs[key].unlink(missing_ok=True)
+                for key, aside in previous.items():
+                    os.replace(aside, self.outputs[key])
+                raise OutputError(f"Cannot move {self.outputs[key]} into place: {exc.strerror or exc}. Nothing was "
+                                  "changed.") from exc
+            for aside in previous.values():
+                aside.unlink(missing_ok=True)
             self.temps = {}
             self.created = []
         return dict(self.outputs)
