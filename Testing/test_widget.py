@@ -358,7 +358,9 @@ def test_add_model_file_registers_it_for_the_worker_and_selects_it(harness, tmp_
     # a bundled model's name is refused at once: a user's model would hide it
     widget_harness.FileDialog.answers[:] = [tiny_weights[0]]
     widget_harness.InputDialog.answers[:] = [(BUNDLED, True)]
-    with pytest.raises(Exception):
+    from brainunet.errors import InputError
+
+    with pytest.raises(InputError, match="comes with BrainUNet"):  # re-raised after the error display
         widget.onAddModelButton()
     assert "comes with BrainUNet" in harness.errors()[-1] and started == []
     assert ui.modelComboBox.count() == count + 1
