@@ -109,8 +109,10 @@ def test_inputs_on_different_grids_are_resampled_in_physical_space(tmp_path):
     vols, truth = synthetic.make_case(seed=5, shape=(48, 56, 40), spacing=(2.0, 2.0, 2.0))
     t1c = vols["t1c"]
     files = {"t1c": _write(t1c, tmp_path / "t1c.nii.gz")}
-    # T2W: oblique, 1.5 x 1.5 x 4 mm; FLAIR: another size and origin.
-    for key, affine, shape in (("t2w", oblique_affine((1.5, 1.5, 4.0), (5, 0, -10)), (72, 80, 26)),
+    # T2W: oblique, 1.5 x 1.5 x 4 mm, its field of view centred on the head; FLAIR: another size and origin.
+    t2w_affine, t2w_shape = oblique_affine((1.5, 1.5, 4.0), (5, 0, -10)), (88, 104, 30)
+    t2w_affine[:3, 3] = -t2w_affine[:3, :3] @ ((np.array(t2w_shape) - 1) / 2)
+    for key, affine, shape in (("t2w", t2w_affine, t2w_shape),
                                ("t2f", np.diag([2.5, 2.5, 2.5, 1.0]) + np.array([[0, 0, 0, -55], [0, 0, 0, -60], [0, 0, 0, -45], [0, 0, 0, 0]]), (44, 50, 38))):
         moved = resample_to_grid(vols[key], shape, affine)
         files[key] = _write(Volume(moved, affine, key), tmp_path / f"{key}.nii.gz")
