@@ -80,7 +80,7 @@ def test_batch_reads_brats2021_and_2023_layouts(tmp_path):
     assert (tmp_path / "out" / "BraTS-GLI-00001-000-seg.nii.gz").exists()
     assert (tmp_path / "out" / "BraTS2021_00001-seg.nii.gz").exists()
     assert (tmp_path / "out" / "BraTS2021_00001-stats.csv").exists()
-    assert "Skipped, no .nii / .nii.gz images inside: notes" in r.stderr
+    assert "Skipped, no sequence images" in r.stderr and "inside: notes" in r.stderr
     assert "partial: failed, nothing written" in r.stderr and "Missing input" in r.stderr
     assert r.returncode == 1  # one case could not be done
 
@@ -139,11 +139,13 @@ def test_batch_passes_over_folders_without_images_and_a_cancel_says_what_was_wri
     (data / "__MACOSX").mkdir()
     (data / "__MACOSX" / "._case-a").write_bytes(b"resource fork")
     (data / "notes").mkdir()
+    (data / "old-results").mkdir()  # an earlier batch's output folder: labels, no sequences
+    (data / "old-results" / "case-a-seg.nii.gz").write_bytes((data / "case-a" / "case-a-seg.nii.gz").read_bytes())
     code = _main_in_process(["batch", data, "--output-dir", out, "--model", tiny_weights[0], "--device", "cpu",
                              "--progress", "none"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "Skipped, no .nii / .nii.gz images inside: __MACOSX, notes" in captured.err
+    assert "inside: __MACOSX, notes, old-results" in captured.err and "Skipped, no sequence images" in captured.err
     assert "2 of 2 cases segmented" in captured.out
 
     real_run = pipeline.run
@@ -159,7 +161,8 @@ def test_batch_passes_over_folders_without_images_and_a_cancel_says_what_was_wri
                              "--progress", "none"])
     err = capsys.readouterr().err
     assert code == 130
-    assert "Cancelled during case-b, after 1 of 2 cases were segmented" in err and "--skip-existing" in err
+    assert "Cancelled during case-b; 1 of 2 cases are segmented" in err and "case-b was not written" in err
+    assert "--skip-existing" in err
     assert (again / "case-a-seg.nii.gz").exists() and not (again / "case-b-seg.nii.gz").exists()
 
 

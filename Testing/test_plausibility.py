@@ -116,3 +116,19 @@ def test_an_unusable_native_t1_is_left_out_of_the_statistics_not_a_reason_to_sto
         result = pipeline.segment({**volumes, "t1n": bad}, model)
         assert any(n.startswith("T1 left out of the statistics:") for n in result.notes), result.notes
         assert np.array_equal(result.labels, without.labels)
+
+
+
+def test_an_unreadable_or_mask_native_t1_is_left_out_with_a_note(tmp_path, synthetic_case, capsys):
+    corrupt = tmp_path / "t1.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b not really gzip")
+    out = tmp_path / "out"
+    assert run("segment", *case_args(synthetic_case), "--t1n", corrupt, "--output", out / "l.nii.gz",
+               "--model", "intensity-baseline") == 0
+    err = capsys.readouterr().err
+    assert "Note: T1 left out of the statistics: T1:" in err and "cannot be read" in err
+    volumes, _ = synthetic.make_case(seed=2, shape=(40, 48, 36))
+    mask = Volume((volumes["t1n"].data > volumes["t1n"].data.mean()).astype(np.float32), volumes["t1n"].affine, "T1")
+    result = pipeline.segment({**volumes, "t1n": mask}, pipeline.load_model("intensity-baseline"))
+    assert any(n.startswith("T1 left out of the statistics:") and "binary mask" in n for n in result.notes)
+    assert "t1n" not in result.aligned

@@ -270,3 +270,23 @@ def test_the_scene_changing_during_a_run_loses_nothing_and_misplaces_nothing(sce
     with pytest.raises(InputError, match="was moved, transformed or changed while BrainUNet ran"):
         logic.import_results(run)
     assert scene.GetNumberOfNodes() == count and not run.workdir.exists()
+
+
+
+def test_a_native_t1_the_worker_left_out_is_not_linked_and_stays_out_of_recomputed_statistics(scene, tmp_path):
+    import numpy as np
+
+    from BrainUNetSegmentationLib import mrml
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic, INPUT_VOLUME_REFERENCE, RunOptions
+
+    nodes, _ = scenarios.load_synthetic_case(scene, seed=3)
+    elsewhere = np.array(mrml.ijk_to_ras(nodes["t1n"]))
+    elsewhere[2, 3] += 400.0  # a T1 of another study: no overlap
+    nodes["t1n"].SetIJKToRASMatrix(mrml._numpy_to_matrix(elsewhere))
+    logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
+    seg, table = logic.segment(logic.guess_inputs(), RunOptions(device="cpu"), timeout=300)
+    notes = (table.GetAttribute(mrml.NOTES_ATTRIBUTE) or "").split("\n")
+    assert any(n.startswith("T1 left out of the statistics:") for n in notes), notes
+    assert seg.GetNodeReference(INPUT_VOLUME_REFERENCE + "t1n") is None
+    assert seg.GetNodeReference(INPUT_VOLUME_REFERENCE + "t1c") is nodes["t1c"]
+    assert logic.update_statistics(seg, table) is False  # unedited: the same figures, and no error

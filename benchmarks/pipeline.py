@@ -59,7 +59,8 @@ def child_stages(case: Path, model: str | None):
     t["precision"] = resolve_precision(None, "cpu")
     s = time.perf_counter()
     probs = prepared.restore_channels(probs)
-    crop_labels = postprocess.apply(probs, prepared.crop_mask, loaded.postprocessing)
+    crop_labels = postprocess.apply(probs, prepared.crop_mask, loaded.postprocessing,  # every sequence is given
+                                    voxel_mm3=float(np.prod(prepared.native_spacing)))
     labels = prepared.restore_labels(crop_labels)
     t["label_map_s"] = time.perf_counter() - s
     with tempfile.TemporaryDirectory() as tmp:

@@ -178,7 +178,8 @@ def child(args):
             probs = predict_probabilities(runner, prepared.image, patch, precision="fp32")  # variants set their own
             times.append(time.perf_counter() - t)
     probs = prepared.restore_channels(probs)
-    labels = prepared.restore_labels(postprocess.apply(probs, prepared.crop_mask, loaded.postprocessing))
+    labels = prepared.restore_labels(postprocess.apply(probs, prepared.crop_mask, loaded.postprocessing,
+                                                       voxel_mm3=float(np.prod(prepared.native_spacing))))
     np.save(args.labels_out, labels.astype(np.uint8))
     common.child_report({"setup_s": setup_s, "first_s": times[0],
                          "median_s": float(np.median(times[1:] if len(times) > 1 else times)),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import mrml
-from brainunet.protocol import PROGRESS_PREFIX, RESULT_PREFIX
+from brainunet.protocol import LEFT_OUT_NOTE, PROGRESS_PREFIX, RESULT_PREFIX
 from brainunet.errors import BrainUNetError, InputError
 from brainunet.imageio import MODALITY_NAMES
 
@@ -466,6 +466,8 @@ class BrainUNetLogic:
             seg.SetNodeReferenceID(REFERENCE_VOLUME_REFERENCE, reference.GetID())
             for role in ("t1c", "t2w", "t2f", "t1n"):
                 node = run.inputs.get(role)
+                if any(n.startswith(f"{MODALITY_NAMES.get(role, role)} {LEFT_OUT_NOTE}") for n in run.notes):
+                    node = None  # the worker left it out: not an input of this result
                 seg.SetNodeReferenceID(INPUT_VOLUME_REFERENCE + role, node.GetID() if node is not None else None)
         finally:
             run.cleanup()
@@ -498,6 +500,8 @@ class BrainUNetLogic:
             name = MODALITY_NAMES.get(role, role)
             volume = mrml.voxels_from_node(node)
             same = volume.data.shape == labels.shape and np.allclose(volume.affine, affine, atol=1e-3)
+            if any(n.startswith(f"{name} {LEFT_OUT_NOTE}") for n in old_notes):
+                continue  # the worker could not use it (another study, a slab): neither can this
             if not same and any(n.startswith(f"{name} registered to") for n in old_notes):
                 left_out.append(name)
                 continue

@@ -25,6 +25,12 @@ def check(condition: bool, message: str) -> None:
 CASE_NAMES = {"t1c": "Case_T1CE", "t2w": "Case_T2", "t2f": "Case_FLAIR", "t1n": "Case_T1"}
 
 
+def bundled_model_name() -> str:
+    from brainunet import weights
+
+    return weights.load_registry(weights.REGISTRY_PATH)[0].name
+
+
 def load_synthetic_case(scene, seed: int = 0, shape=(40, 48, 36), affine=None):
     volumes, labels = synthetic.make_case(seed=seed, shape=shape, affine=affine)
     nodes = {role: mrml.add_volume_node(scene, vol, CASE_NAMES[role]) for role, vol in volumes.items()}
@@ -72,7 +78,9 @@ def scenario_background_run(scene, python_executable=None, tmp_root=None, affine
     check({r: n.GetID() for r, n in inputs.items()} == {r: n.GetID() for r, n in nodes.items()},
           "auto-selection did not pick the case's volumes")
     seen = []
-    seg, table = logic.segment(inputs, RunOptions(device="cpu"), timeout=300, on_progress=lambda f, m: seen.append(f))
+    # the bundled model, whatever the user's default: the location check below is calibrated on it
+    seg, table = logic.segment(inputs, RunOptions(device="cpu", model=bundled_model_name()), timeout=300,
+                               on_progress=lambda f, m: seen.append(f))
     check(bool(seen) and max(seen) == 1.0, "no progress was reported")
     check(seg.GetSegmentation().GetNumberOfSegments() == 3, "the result does not hold the three segments")
     rows = mrml.table_to_rows(table)

@@ -213,15 +213,17 @@ def cmd_batch(args) -> int:
         raise InputError(f"{data_dir} is not a folder of case folders.")
     out_dir = Path(args.output_dir) if args.output_dir else data_dir / "brainunet"
     folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and p.resolve() != out_dir.resolve())
-    # a folder without any image (__MACOSX, .git, an older output folder, DICOM not yet converted) is no case
-    cases = [f for f in folders if _holds_images(f)]
+    # a folder without any sequence image (__MACOSX, .git, an older output folder of labels, DICOM not yet
+    # converted) is no case; one with some sequences is, and fails with what is missing
+    cases = [f for f in folders if _holds_sequences(f)]
     others = [f.name for f in folders if f not in cases]
     if not cases:
         raise InputError(f"No case folders in {data_dir}; expected one folder per case with BraTS file names "
                          "(.nii.gz images).")
     progress = Progress(args.progress, "BrainUNet batch")
     if others:
-        _say(args, f"Skipped, no .nii / .nii.gz images inside: {', '.join(others)}")
+        _say(args, f"Skipped, no sequence images with BraTS names (such as *-t1c.nii.gz, *_flair.nii.gz) inside: "
+                   f"{', '.join(others)}")
     loaded = _load_model(args, progress)
     failures = skipped = finished = 0
     try:
@@ -244,10 +246,13 @@ def cmd_batch(args) -> int:
                              loaded_model=loaded)
                 finished += 1
             except (Cancelled, KeyboardInterrupt):
-                # the cases before this one are written and stay; this one left nothing
-                raise Cancelled(f"Cancelled during {case.name}, after {finished} of {len(cases)} cases were "
-                                f"segmented into {out_dir}; {case.name} was not written. Run again with "
-                                "--skip-existing to go on.") from None
+                # the cases before this one are written and stay; this one is whole or absent
+                if out.exists() and not args.skip_existing:
+                    finished += 1  # the cancel came while its outputs were moved into place: they are
+                state = f"{case.name} was written" if out.exists() else f"{case.name} was not written"
+                raise Cancelled(f"Cancelled during {case.name}; {finished + skipped} of {len(cases)} cases are "
+                                f"segmented in {out_dir} ({state}). Run again with --skip-existing to go "
+                                "on.") from None
             except WeightsError:
                 raise  # no case can run: not one case's failure
             except (InputError, OutputError) as exc:
@@ -266,9 +271,11 @@ def cmd_batch(args) -> int:
     return 0 if failures == 0 else 1
 
 
-def _holds_images(folder: Path) -> bool:
+def _holds_sequences(folder: Path) -> bool:
+    from .imageio import find_case_files
+
     try:
-        return any(p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")) for p in folder.iterdir())
+        return bool(find_case_files(folder))
     except OSError:  # unreadable: a case that fails with its own message
         return True
 

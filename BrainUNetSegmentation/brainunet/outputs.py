@@ -15,6 +15,7 @@ final place, and moved into place together only when every one of them has been 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import uuid
@@ -130,29 +131,49 @@ class OutputSet:
         """Move every output into place; if one move fails, the files moved before it are taken back and
         the files they replaced restored, so the set is all new or all as it was."""
         with _signals_held():
-            previous: dict[str, Path] = {}  # output -> the file it replaced, set aside until all are in place
+            previous: dict[str, Path] = {}  # output -> a copy of the file it replaces, until all are in place
             placed: list[str] = []
             try:
                 for key, temp in self.temps.items():
                     final = self.outputs[key]
                     if final.exists():
+                        # a second name for the old file (the final name keeps it: each move stays atomic)
                         aside = final.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-previous-{final.name}")
-                        os.replace(final, aside)
+                        try:
+                            os.link(final, aside)
+                        except OSError:  # a file system without hard links
+                            shutil.copy2(final, aside)
                         previous[key] = aside
                     os.replace(temp, final)
                     placed.append(key)
             except OSError as exc:
-                for key in placed:
-                    self.outputs[key].unlink(missing_ok=True)
-                for key, aside in previous.items():
-                    os.replace(aside, self.outputs[key])
-                raise OutputError(f"Cannot move {self.outputs[key]} into place: {exc.strerror or exc}. Nothing was "
-                                  "changed.") from exc
+                failed = self.outputs[key]
+                lost = self._take_back(placed, previous)
+                raise OutputError(f"Cannot move {failed} into place: {exc.strerror or exc}. "
+                                  + (f"Could not restore {', '.join(lost)}: their previous versions are beside them "
+                                     f"as {TEMP_PREFIX}*-previous-*." if lost else "Nothing was changed.")) from exc
             for aside in previous.values():
                 aside.unlink(missing_ok=True)
             self.temps = {}
             self.created = []
         return dict(self.outputs)
+
+    def _take_back(self, placed, previous) -> list[str]:
+        """Undo the moves of ``placed``: an output that replaced a file gets that file back, a new one is
+        removed. Returns the outputs that could not be restored."""
+        lost = []
+        for key in placed:
+            final = self.outputs[key]
+            try:
+                if key in previous:
+                    os.replace(previous.pop(key), final)
+                else:
+                    final.unlink(missing_ok=True)
+            except OSError:
+                lost.append(str(final))
+        for aside in previous.values():  # not replaced after all: the final name still holds it
+            aside.unlink(missing_ok=True)
+        return lost
 
     def discard(self):
         for temp in self.temps.values():

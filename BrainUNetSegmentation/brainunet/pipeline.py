@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import InputError
 from .imageio import MODALITY_NAMES, Volume, load_volume, save_label_nifti
+from .protocol import LEFT_OUT_NOTE
 from .outputs import OutputSet, check_outputs
 from .labels import SUBREGIONS
 from .settings import ModelSettings
@@ -69,14 +70,25 @@ class SegmentationResult:
     notes: list[str] = field(default_factory=list)  # what was done to the input ("brain extracted ...")
 
 
-def load_inputs(paths: dict[str, str | Path | None]) -> dict[str, Volume]:
+def load_inputs(paths: dict[str, str | Path | None], notes: list | None = None) -> dict[str, Volume]:
     """Load the given images. Two of T1CE, T2W and FLAIR are the least any model can use; whether
-    the model at hand copes with one missing is checked by ``check_modalities``."""
+    the model at hand copes with one missing is checked by ``check_modalities``. With ``notes``, an
+    unreadable native T1 (statistics only) is left out with a note there instead of stopping the run."""
     missing = [MODALITY_NAMES[m] for m in REQUIRED_MODALITIES if not paths.get(m)]
     if len(missing) > 1:
         raise InputError(f"Missing input: {', '.join(missing)}. BrainUNet needs T1CE, T2W and FLAIR "
                          "(models trained with modality dropout can do without one of them).")
-    return {m: load_volume(p, MODALITY_NAMES.get(m, m)) for m, p in paths.items() if p}
+    volumes = {}
+    for m, p in paths.items():
+        if not p:
+            continue
+        try:
+            volumes[m] = load_volume(p, MODALITY_NAMES.get(m, m))
+        except InputError as exc:
+            if notes is None or m in REQUIRED_MODALITIES:
+                raise
+            notes.append(f"{MODALITY_NAMES.get(m, m)} {LEFT_OUT_NOTE}: {exc}")
+    return volumes
 
 
 def check_modalities(volumes: dict, model: LoadedModel) -> list[str]:
@@ -110,6 +122,21 @@ def extract_brain_if_needed(aligned: dict[str, np.ndarray], reference: Volume, r
                  f"{extraction.head_ml:.0f} mL head, because {extraction.reason}")
 
 
+def optional_inputs(volumes: dict, model: LoadedModel) -> list[str]:
+    """Sequences the network does not read (the native T1 feeds the statistics only): one that cannot be
+    used is left out with a note (``leave_out``) and never stops the segmentation."""
+    return [k for k in volumes if k not in model.modalities and k != reference_key(volumes)]
+
+
+def leave_out(key: str, reason, notes: list, aligned: dict | None = None) -> None:
+    """Drop an optional sequence (``optional_inputs``) and say why; a note that it was registered goes too."""
+    name = MODALITY_NAMES.get(key, key)
+    if aligned is not None:
+        aligned.pop(key, None)
+    notes[:] = [n for n in notes if not n.startswith(f"{name} registered to")]
+    notes.append(f"{name} {LEFT_OUT_NOTE}: {reason}")
+
+
 def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing: bool = False,
                    notes: list | None = None):
     """(raw intensities on the reference grid, the network's input) as the model's settings say: sequences
@@ -120,27 +147,23 @@ def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing
 
     ref_key = reference_key(volumes)
     notes = notes if notes is not None else []
-    # a sequence the network does not read (native T1: statistics only) never stops the segmentation
-    extra = [k for k in volumes if k not in model.modalities and k != ref_key]
-    needed = {k: v for k, v in volumes.items() if k not in extra}
-    aligned = preprocessing.align_to_reference(needed, ref_key)
-    register_to_reference(needed, aligned, ref_key, notes)
+    reference = volumes[ref_key]
+    extra = optional_inputs(volumes, model)
+    aligned = preprocessing.align_to_reference({k: v for k, v in volumes.items() if k not in extra}, ref_key)
     for key in extra:
         try:
-            one = {ref_key: volumes[ref_key], key: volumes[key]}
-            moved = preprocessing.align_to_reference(one, ref_key)
-            register_to_reference(one, moved, ref_key, notes)
-            aligned[key] = moved[key]
+            aligned[key] = preprocessing.resample_to_grid(volumes[key], reference.data.shape, reference.affine)
         except InputError as exc:
-            notes.append(f"{MODALITY_NAMES.get(key, key)} left out of the statistics: {exc}")
-    extract_brain_if_needed(aligned, volumes[ref_key], ref_key, notes)
-    notes += plausibility.coverage_notes({k: v for k, v in aligned.items() if k in needed}, ref_key)
+            leave_out(key, exc, notes)
+    register_to_reference({k: volumes[k] for k in aligned}, aligned, ref_key, notes,
+                          on_optional_failure=lambda key, exc: leave_out(key, exc, notes, aligned))
+    extract_brain_if_needed(aligned, reference, ref_key, notes)
+    notes += plausibility.coverage_notes({k: v for k, v in aligned.items() if k not in extra}, ref_key)
     for key in [k for k in extra if k in aligned]:
         try:
             notes += plausibility.coverage_notes({ref_key: aligned[ref_key], key: aligned[key]}, ref_key)
         except InputError as exc:
-            del aligned[key]
-            notes.append(f"{MODALITY_NAMES.get(key, key)} left out of the statistics: {exc}")
+            leave_out(key, exc, notes, aligned)
     notes += plausibility.contrast_warnings(aligned)
     pp = model.preprocessing
     prepared = preprocessing.prepare(aligned, volumes[ref_key], model.modalities, pp.spacing_mm,
@@ -150,7 +173,9 @@ def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing
 
 
 def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu", tta: bool = False,
-            progress=None, should_cancel=None, precision: str | None = None) -> SegmentationResult:
+            progress=None, should_cancel=None, precision: str | None = None,
+            notes: list[str] | None = None) -> SegmentationResult:
+    """``notes``: what was already said about the inputs (e.g. by ``load_inputs``), kept first."""
     from . import postprocess, statistics
     from .errors import Cancelled
 
@@ -162,10 +187,18 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
 
     timings = {}
     t0 = time.perf_counter()
-    plausibility.check_images(volumes)
+    notes: list[str] = list(notes or [])
+    volumes = dict(volumes)
+    extra = optional_inputs(volumes, model)
+    plausibility.check_images({k: v for k, v in volumes.items() if k not in extra})
+    for key in extra:
+        try:
+            plausibility.check_images(volumes)  # the others passed: any refusal now is this one's
+        except InputError as exc:
+            del volumes[key]
+            leave_out(key, exc, notes)
     missing = check_modalities(volumes, model)
     ref_key = reference_key(volumes)
-    notes: list[str] = []
     if missing:
         names = ", ".join(MODALITY_NAMES.get(m, m) for m in missing)
         # a note, not only a log line: it stays with the statistics (table, CSV) the result is read from
@@ -310,13 +343,14 @@ def run(paths: dict, output, stats_csv=None, overlay_png=None, model: str | Path
         raise InputError(f"The Slicer segmentation {outputs['seg_nrrd']} must end in .seg.nrrd.")
     if "overlay" in outputs and not str(outputs["overlay"]).lower().endswith(".png"):
         raise InputError(f"The overlay {outputs['overlay']} is a PNG picture: give a file name ending in .png.")
-    volumes = load_inputs(paths)
+    input_notes: list[str] = []
+    volumes = load_inputs(paths, input_notes)
     device = resolve_device(device)
     t = time.perf_counter()
     loaded = loaded_model or load_model(model, device=device, progress=progress)
     load_s = time.perf_counter() - t
     result = segment(volumes, loaded, device=device, tta=tta, progress=progress, should_cancel=should_cancel,
-                     precision=precision)
+                     precision=precision, notes=input_notes)
     result.timings["model_load_s"] = load_s
     writers = {
         "labels": (lambda p: write_seg_nrrd(result.labels, result.reference.affine, p)) if kind == "seg.nrrd"

@@ -6,6 +6,9 @@ standard output; these are the only names both sides need, so neither imports th
 PROGRESS_PREFIX = "BRAINUNET_PROGRESS"  # "BRAINUNET_PROGRESS <fraction 0..1> <message>"
 RESULT_PREFIX = "BRAINUNET_RESULT"  # "BRAINUNET_RESULT <json>" once the outputs are written
 
+# a worker's note "<sequence name> left out of the statistics: <why>": the panel then leaves that input out too
+LEFT_OUT_NOTE = "left out of the statistics"
+
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2  # one "error: ..." line says what to fix
 EXIT_WEIGHTS = 3  # missing or corrupt weights

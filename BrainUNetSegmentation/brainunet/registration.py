@@ -11,12 +11,15 @@ patient's: the sequences are left as they are.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import InputError
 from .imageio import MODALITY_NAMES, Volume
+
+log = logging.getLogger(__name__)
 
 MOVED_MM = 2.0  # largest displacement of a brain point below which the sequence is left as it is
 MAX_PLAUSIBLE_MM = 40.0  # a patient does not move further inside the head coil
@@ -131,10 +134,13 @@ def resample_registered(moving: Volume, reference: Volume, transform) -> np.ndar
     return sitk.GetArrayFromImage(out).transpose(2, 1, 0).astype(np.float32)
 
 
-def register_to_reference(volumes: dict, aligned: dict, ref_key: str, notes: list) -> None:
+def register_to_reference(volumes: dict, aligned: dict, ref_key: str, notes: list,
+                          on_optional_failure=None, optional=("t1n",)) -> None:
     """Replace (in ``aligned``) each sequence that moved relative to the reference by its registered
-    version; say so in ``notes``. Refuse a registration that failed. Sequences stored on the reference's
-    grid were resampled together (BraTS, or a registration's output): co-registered already, left alone."""
+    version; say so in ``notes``. Refuse a registration that failed; for an ``optional`` sequence (the
+    native T1, statistics only) call ``on_optional_failure(key, error)`` instead, when given. Sequences
+    stored on the reference's grid were resampled together (BraTS, or a registration's output):
+    co-registered already, left alone."""
     from .preprocessing import same_grid
 
     reference = volumes[ref_key]
@@ -142,30 +148,43 @@ def register_to_reference(volumes: dict, aligned: dict, ref_key: str, notes: lis
     for key in volumes:
         if key == ref_key or same_grid(volumes[key], reference.data.shape, reference.affine):
             continue
-        name, ref_name = MODALITY_NAMES.get(key, key), MODALITY_NAMES.get(ref_key, ref_key)
-        thinnest = int(min(volumes[key].data.shape))
-        if thinnest < MIN_SLICES:
-            raise InputError(f"{name} has only {thinnest} slices along one axis: it is a localiser or a thin slab, "
-                             "not the full series. Select the whole 3D series.")
-        reference_levels = reference_levels or registration_levels(reference)
         try:
-            reg = register_rigid(reference, volumes[key], fixed_levels=reference_levels)
-        except RuntimeError as exc:  # SimpleITK: too few voxels or samples to match on
-            raise InputError(f"{name} could not be registered to {ref_name} ({str(exc).strip().splitlines()[-1][:120]}). "
-                             "Check that it is the full 3D series of the same patient.") from exc
-        shared = max(-reg.metric_before, -reg.metric_after)
-        if shared < MIN_SHARED_INFORMATION:
-            raise InputError(f"{name} shares almost no structure with {ref_name} (mutual information "
-                             f"{shared:.2f}); the images may be from different patients, or one is not a brain "
-                             "scan. Check the selection.")
-        gain = (reg.metric_before - reg.metric_after) / max(abs(reg.metric_before), 1e-6)
-        if gain < MIN_GAIN or reg.moved_mm < MOVED_MM:
-            continue  # the sequences line up already: a move that does not match better is the optimiser's noise
-        if reg.moved_mm > MAX_PLAUSIBLE_MM or reg.rotation_deg > MAX_PLAUSIBLE_DEG:
-            raise InputError(f"{name} could not be registered to {ref_name} (the best rigid match moves it "
-                             f"{reg.moved_mm:.0f} mm and turns it {reg.rotation_deg:.0f}°, more than a patient "
-                             "moves in the scanner); the images may be from different patients or sessions. "
-                             "Register them in Slicer (General Registration) and try again.")
-        aligned[key] = resample_registered(volumes[key], reference, reg.transform)
-        notes.append(f"{name} registered to {ref_name} (the patient moved: {reg.translation_mm:.1f} mm, "
-                     f"{reg.rotation_deg:.1f}°)")
+            reference_levels = _register_one(volumes, aligned, key, ref_key, reference, reference_levels, notes)
+        except InputError as exc:
+            if on_optional_failure is None or key not in optional:
+                raise
+            on_optional_failure(key, exc)
+
+
+def _register_one(volumes, aligned, key, ref_key, reference, reference_levels, notes):
+    """``register_to_reference`` for one sequence; returns the reference's levels (made once, reused)."""
+    name, ref_name = MODALITY_NAMES.get(key, key), MODALITY_NAMES.get(ref_key, ref_key)
+    thinnest = int(min(volumes[key].data.shape))
+    if thinnest < MIN_SLICES:
+        raise InputError(f"{name} has only {thinnest} slices along one axis: it is a localiser or a thin slab, "
+                         "not the full series. Select the whole 3D series.")
+    reference_levels = reference_levels or registration_levels(reference)
+    try:
+        reg = register_rigid(reference, volumes[key], fixed_levels=reference_levels)
+    except RuntimeError as exc:  # SimpleITK: too few voxels or samples to match on (its text goes to the log)
+        log.warning("registration of %s to %s failed: %s", name, ref_name, exc)
+        raise InputError(f"{name} could not be registered to {ref_name}: too little of it overlaps the "
+                         f"{ref_name} image to match them. Check that it is the full 3D series of the same "
+                         "patient.") from exc
+    shared = max(-reg.metric_before, -reg.metric_after)
+    if shared < MIN_SHARED_INFORMATION:
+        raise InputError(f"{name} shares almost no structure with {ref_name} (mutual information "
+                         f"{shared:.2f}); the images may be from different patients, or one is not a brain "
+                         "scan. Check the selection.")
+    gain = (reg.metric_before - reg.metric_after) / max(abs(reg.metric_before), 1e-6)
+    if gain < MIN_GAIN or reg.moved_mm < MOVED_MM:
+        return reference_levels  # the sequences line up already: a move that does not match better is noise
+    if reg.moved_mm > MAX_PLAUSIBLE_MM or reg.rotation_deg > MAX_PLAUSIBLE_DEG:
+        raise InputError(f"{name} could not be registered to {ref_name} (the best rigid match moves it "
+                         f"{reg.moved_mm:.0f} mm and turns it {reg.rotation_deg:.0f}°, more than a patient "
+                         "moves in the scanner); the images may be from different patients or sessions. "
+                         "Register them in Slicer (General Registration) and try again.")
+    aligned[key] = resample_registered(volumes[key], reference, reg.transform)
+    notes.append(f"{name} registered to {ref_name} (the patient moved: {reg.translation_mm:.1f} mm, "
+                 f"{reg.rotation_deg:.1f}°)")
+    return reference_levels

@@ -116,7 +116,8 @@ def add_commands(sub) -> None:
     p.add_argument("--margin-mm", type=float, default=24.0, help="brain kept around the tumour (default 24)")
 
     p = sub.add_parser("grid-ceiling", help="the best Dice a network on a coarser grid can reach (reference labels "
-                                            "averaged onto the grid and interpolated back, as inference does)")
+                                            "averaged onto the grid over the tumour's box, and interpolated back "
+                                            "as inference interpolates probabilities)")
     p.add_argument("--data", required=True, help="folder of BraTS-layout case folders with a *_seg / *-seg file")
     p.add_argument("--spacing", type=float, action="append", metavar="MM",
                    help="working grid in mm (repeatable; default 2 and 1.5)")
