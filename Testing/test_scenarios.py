@@ -290,3 +290,22 @@ def test_a_native_t1_the_worker_left_out_is_not_linked_and_stays_out_of_recomput
     assert seg.GetNodeReference(INPUT_VOLUME_REFERENCE + "t1n") is None
     assert seg.GetNodeReference(INPUT_VOLUME_REFERENCE + "t1c") is nodes["t1c"]
     assert logic.update_statistics(seg, table) is False  # unedited: the same figures, and no error
+
+
+def test_a_native_t1_the_panel_cannot_read_is_left_out_with_a_note_not_a_refusal(scene, tmp_path):
+    import numpy as np
+
+    from BrainUNetSegmentationLib import mrml
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic, INPUT_VOLUME_REFERENCE, RunOptions
+    from brainunet.imageio import Volume
+
+    nodes, _ = scenarios.load_synthetic_case(scene, seed=3)
+    blank = mrml.add_volume_node(scene, Volume(np.zeros((40, 48, 36), np.float32), mrml.ijk_to_ras(nodes["t1n"])),
+                                 "Blank T1")
+    logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
+    inputs = {**logic.guess_inputs(), "t1n": blank}
+    seg, table = logic.segment(inputs, RunOptions(device="cpu"), timeout=300)
+    notes = (table.GetAttribute(mrml.NOTES_ATTRIBUTE) or "").split("\n")
+    assert any(n.startswith("T1 left out of the statistics:") and "constant" in n for n in notes), notes
+    assert seg.GetNodeReference(INPUT_VOLUME_REFERENCE + "t1n") is None
+    assert seg.GetSegmentation().GetNumberOfSegments() == 3

@@ -330,16 +330,27 @@ class BrainUNetLogic:
     def ambiguous_inputs(self) -> dict:
         return ambiguous_inputs(self.scene)
 
-    def check_inputs(self, inputs: dict) -> dict:
+    def check_inputs(self, inputs: dict, left_out: list | None = None) -> dict:
         """Volumes per role (a checked copy each, in the node's voxel type); raises InputError naming what
-        to fix."""
+        to fix. The native T1 feeds only the statistics: an unusable one is left out, with a note added
+        to ``left_out`` (the worker's own note for it), instead of stopping the run."""
         missing = missing_inputs(inputs)
         # One missing sequence is left to the model to accept (modality dropout) or refuse, with its
         # own message from the background process; two missing is never enough.
         if len(missing) > 1:
             raise InputError(f"Select the {', '.join(missing)} volumes first.")
-        return {role: mrml.voxels_from_node(node, f"{MODALITY_NAMES[role]} ({node.GetName()})")
-                for role, node in inputs.items() if node is not None}
+        volumes = {}
+        for role, node in inputs.items():
+            if node is None:
+                continue
+            try:
+                volumes[role] = mrml.voxels_from_node(node, f"{MODALITY_NAMES[role]} ({node.GetName()})")
+            except InputError as exc:
+                if role != "t1n":
+                    raise
+                if left_out is not None:
+                    left_out.append(f"{MODALITY_NAMES[role]} {LEFT_OUT_NOTE}: {exc}")
+        return volumes
 
     def start_registering(self, weights_file, name: str) -> BackgroundRun:
         """Start adding a trained weights file to the worker's registry (its BRAINUNET_HOME) as ``name``, the
@@ -414,7 +425,8 @@ class BrainUNetLogic:
         """Check the inputs and copy them out of their nodes, then return at once: the inputs are written
         and the worker started by the run's own thread (see ``BackgroundRun.launch_after``)."""
         options = options or RunOptions()
-        volumes = self.check_inputs(inputs)
+        left_out: list[str] = []
+        volumes = self.check_inputs(inputs, left_out)
         workdir = Path(tempfile.mkdtemp(prefix="brainunet-", dir=self.temp_root))
         # uncompressed: gzip took most of the time of writing (benchmarks/gui_thread.py)
         files = {role: workdir / f"{role}.nii" for role in volumes}
@@ -430,6 +442,7 @@ class BrainUNetLogic:
 
         run = BackgroundRun(None, workdir, reference, outputs, on_progress, on_log,
                             inputs={role: node for role, node in inputs.items() if node is not None})
+        run.notes.extend(left_out)  # kept with the worker's notes, in the table
         run.launch_after(write_inputs, self.command(files, outputs, options), env)
         return run
 
