@@ -13,7 +13,8 @@ def probabilities_to_labels(probs: np.ndarray, mask: np.ndarray | None = None,
     """Argmax over (background, NETC, SNFH, ET) probabilities; with ``tumour_threshold`` a voxel is
     tumour when P(tumour) = 1 - P(background) reaches it, and then takes its most likely subregion.
     The threshold corrects a network's systematic over- or under-segmentation (a recall-weighted
-    Tversky loss over-segments); ``brainunet calibrate`` picks it on held-out engine cases."""
+    Tversky loss over-segments); ``brainunet cv-postprocess`` picks it on real held-out cases
+    (``brainunet calibrate`` on held-out engine cases, for a model trained on the engine only)."""
     classes = np.asarray(CLASS_LABELS, dtype=np.uint8)
     if tumour_threshold is None:
         labels = classes[np.argmax(probs, axis=0)]
