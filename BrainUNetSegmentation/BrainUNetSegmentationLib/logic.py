@@ -479,7 +479,7 @@ class BrainUNetLogic:
             seg.SetNodeReferenceID(REFERENCE_VOLUME_REFERENCE, reference.GetID())
             for role in ("t1c", "t2w", "t2f", "t1n"):
                 node = run.inputs.get(role)
-                if any(n.startswith(f"{MODALITY_NAMES.get(role, role)} {LEFT_OUT_NOTE}") for n in run.notes):
+                if left_out_by_worker(run.notes, role):
                     node = None  # the worker left it out: not an input of this result
                 seg.SetNodeReferenceID(INPUT_VOLUME_REFERENCE + role, node.GetID() if node is not None else None)
         finally:
@@ -513,7 +513,7 @@ class BrainUNetLogic:
             name = MODALITY_NAMES.get(role, role)
             volume = mrml.voxels_from_node(node)
             same = volume.data.shape == labels.shape and np.allclose(volume.affine, affine, atol=1e-3)
-            if any(n.startswith(f"{name} {LEFT_OUT_NOTE}") for n in old_notes):
+            if left_out_by_worker(old_notes, role):
                 continue  # the worker could not use it (another study, a slab): neither can this
             if not same and any(n.startswith(f"{name} registered to") for n in old_notes):
                 left_out.append(name)
@@ -542,6 +542,11 @@ class BrainUNetLogic:
             run.cleanup()
             raise BrainUNetError(run.error)
         return self.import_results(run)
+
+
+def left_out_by_worker(notes, role: str) -> bool:
+    """Whether the notes say the worker left this input out (``pipeline.leave_out``)."""
+    return any(n.startswith(f"{MODALITY_NAMES.get(role, role)} {LEFT_OUT_NOTE}") for n in notes)
 
 
 def _same_rows(rows: list[dict], table_rows: list[dict]) -> bool:

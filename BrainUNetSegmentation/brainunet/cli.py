@@ -239,6 +239,7 @@ def cmd_batch(args) -> int:
             def case_progress(f, msg, n=n, case=case):
                 progress((n + f) / len(cases), f"{case.name}: {msg}")
 
+            written_before = out.stat().st_mtime_ns if out.exists() else None
             try:
                 files = find_case_files(case)
                 pipeline.run({k: files.get(k) for k in ("t1c", "t2w", "t2f", "t1n")}, out, stats,
@@ -246,10 +247,11 @@ def cmd_batch(args) -> int:
                              loaded_model=loaded)
                 finished += 1
             except (Cancelled, KeyboardInterrupt):
-                # the cases before this one are written and stay; this one is whole or absent
-                if out.exists() and not args.skip_existing:
-                    finished += 1  # the cancel came while its outputs were moved into place: they are
-                state = f"{case.name} was written" if out.exists() else f"{case.name} was not written"
+                # the cases before this one are written and stay; this one is whole or as it was (a cancel
+                # during the move into place takes effect once the set is in)
+                written = out.exists() and out.stat().st_mtime_ns != written_before
+                finished += written
+                state = f"{case.name} was {'' if written else 'not '}written"
                 raise Cancelled(f"Cancelled during {case.name}; {finished + skipped} of {len(cases)} cases are "
                                 f"segmented in {out_dir} ({state}). Run again with --skip-existing to go "
                                 "on.") from None

@@ -155,7 +155,7 @@ def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing
             aligned[key] = preprocessing.resample_to_grid(volumes[key], reference.data.shape, reference.affine)
         except InputError as exc:
             leave_out(key, exc, notes)
-    register_to_reference({k: volumes[k] for k in aligned}, aligned, ref_key, notes,
+    register_to_reference({k: volumes[k] for k in aligned}, aligned, ref_key, notes, optional=extra,
                           on_optional_failure=lambda key, exc: leave_out(key, exc, notes, aligned))
     extract_brain_if_needed(aligned, reference, ref_key, notes)
     notes += plausibility.coverage_notes({k: v for k, v in aligned.items() if k not in extra}, ref_key)

@@ -135,10 +135,10 @@ def resample_registered(moving: Volume, reference: Volume, transform) -> np.ndar
 
 
 def register_to_reference(volumes: dict, aligned: dict, ref_key: str, notes: list,
-                          on_optional_failure=None, optional=("t1n",)) -> None:
+                          optional=(), on_optional_failure=None) -> None:
     """Replace (in ``aligned``) each sequence that moved relative to the reference by its registered
-    version; say so in ``notes``. Refuse a registration that failed; for an ``optional`` sequence (the
-    native T1, statistics only) call ``on_optional_failure(key, error)`` instead, when given. Sequences
+    version; say so in ``notes``. Refuse a registration that failed; for a sequence in ``optional`` (the
+    native T1, statistics only) call ``on_optional_failure(key, error)`` instead. Sequences
     stored on the reference's grid were resampled together (BraTS, or a registration's output):
     co-registered already, left alone."""
     from .preprocessing import same_grid
@@ -151,7 +151,7 @@ def register_to_reference(volumes: dict, aligned: dict, ref_key: str, notes: lis
         try:
             reference_levels = _register_one(volumes, aligned, key, ref_key, reference, reference_levels, notes)
         except InputError as exc:
-            if on_optional_failure is None or key not in optional:
+            if key not in optional:
                 raise
             on_optional_failure(key, exc)
 
