@@ -11,6 +11,7 @@ import numpy as np
 from brainunet import synthetic
 from . import mrml
 from brainunet.labels import SUBREGIONS
+from brainunet.statistics import dice
 from .logic import BrainUNetLogic, RunOptions
 
 class ScenarioFailure(AssertionError):
@@ -55,11 +56,6 @@ def scenario_segmentation_from_labels(scene):
     return seg
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
 def scenario_background_run(scene, python_executable=None, tmp_root=None, affine=None, parent_translation=None):
     """Auto-selected inputs -> background process -> segmentation + statistics table, over the tumour;
     inputs untouched. ``affine`` (e.g. oblique, left-handed) places the case's voxels; ``parent_translation``
@@ -90,7 +86,7 @@ def scenario_background_run(scene, python_executable=None, tmp_root=None, affine
     check(int(float(wt_rows["voxels"])) == int((result > 0).sum()), "the WT voxel count disagrees with the segmentation")
     # where the segments land: a result flipped, transposed or shifted on its way through the worker and
     # back would score far lower (the bundled model scores about 0.9 here; shifted 4 voxels, the truth 0.66)
-    overlap = _dice(result > 0, labels > 0)
+    overlap = dice(result > 0, labels > 0)
     check(overlap >= 0.8, f"the segments are not over the tumour: whole-tumour Dice {overlap:.2f} against the "
                           "synthetic case's truth (expected 0.8 or more)")
     for role, node in nodes.items():

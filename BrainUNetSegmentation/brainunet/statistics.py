@@ -15,6 +15,12 @@ from .labels import ALL_REGIONS
 BASE_COLUMNS = ["region", "name", "voxels", "volume_ml", "centroid_r", "centroid_a", "centroid_s", "max_diameter_mm"]
 
 
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two masks; 1 when both are empty (the BraTS convention)."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
 def max_diameter_mm(mask: np.ndarray, affine: np.ndarray) -> float:
     """Largest distance between two voxel centres of ``mask`` in mm (0 for an empty mask)."""
     if not mask.any():

@@ -12,13 +12,11 @@ import numpy as np
 from scipy import ndimage
 
 from brainunet.labels import ALL_REGIONS
+from brainunet.statistics import dice
+
+__all__ = ["HD95_EMPTY_MM", "dice", "hd95", "evaluate_case", "write_metrics_csv", "find_reference"]
 
 HD95_EMPTY_MM = 373.128664
-
-
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    total = int(pred.sum()) + int(ref.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, ref).sum()) / total
 
 
 def _surface_distances(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
