@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.brainunet-installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# torch is pinned to the CPU build available offline; a newer torch also works.
+	# torch is pinned to the version tested (a newer one also works). PyPI's Linux wheel is the CUDA build
+	# (several GB); for the CPU build, run with PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch
 	# The installed torch is a constraint: nnunetv2 (benchmarks) would otherwise pull the newest CUDA build.
@@ -29,7 +30,7 @@ test: $(STAMP)
 test-bench: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q -m bench Testing
 
-# Benchmarks (not part of the tests; ~25 min on 2 cores with the real case in ../shared): BENCHMARKS.md
+# Benchmarks (not part of the tests; ~45 min on 2 cores with the real case in ../shared): BENCHMARKS.md
 bench: $(STAMP)
 	$(PY) benchmarks/pipeline.py --repeats 5
 	$(PY) benchmarks/peers.py
@@ -38,6 +39,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/robustness.py
 	$(PY) benchmarks/where_time_goes.py
 	$(PY) benchmarks/error_analysis.py
+	$(PY) benchmarks/training_step.py --repeats 3 --steps 3
+	$(PY) benchmarks/gui_thread.py
 	$(PY) benchmarks/report.py
 
 clean:

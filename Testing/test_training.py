@@ -397,6 +397,21 @@ def test_distributed_training_with_torchrun(tmp_path):
     assert r.stdout.count("group left: False") == 2, r.stdout
 
 
+def test_the_bundled_model_may_not_start_a_cross_validation_on_the_cases_it_learned_from():
+    """Its weights predate recorded case names; its registry entry lists them, by the weights' checksum."""
+    from brainunet import weights
+    from brainunet_lab.training import check_not_learned, learned_cases
+
+    bundled = weights.load_registry(weights.REGISTRY_PATH)[0]
+    names, unnamed = learned_cases(bundled.path())
+    assert len(names) == 30 and unnamed == 0  # the 29 training cases and the pseudo-labelled demo case
+    with pytest.raises(InputError, match="has learned from 1 of these cases"):
+        check_not_learned(bundled.path(), ["Brats18_CBICA_ABM_1", "unseen_case"])
+    notes = []
+    check_not_learned(bundled.path(), ["unseen_case"], notes.append)
+    assert notes == []
+
+
 def test_every_shipped_training_config_is_valid():
     """The configs that reproduce the bundled model (and the paper-size run) parse and validate."""
     from pathlib import Path
@@ -440,6 +455,14 @@ def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(t
             for condition in ("no-t2w", "no-t1c"):
                 assert len(list((out / f"fold{i}" / "heldout" / condition).glob("*.npz"))) == len(held)
         assert (out / "final" / "model.pt").is_file()
+        # every model records the real cases it learned from; none of them may start a cross-validation on them
+        learned = lambda path: torch.load(path, weights_only=True)["extra"]["training"]["real_case_names"]  # noqa: E731
+        assert learned(out / "final" / "model.pt") == names
+        for i, held in enumerate(folds.values()):
+            assert learned(out / f"fold{i}" / "model.pt") == sorted(set(names) - set(held))
+        with pytest.raises(InputError, match="has learned from 4 of these cases"):
+            crossval.run_cv(data, tmp_path / "cv-again", out / "final" / "model.pt", 3, 2, progress=False)
+        assert not (tmp_path / "cv-again").exists()
         assert len(list((tmp_path / "cache").rglob("*.npz"))) == 4  # preprocessed once, kept outside the run
         with pytest.raises(InputError, match="--resume"):
             crossval.run_cv(data, out, base / "model.pt", 3, 2, overrides=json.loads(settings.read_text()),

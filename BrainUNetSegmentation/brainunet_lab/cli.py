@@ -175,6 +175,10 @@ def add_commands(sub) -> None:
                    help="bundled model this one replaces: its entry and weights file are removed")
     p.add_argument("--accuracy", required=True, help="its cross-validated accuracy, one line (the panel shows it)")
     p.add_argument("--licence", default="Apache-2.0, as BrainUNet (LICENSE)")
+    p.add_argument("--learned-from", action="append", default=[], metavar="CASE_OR_DIR",
+                   help="a real case it learned from, or a folder of labelled cases (repeatable); listed in the "
+                        "registry with the names its training recorded, so that `brainunet cv` refuses to "
+                        "cross-validate from it on those cases")
     sub.choices["evaluate"].set_defaults(handler=cmd_evaluate)
     sub.choices["templates"].set_defaults(handler=cmd_templates)
     sub.choices["train"].set_defaults(handler=cmd_train)
@@ -512,8 +516,20 @@ def _cv_postprocess_condition(args, every) -> int:
 def cmd_bundle(args) -> int:
     from brainunet.cli import parse_settings
 
+    from .realdata import find_labelled_cases
+    from .training import learned_cases
+
+    names, unnamed = learned_cases(args.weights)
+    for given in args.learned_from:
+        names |= {c.name for c in find_labelled_cases(given)} if Path(given).is_dir() else {given}
+    fields = {"accuracy": args.accuracy, "licence": args.licence}
+    if names:
+        fields["training_cases"] = sorted(names)
+    if unnamed and not args.learned_from:
+        print(f"Note: {args.weights} has learned from {unnamed} real case(s) whose names it does not record; "
+              "name them with --learned-from so that cross-validation can refuse them.")
     entry = bundle_model(Path(args.weights), args.name, args.description, parse_settings(args.set),
-                         replaces=args.replace, fields={"accuracy": args.accuracy, "licence": args.licence})
+                         replaces=args.replace, fields=fields)
     size = entry.path().stat().st_size / 2**20
     print(f"bundled {entry.name} ({entry.path()}, {size:.1f} MiB, sha256 {entry.sha256[:12]}…); "
           f"replaced: {', '.join(args.replace) or 'nothing'}")

@@ -77,16 +77,18 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
     (finished fold models are then scored, not retrained).
     Returns True when everything asked for is done, False when the time limit stopped it (resume later)."""
     from .realdata import find_labelled_cases, institution_folds
-    from .training import TrainConfig, train
+    from .training import TrainConfig, check_not_learned, train
 
     deadline = time.monotonic() + time_limit_s if time_limit_s else None
     output_dir = Path(output_dir)
     if pack is None:
-        find_labelled_cases(data_dir)  # a bad folder is reported before anything is loaded
+        case_names = [c.name for c in find_labelled_cases(data_dir)]  # a bad folder is reported before anything is loaded
     elif not train_only:
         raise InputError("Held-out cases are scored from their files: with --pack, pass --train-only and score "
                          "later with --data DIR --resume.")
     config = recipe_config(base_model, steps, scratch, device, seed, overrides)
+    if config.init_weights and pack is None:
+        check_not_learned(config.init_weights, case_names, log)
     recipe = {"data": str(Path(data_dir or pack).resolve()), "base_model": None if scratch else str(config.init_weights),
               "scratch": scratch, "steps": steps, "folds": folds, "overrides": overrides or {}, "seed": seed}
     recipe_path = output_dir / "recipe.json"
@@ -107,6 +109,8 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
         from .realdata import load_packed_cases
 
         cases = load_packed_cases(pack)
+        if config.init_weights:
+            check_not_learned(config.init_weights, [c.name for c in cases], log)
     else:
         cases = load_cases(data_dir, config, progress=(lambda f, m: None) if not progress else None)
     log(f"{len(cases)} cases preprocessed or read from the cache in {time.perf_counter() - t:.0f} s")

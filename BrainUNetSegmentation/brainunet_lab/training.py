@@ -87,7 +87,7 @@ class TrainConfig:
     # and elastic warp, sometimes thick slices, blur and noise (torchio), so steps do not repeat it
     real_augmentation: bool = True
     init_weights: str | None = None  # weights file to start from (fine-tuning)
-    min_component_voxels: int = 50  # stored in model.pt: post-processing at inference (native voxels)
+    min_component_voxels: int = 50  # stored in model.pt: post-processing at inference (counted in 1 mm³ voxels on any grid)
     # the rest of the post-processing stored in model.pt (settings.Postprocessing fields): a fine-tuned
     # model keeps its base model's (e.g. the tumour_threshold chosen for it by cross-validation)
     postprocessing: dict = field(default_factory=dict)
@@ -691,6 +691,9 @@ def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, 
             bar.write(f"step {at_step}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
         return row
 
+    # what the start model learned from travels on, so that a held-out case it saw can be refused later
+    learned_names, learned_unnamed = learned_cases(config.init_weights) if config.init_weights else (set(), 0)
+
     def save(final: bool):
         if not is_main:
             return
@@ -703,7 +706,9 @@ def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, 
         training = {"engine_version": ENGINE_VERSION, "seed": config.seed, "steps": opt.step,
                     "planned_steps": config.steps, "finished": final, "hardware": _hardware(device, world),
                     "wall_time_s": round(seconds, 1), "patch_size": list(config.patch_size), "anatomy": config.anatomy,
-                    "init_weights": config.init_weights, "real_cases": len(data or [])}
+                    "init_weights": config.init_weights, "real_cases": len(data or []),
+                    "real_case_names": sorted(learned_names | {c.name for c in data or []}),
+                    "unnamed_real_cases": learned_unnamed}
         weights_mod.save_weights(output_dir / "model.pt", model, config.name or output_dir.name,
                                  model_settings(config), extra={"training": training})
 
@@ -778,6 +783,42 @@ def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, 
 
 # --------------------------------------------------------------------------------------------------
 # fine-tuning on real labelled cases
+
+
+def learned_cases(weights_file) -> tuple[set[str], int]:
+    """The real labelled cases a trained network has learned from, as far as they are on record: the names
+    its training recorded (its own cases and those of the models it started from), or the ``training_cases``
+    of a registry entry with the same weights (which lists them all); and how many more it learned from
+    whose names nobody recorded."""
+    from brainunet import weights as weights_mod
+
+    path = Path(weights_file)
+    training = torch.load(path, map_location="cpu", weights_only=True).get("extra", {}).get("training", {})
+    if "real_case_names" in training:
+        names, unnamed = set(training["real_case_names"]), int(training.get("unnamed_real_cases", 0))
+    else:
+        names, unnamed = set(), int(training.get("real_cases", 0))
+    digest = weights_mod.sha256_of(path)
+    for entry in weights_mod.load_registry():
+        if entry.sha256 == digest and "training_cases" in entry.extra:
+            return names | set(entry.extra["training_cases"]), 0
+    return names, unnamed
+
+
+def check_not_learned(weights_file, case_names, log=print) -> None:
+    """Refuse to cross-validate from a start model that learned from any of the cases to be held out: their
+    scores would not be held-out scores. Cases learned from without a name on record get a note."""
+    seen, unnamed = learned_cases(weights_file)
+    overlap = sorted(seen & set(case_names))
+    if overlap:
+        listed = ", ".join(overlap[:3]) + (", ..." if len(overlap) > 3 else "")
+        raise InputError(f"{Path(weights_file).name} has learned from {len(overlap)} of these cases ({listed}), so "
+                         "their held-out scores would not be held out. Start from a model that has not seen them "
+                         "(--model; the bundled recipe starts from brainunet-2mm-transfer, see MODEL_CARD.md) or "
+                         "with --scratch.")
+    if unnamed:
+        log(f"Note: {Path(weights_file).name} has learned from {unnamed} real case(s) whose names it does not "
+            "record; if any of them is among these cases, its scores are not held out.")
 
 
 def resolve_network(model):
@@ -865,10 +906,12 @@ def finetune(base_model, data_dir, output_dir, steps: int, folds: int | None = N
     def remaining():
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
-    case_count = len(find_labelled_cases(data_dir, label_pattern))  # a bad folder is reported before any model is loaded
+    case_names = [c.name for c in find_labelled_cases(data_dir, label_pattern)]  # a bad folder is reported first
     if folds:
-        check_fold_count(case_count, int(folds))  # too few cases: say so before loading anything
+        check_fold_count(len(case_names), int(folds))  # too few cases: say so before loading anything
     config = finetune_config(base_model, steps, lr, engine_fraction, device, seed, overrides)
+    if folds:
+        check_not_learned(config.init_weights, case_names, print)
     cases = load_labelled_cases(data_dir, [config.spacing_mm] * 3, MODALITIES, config.clip_percentiles,
                                 bias_correction=config.bias_correction, label_pattern=label_pattern)
     output_dir = Path(output_dir)
