@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ast
 import sys
+import time
 import types
 import xml.etree.ElementTree as ElementTree
 
+import numpy as np
 import pytest
 
 import PySide6.QtUiTools  # noqa: E402,F401  (a test dependency: missing, the suite must fail, not skip)
@@ -594,6 +596,34 @@ def test_cancel_restores_button_and_adds_nothing(harness, tmp_path):
     assert harness.errors() == []
 
 
+def test_cancel_while_the_worker_segments_stops_it_and_adds_nothing(harness):
+    """Cancel once the worker process runs and has reported progress: the process tree is stopped before it
+    finishes, its folder goes, and the scene and the inputs are as they were."""
+    from BrainUNetSegmentationLib import mrml
+
+    ui, widget = harness.ui, harness.widget
+    nodes = add_case(harness)
+    before = {role: mrml.volume_from_node(node).data.copy() for role, node in nodes.items()}
+    widget.enter()
+    count = harness.scene.GetNumberOfNodes()
+    ui.applyButton.click()
+    run = widget._run
+    # no Qt events meanwhile: the panel cannot take the result in before Cancel
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while run.process is None or run._lines.empty():
+        assert time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.01)
+    ui.applyButton.click()
+    assert text(ui.applyButton) == "Apply" and widget._run is None and run.state == "cancelled"
+    assert run.process.poll() not in (None, 0)  # stopped by Cancel, not finished
+    process_events(0.5)
+    assert harness.nodes_of("vtkMRMLSegmentationNode") == [] and harness.nodes_of("vtkMRMLTableNode") == []
+    assert harness.scene.GetNumberOfNodes() == count and not run.workdir.exists()
+    for role, node in nodes.items():
+        assert np.array_equal(mrml.volume_from_node(node).data, before[role]), role
+    assert harness.errors() == []
+
+
 def test_closing_the_scene_cancels_the_run(harness):
     ui, widget = harness.ui, harness.widget
     add_case(harness)
@@ -611,3 +641,16 @@ def test_closing_the_scene_cancels_the_run(harness):
     ui.autoDetectButton.click()
     assert ui.t1cSelector.currentNode() is nodes["t1c"]
     assert widget.logic.getParameterNode().t1c is nodes["t1c"]
+
+
+def test_an_exception_in_a_qt_slot_fails_the_test():
+    """The harness turns an exception that Qt would only print into a failure when its block ends."""
+    from PySide6 import QtCore
+
+    def broken_slot():
+        raise ValueError("raised in a slot")
+
+    with pytest.raises(AssertionError, match="exception in a Qt slot: ValueError"):
+        with WidgetHarness():
+            QtCore.QTimer.singleShot(0, broken_slot)
+            process_events(0.2)

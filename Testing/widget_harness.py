@@ -426,6 +426,11 @@ class WidgetHarness:
         self._saved_modules = {}
         self._saved_slicer = {}
         self._saved_util = {}
+        # an exception raised inside a Qt slot (a click, a timer) reaches only sys.excepthook, which
+        # prints it; kept here and raised when the block ends, so that it fails the test
+        self.slot_exceptions: list[BaseException] = []
+        self._saved_excepthook = None
+        self._shown_exceptions: list[BaseException] = []
 
     # -- install / restore ----------------------------------------------------------------------
     def _set_module(self, name, module):
@@ -443,6 +448,16 @@ class WidgetHarness:
         from BrainUNetSegmentationLib import mrml
 
         application()
+        self._saved_excepthook = sys.excepthook
+
+        def record(exc_type, exc, tb):
+            # one the user was shown (Slicer's tryWithErrorDisplay re-raises after its message box) is the
+            # module's own handling, as in Slicer, where the console then prints it
+            if not any(exc is shown or exc.__cause__ is shown for shown in self._shown_exceptions):
+                self.slot_exceptions.append(exc)
+            self._saved_excepthook(exc_type, exc, tb)
+
+        sys.excepthook = record
         # QUiLoader's warnings about the connections it cannot make (connect_ui_connections makes them)
         QtCore.QLoggingCategory.setFilterRules("qt.core.qobject.connect.warning=false")
         self.scene = mrml.new_headless_scene()
@@ -463,7 +478,7 @@ class WidgetHarness:
         util = slicer.util
         self._set_attr(self._saved_util, util, "loadUI", lambda path: UiLoader().load_file(path))
         self._set_attr(self._saved_util, util, "childWidgetVariables", child_widget_variables)
-        self._set_attr(self._saved_util, util, "errorDisplay", lambda text, *a, **kw: self.messages.append(str(text)))
+        self._set_attr(self._saved_util, util, "errorDisplay", self._error_display)
         self._set_attr(self._saved_util, util, "warningDisplay", lambda text, *a, **kw: self.warnings.append(str(text)))
         self._set_attr(self._saved_util, util, "confirmOkCancelDisplay", self._confirm)
         self._set_attr(self._saved_util, util, "pip_install", self._refuse("pip_install"))
@@ -474,7 +489,15 @@ class WidgetHarness:
             raise AssertionError(f"unexpected question to the user: {text}")
         return self.answers.pop(0)
 
+    def _error_display(self, text, *args, **kwargs):
+        self.messages.append(str(text))
+        shown = sys.exc_info()[1]  # tryWithErrorDisplay shows the exception it handles, then re-raises it
+        if shown is not None:
+            self._shown_exceptions.append(shown)
+
     def restore(self):
+        if self._saved_excepthook is not None:
+            sys.excepthook, self._saved_excepthook = self._saved_excepthook, None
         for name, value in self._saved_util.items():
             if value is _MISSING:
                 delattr(slicer.util, name)
@@ -526,8 +549,10 @@ class WidgetHarness:
             raise
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         self.close()
+        if exc_type is None and self.slot_exceptions:
+            raise AssertionError(f"an exception in a Qt slot: {self.slot_exceptions[0]!r}") from self.slot_exceptions[0]
         return False
 
     def close(self):
