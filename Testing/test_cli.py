@@ -1,12 +1,14 @@
 """The command line end to end, in a separate process as users run it, and its bad-input messages."""
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from conftest import ROOT, case_args
 from brainunet.settings import ModelSettings
@@ -266,6 +268,38 @@ def test_nan_and_inf_voxels(tmp_path, synthetic_case):
     data[11, 10, 10] = np.inf
     p = _save(tmp_path, "nan.nii.gz", data, img.affine)
     assert "2 NaN or infinite voxels" in _bad(tmp_path, synthetic_case, t2w=p)
+
+
+@pytest.mark.parametrize("data, affine, message", [
+    (np.zeros((0, 64, 64), np.float32), np.eye(4), "is empty (no voxels)"),
+    (np.random.rand(8, 8, 8, 2, 2).astype(np.float32), np.eye(4), "has 5 dimensions"),
+    (np.random.rand(8, 8, 8) + 1j, np.eye(4), "voxel type complex128"),
+    (np.array([[[0.0, 1e39]] * 2] * 2), np.eye(4), "beyond the float32 range"),
+    (np.random.rand(8, 8, 8), np.diag([1.0, 1.0, 0.0, 1.0]), "invalid voxel-to-world matrix"),
+    (np.random.rand(8, 8, 8), np.full((4, 4), np.nan), "invalid voxel-to-world matrix"),
+], ids=["empty", "5d", "complex", "beyond-float32", "zero-spacing", "nan-matrix"])
+def test_volumes_that_cannot_be_images_are_refused(data, affine, message):
+    from brainunet.errors import InputError
+    from brainunet.imageio import check_volume
+
+    with pytest.raises(InputError, match=re.escape(message)):
+        check_volume(data, affine, "T2W")
+
+
+def test_a_4d_file_of_one_frame_is_read_as_its_3d_volume(tmp_path, synthetic_case):
+    img = nib.load(str(synthetic_case["t2w"]))
+    one_frame = _save(tmp_path, "t2w-4d.nii.gz", np.asarray(img.dataobj)[..., None], img.affine)
+    out = tmp_path / "labels.nii.gz"
+    r = brainunet("segment", "--t1c", synthetic_case["t1c"], "--t2w", one_frame, "--t2f", synthetic_case["t2f"],
+                  "--output", out, "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert nib.load(str(out)).shape == nib.load(str(synthetic_case["t1c"])).shape
+
+
+def test_an_rgb_image_is_refused(tmp_path, synthetic_case):
+    rgb = np.zeros((30, 30, 30), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    p = _save(tmp_path, "rgb.nii.gz", rgb)
+    assert "real-valued scalar image" in _bad(tmp_path, synthetic_case, t2w=p)
 
 
 def test_constant_image(tmp_path, synthetic_case):
