@@ -11,7 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "BrainUNetSegmentation"))
-SHARED_REAL = ROOT.parent / "shared" / "data" / "real"
+# the shared data (never in the repository): tests that read it skip when it is absent, and only then
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_REAL = SHARED_DATA / "real"
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 # The plumbing tests (geometry round trips, outputs, bad input) run the exact voxel-wise baseline, which
 # is fast and orientation-exact; the bundled network is tested on its own (test_bundled_model.py).

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from conftest import ROOT, SHARED_REAL
+from conftest import ROOT, SHARED_DATA, SHARED_REAL
 
 from brainunet import brainmask, pipeline, synthetic
 from brainunet.imageio import Volume
@@ -64,7 +64,7 @@ def test_a_skull_like_rim_is_detected_and_removed(phantom):
 RAW = SHARED_REAL / "raw_clinical_case"
 
 
-@pytest.mark.skipif(not RAW.is_dir(), reason="../shared/data/real/raw_clinical_case is not present")
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
 def test_raw_clinical_case_end_to_end(tmp_path):
     native = RAW / "native"
     out = tmp_path / "seg.nii.gz"

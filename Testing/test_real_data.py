@@ -1,12 +1,13 @@
-"""The CLI on the real cases in ../shared/data/real (skipped when that folder is absent)."""
+"""The CLI on the real cases in ../shared/data/real, and the training cases' layout (skipped when ../shared/data
+is absent; a missing folder inside it fails)."""
 import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import SHARED_REAL, dice
+from conftest import SHARED_DATA, SHARED_REAL, dice
 from test_cli import brainunet
 
-pytestmark = pytest.mark.skipif(not SHARED_REAL.is_dir(), reason="../shared/data/real is not present")
+pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
 
 CASES = {
     "BraTS2021_00006": {"t1c": "BraTS2021_00006_t1ce.nii.gz", "t2w": "BraTS2021_00006_t2.nii.gz",
@@ -45,3 +46,18 @@ def test_cli_on_real_case_gives_labels_on_input_grid(tmp_path, case):
 BUNDLED = "brainunet-2mm-real-v2"
 FLOORS = {"BraTS2021_00006": {"WT": 0.91, 3: 0.79, 1: 0.90, 2: 0.82},
           "unlabelled_demo_case": {"WT": 0.93, 3: 0.86, 2: 0.89}}
+
+
+def test_the_29_training_cases_are_found_read_and_split_by_institution():
+    from brainunet_lab.realdata import find_labelled_cases, institution, institution_folds, read_labels
+    from brainunet_lab.evaluation import find_reference
+
+    cases = find_labelled_cases(SHARED_DATA / "train")
+    assert len(cases) == 29
+    institutions = {institution(c.name) for c in cases}
+    assert {"2013", "CBICA"} <= institutions and "other" not in institutions
+    labels, affine = read_labels(find_reference(cases[0]), cases[0].name)  # BraTS 2018: 4 is ET
+    assert set(np.unique(labels)) <= {0, 1, 2, 3} and 3 in labels and labels.shape == (240, 240, 155)
+    folds = institution_folds([c.name for c in cases], [1.0] * len(cases), 5)
+    assert sorted(i for f in folds for i in f) == list(range(29)) and min(map(len, folds)) >= 5
+
