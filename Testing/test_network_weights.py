@@ -106,19 +106,31 @@ def test_sliding_window_probabilities_tta_progress_and_cancel():
     assert seen == sorted(seen) and seen[-1] == 1.0
     tta = predict_probabilities(net, image, (48, 32, 32), tta=True)
     assert tta.shape == probs.shape and np.allclose(tta.sum(0), 1, atol=1e-4)
+    # every flip's output, flipped back and averaged (one whole-volume window, so nothing else mixes in)
+    flips = [(), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3)]
+    each = [np.flip(predict_probabilities(net, np.ascontiguousarray(np.flip(image, axes)), (48, 32, 32)), axes)
+            for axes in flips]
+    assert np.allclose(tta, np.mean(each, axis=0), atol=1e-5)
     calls = []
     with pytest.raises(Cancelled):
         predict_probabilities(net, image, (16, 16, 16), should_cancel=lambda: calls.append(1) or len(calls) > 2)
+    assert len(calls) == 3  # stopped at the first check that said so, not after the remaining windows
 
 
-def test_device_choice():
-    assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") in ("cpu", "cuda")
-    if not torch.cuda.is_available():
-        from brainunet.errors import InputError
+@pytest.mark.parametrize("gpu", [True, False], ids=["gpu", "no-gpu"])
+def test_device_choice(monkeypatch, gpu):
+    from brainunet.errors import InputError
 
-        with pytest.raises(InputError, match="GPU"):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert resolve_device("cpu") == "cpu" and resolve_device("CPU") == "cpu"
+    assert resolve_device("auto") == ("cuda" if gpu else "cpu") and resolve_device(None) == resolve_device("auto")
+    if gpu:
+        assert resolve_device("cuda") == "cuda" and resolve_device("cuda:1") == "cuda:1"
+    else:
+        with pytest.raises(InputError, match="no.*available; choose device 'cpu' or 'auto'"):
             resolve_device("cuda")
+    with pytest.raises(InputError, match="Unknown device 'tpu'"):
+        resolve_device("tpu")
 
 
 def test_cuda_out_of_memory_falls_back_to_cpu(monkeypatch):
