@@ -197,12 +197,21 @@ def test_demo_passes_precision_and_threads_to_segment(tmp_path, monkeypatch):
     assert argv[argv.index("--precision") + 1] == "fp32" and argv[argv.index("--threads") + 1] == "2"
 
 
-def test_demo_writes_the_four_outputs(tmp_path):
-    r = brainunet("demo", "--output-dir", tmp_path / "out", "--progress", "none")
+def test_demo_segments_the_phantom_with_the_bundled_model(tmp_path):
+    """What `make demo` runs: the bundled network (not the tests' baseline) finds the phantom's tumour."""
+    from brainunet import weights
+    from brainunet.statistics import dice
+
+    env = {k: v for k, v in ENV.items() if k != "BRAINUNET_MODEL"}
+    r = subprocess.run([sys.executable, "-m", "brainunet", "demo", "--output-dir", str(tmp_path / "out"),
+                        "--progress", "none"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     for name in ("demo-seg.nii.gz", "demo.seg.nrrd", "demo-stats.csv", "demo-overlay.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
-    assert "intensity-baseline" in r.stderr or "intensity-baseline" in r.stdout
+    assert f"Model: {weights.load_registry(weights.REGISTRY_PATH)[0].name}" in r.stdout + r.stderr
+    truth = np.asarray(nib.load(str(next((tmp_path / "out" / "demo_case").glob("*-seg.nii.gz")))).dataobj)
+    found = np.asarray(nib.load(str(tmp_path / "out" / "demo-seg.nii.gz")).dataobj)
+    assert dice(found > 0, truth > 0) >= 0.8  # 0.97 with brainunet-2mm-real-v2
 
 
 def test_models_lists_registry():
