@@ -445,7 +445,8 @@ def test_screenshot_urls_point_into_repository(ext: dict[str, list[str]], s4ext:
     owner_repo = _github_owner_repo(ext["EXTENSION_HOMEPAGE"][0])
     for url in ext["EXTENSION_SCREENSHOTURLS"]:
         path = _raw_url_to_repo_path(url, owner_repo, s4ext["scmrevision"])
-        assert path.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif")
+        assert path.suffix.lower() == ".png" and path.is_file(), path
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
 
 
 # ---------------------------------------------------------------------------
@@ -516,9 +517,9 @@ def test_every_package_python_file_is_installed(module: CMakeScope) -> None:
 
 def test_model_and_terminology_resources_are_installed(module: CMakeScope) -> None:
     resources = set(module.vars.get("MODULE_PYTHON_RESOURCES", []))
-    expected = _package_files("brainunet/models", None, exclude_py=True)
-    expected += _package_files("Resources/Terminology", None, exclude_py=False)
-    missing = [f for f in expected if f not in resources]
+    models = _package_files("brainunet/models", None, exclude_py=True)
+    terminology = _package_files("Resources/Terminology", None, exclude_py=False)
+    assert "brainunet/models/registry.json" in models and any(f.endswith(".pt") for f in models), models
+    assert terminology, "no terminology file under Resources/Terminology"
+    missing = [f for f in models + terminology if f not in resources]
     assert not missing, f"resource files not in MODULE_PYTHON_RESOURCES: {missing}"
-    if (MODULE_DIR / "brainunet" / "models" / "registry.json").is_file():
-        assert "brainunet/models/registry.json" in resources
