@@ -53,25 +53,6 @@ def test_cancel_stops_the_launcher_and_its_child(tmp_path):
     assert not alive(child), "the launcher's child kept running after Cancel"
 
 
-def test_plain_terminate_would_leave_the_child_running(tmp_path):
-    """Why kill_tree exists: terminating only the launcher orphans the worker (the defect it fixes)."""
-    script = tmp_path / "launcher.py"
-    script.write_text(LAUNCHER)
-    pid_file = tmp_path / "child.pid"
-    process = subprocess.Popen([sys.executable, str(script), str(pid_file)], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while (not pid_file.exists() or not pid_file.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    child = int(pid_file.read_text())
-    process.terminate()
-    process.wait()
-    time.sleep(0.3)
-    try:
-        assert alive(child)
-    finally:
-        os.kill(child, 9)
-
-
 def test_an_undecodable_output_stream_still_ends_the_run(tmp_path):
     code = "import sys; sys.stdout.buffer.write(b'BRAINUNET_PROGRESS 0.5 \\xff\\xfe bad bytes\\n'); sys.stdout.flush()"
     # strict decoding, as a worker started without launch() would be read: the reader thread meets a decode error
@@ -84,8 +65,7 @@ def test_an_undecodable_output_stream_still_ends_the_run(tmp_path):
 def test_kill_tree_on_a_finished_process_is_harmless(tmp_path):
     process = launch([sys.executable, "-c", "pass"], dict(os.environ), tmp_path)
     process.wait()
-    kill_tree(process)
-    assert process.returncode == 0
+    kill_tree(process)  # its group is gone: neither a signal nor an error may come of it
 
 
 # -- the application's thread only copies the inputs out of their nodes; a thread of the run writes them --

@@ -362,13 +362,15 @@ def test_wrong_output_extension(tmp_path, synthetic_case):
 def test_missing_weights_file(tmp_path, synthetic_case):
     r = brainunet("segment", *case_args(synthetic_case), "--output", tmp_path / "x.nii.gz", "--model",
                   tmp_path / "missing.pt", "--progress", "none")
-    assert r.returncode == 3 and "error: " in r.stderr
+    assert r.returncode == 3 and "error: Weights file not found" in r.stderr
+    assert not (tmp_path / "x.nii.gz").exists()
 
 
 def test_cancel_by_sigterm_leaves_no_output(tmp_path, synthetic_case, tiny_weights):
     import signal
 
-    out = tmp_path / "x.nii.gz"
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "x.nii.gz"
     p = subprocess.Popen([sys.executable, "-m", "brainunet", "segment", *case_args(synthetic_case), "--output",
                           str(out), "--model", str(tiny_weights[0]), "--tta", "--progress", "machine"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
@@ -378,7 +380,7 @@ def test_cancel_by_sigterm_leaves_no_output(tmp_path, synthetic_case, tiny_weigh
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "Cancelled" in err
-    assert not out.exists()
+    assert list((tmp_path / "out").iterdir()) == []  # no output, and no hidden temporary file either
 
 
 def test_missing_sequence_is_refused_by_a_model_without_modality_dropout(tmp_path, synthetic_case):

@@ -67,6 +67,7 @@ def test_logic_rejects_missing_and_bad_inputs_without_touching_scene(scene, tmp_
     inputs["t2w"] = inputs["t2f"] = None
     with pytest.raises(InputError, match="Select the T2W, FLAIR volumes"):
         logic.start(inputs)
+    assert scene.GetNumberOfNodes() == count and list(tmp_path.iterdir()) == []
     flat = mrml.add_volume_node(scene, Volume(np.ones((8, 8, 8), np.float32), np.eye(4), "flat"))
     count = scene.GetNumberOfNodes()
     with pytest.raises(InputError, match="constant"):
