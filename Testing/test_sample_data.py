@@ -25,7 +25,7 @@ class SampleDataLogicRecorder:
 def test_every_case_is_registered_with_its_three_sequences_urls_and_sha256():
     logic = SampleDataLogicRecorder()
     names = sampledata.register_sample_data(logic, thumbnail="icon.png")
-    assert names == ["BraTS-GLI-00001-000", "BraTS-SSA-00002-000"]
+    assert names == ["BraTS-GLI-00001-000", "BraTS-SSA-00002-000"] and len(logic.sources) == len(names)
     for source in logic.sources:
         assert source["category"] == "BrainUNet"
         assert len(source["uris"]) == len(source["fileNames"]) == len(source["checksums"]) == 3
@@ -39,7 +39,9 @@ def test_every_case_is_registered_with_its_three_sequences_urls_and_sha256():
 def test_node_names_are_recognised_by_auto_detect():
     from BrainUNetSegmentationLib.logic import guess_role
 
-    for source in sampledata.sample_data_sources():
+    sources = sampledata.sample_data_sources()
+    assert len(sources) == 2
+    for source in sources:
         assert [guess_role(n) for n in source["nodeNames"]] == ["t1c", "t2w", "t2f"]
 
 
