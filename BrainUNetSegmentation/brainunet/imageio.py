@@ -85,8 +85,13 @@ def check_voxels(data: np.ndarray, affine: np.ndarray, name: str) -> np.ndarray:
 MAX_VOXELS = 2**30  # 1024^3: no MRI volume comes near (a 0.5 mm whole-head scan is ~2^27)
 
 
+#: Formats read through SimpleITK rather than nibabel: what Slicer saves volumes as (NRRD) and MetaImage.
+SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+
+
 def load_volume(path, name: str | None = None) -> Volume:
-    """Read a NIfTI (or any format nibabel reads) as a checked float32 volume."""
+    """Read a NIfTI (or any format nibabel reads), an NRRD / MetaImage file, or a folder holding one DICOM
+    series (as a scanner exports it) as a checked float32 volume."""
     import nibabel as nib
 
     path = Path(path)
@@ -94,7 +99,9 @@ def load_volume(path, name: str | None = None) -> Volume:
     if not path.exists():
         raise InputError(f"{name}: file not found: {path}. Check the path.")
     if path.is_dir():
-        raise InputError(f"{name}: {path} is a folder, not an image file. Give the path of a .nii or .nii.gz file.")
+        return _load_dicom_series(path, name)
+    if path.name.lower().endswith(SITK_SUFFIXES):
+        return _load_with_sitk(path, name)
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     if gzipped and not path.name.lower().endswith(".gz"):
@@ -121,6 +128,79 @@ def load_volume(path, name: str | None = None) -> Volume:
                          f"{str(exc)[:120]}). The file is corrupt, truncated or not NIfTI: export it again.") from exc
     data = check_volume(data, img.affine, name)
     return Volume(data=data, affine=np.asarray(img.affine, dtype=float), name=name, header=img.header)
+
+
+def _volume_from_sitk(image, name: str) -> Volume:
+    """A SimpleITK image (LPS world, z-y-x array) as a checked Volume (RAS affine, x-y-z array)."""
+    import SimpleITK as sitk
+
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name} has {image.GetNumberOfComponentsPerPixel()} values per voxel (a colour or vector "
+                         "image); BrainUNet needs a real-valued scalar image.")
+    if image.GetDimension() != 3:
+        raise InputError(f"{name} is a {image.GetDimension()}D image; BrainUNet needs a 3D volume covering the "
+                         "whole brain.")
+    data = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    affine = np.eye(4)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    affine[:3, :3] = lps_to_ras @ direction @ np.diag(image.GetSpacing())
+    affine[:3, 3] = lps_to_ras @ np.asarray(image.GetOrigin(), dtype=float)
+    return Volume(data=check_volume(np.array(data), affine, name), affine=affine, name=name)
+
+
+def _load_with_sitk(path: Path, name: str) -> Volume:
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except Cancelled:
+        raise
+    except Exception as exc:
+        raise InputError(f"{name}: {path.name} cannot be read as an image ({str(exc).strip().splitlines()[-1][:120]}). "
+                         "The file is corrupt or truncated: export it again.") from exc
+    return _volume_from_sitk(image, name)
+
+
+def _load_dicom_series(folder: Path, name: str) -> Volume:
+    """The one DICOM series in ``folder`` (its files only, not its subfolders)."""
+    import SimpleITK as sitk
+
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except Exception:
+        series = ()
+    if not series:
+        raise InputError(f"{name}: {folder} is a folder without a DICOM series in it. Give a .nii / .nii.gz / "
+                         ".nrrd file, or the folder holding the DICOM files of one series.")
+    if len(series) > 1:
+        described = []
+        for uid in series:
+            first = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)[0]
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(first)
+            try:
+                reader.ReadImageInformation()
+                label = reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+            except Exception:
+                label = ""
+            described.append(f"'{label or uid}' ({Path(first).name}, ...)")
+        raise InputError(f"{name}: {folder} holds {len(series)} DICOM series: {'; '.join(described)}. Put each series "
+                         "in its own folder (or convert them to NIfTI) and give the folder of the right one.")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    if len(files) < 2:
+        raise InputError(f"{name}: the DICOM series in {folder} has a single file, a 2D image or a multi-frame "
+                         "file; BrainUNet needs the whole 3D series: export it again, or convert it to NIfTI.")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except Cancelled:
+        raise
+    except Exception as exc:
+        raise InputError(f"{name}: the DICOM series in {folder} cannot be read "
+                         f"({str(exc).strip().splitlines()[-1][:120]}). Export it again, or convert it to NIfTI.") from exc
+    return _volume_from_sitk(image, name)
 
 
 def save_label_nifti(labels: np.ndarray, reference: Volume, path) -> Path:

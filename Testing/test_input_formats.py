@@ -1,0 +1,113 @@
+"""Inputs as clinics and Slicer save them: NRRD / MetaImage files and folders of one DICOM series, read into
+the same voxels and world geometry as the NIfTI they were made from."""
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from brainunet.errors import InputError
+from brainunet.imageio import load_volume
+from test_cli import brainunet, case_args
+
+
+def _oblique_nifti(tmp_path, synthetic_case):
+    """The case's T2W placed obliquely and left-handed, stored as int16 (what DICOM holds)."""
+    img = nib.load(str(synthetic_case["t2w"]))
+    data = np.round(np.asarray(img.dataobj) * 1000).astype(np.int16)
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([-0.9, 1.1, 2.5])
+    affine[:3, 3] = [40.0, -30.0, 12.0]
+    path = tmp_path / "oblique.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def _canonical(volume):
+    """Voxels and affine reordered to the closest RAS axes: DICOM cannot store a left-handed grid, so a
+    reader gives the same voxels in the other slice order, at the same places in the world."""
+    img = nib.as_closest_canonical(nib.Nifti1Image(volume.data, volume.affine))
+    return np.asarray(img.dataobj), img.affine
+
+
+def _write_dicom_series(image, folder, description, series_uid):
+    """One file per slice with the tags a scanner writes (SimpleITK's DicomSeriesFromArray recipe)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    now = time.strftime("%Y%m%d"), time.strftime("%H%M%S")
+    shared = [("0008|0031", now[1]), ("0008|0021", now[0]), ("0008|0008", "DERIVED\\SECONDARY"),
+              ("0020|000e", series_uid), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+              ("0020|0037", "\\".join(map(str, (*direction[0::3], *direction[1::3])))),
+              ("0008|103e", description), ("0008|0060", "MR")]
+    for k in range(image.GetDepth()):
+        slice_ = image[:, :, k]
+        for tag, value in shared:
+            slice_.SetMetaData(tag, value)
+        slice_.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
+        slice_.SetMetaData("0020|0013", str(k))
+        slice_.SetMetaData("0008|0018", f"{series_uid}.{k}")
+        writer.SetFileName(str(folder / f"{description.replace(' ', '_')}_{k:04d}.dcm"))
+        writer.Execute(slice_)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_an_nrrd_or_metaimage_file_reads_as_its_nifti(tmp_path, synthetic_case, suffix):
+    source = _oblique_nifti(tmp_path, synthetic_case)
+    other = tmp_path / f"t2w{suffix}"
+    sitk.WriteImage(sitk.ReadImage(str(source)), str(other))
+    a, b = load_volume(source, "T2W"), load_volume(other, "T2W")
+    assert np.array_equal(a.data, b.data)
+    assert np.allclose(a.affine, b.affine, atol=1e-4)
+
+
+def test_a_dicom_series_folder_reads_as_its_nifti(tmp_path, synthetic_case):
+    source = _oblique_nifti(tmp_path, synthetic_case)
+    folder = tmp_path / "dicom" / "T2W"
+    _write_dicom_series(sitk.ReadImage(str(source)), folder, "T2 AX", "1.2.826.0.1.3680043.2.1125.2")
+    (a, a_affine), (b, b_affine) = _canonical(load_volume(source, "T2W")), _canonical(load_volume(folder, "T2W"))
+    assert np.array_equal(a, b)
+    assert np.allclose(a_affine, b_affine, atol=1e-3)
+
+
+def test_a_folder_of_several_dicom_series_is_refused_naming_them(tmp_path, synthetic_case):
+    image = sitk.ReadImage(str(_oblique_nifti(tmp_path, synthetic_case)))
+    folder = tmp_path / "export"
+    _write_dicom_series(image, folder, "T2 AX", "1.2.826.0.1.3680043.2.1125.3")
+    _write_dicom_series(image, folder, "FLAIR AX", "1.2.826.0.1.3680043.2.1125.4")
+    with pytest.raises(InputError, match="holds 2 DICOM series: .*'(T2 AX|FLAIR AX)'.*its own folder"):
+        load_volume(folder, "T2W")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="folder without a DICOM series"):
+        load_volume(tmp_path / "empty", "T2W")
+
+
+def test_a_corrupt_nrrd_is_refused(tmp_path):
+    bad = tmp_path / "t2w.nrrd"
+    bad.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 10 10 10\nencoding: raw\n\n" + b"\0" * 100)
+    with pytest.raises(InputError, match="cannot be read as an image"):
+        load_volume(bad, "T2W")
+
+
+def test_segment_takes_a_dicom_folder_and_an_nrrd_and_writes_on_the_t1ce_grid(tmp_path, synthetic_case):
+    """The whole CLI with T1CE as a DICOM series and FLAIR as NRRD gives the labels the NIfTI run gives."""
+    t1c = sitk.ReadImage(str(synthetic_case["t1c"]))
+    t1c_int = sitk.Cast(sitk.RescaleIntensity(t1c, 0, 4000), sitk.sitkInt16)
+    sitk.WriteImage(t1c_int, str(tmp_path / "t1c.nii.gz"))
+    _write_dicom_series(t1c_int, tmp_path / "T1CE", "T1 POST GD", "1.2.826.0.1.3680043.2.1125.5")
+    sitk.WriteImage(sitk.ReadImage(str(synthetic_case["t2f"])), str(tmp_path / "flair.nrrd"))
+    runs = {}
+    for kind, t1c_input, t2f_input in (("nifti", tmp_path / "t1c.nii.gz", synthetic_case["t2f"]),
+                                       ("clinic", tmp_path / "T1CE", tmp_path / "flair.nrrd")):
+        out = tmp_path / f"{kind}.nii.gz"
+        r = brainunet("segment", "--t1c", t1c_input, "--t2w", synthetic_case["t2w"], "--t2f", t2f_input,
+                      "--output", out, "--progress", "none")
+        assert r.returncode == 0, r.stderr
+        runs[kind] = nib.load(str(out))
+    assert np.array_equal(np.asarray(runs["nifti"].dataobj), np.asarray(runs["clinic"].dataobj))
+    assert np.allclose(runs["nifti"].affine, runs["clinic"].affine, atol=1e-3)
+    assert (np.asarray(runs["clinic"].dataobj) > 0).any()
