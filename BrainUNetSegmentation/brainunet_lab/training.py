@@ -691,8 +691,15 @@ def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, 
             bar.write(f"step {at_step}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
         return row
 
-    # what the start model learned from travels on, so that a held-out case it saw can be refused later
-    learned_names, learned_unnamed = learned_cases(config.init_weights) if config.init_weights else (set(), 0)
+    # what the start model learned from travels on, so that a held-out case it saw can be refused later;
+    # read when the run starts and kept in the checkpoint (a resumed run may not have the start file)
+    if checkpoint is not None and "learned_cases" in checkpoint:
+        learned_names = set(checkpoint["learned_cases"]["names"])
+        learned_unnamed = int(checkpoint["learned_cases"]["unnamed"])
+    elif config.init_weights and Path(config.init_weights).is_file():
+        learned_names, learned_unnamed = learned_cases(config.init_weights)
+    else:
+        learned_names, learned_unnamed = set(), 0
 
     def save(final: bool):
         if not is_main:
@@ -700,7 +707,9 @@ def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, 
         from .engine import ENGINE_VERSION
 
         seconds = opt.elapsed_before + time.perf_counter() - t_start
-        _atomic_save(opt.checkpoint(config, seconds), checkpoint_path)
+        state = opt.checkpoint(config, seconds)
+        state["learned_cases"] = {"names": sorted(learned_names), "unnamed": learned_unnamed}
+        _atomic_save(state, checkpoint_path)
         write_history(history, output_dir / "history.csv")
         plot_curves(history, output_dir / "curves.png", f"{config.name or output_dir.name}: step {opt.step} of {config.steps}")
         training = {"engine_version": ENGINE_VERSION, "seed": config.seed, "steps": opt.step,
