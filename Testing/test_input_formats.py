@@ -33,8 +33,10 @@ def _canonical(volume):
     return np.asarray(img.dataobj), img.affine
 
 
-def _write_dicom_series(image, folder, description, series_uid):
-    """One file per slice with the tags a scanner writes (SimpleITK's DicomSeriesFromArray recipe)."""
+def _write_dicom_series(image, folder, description, series_uid, slices=None, shift_mm=0.0, prefix=""):
+    """One file per slice with the tags a scanner writes (SimpleITK's DicomSeriesFromArray recipe).
+    ``slices``: which to write (default all); ``shift_mm``: each slice moved this far along the rows per
+    slice (a tilted gantry)."""
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -44,14 +46,15 @@ def _write_dicom_series(image, folder, description, series_uid):
               ("0020|000e", series_uid), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
               ("0020|0037", "\\".join(map(str, (*direction[0::3], *direction[1::3])))),
               ("0008|103e", description), ("0008|0060", "MR")]
-    for k in range(image.GetDepth()):
+    for k in (range(image.GetDepth()) if slices is None else slices):
         slice_ = image[:, :, k]
         for tag, value in shared:
             slice_.SetMetaData(tag, value)
-        slice_.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
+        position = np.asarray(image.TransformIndexToPhysicalPoint((0, 0, k))) + k * shift_mm * np.asarray(direction[0::3])
+        slice_.SetMetaData("0020|0032", "\\".join(map(str, position)))
         slice_.SetMetaData("0020|0013", str(k))
-        slice_.SetMetaData("0008|0018", f"{series_uid}.{k}")
-        writer.SetFileName(str(folder / f"{description.replace(' ', '_')}_{k:04d}.dcm"))
+        slice_.SetMetaData("0008|0018", f"{series_uid}.{prefix}{k}")
+        writer.SetFileName(str(folder / f"{prefix}{description.replace(' ', '_')}_{k:04d}.dcm"))
         writer.Execute(slice_)
 
 
@@ -86,6 +89,38 @@ def test_a_folder_of_several_dicom_series_is_refused_naming_them(tmp_path, synth
         load_volume(tmp_path / "empty", "T2W")
 
 
+@pytest.mark.parametrize("flaw, message", [
+    ("missing slice", "not evenly spaced"),
+    ("tilted gantry", "shifted sideways"),
+    ("two echoes", "same position"),
+])
+def test_a_dicom_series_that_is_not_one_regular_volume_is_refused(tmp_path, synthetic_case, flaw, message):
+    """ITK would read each of these as a regular volume, with a warning only: wrong places, wrong volumes."""
+    image = sitk.ReadImage(str(_oblique_nifti(tmp_path, synthetic_case)))
+    folder = tmp_path / "T2W"
+    uid = "1.2.826.0.1.3680043.2.1125.6"
+    if flaw == "missing slice":
+        _write_dicom_series(image, folder, "T2 AX", uid, slices=[k for k in range(image.GetDepth()) if k != 9])
+    elif flaw == "tilted gantry":
+        _write_dicom_series(image, folder, "T2 AX", uid, shift_mm=0.3)
+    else:
+        _write_dicom_series(image, folder, "T2 AX", uid, prefix="e1_")
+        _write_dicom_series(image, folder, "T2 AX", uid, prefix="e2_")
+    with pytest.raises(InputError, match=f"not one regular 3D volume: .*{message}.*dcm2niix"):
+        load_volume(folder, "T2W")
+
+
+def test_a_cancel_while_a_dicom_folder_is_scanned_stays_a_cancel(tmp_path, monkeypatch):
+    from brainunet.errors import Cancelled
+
+    def cancelled(folder):
+        raise Cancelled("Cancelled")
+
+    monkeypatch.setattr(sitk.ImageSeriesReader, "GetGDCMSeriesIDs", staticmethod(cancelled))
+    with pytest.raises(Cancelled):
+        load_volume(tmp_path, "T2W")
+
+
 def test_a_corrupt_nrrd_is_refused(tmp_path):
     bad = tmp_path / "t2w.nrrd"
     bad.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 10 10 10\nencoding: raw\n\n" + b"\0" * 100)
@@ -111,3 +146,12 @@ def test_segment_takes_a_dicom_folder_and_an_nrrd_and_writes_on_the_t1ce_grid(tm
     assert np.array_equal(np.asarray(runs["nifti"].dataobj), np.asarray(runs["clinic"].dataobj))
     assert np.allclose(runs["nifti"].affine, runs["clinic"].affine, atol=1e-3)
     assert (np.asarray(runs["clinic"].dataobj) > 0).any()
+
+
+def test_a_detached_header_without_its_data_file_says_so(tmp_path, synthetic_case):
+    sitk.WriteImage(sitk.ReadImage(str(synthetic_case["t2w"])), str(tmp_path / "t2w.nhdr"))
+    for data_file in tmp_path.glob("t2w.raw*"):
+        data_file.unlink()
+    with pytest.raises(InputError, match="needs its data file"):
+        load_volume(tmp_path / "t2w.nhdr", "T2W")
+

@@ -412,6 +412,35 @@ def test_the_bundled_model_may_not_start_a_cross_validation_on_the_cases_it_lear
     assert notes == []
 
 
+def test_bundle_names_the_cases_a_model_learned_from(tmp_path):
+    """Weights that record only a count of real cases: --learned-from names them, the rest stays counted, and a
+    cross-validation from such a model gets a note, not a refusal."""
+    from brainunet import weights
+    from brainunet.network import BrainUNet, NetworkConfig
+    from brainunet_lab.cli import learned_fields
+    from brainunet_lab.training import check_not_learned
+
+    model = tmp_path / "model.pt"
+    weights.save_weights(model, BrainUNet(NetworkConfig(features=(4, 8))), "counted",
+                         extra={"training": {"real_cases": 3}})
+    cases = tmp_path / "cases"
+    for name in ("case_a", "case_b"):
+        (cases / name).mkdir(parents=True)
+    (cases / "README.md").write_text("not a case")
+    fields, lines = learned_fields(model, [cases, "demo_case"])
+    assert fields == {"training_cases": ["case_a", "case_b", "demo_case"]} and len(lines) == 1
+    fields, lines = learned_fields(model, [cases])
+    assert fields == {"training_cases": ["case_a", "case_b"], "unnamed_training_cases": 1}
+    assert "1 more real case(s)" in lines[-1]
+    with pytest.raises(InputError, match="not a folder of cases"):
+        learned_fields(model, [str(tmp_path / "no" / "such")])
+    with pytest.raises(InputError, match="not found"):
+        learned_fields(tmp_path / "missing.pt")
+    notes = []
+    check_not_learned(model, ["case_a"], notes.append)  # names unknown: it cannot refuse, it says so
+    assert len(notes) == 1 and "3 real case(s) whose names it does not record" in notes[0]
+
+
 def test_every_shipped_training_config_is_valid():
     """The configs that reproduce the bundled model (and the paper-size run) parse and validate."""
     from pathlib import Path

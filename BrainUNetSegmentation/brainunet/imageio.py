@@ -135,18 +135,28 @@ def _volume_from_sitk(image, name: str) -> Volume:
     import SimpleITK as sitk
 
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{name} has {image.GetNumberOfComponentsPerPixel()} values per voxel (a colour or vector "
-                         "image); BrainUNet needs a real-valued scalar image.")
+        raise InputError(f"{name} has {image.GetNumberOfComponentsPerPixel()} values per voxel: a colour image, or "
+                         "several volumes in one file (a time series, DWI). BrainUNet needs one 3D scalar volume: "
+                         "extract one frame first.")
     if image.GetDimension() != 3:
         raise InputError(f"{name} is a {image.GetDimension()}D image; BrainUNet needs a 3D volume covering the "
                          "whole brain.")
-    data = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
+    view = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     affine = np.eye(4)
     lps_to_ras = np.diag([-1.0, -1.0, 1.0])
     affine[:3, :3] = lps_to_ras @ direction @ np.diag(image.GetSpacing())
     affine[:3, 3] = lps_to_ras @ np.asarray(image.GetOrigin(), dtype=float)
-    return Volume(data=check_volume(np.array(data), affine, name), affine=affine, name=name)
+    data = check_volume(view, affine, name)
+    if np.shares_memory(data, view):  # already float32: own the voxels, the SimpleITK image goes
+        data = data.copy()
+    return Volume(data=data, affine=affine, name=name)
+
+
+def _reason(exc: Exception) -> str:
+    """The last line of a SimpleITK error (its first lines are the C++ location), at most 120 characters."""
+    lines = str(exc).strip().splitlines()
+    return (lines[-1] if lines else type(exc).__name__)[:120]
 
 
 def _load_with_sitk(path: Path, name: str) -> Volume:
@@ -157,8 +167,11 @@ def _load_with_sitk(path: Path, name: str) -> Volume:
     except Cancelled:
         raise
     except Exception as exc:
-        raise InputError(f"{name}: {path.name} cannot be read as an image ({str(exc).strip().splitlines()[-1][:120]}). "
-                         "The file is corrupt or truncated: export it again.") from exc
+        detached = path.name.lower().endswith((".nhdr", ".mhd"))
+        raise InputError(f"{name}: {path.name} cannot be read as an image ({_reason(exc)}). " +
+                         ("A .nhdr / .mhd header needs its data file (.raw, .zraw, ...) beside it under the name it "
+                          "gives; copy both, or save the volume as one .nrrd." if detached else
+                          "The file is corrupt or truncated: export it again.")) from exc
     return _volume_from_sitk(image, name)
 
 
@@ -168,6 +181,8 @@ def _load_dicom_series(folder: Path, name: str) -> Volume:
 
     try:
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except Cancelled:
+        raise
     except Exception:
         series = ()
     if not series:
@@ -182,6 +197,8 @@ def _load_dicom_series(folder: Path, name: str) -> Volume:
             try:
                 reader.ReadImageInformation()
                 label = reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+            except Cancelled:
+                raise
             except Exception:
                 label = ""
             described.append(f"'{label or uid}' ({Path(first).name}, ...)")
@@ -191,16 +208,59 @@ def _load_dicom_series(folder: Path, name: str) -> Volume:
     if len(files) < 2:
         raise InputError(f"{name}: the DICOM series in {folder} has a single file, a 2D image or a multi-frame "
                          "file; BrainUNet needs the whole 3D series: export it again, or convert it to NIfTI.")
+    _check_slice_geometry(files, folder, name)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.SetOutputPixelType(sitk.sitkFloat32)  # slices may each have their own rescale slope
     try:
         image = reader.Execute()
     except Cancelled:
         raise
     except Exception as exc:
-        raise InputError(f"{name}: the DICOM series in {folder} cannot be read "
-                         f"({str(exc).strip().splitlines()[-1][:120]}). Export it again, or convert it to NIfTI.") from exc
+        raise InputError(f"{name}: the DICOM series in {folder} cannot be read ({_reason(exc)}). Export it again, "
+                         "or convert it to NIfTI.") from exc
     return _volume_from_sitk(image, name)
+
+
+def _check_slice_geometry(files, folder: Path, name: str) -> None:
+    """Refuse a series that is not one evenly spaced stack of parallel slices: ITK would read it as one with a
+    warning only (a missing slice, a tilted gantry, two echoes or a 3-plane localiser under one series UID)."""
+    import SimpleITK as sitk
+
+    origins, directions = [], []
+    for f in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(f)
+        try:
+            reader.ReadImageInformation()
+        except Cancelled:
+            raise
+        except Exception as exc:
+            raise InputError(f"{name}: {Path(f).name} in {folder} cannot be read as DICOM ({_reason(exc)}). Export "
+                             "the series again, or convert it to NIfTI.") from exc
+        origins.append(reader.GetOrigin())
+        directions.append(reader.GetDirection())
+    origins, directions = np.asarray(origins, float), np.asarray(directions, float)
+    problem = None
+    if np.abs(directions - directions[0]).max() > 1e-4:
+        problem = "its slices are not all parallel (several planes, as in a localiser)"
+    else:
+        normal = directions[0].reshape(3, 3)[:, 2]
+        order = np.argsort(origins @ normal)
+        origins = origins[order]
+        steps = np.diff(origins @ normal)
+        step = np.median(steps) if len(steps) else 0.0
+        if step <= 1e-3 or np.abs(steps).min() <= 1e-3:
+            problem = "two or more slices lie at the same position (several echoes or volumes in one series)"
+        elif np.abs(steps - step).max() > max(0.01, 0.01 * step):
+            problem = f"its slices are not evenly spaced ({steps.min():.2f} to {steps.max():.2f} mm: a slice missing?)"
+        else:
+            offsets = np.diff(origins, axis=0) - np.outer(steps, normal)
+            if np.abs(offsets).max() > max(0.01, 0.01 * step):
+                problem = "its slices are shifted sideways (a tilted gantry)"
+    if problem:
+        raise InputError(f"{name}: the DICOM series in {folder} is not one regular 3D volume: {problem}. Load it "
+                         "with 3D Slicer's DICOM module, or convert it with dcm2niix, and give the NIfTI.")
 
 
 def save_label_nifti(labels: np.ndarray, reference: Volume, path) -> Path:

@@ -516,24 +516,46 @@ def _cv_postprocess_condition(args, every) -> int:
 def cmd_bundle(args) -> int:
     from brainunet.cli import parse_settings
 
-    from .realdata import find_labelled_cases
-    from .training import learned_cases
-
-    names, unnamed = learned_cases(args.weights)
-    for given in args.learned_from:
-        names |= {c.name for c in find_labelled_cases(given)} if Path(given).is_dir() else {given}
-    fields = {"accuracy": args.accuracy, "licence": args.licence}
-    if names:
-        fields["training_cases"] = sorted(names)
-    if unnamed and not args.learned_from:
-        print(f"Note: {args.weights} has learned from {unnamed} real case(s) whose names it does not record; "
-              "name them with --learned-from so that cross-validation can refuse them.")
+    fields, lines = learned_fields(args.weights, args.learned_from)
+    for line in lines:
+        print(line)
+    fields.update({"accuracy": args.accuracy, "licence": args.licence})
     entry = bundle_model(Path(args.weights), args.name, args.description, parse_settings(args.set),
                          replaces=args.replace, fields=fields)
     size = entry.path().stat().st_size / 2**20
     print(f"bundled {entry.name} ({entry.path()}, {size:.1f} MiB, sha256 {entry.sha256[:12]}…); "
           f"replaced: {', '.join(args.replace) or 'nothing'}")
     return 0
+
+
+def learned_fields(weights_file, learned_from=()) -> tuple[dict, list[str]]:
+    """The registry fields that say which real cases a model to bundle learned from (``training_cases``, and
+    ``unnamed_training_cases`` for those nobody named), from what its training recorded and ``learned_from``
+    (case names, or folders of case folders); and the lines to print about them."""
+    from .training import learned_cases
+
+    if not Path(weights_file).is_file():
+        raise InputError(f"Weights file not found: {weights_file}.")
+    names, unnamed = learned_cases(weights_file)
+    added = set()
+    for given in learned_from:
+        if Path(given).is_dir():  # every case folder in it, labelled or not (pseudo-labels count too)
+            added |= {c.name for c in Path(given).iterdir() if c.is_dir()}
+        elif "/" in given or "\\" in given or Path(given).exists():
+            raise InputError(f"--learned-from {given}: not a folder of cases; give a case name or a folder of cases.")
+        else:
+            added.add(given)
+    unnamed = max(0, unnamed - len(added - names))  # the cases named here are those it did not record
+    names |= added
+    fields, lines = {}, []
+    if names:
+        fields["training_cases"] = sorted(names)
+        lines.append(f"learned from: {len(names)} named real case(s)" + (f", {len(added)} named here" if added else ""))
+    if unnamed:
+        fields["unnamed_training_cases"] = unnamed
+        lines.append(f"Note: {weights_file} has learned from {unnamed} more real case(s) whose names are not on "
+                     "record; name them with --learned-from so that cross-validation can refuse them.")
+    return fields, lines
 
 
 def bundle_model(weights_file: Path, name: str, description: str, settings: dict | None = None,

@@ -87,7 +87,12 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
         raise InputError("Held-out cases are scored from their files: with --pack, pass --train-only and score "
                          "later with --data DIR --resume.")
     config = recipe_config(base_model, steps, scratch, device, seed, overrides)
-    if config.init_weights and pack is None:
+    if config.init_weights:  # before anything is written: a refused run leaves no folder
+        if pack is not None:
+            from .realdata import load_packed_cases
+
+            packed = load_packed_cases(pack)
+            case_names = [c.name for c in packed]
         check_not_learned(config.init_weights, case_names, log)
     recipe = {"data": str(Path(data_dir or pack).resolve()), "base_model": None if scratch else str(config.init_weights),
               "scratch": scratch, "steps": steps, "folds": folds, "overrides": overrides or {}, "seed": seed}
@@ -108,9 +113,7 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
     if pack is not None:
         from .realdata import load_packed_cases
 
-        cases = load_packed_cases(pack)
-        if config.init_weights:
-            check_not_learned(config.init_weights, [c.name for c in cases], log)
+        cases = packed if config.init_weights else load_packed_cases(pack)
     else:
         cases = load_cases(data_dir, config, progress=(lambda f, m: None) if not progress else None)
     log(f"{len(cases)} cases preprocessed or read from the cache in {time.perf_counter() - t:.0f} s")

@@ -800,9 +800,15 @@ def learned_cases(weights_file) -> tuple[set[str], int]:
     of a registry entry with the same weights (which lists them all); and how many more it learned from
     whose names nobody recorded."""
     from brainunet import weights as weights_mod
+    from brainunet.errors import WeightsError
 
     path = Path(weights_file)
-    training = torch.load(path, map_location="cpu", weights_only=True).get("extra", {}).get("training", {})
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        training = payload.get("extra", {}).get("training", {})
+    except Exception as exc:
+        raise WeightsError(f"{path} cannot be read as BrainUNet weights ({type(exc).__name__}); give the model.pt "
+                           "of a training run.") from exc
     if "real_case_names" in training:
         names, unnamed = set(training["real_case_names"]), int(training.get("unnamed_real_cases", 0))
     else:
@@ -810,7 +816,7 @@ def learned_cases(weights_file) -> tuple[set[str], int]:
     digest = weights_mod.sha256_of(path)
     for entry in weights_mod.load_registry():
         if entry.sha256 == digest and "training_cases" in entry.extra:
-            return names | set(entry.extra["training_cases"]), 0
+            return names | set(entry.extra["training_cases"]), int(entry.extra.get("unnamed_training_cases", 0))
     return names, unnamed
 
 
