@@ -123,7 +123,7 @@ class BrainUNetSegmentationParameterNode:
     outputSegmentation - segmentation to overwrite; None creates a new one on Apply.
     model - registry name of the model to run; "" runs the default model.
     device - "auto", "cpu" or "cuda".
-    tta - test-time augmentation ("Accurate" quality).
+    tta - test-time augmentation over the 8 flips (the second quality).
     show3D - create closed-surface models after the run.
     """
 

@@ -136,7 +136,7 @@ def test_ui_loads_with_expected_widgets(harness):
     assert ui.segmentationShow3DButton.segmentationNode() is None
     assert [ui.deviceComboBox.itemText(i) for i in range(ui.deviceComboBox.count())] == ["auto", "cpu", "cuda"]
     assert [ui.qualityComboBox.itemText(i) for i in range(ui.qualityComboBox.count())] == [
-        "Fast", "Accurate (test-time augmentation)"]
+        "Standard", "Test-time augmentation (8 passes)"]
     assert ui.logTextEdit.isReadOnly()
     assert text(ui.applyButton) == "Apply"
     assert not ui.exportCsvButton.isEnabled() and not ui.updateStatisticsButton.isEnabled()
