@@ -63,7 +63,8 @@ def _positive_int(text: str) -> int:
 def _add_model_args(p):
     p.add_argument("--model", help="registry name or weights file (default: best installed model)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the network")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation over the 8 flips: 8 network passes; no more accurate in cross-validation (MODEL_CARD.md)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation over the 8 flips: 8 network passes; "
+                                                      "no more accurate in cross-validation (MODEL_CARD.md)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
                    help="network arithmetic; auto (default, or $BRAINUNET_PRECISION): bf16 only on a CPU with "
                         "native bf16 (AVX512-BF16/AMX), else fp32")
