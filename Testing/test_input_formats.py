@@ -155,3 +155,16 @@ def test_a_detached_header_without_its_data_file_says_so(tmp_path, synthetic_cas
     with pytest.raises(InputError, match="needs its data file"):
         load_volume(tmp_path / "t2w.nhdr", "T2W")
 
+
+def test_batch_finds_dicom_series_folders_and_nrrd_files_named_by_sequence(tmp_path, synthetic_case):
+    """A case folder as a clinic might fill it: T1CE as a DICOM series folder, T2W as NRRD, FLAIR as NIfTI."""
+    case = tmp_path / "cases" / "patient01"
+    t1c = sitk.Cast(sitk.RescaleIntensity(sitk.ReadImage(str(synthetic_case["t1c"])), 0, 4000), sitk.sitkInt16)
+    _write_dicom_series(t1c, case / "T1CE", "T1 POST GD", "1.2.826.0.1.3680043.2.1125.7")
+    sitk.WriteImage(sitk.ReadImage(str(synthetic_case["t2w"])), str(case / "patient01-t2w.nrrd"))
+    sitk.WriteImage(sitk.ReadImage(str(synthetic_case["t2f"])), str(case / "patient01_flair.nii.gz"))
+    r = brainunet("batch", tmp_path / "cases", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    labels = nib.load(str(tmp_path / "cases" / "brainunet" / "patient01-seg.nii.gz"))
+    assert labels.shape == t1c.GetSize() and (np.asarray(labels.dataobj) > 0).any()
+

@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
 
     p = sub.add_parser("batch", help="segment every BraTS-layout case folder inside DIR",
-                       description="Segment every case folder inside DIR (BraTS 2021 or 2023 file names). A case "
+                       description="Segment every case folder inside DIR (BraTS 2021 or 2023 file names: "
+                                   "<id>-t1c.nii.gz or <id>_t1ce.nii.gz, also .nrrd / .mha, or a DICOM series "
+                                   "folder named T1CE, T2W, FLAIR, ...). A case "
                                    "that fails, for whatever reason, is reported and skipped; the others go on. "
                                    "With --skip-existing an interrupted batch resumes where it stopped.",
                        epilog="exit status: 0 every case segmented (or skipped); 1 some cases failed (each named "
@@ -222,7 +224,7 @@ def cmd_batch(args) -> int:
     others = [f.name for f in folders if f not in cases]
     if not cases:
         raise InputError(f"No case folders in {data_dir}; expected one folder per case with BraTS file names "
-                         "(.nii.gz images).")
+                         "(.nii.gz, .nrrd or .mha images, or DICOM series folders named T1CE, T2W, FLAIR).")
     progress = Progress(args.progress, "BrainUNet batch")
     if others:
         _say(args, f"Skipped, no sequence images with BraTS names (such as *-t1c.nii.gz, *_flair.nii.gz) inside: "

@@ -283,13 +283,22 @@ def save_label_nifti(labels: np.ndarray, reference: Volume, path) -> Path:
     return path
 
 
+IMAGE_SUFFIXES = (".nii.gz", ".nii") + SITK_SUFFIXES
+
+
 def find_case_files(case_dir) -> dict[str, Path]:
-    """Map modality keys to files in a BraTS-layout case folder (2021 ``*_t1ce.nii.gz`` or 2023 ``*-t1c.nii.gz``)."""
+    """Map modality keys to the images of a case folder, named as BraTS names them (2021 ``*_t1ce.nii.gz``,
+    2023 ``*-t1c.nii.gz``): NIfTI first, then NRRD / MetaImage files, then DICOM series folders (``T1CE/``,
+    ``case_flair/``), each named by its last ``_`` / ``-`` word."""
     case_dir = Path(case_dir)
     found: dict[str, Path] = {}
-    files = sorted(p for p in case_dir.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
-    for p in files:
-        stem = p.name[:-7] if p.name.endswith(".nii.gz") else p.name[:-4]
+    entries = sorted(case_dir.iterdir())
+    files = [p for suffixes in ((".nii.gz", ".nii"), SITK_SUFFIXES) for p in entries
+             if p.is_file() and p.name.lower().endswith(suffixes)]
+    folders = [p for p in entries if p.is_dir()]
+    for p in files + folders:
+        name = p.name.lower()
+        stem = next((p.name[:-len(s)] for s in IMAGE_SUFFIXES if name.endswith(s)), p.name) if p.is_file() else p.name
         suffix = stem.replace("-", "_").split("_")[-1].lower()
         for key, options in MODALITY_SUFFIXES.items():
             if suffix in options and key not in found:
