@@ -168,3 +168,47 @@ def test_batch_finds_dicom_series_folders_and_nrrd_files_named_by_sequence(tmp_p
     labels = nib.load(str(tmp_path / "cases" / "brainunet" / "patient01-seg.nii.gz"))
     assert labels.shape == t1c.GetSize() and (np.asarray(labels.dataobj) > 0).any()
 
+
+
+def test_segment_finds_the_sequences_of_a_dicom_study_by_their_descriptions(tmp_path, synthetic_case):
+    """A study exported into one folder: the three sequences, a localiser and a shorter sagittal T1 post-contrast.
+    The run takes each sequence by its description (the longest T1 post-contrast), as the NIfTI run would."""
+    study = tmp_path / "study" / "DICOM"
+    nifti = {}
+    for i, (role, description) in enumerate((("t1c", "AX T1 POST GD"), ("t2w", "AX T2 TSE"), ("t2f", "AX FLAIR"))):
+        image = sitk.Cast(sitk.RescaleIntensity(sitk.ReadImage(str(synthetic_case[role])), 0, 4000), sitk.sitkInt16)
+        nifti[role] = tmp_path / f"{role}.nii.gz"
+        sitk.WriteImage(image, str(nifti[role]))
+        _write_dicom_series(image, study, description, f"1.2.826.0.1.3680043.2.1125.8{i}")
+        if role == "t1c":
+            _write_dicom_series(image, study, "SAG T1 POST", "1.2.826.0.1.3680043.2.1125.89", slices=range(10, 20),
+                                prefix="sag_")
+    _write_dicom_series(image, study, "3-PLANE LOC", "1.2.826.0.1.3680043.2.1125.90", slices=range(3), prefix="loc_")
+    out = {kind: tmp_path / f"{kind}.nii.gz" for kind in ("study", "nifti")}
+    r = brainunet("segment", "--study", tmp_path / "study", "--output", out["study"], "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert "Study: T1CE: series 'AX T1 POST GD'" in r.stderr and "chosen among 2" in r.stderr
+    assert "Study: FLAIR: series 'AX FLAIR'" in r.stderr and "LOC" not in r.stderr
+    r = brainunet("segment", "--t1c", nifti["t1c"], "--t2w", nifti["t2w"], "--t2f", nifti["t2f"],
+                  "--output", out["nifti"], "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    study_labels, nifti_labels = nib.load(str(out["study"])), nib.load(str(out["nifti"]))
+    assert np.array_equal(np.asarray(study_labels.dataobj), np.asarray(nifti_labels.dataobj))
+    assert np.allclose(study_labels.affine, nifti_labels.affine, atol=1e-3)
+
+
+def test_a_study_mixes_series_and_image_files_and_one_without_named_sequences_is_refused(tmp_path, synthetic_case):
+    from brainunet.imageio import DicomSeries
+    from brainunet.sequences import find_study_inputs
+
+    study = tmp_path / "study"
+    image = sitk.Cast(sitk.RescaleIntensity(sitk.ReadImage(str(synthetic_case["t2f"])), 0, 4000), sitk.sitkInt16)
+    _write_dicom_series(image, study / "s1", "AX FLAIR", "1.2.826.0.1.3680043.2.1125.91")
+    sitk.WriteImage(image, str(study / "patient_t2w.nrrd"))
+    found, notes = find_study_inputs(study)
+    assert set(found) == {"t2f", "t2w"} and isinstance(found["t2f"], DicomSeries)
+    assert found["t2w"] == study / "patient_t2w.nrrd" and len(notes) == 2
+    (tmp_path / "other").mkdir()
+    _write_dicom_series(image, tmp_path / "other", "SCOUT", "1.2.826.0.1.3680043.2.1125.92")
+    with pytest.raises(InputError, match="no series or image named as T1CE, T2W or FLAIR"):
+        find_study_inputs(tmp_path / "other")

@@ -22,6 +22,7 @@ from . import mrml
 from brainunet.protocol import LEFT_OUT_NOTE, PROGRESS_PREFIX, RESULT_PREFIX
 from brainunet.errors import BrainUNetError, InputError
 from brainunet.imageio import MODALITY_NAMES
+from brainunet.sequences import guess_role
 
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # folder that contains the brainunet package
 #: Node references of a result's segmentation to the volumes it was made from (role appended for inputs),
@@ -29,56 +30,6 @@ PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # folder that contains 
 REFERENCE_VOLUME_REFERENCE = "BrainUNetReferenceVolume"
 INPUT_VOLUME_REFERENCE = "BrainUNetInput_"
 RECOMPUTED_NOTE = "Statistics computed again from the segments as edited"
-
-# Series names as scanners and archives write them ("AX T1 FLAIR POST", "t1_mprage_sag_p2_iso_post",
-# "T2W_TSE", "BraTS-GLI-00001-000-t1c"), read as words: a word starts after anything but a letter or digit.
-_W = r"(?<![a-z0-9])"
-#: Series that are none of the four inputs, whatever else their name says (T2* and susceptibility,
-#: diffusion, perfusion).
-NOT_AN_INPUT = [r"t2[\W_]*(\*|star)", _W + r"(swi|swan|dwi|dti|adc|tracew?|dsc|dce|pwi|asl)(?![a-z])",
-                _W + r"(diff|perf)"]  # diff, diffusion, perf, perfusion
-#: A T1-weighted series: T1 (T1W, T1N, T1C, ...) or a T1 sequence named without "T1".
-T1_NAMES = [_W + r"(ce)?t1(?![0-9])", _W + r"(mprage|spgr|fspgr|bravo)(?![a-z])"]
-#: Marks of a contrast-enhanced T1, anywhere in its name ("T1 FS POST", "T1W_TSE_GD", "Ax T1 SE +C", "T1wCE").
-# "post" as in after contrast, not posterior or post-operative / post-treatment (a native T1 after surgery,
-# whose blood is bright without contrast)
-_POST = r"post(?!er|[\W_]*op|[\W_]*(surg|treat|therap|rad))"
-CONTRAST = [_W + r"t1w?[\W_]*(ce|c|gd)(?![a-z]|-(?![a-z0-9]))", _W + r"t1w?[\W_]*(" + _POST + r"|gad|contrast)", _W + r"cet1",
-            _W + r"(ce|gd)(?![a-z])", _W + r"(" + _POST + r"|gad|contrast)", r"\+"]
-#: ... overruled by marks of a native T1 ("T1 PRE", "T1 pre-contrast", "T1 non contrast", "T1N").
-NATIVE = [_W + r"t1n(?![a-z])", _W + r"pre(?![a-z]|[\W_]*op)", _W + r"pre[\W_]*(contrast|gd|gad)",
-          r"c-(?![a-z0-9])", r"-c(?![a-z0-9])",  # "T1 C-", "T1C-", "T1 -C": without contrast
-          _W + r"non[\W_]*(contrast|gd|gad)", _W + r"without(?![a-z])", _W + r"w/o(?![a-z])", _W + r"nativ"]
-T2_NAMES = [_W + r"t2(?![0-9])"]
-#: FLAIR: T2F, FLAIR, Siemens's "dark-fluid"; a T1-weighted FLAIR (GE's "AX T1 FLAIR") is a T1 all the same.
-FLAIR_NAMES = [_W + r"t2[\W_]*f(lair)?(?![a-z])", _W + r"flair", _W + r"dark[\W_]*fluid"]
-#: Gradient echo: a T2-weighted one is T2* (not T2W); a T1-weighted one (spoiled GRE) is a T1.
-GRADIENT_ECHO = [_W + r"gre(?![a-z])"]
-
-
-def _any(patterns, text: str) -> bool:
-    return any(re.search(p, text) for p in patterns)
-
-
-def guess_role(name: str) -> str | None:
-    """The input role a volume's name suggests (t1c, t1n, t2w, t2f), or None for any other series and
-    for a name that says both T1 and T2."""
-    low = name.lower()
-    if _any(NOT_AN_INPUT, low):
-        return None
-    t1, t2, flair = _any(T1_NAMES, low), _any(T2_NAMES, low), _any(FLAIR_NAMES, low)
-    if t1 and t2:
-        return None
-    if t1:
-        return "t1c" if _any(CONTRAST, low) and not _any(NATIVE, low) else "t1n"
-    if _any(GRADIENT_ECHO, low):
-        return None
-    if flair:
-        return "t2f"
-    if t2:
-        return "t2w"
-    return None
-
 
 def missing_inputs(inputs: dict) -> list[str]:
     """The names of T1CE, T2W and FLAIR that ``inputs`` (role -> node) lacks."""

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t2w", help="T2-weighted")
     p.add_argument("--t2f", help="T2-FLAIR (reference grid when T1CE is missing)")
     p.add_argument("--t1n", help="native T1 (optional; used in statistics)")
+    p.add_argument("--study", help="a patient's study folder (DICOM series, or images): T1CE, T2W, FLAIR and T1 "
+                                   "found by their series descriptions or file names, as the Slicer panel's "
+                                   "Auto-detect finds them; --t1c / --t2w / --t2f / --t1n override its choice")
     p.add_argument("--output", required=True, help="labels: .nii.gz (1 NETC, 2 SNFH, 3 ET) or .seg.nrrd")
     p.add_argument("--seg-nrrd", help="also write a Slicer .seg.nrrd with named, coloured segments")
     p.add_argument("--stats", help="statistics CSV")
@@ -170,6 +173,14 @@ def cmd_segment(args) -> int:
     from . import pipeline
 
     paths = {"t1c": args.t1c, "t2w": args.t2w, "t2f": args.t2f, "t1n": args.t1n}
+    if args.study:
+        from .sequences import find_study_inputs
+
+        found, notes = find_study_inputs(args.study)
+        for role, series in found.items():
+            paths[role] = paths[role] or series
+        for note in notes:
+            _say(args, f"Study: {note}")
     progress = Progress(args.progress, "BrainUNet")
     try:
         loaded = _load_model(args, progress)

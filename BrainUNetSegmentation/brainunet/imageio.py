@@ -89,11 +89,30 @@ MAX_VOXELS = 2**30  # 1024^3: no MRI volume comes near (a 0.5 mm whole-head scan
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 
 
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series of a study folder: where its files are, its UID and description. As a path it is its
+    first file, so the checks on input paths (the same file twice, an output over an input) apply to it."""
+
+    folder: Path
+    uid: str
+    description: str
+    files: tuple[str, ...]
+
+    def __fspath__(self) -> str:
+        return self.files[0]
+
+    def __str__(self) -> str:
+        return f"series '{self.description}' ({len(self.files)} files in {self.folder})"
+
+
 def load_volume(path, name: str | None = None) -> Volume:
-    """Read a NIfTI (or any format nibabel reads), an NRRD / MetaImage file, or a folder holding one DICOM
-    series (as a scanner exports it) as a checked float32 volume."""
+    """Read a NIfTI (or any format nibabel reads), an NRRD / MetaImage file, a folder holding one DICOM
+    series (as a scanner exports it), or a ``DicomSeries`` as a checked float32 volume."""
     import nibabel as nib
 
+    if isinstance(path, DicomSeries):
+        return _read_dicom_files(path.files, path.folder, name or path.description)
     path = Path(path)
     name = name or path.name
     if not path.exists():
@@ -175,36 +194,51 @@ def _load_with_sitk(path: Path, name: str) -> Volume:
     return _volume_from_sitk(image, name)
 
 
-def _load_dicom_series(folder: Path, name: str) -> Volume:
-    """The one DICOM series in ``folder`` (its files only, not its subfolders)."""
+def dicom_series_in(folder: Path) -> list[DicomSeries]:
+    """The DICOM series whose files lie in ``folder`` itself (not its subfolders), in UID order."""
     import SimpleITK as sitk
 
     try:
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     except Cancelled:
         raise
     except Exception:
-        series = ()
+        return []
+    found = []
+    for uid in uids:
+        files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+        if not files:
+            continue
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+        try:
+            reader.ReadImageInformation()
+            label = reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+        except Cancelled:
+            raise
+        except Exception:
+            label = ""
+        found.append(DicomSeries(Path(folder), uid, label or uid, files))
+    return found
+
+
+def _load_dicom_series(folder: Path, name: str) -> Volume:
+    """The one DICOM series in ``folder`` (its files only, not its subfolders)."""
+    series = dicom_series_in(folder)
     if not series:
         raise InputError(f"{name}: {folder} is a folder without a DICOM series in it. Give a .nii / .nii.gz / "
                          ".nrrd file, or the folder holding the DICOM files of one series.")
     if len(series) > 1:
-        described = []
-        for uid in series:
-            first = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)[0]
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(first)
-            try:
-                reader.ReadImageInformation()
-                label = reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
-            except Cancelled:
-                raise
-            except Exception:
-                label = ""
-            described.append(f"'{label or uid}' ({Path(first).name}, ...)")
-        raise InputError(f"{name}: {folder} holds {len(series)} DICOM series: {'; '.join(described)}. Put each series "
-                         "in its own folder (or convert them to NIfTI) and give the folder of the right one.")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+        described = "; ".join(f"'{s.description}' ({Path(s.files[0]).name}, ...)" for s in series)
+        raise InputError(f"{name}: {folder} holds {len(series)} DICOM series: {described}. Put each series in its "
+                         "own folder (or convert them to NIfTI) and give the folder of the right one, or give the "
+                         "study folder with --study.")
+    return _read_dicom_files(series[0].files, folder, name)
+
+
+def _read_dicom_files(files, folder: Path, name: str) -> Volume:
+    import SimpleITK as sitk
+
     if len(files) < 2:
         raise InputError(f"{name}: the DICOM series in {folder} has a single file, a 2D image or a multi-frame "
                          "file; BrainUNet needs the whole 3D series: export it again, or convert it to NIfTI.")

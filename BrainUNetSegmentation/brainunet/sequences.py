@@ -1,0 +1,97 @@
+"""Which input a series is, from its name as scanners, archives and Slicer write it: the one set of rules
+behind the panel's Auto-detect and ``brainunet segment --study``."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# Series names as scanners and archives write them ("AX T1 FLAIR POST", "t1_mprage_sag_p2_iso_post",
+# "T2W_TSE", "BraTS-GLI-00001-000-t1c"), read as words: a word starts after anything but a letter or digit.
+_W = r"(?<![a-z0-9])"
+#: Series that are none of the four inputs, whatever else their name says (T2* and susceptibility,
+#: diffusion, perfusion).
+NOT_AN_INPUT = [r"t2[\W_]*(\*|star)", _W + r"(swi|swan|dwi|dti|adc|tracew?|dsc|dce|pwi|asl)(?![a-z])",
+                _W + r"(diff|perf)"]  # diff, diffusion, perf, perfusion
+#: A T1-weighted series: T1 (T1W, T1N, T1C, ...) or a T1 sequence named without "T1".
+T1_NAMES = [_W + r"(ce)?t1(?![0-9])", _W + r"(mprage|spgr|fspgr|bravo)(?![a-z])"]
+#: Marks of a contrast-enhanced T1, anywhere in its name ("T1 FS POST", "T1W_TSE_GD", "Ax T1 SE +C", "T1wCE").
+# "post" as in after contrast, not posterior or post-operative / post-treatment (a native T1 after surgery,
+# whose blood is bright without contrast)
+_POST = r"post(?!er|[\W_]*op|[\W_]*(surg|treat|therap|rad))"
+CONTRAST = [_W + r"t1w?[\W_]*(ce|c|gd)(?![a-z]|-(?![a-z0-9]))", _W + r"t1w?[\W_]*(" + _POST + r"|gad|contrast)", _W + r"cet1",
+            _W + r"(ce|gd)(?![a-z])", _W + r"(" + _POST + r"|gad|contrast)", r"\+"]
+#: ... overruled by marks of a native T1 ("T1 PRE", "T1 pre-contrast", "T1 non contrast", "T1N").
+NATIVE = [_W + r"t1n(?![a-z])", _W + r"pre(?![a-z]|[\W_]*op)", _W + r"pre[\W_]*(contrast|gd|gad)",
+          r"c-(?![a-z0-9])", r"-c(?![a-z0-9])",  # "T1 C-", "T1C-", "T1 -C": without contrast
+          _W + r"non[\W_]*(contrast|gd|gad)", _W + r"without(?![a-z])", _W + r"w/o(?![a-z])", _W + r"nativ"]
+T2_NAMES = [_W + r"t2(?![0-9])"]
+#: FLAIR: T2F, FLAIR, Siemens's "dark-fluid"; a T1-weighted FLAIR (GE's "AX T1 FLAIR") is a T1 all the same.
+FLAIR_NAMES = [_W + r"t2[\W_]*f(lair)?(?![a-z])", _W + r"flair", _W + r"dark[\W_]*fluid"]
+#: Gradient echo: a T2-weighted one is T2* (not T2W); a T1-weighted one (spoiled GRE) is a T1.
+GRADIENT_ECHO = [_W + r"gre(?![a-z])"]
+
+
+def _any(patterns, text: str) -> bool:
+    return any(re.search(p, text) for p in patterns)
+
+
+def guess_role(name: str) -> str | None:
+    """The input role a volume's name suggests (t1c, t1n, t2w, t2f), or None for any other series and
+    for a name that says both T1 and T2."""
+    low = name.lower()
+    if _any(NOT_AN_INPUT, low):
+        return None
+    t1, t2, flair = _any(T1_NAMES, low), _any(T2_NAMES, low), _any(FLAIR_NAMES, low)
+    if t1 and t2:
+        return None
+    if t1:
+        return "t1c" if _any(CONTRAST, low) and not _any(NATIVE, low) else "t1n"
+    if _any(GRADIENT_ECHO, low):
+        return None
+    if flair:
+        return "t2f"
+    if t2:
+        return "t2w"
+    return None
+
+
+def find_study_inputs(root) -> tuple[dict, list[str]]:
+    """The inputs of a study folder as a scanner or an archive exports it: every DICOM series under ``root``
+    (by its description) and every image file (by its name), each given the role its name suggests. Where a
+    role has several candidates (the same contrast in three planes), the one with the most slices is taken,
+    and a note names the others. Returns role -> DicomSeries or Path, and the notes."""
+    import os
+
+    from .errors import InputError
+    from .imageio import IMAGE_SUFFIXES, MODALITY_NAMES, dicom_series_in
+
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"--study {root}: not a folder. Give the folder of the patient's study (DICOM or images).")
+    candidates: dict = {}
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        for series in dicom_series_in(Path(folder)):
+            role = guess_role(series.description)
+            if role:
+                candidates.setdefault(role, []).append((len(series.files), str(series), series))
+        for name in sorted(files):
+            stem = next((name[:-len(s)] for s in IMAGE_SUFFIXES if name.lower().endswith(s)), None)
+            role = guess_role(stem) if stem else None
+            if role:
+                path = Path(folder) / name
+                candidates.setdefault(role, []).append((0, str(path), path))
+    chosen, notes = {}, []
+    for role in ("t1c", "t2w", "t2f", "t1n"):
+        found = sorted(candidates.get(role, []), key=lambda c: -c[0])
+        if not found:
+            continue
+        chosen[role] = found[0][2]
+        text = f"{MODALITY_NAMES[role]}: {found[0][1]}"
+        if len(found) > 1:
+            text += f", chosen among {len(found)} ({'; '.join(c[1] for c in found[1:])}); give --{role} to take another"
+        notes.append(text)
+    if not chosen:
+        raise InputError(f"--study {root}: no series or image named as T1CE, T2W or FLAIR was found in it. Give "
+                         "the sequences with --t1c, --t2w and --t2f.")
+    return chosen, notes
