@@ -33,7 +33,7 @@ def _canonical(volume):
     return np.asarray(img.dataobj), img.affine
 
 
-def _write_dicom_series(image, folder, description, series_uid, slices=None, shift_mm=0.0, prefix=""):
+def _write_dicom_series(image, folder, description, series_uid, slices=None, shift_mm=0.0, prefix="", tags=()):
     """One file per slice with the tags a scanner writes (SimpleITK's DicomSeriesFromArray recipe).
     ``slices``: which to write (default all); ``shift_mm``: each slice moved this far along the rows per
     slice (a tilted gantry)."""
@@ -45,7 +45,7 @@ def _write_dicom_series(image, folder, description, series_uid, slices=None, shi
     shared = [("0008|0031", now[1]), ("0008|0021", now[0]), ("0008|0008", "DERIVED\\SECONDARY"),
               ("0020|000e", series_uid), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
               ("0020|0037", "\\".join(map(str, (*direction[0::3], *direction[1::3])))),
-              ("0008|103e", description), ("0008|0060", "MR")]
+              ("0008|103e", description), ("0008|0060", "MR"), *tags]
     for k in (range(image.GetDepth()) if slices is None else slices):
         slice_ = image[:, :, k]
         for tag, value in shared:
@@ -187,7 +187,7 @@ def test_segment_finds_the_sequences_of_a_dicom_study_by_their_descriptions(tmp_
     out = {kind: tmp_path / f"{kind}.nii.gz" for kind in ("study", "nifti")}
     r = brainunet("segment", "--study", tmp_path / "study", "--output", out["study"], "--progress", "none")
     assert r.returncode == 0, r.stderr
-    assert "Study: T1CE: series 'AX T1 POST GD'" in r.stderr and "chosen among 2" in r.stderr
+    assert "Study: T1CE: series 'AX T1 POST GD'" in r.stderr and "chosen over series 'SAG T1 POST'" in r.stderr
     assert "Study: FLAIR: series 'AX FLAIR'" in r.stderr and "LOC" not in r.stderr
     r = brainunet("segment", "--t1c", nifti["t1c"], "--t2w", nifti["t2w"], "--t2f", nifti["t2f"],
                   "--output", out["nifti"], "--progress", "none")
@@ -207,8 +207,33 @@ def test_a_study_mixes_series_and_image_files_and_one_without_named_sequences_is
     sitk.WriteImage(image, str(study / "patient_t2w.nrrd"))
     found, notes = find_study_inputs(study)
     assert set(found) == {"t2f", "t2w"} and isinstance(found["t2f"], DicomSeries)
-    assert found["t2w"] == study / "patient_t2w.nrrd" and len(notes) == 2
+    assert found["t2w"] == study / "patient_t2w.nrrd" and set(notes) == {"t2f", "t2w"}
     (tmp_path / "other").mkdir()
     _write_dicom_series(image, tmp_path / "other", "SCOUT", "1.2.826.0.1.3680043.2.1125.92")
     with pytest.raises(InputError, match="no series or image named as T1CE, T2W or FLAIR"):
         find_study_inputs(tmp_path / "other")
+
+
+def test_a_study_takes_acquisitions_after_contrast_and_passes_over_what_cannot_be_an_input(tmp_path, synthetic_case):
+    """The same T1 protocol before and after contrast (told apart by the contrast agent recorded), a dual-echo
+    PD/T2 (two images per position) with more files than the T2, a FLAIR reformat with more slices than the
+    FLAIR, and macOS's ._ copies."""
+    from brainunet.sequences import find_study_inputs
+
+    image = sitk.Cast(sitk.RescaleIntensity(sitk.ReadImage(str(synthetic_case["t1c"])), 0, 4000), sitk.sitkInt16)
+    study = tmp_path / "study"
+    original = (("0008|0008", "ORIGINAL\\PRIMARY"),)
+    uid = "1.2.826.0.1.3680043.2.1125.10"
+    _write_dicom_series(image, study / "s1", "t1_mprage_sag", uid + "1", tags=original)
+    _write_dicom_series(image, study / "s2", "t1_mprage_sag", uid + "2", tags=original + (("0018|0010", "Gadovist"),))
+    _write_dicom_series(image, study / "s3", "AX T2", uid + "3", tags=original, slices=range(30))
+    _write_dicom_series(image, study / "s4", "PD T2 FSE", uid + "4", tags=original, prefix="e1_")
+    _write_dicom_series(image, study / "s4", "PD T2 FSE", uid + "4", tags=original, prefix="e2_")
+    _write_dicom_series(image, study / "s5", "AX FLAIR", uid + "5", tags=original, slices=range(30))
+    _write_dicom_series(image, study / "s6", "AX FLAIR MPR", uid + "6", tags=original)
+    (study / "._AX-t1c.nii.gz").write_bytes(b"\0" * 10)
+    found, notes = find_study_inputs(study)
+    assert (found["t1c"].folder.name, found["t1n"].folder.name) == ("s2", "s1")
+    assert found["t2w"].description == "AX T2" and "'PD T2 FSE' (" in notes["t2w"] and "not one regular" in notes["t2w"]
+    assert found["t2f"].description == "AX FLAIR" and "AX FLAIR MPR" in notes["t2f"]
+

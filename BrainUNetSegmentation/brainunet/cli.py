@@ -177,9 +177,11 @@ def cmd_segment(args) -> int:
         from .sequences import find_study_inputs
 
         found, notes = find_study_inputs(args.study)
-        for role, series in found.items():
-            paths[role] = paths[role] or series
-        for note in notes:
+        for role, note in notes.items():
+            if role in found and paths[role]:
+                continue  # given on the command line: the study's choice is not used
+            if role in found:
+                paths[role] = found[role]
             _say(args, f"Study: {note}")
     progress = Progress(args.progress, "BrainUNet")
     try:
@@ -293,7 +295,7 @@ def _holds_sequences(folder: Path) -> bool:
     from .imageio import find_case_files
 
     try:
-        return bool(find_case_files(folder))
+        return bool(find_case_files(folder).keys() & {"t1c", "t2w", "t2f"})  # a T1 alone makes no case
     except OSError:  # unreadable: a case that fails with its own message
         return True
 

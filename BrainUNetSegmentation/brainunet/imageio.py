@@ -98,6 +98,8 @@ class DicomSeries:
     uid: str
     description: str
     files: tuple[str, ...]
+    contrast_agent: str = ""  # (0018,0010): set on series acquired after contrast
+    image_type: str = ""  # (0008,0008): ORIGINAL or DERIVED (a reformat, a subtraction, a projection)
 
     def __fspath__(self) -> str:
         return self.files[0]
@@ -198,27 +200,37 @@ def dicom_series_in(folder: Path) -> list[DicomSeries]:
     """The DICOM series whose files lie in ``folder`` itself (not its subfolders), in UID order."""
     import SimpleITK as sitk
 
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns about every folder without DICOM
     try:
         uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     except Cancelled:
         raise
     except Exception:
         return []
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
     found = []
     for uid in uids:
-        files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+        files = tuple(f for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+                      if not Path(f).name.startswith("."))  # macOS's ._ copies of each file
         if not files:
             continue
         reader = sitk.ImageFileReader()
         reader.SetFileName(files[0])
+        tags = {}
         try:
             reader.ReadImageInformation()
-            label = reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+            for key, tag in (("description", "0008|103e"), ("protocol", "0018|1030"), ("agent", "0018|0010"),
+                             ("type", "0008|0008")):
+                tags[key] = reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
         except Cancelled:
             raise
         except Exception:
-            label = ""
-        found.append(DicomSeries(Path(folder), uid, label or uid, files))
+            pass
+        # an anonymised export may drop the description: the protocol's name, or the folder's, says as much
+        label = tags.get("description") or tags.get("protocol") or (Path(folder).name if len(uids) == 1 else uid)
+        found.append(DicomSeries(Path(folder), uid, label, files, tags.get("agent", ""), tags.get("type", "")))
     return found
 
 
@@ -326,7 +338,7 @@ def find_case_files(case_dir) -> dict[str, Path]:
     ``case_flair/``), each named by its last ``_`` / ``-`` word."""
     case_dir = Path(case_dir)
     found: dict[str, Path] = {}
-    entries = sorted(case_dir.iterdir())
+    entries = sorted(p for p in case_dir.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX")
     files = [p for suffixes in ((".nii.gz", ".nii"), SITK_SUFFIXES) for p in entries
              if p.is_file() and p.name.lower().endswith(suffixes)]
     folders = [p for p in entries if p.is_dir()]

@@ -19,7 +19,7 @@ T1_NAMES = [_W + r"(ce)?t1(?![0-9])", _W + r"(mprage|spgr|fspgr|bravo)(?![a-z])"
 # whose blood is bright without contrast)
 _POST = r"post(?!er|[\W_]*op|[\W_]*(surg|treat|therap|rad))"
 CONTRAST = [_W + r"t1w?[\W_]*(ce|c|gd)(?![a-z]|-(?![a-z0-9]))", _W + r"t1w?[\W_]*(" + _POST + r"|gad|contrast)", _W + r"cet1",
-            _W + r"(ce|gd)(?![a-z])", _W + r"(" + _POST + r"|gad|contrast)", r"\+"]
+            _W + r"(ce|gd|km)(?![a-z])", _W + r"(" + _POST + r"|gad|contrast)", r"\+"]
 #: ... overruled by marks of a native T1 ("T1 PRE", "T1 pre-contrast", "T1 non contrast", "T1N").
 NATIVE = [_W + r"t1n(?![a-z])", _W + r"pre(?![a-z]|[\W_]*op)", _W + r"pre[\W_]*(contrast|gd|gad)",
           r"c-(?![a-z0-9])", r"-c(?![a-z0-9])",  # "T1 C-", "T1C-", "T1 -C": without contrast
@@ -55,43 +55,70 @@ def guess_role(name: str) -> str | None:
     return None
 
 
-def find_study_inputs(root) -> tuple[dict, list[str]]:
+#: Series a study holds besides the acquisitions: reformats, projections and subtractions named like them.
+DERIVED_NAMES = [_W + r"(sub|subtract\w*|mip|minip|mpr|reformat\w*|recon)(?![a-z])"]
+
+
+def _is_derived(name: str, image_type: str = "") -> bool:
+    return _any(DERIVED_NAMES, name.lower()) or any(
+        word in image_type.upper() for word in ("DERIVED", "SECONDARY", "SUBTRACTION", "PROJECTION", "MPR", "MIP"))
+
+
+def find_study_inputs(root) -> tuple[dict, dict]:
     """The inputs of a study folder as a scanner or an archive exports it: every DICOM series under ``root``
-    (by its description) and every image file (by its name), each given the role its name suggests. Where a
-    role has several candidates (the same contrast in three planes), the one with the most slices is taken,
-    and a note names the others. Returns role -> DicomSeries or Path, and the notes."""
+    (by its description; a T1 with a contrast agent recorded is T1CE) and every image file (by its name),
+    each given the role its name suggests. Series that are not one regular volume are passed over; of the
+    rest, acquisitions come before reformats and subtractions, then the series with the most slices.
+    Returns role -> DicomSeries or Path, and role -> a note saying what was taken and what was not."""
     import os
 
     from .errors import InputError
-    from .imageio import IMAGE_SUFFIXES, MODALITY_NAMES, dicom_series_in
+    from .imageio import IMAGE_SUFFIXES, MODALITY_NAMES, _check_slice_geometry, dicom_series_in
 
     root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"--study {root}: not a folder. Give the folder of the patient's study (DICOM or images).")
+    if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
+        raise InputError(f"--study {root}: not a readable folder. Give the folder of the patient's study (DICOM or "
+                         "images).")
     candidates: dict = {}
-    for folder, subfolders, files in os.walk(root):
-        subfolders.sort()
+    unreadable = []
+    for folder, subfolders, files in os.walk(root, onerror=lambda exc: unreadable.append(exc.filename)):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__MACOSX")
         for series in dicom_series_in(Path(folder)):
             role = guess_role(series.description)
+            if role == "t1n" and series.contrast_agent:
+                role = "t1c"
             if role:
-                candidates.setdefault(role, []).append((len(series.files), str(series), series))
+                derived = _is_derived(series.description, series.image_type)
+                candidates.setdefault(role, []).append((derived, -len(series.files), str(series), series))
         for name in sorted(files):
+            if name.startswith("."):
+                continue
             stem = next((name[:-len(s)] for s in IMAGE_SUFFIXES if name.lower().endswith(s)), None)
             role = guess_role(stem) if stem else None
             if role:
                 path = Path(folder) / name
-                candidates.setdefault(role, []).append((0, str(path), path))
-    chosen, notes = {}, []
+                candidates.setdefault(role, []).append((_is_derived(stem), 0, str(path), path))
+    chosen, notes = {}, {}
     for role in ("t1c", "t2w", "t2f", "t1n"):
-        found = sorted(candidates.get(role, []), key=lambda c: -c[0])
-        if not found:
-            continue
-        chosen[role] = found[0][2]
-        text = f"{MODALITY_NAMES[role]}: {found[0][1]}"
-        if len(found) > 1:
-            text += f", chosen among {len(found)} ({'; '.join(c[1] for c in found[1:])}); give --{role} to take another"
-        notes.append(text)
-    if not chosen:
+        passed = []
+        for derived, slices, text, item in sorted(candidates.get(role, []), key=lambda c: c[:2]):
+            if role in chosen:
+                passed.append(text)
+                continue
+            if not isinstance(item, Path):
+                try:
+                    _check_slice_geometry(item.files, item.folder, MODALITY_NAMES[role])
+                except InputError:
+                    passed.append(f"{text}: not one regular volume")
+                    continue
+            chosen[role] = item
+            notes[role] = f"{MODALITY_NAMES[role]}: {text}"
+        if role in chosen and passed:
+            notes[role] += (f", chosen over {'; '.join(passed)} (to take another, give it in a folder of its own "
+                            f"with --{role})")
+    if unreadable:
+        notes["unreadable"] = f"folders that could not be read were passed over: {', '.join(map(str, unreadable[:3]))}"
+    if not chosen.keys() & {"t1c", "t2w", "t2f"}:
         raise InputError(f"--study {root}: no series or image named as T1CE, T2W or FLAIR was found in it. Give "
                          "the sequences with --t1c, --t2w and --t2f.")
     return chosen, notes
