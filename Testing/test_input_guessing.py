@@ -16,7 +16,7 @@ NAMES = [
     # a contrast mark anywhere in a T1 name
     ("T1W_TSE_GD", "t1c"), ("T1_MPRAGE_GD", "t1c"), ("t1_mprage_sag_p2_iso_post", "t1c"), ("T1 FS POST", "t1c"),
     ("SAG T1 3D POST", "t1c"), ("Ax T1 SE +C", "t1c"), ("T1C+", "t1c"), ("T1 post-contrast", "t1c"),
-    ("CE-T1", "t1c"), ("3D MPRAGE POST", "t1c"), ("T1 GRE POST", "t1c"),
+    ("CE-T1", "t1c"), ("3D MPRAGE POST", "t1c"), ("T1 GRE POST", "t1c"), ("T1 FS KM", "t1c"), ("t1_mprage_KM", "t1c"),
     # ... unless it says pre-contrast; a plain T1 sequence is native
     ("T1 PRE", "t1n"), ("T1 pre-contrast", "t1n"), ("T1 W/O contrast", "t1n"), ("MPRAGE", "t1n"),
     ("T1 SPACE", "t1n"), ("T1 C-", "t1n"), ("T1 -C", "t1n"),
