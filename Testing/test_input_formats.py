@@ -195,6 +195,15 @@ def test_segment_finds_the_sequences_of_a_dicom_study_by_their_descriptions(tmp_
     study_labels, nifti_labels = nib.load(str(out["study"])), nib.load(str(out["nifti"]))
     assert np.array_equal(np.asarray(study_labels.dataobj), np.asarray(nifti_labels.dataobj))
     assert np.allclose(study_labels.affine, nifti_labels.affine, atol=1e-3)
+    # another series of the flat export, named by its description
+    r = brainunet("segment", "--study", tmp_path / "study", "--t1c", "sag t1 post", "--output", tmp_path / "sag.nii.gz",
+                  "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert "Study: T1CE: series 'SAG T1 POST' (10 files" in r.stderr and "as asked" in r.stderr
+    assert nib.load(str(tmp_path / "sag.nii.gz")).shape[2] == 10
+    r = brainunet("segment", "--study", tmp_path / "study", "--t1c", "T1 PRE", "--output", tmp_path / "x.nii.gz",
+                  "--progress", "none")
+    assert r.returncode == 2 and "no series of the study" in r.stderr and "'AX T1 POST GD'" in r.stderr
 
 
 def test_a_study_mixes_series_and_image_files_and_one_without_named_sequences_is_refused(tmp_path, synthetic_case):

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t1n", help="native T1 (optional; used in statistics)")
     p.add_argument("--study", help="a patient's study folder (DICOM series, or images): T1CE, T2W, FLAIR and T1 "
                                    "found by their series descriptions or file names, as the Slicer panel's "
-                                   "Auto-detect finds them; --t1c / --t2w / --t2f / --t1n override its choice")
+                                   "Auto-detect finds them; --t1c / --t2w / --t2f / --t1n override its choice, "
+                                   "with a path or with the description or UID of one of its series")
     p.add_argument("--output", required=True, help="labels: .nii.gz (1 NETC, 2 SNFH, 3 ET) or .seg.nrrd")
     p.add_argument("--seg-nrrd", help="also write a Slicer .seg.nrrd with named, coloured segments")
     p.add_argument("--stats", help="statistics CSV")
@@ -176,10 +177,12 @@ def cmd_segment(args) -> int:
     if args.study:
         from .sequences import find_study_inputs
 
-        found, notes = find_study_inputs(args.study)
+        # with --study, an input that is no path names one of the study's series by description or UID
+        named = {role: str(p) for role, p in paths.items() if p and not Path(p).exists()}
+        found, notes = find_study_inputs(args.study, named)
         for role, note in notes.items():
-            if role in found and paths[role]:
-                continue  # given on the command line: the study's choice is not used
+            if role in found and paths[role] and role not in named:
+                continue  # a file or folder given on the command line: the study's choice is not used
             if role in found:
                 paths[role] = found[role]
             _say(args, f"Study: {note}")

@@ -64,11 +64,13 @@ def _is_derived(name: str, image_type: str = "") -> bool:
         word in image_type.upper() for word in ("DERIVED", "SECONDARY", "SUBTRACTION", "PROJECTION", "MPR", "MIP"))
 
 
-def find_study_inputs(root) -> tuple[dict, dict]:
+def find_study_inputs(root, named: dict | None = None) -> tuple[dict, dict]:
     """The inputs of a study folder as a scanner or an archive exports it: every DICOM series under ``root``
     (by its description; a T1 with a contrast agent recorded is T1CE) and every image file (by its name),
     each given the role its name suggests. Series that are not one regular volume are passed over; of the
     rest, acquisitions come before reformats and subtractions, then the series with the most slices.
+    ``named``: role -> a series description or UID the user gave instead of a path (``--t1c "AX T1 POST"``),
+    taken for that role whatever its name suggests.
     Returns role -> DicomSeries or Path, and role -> a note saying what was taken and what was not."""
     import os
 
@@ -80,10 +82,12 @@ def find_study_inputs(root) -> tuple[dict, dict]:
         raise InputError(f"--study {root}: not a readable folder. Give the folder of the patient's study (DICOM or "
                          "images).")
     candidates: dict = {}
+    every_series = []
     unreadable = []
     for folder, subfolders, files in os.walk(root, onerror=lambda exc: unreadable.append(exc.filename)):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__MACOSX")
         for series in dicom_series_in(Path(folder)):
+            every_series.append(series)
             role = guess_role(series.description)
             if role == "t1n" and series.contrast_agent:
                 role = "t1c"
@@ -99,7 +103,18 @@ def find_study_inputs(root) -> tuple[dict, dict]:
                 path = Path(folder) / name
                 candidates.setdefault(role, []).append((_is_derived(stem), 0, str(path), path))
     chosen, notes = {}, {}
+    for role, wanted in (named or {}).items():
+        matches = [x for x in every_series if wanted.strip().lower() in (x.description.lower(), x.uid.lower())]
+        if len(matches) != 1:
+            listed = "; ".join(f"'{x.description}'" for x in every_series) or "none"
+            raise InputError(f"--{role} {wanted!r}: {'no' if not matches else len(matches)} series of the study "
+                             f"{root} {'is' if not matches else 'are'} so described (its series: {listed}). Give a "
+                             "description or UID that names one, or a file or folder.")
+        chosen[role] = matches[0]
+        notes[role] = f"{MODALITY_NAMES[role]}: {matches[0]}, as asked"
     for role in ("t1c", "t2w", "t2f", "t1n"):
+        if role in chosen:
+            continue
         passed = []
         for derived, slices, text, item in sorted(candidates.get(role, []), key=lambda c: c[:2]):
             if role in chosen:
@@ -114,8 +129,8 @@ def find_study_inputs(root) -> tuple[dict, dict]:
             chosen[role] = item
             notes[role] = f"{MODALITY_NAMES[role]}: {text}"
         if role in chosen and passed:
-            notes[role] += (f", chosen over {'; '.join(passed)} (to take another, give it in a folder of its own "
-                            f"with --{role})")
+            notes[role] += (f", chosen over {'; '.join(passed)} (to take another, give its description with "
+                            f"--{role})")
     if unreadable:
         notes["unreadable"] = f"folders that could not be read were passed over: {', '.join(map(str, unreadable[:3]))}"
     if not chosen.keys() & {"t1c", "t2w", "t2f"}:
