@@ -246,3 +246,20 @@ def test_a_study_takes_acquisitions_after_contrast_and_passes_over_what_cannot_b
     assert found["t2w"].description == "AX T2" and "'PD T2 FSE' (" in notes["t2w"] and "not one regular" in notes["t2w"]
     assert found["t2f"].description == "AX FLAIR" and "AX FLAIR MPR" in notes["t2f"]
 
+
+def test_a_series_split_over_two_folders_is_read_as_one(tmp_path, synthetic_case):
+    """Some CD exports cap the files per folder: the parts of one series (one UID) make one volume."""
+    from brainunet.sequences import find_study_inputs
+
+    image = sitk.Cast(sitk.RescaleIntensity(sitk.ReadImage(str(synthetic_case["t2f"])), 0, 4000), sitk.sitkInt16)
+    uid = "1.2.826.0.1.3680043.2.1125.11"
+    depth = image.GetDepth()
+    _write_dicom_series(image, tmp_path / "study" / "DIR000", "AX FLAIR", uid, slices=range(depth // 2, depth))
+    _write_dicom_series(image, tmp_path / "study" / "DIR001", "AX FLAIR", uid, slices=range(depth // 2))
+    found, _ = find_study_inputs(tmp_path / "study")
+    assert len(found["t2f"].files) == depth
+    whole = tmp_path / "whole.nii.gz"
+    sitk.WriteImage(image, str(whole))
+    (a, a_affine), (b, b_affine) = _canonical(load_volume(whole, "FLAIR")), _canonical(load_volume(found["t2f"], "FLAIR"))
+    assert np.array_equal(a, b) and np.allclose(a_affine, b_affine, atol=1e-3)
+

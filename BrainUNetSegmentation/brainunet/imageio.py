@@ -254,7 +254,7 @@ def _read_dicom_files(files, folder: Path, name: str) -> Volume:
     if len(files) < 2:
         raise InputError(f"{name}: the DICOM series in {folder} has a single file, a 2D image or a multi-frame "
                          "file; BrainUNet needs the whole 3D series: export it again, or convert it to NIfTI.")
-    _check_slice_geometry(files, folder, name)
+    files = _check_slice_geometry(files, folder, name)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.SetOutputPixelType(sitk.sitkFloat32)  # slices may each have their own rescale slope
@@ -268,9 +268,10 @@ def _read_dicom_files(files, folder: Path, name: str) -> Volume:
     return _volume_from_sitk(image, name)
 
 
-def _check_slice_geometry(files, folder: Path, name: str) -> None:
+def _check_slice_geometry(files, folder: Path, name: str) -> tuple[str, ...]:
     """Refuse a series that is not one evenly spaced stack of parallel slices: ITK would read it as one with a
-    warning only (a missing slice, a tilted gantry, two echoes or a 3-plane localiser under one series UID)."""
+    warning only (a missing slice, a tilted gantry, two echoes or a 3-plane localiser under one series UID).
+    Returns the files in slice order, along the normal of the slices (the order the reader needs)."""
     import SimpleITK as sitk
 
     origins, directions = [], []
@@ -288,11 +289,12 @@ def _check_slice_geometry(files, folder: Path, name: str) -> None:
         directions.append(reader.GetDirection())
     origins, directions = np.asarray(origins, float), np.asarray(directions, float)
     problem = None
+    order = np.arange(len(files))
     if np.abs(directions - directions[0]).max() > 1e-4:
         problem = "its slices are not all parallel (several planes, as in a localiser)"
     else:
         normal = directions[0].reshape(3, 3)[:, 2]
-        order = np.argsort(origins @ normal)
+        order = np.argsort(origins @ normal, kind="stable")
         origins = origins[order]
         steps = np.diff(origins @ normal)
         step = np.median(steps) if len(steps) else 0.0
@@ -307,6 +309,7 @@ def _check_slice_geometry(files, folder: Path, name: str) -> None:
     if problem:
         raise InputError(f"{name}: the DICOM series in {folder} is not one regular 3D volume: {problem}. Load it "
                          "with 3D Slicer's DICOM module, or convert it with dcm2niix, and give the NIfTI.")
+    return tuple(files[i] for i in order)
 
 
 def save_label_nifti(labels: np.ndarray, reference: Volume, path) -> Path:

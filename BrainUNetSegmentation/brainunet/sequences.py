@@ -3,6 +3,7 @@ behind the panel's Auto-detect and ``brainunet segment --study``."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 # Series names as scanners and archives write them ("AX T1 FLAIR POST", "t1_mprage_sag_p2_iso_post",
@@ -82,26 +83,32 @@ def find_study_inputs(root, named: dict | None = None) -> tuple[dict, dict]:
         raise InputError(f"--study {root}: not a readable folder. Give the folder of the patient's study (DICOM or "
                          "images).")
     candidates: dict = {}
-    every_series = []
+    by_uid: dict = {}  # some exports split a series over several folders: its parts are one series
+    image_files = []
     unreadable = []
     for folder, subfolders, files in os.walk(root, onerror=lambda exc: unreadable.append(exc.filename)):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__MACOSX")
         for series in dicom_series_in(Path(folder)):
-            every_series.append(series)
-            role = guess_role(series.description)
-            if role == "t1n" and series.contrast_agent:
-                role = "t1c"
-            if role:
-                derived = _is_derived(series.description, series.image_type)
-                candidates.setdefault(role, []).append((derived, -len(series.files), str(series), series))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            stem = next((name[:-len(s)] for s in IMAGE_SUFFIXES if name.lower().endswith(s)), None)
-            role = guess_role(stem) if stem else None
-            if role:
-                path = Path(folder) / name
-                candidates.setdefault(role, []).append((_is_derived(stem), 0, str(path), path))
+            first = by_uid.setdefault(series.uid, series)
+            if first is not series:
+                by_uid[series.uid] = replace(first, files=first.files + series.files)
+        image_files += [(folder, name) for name in sorted(files)]
+    every_series = list(by_uid.values())
+    for series in every_series:
+        role = guess_role(series.description)
+        if role == "t1n" and series.contrast_agent:
+            role = "t1c"
+        if role:
+            derived = _is_derived(series.description, series.image_type)
+            candidates.setdefault(role, []).append((derived, -len(series.files), str(series), series))
+    for folder, name in image_files:
+        if name.startswith("."):
+            continue
+        stem = next((name[:-len(s)] for s in IMAGE_SUFFIXES if name.lower().endswith(s)), None)
+        role = guess_role(stem) if stem else None
+        if role:
+            path = Path(folder) / name
+            candidates.setdefault(role, []).append((_is_derived(stem), 0, str(path), path))
     chosen, notes = {}, {}
     for role, wanted in (named or {}).items():
         matches = [x for x in every_series if wanted.strip().lower() in (x.description.lower(), x.uid.lower())]
