@@ -263,3 +263,13 @@ def test_a_series_split_over_two_folders_is_read_as_one(tmp_path, synthetic_case
     (a, a_affine), (b, b_affine) = _canonical(load_volume(whole, "FLAIR")), _canonical(load_volume(found["t2f"], "FLAIR"))
     assert np.array_equal(a, b) and np.allclose(a_affine, b_affine, atol=1e-3)
 
+
+def test_a_study_folder_far_larger_than_a_study_is_refused(tmp_path, monkeypatch):
+    from brainunet import sequences
+
+    monkeypatch.setattr(sequences, "MAX_STUDY_FOLDERS", 3)
+    for i in range(5):
+        (tmp_path / "disk" / f"folder{i}").mkdir(parents=True)
+    with pytest.raises(InputError, match="more than 3 folders, far more than one study"):
+        sequences.find_study_inputs(tmp_path / "disk")
+

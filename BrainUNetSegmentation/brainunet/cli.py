@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "above the summary); 2 nothing to do (bad folder or options); 3 missing or corrupt "
                               "weights; 130 cancelled (the cases before are kept: run again with --skip-existing)")
     p.add_argument("data_dir")
-    p.add_argument("--output-dir", help="where to write <case>-seg.nii.gz and <case>-stats.csv (default: DIR/brainunet)")
+    p.add_argument("--output-dir",
+                   help="where to write <case>-seg.nii.gz and <case>-stats.csv (default: DIR/brainunet)")
     p.add_argument("--format", default="nii.gz", choices=["nii.gz", "seg.nrrd"])
     p.add_argument("--skip-existing", action="store_true",
                    help="skip a case whose labels file (<case>-seg.FORMAT) is already in the output folder, "

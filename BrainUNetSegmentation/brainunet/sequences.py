@@ -19,7 +19,8 @@ T1_NAMES = [_W + r"(ce)?t1(?![0-9])", _W + r"(mprage|spgr|fspgr|bravo)(?![a-z])"
 # "post" as in after contrast, not posterior or post-operative / post-treatment (a native T1 after surgery,
 # whose blood is bright without contrast)
 _POST = r"post(?!er|[\W_]*op|[\W_]*(surg|treat|therap|rad))"
-CONTRAST = [_W + r"t1w?[\W_]*(ce|c|gd)(?![a-z]|-(?![a-z0-9]))", _W + r"t1w?[\W_]*(" + _POST + r"|gad|contrast)", _W + r"cet1",
+CONTRAST = [_W + r"t1w?[\W_]*(ce|c|gd)(?![a-z]|-(?![a-z0-9]))", _W + r"t1w?[\W_]*(" + _POST + r"|gad|contrast)",
+            _W + r"cet1",
             _W + r"(ce|gd|km)(?![a-z])", _W + r"(" + _POST + r"|gad|contrast)", r"\+"]
 #: ... overruled by marks of a native T1 ("T1 PRE", "T1 pre-contrast", "T1 non contrast", "T1N").
 NATIVE = [_W + r"t1n(?![a-z])", _W + r"pre(?![a-z]|[\W_]*op)", _W + r"pre[\W_]*(contrast|gd|gad)",
@@ -56,6 +57,9 @@ def guess_role(name: str) -> str | None:
     return None
 
 
+#: More folders than any patient's study export holds: ``--study`` was given a whole disk or home folder.
+MAX_STUDY_FOLDERS = 5000
+
 #: Series a study holds besides the acquisitions: reformats, projections and subtractions named like them.
 DERIVED_NAMES = [_W + r"(sub|subtract\w*|mip|minip|mpr|reformat\w*|recon)(?![a-z])"]
 
@@ -86,7 +90,11 @@ def find_study_inputs(root, named: dict | None = None) -> tuple[dict, dict]:
     by_uid: dict = {}  # some exports split a series over several folders: its parts are one series
     image_files = []
     unreadable = []
-    for folder, subfolders, files in os.walk(root, onerror=lambda exc: unreadable.append(exc.filename)):
+    walk = os.walk(root, onerror=lambda exc: unreadable.append(exc.filename))
+    for count, (folder, subfolders, files) in enumerate(walk):
+        if count >= MAX_STUDY_FOLDERS:
+            raise InputError(f"--study {root}: more than {MAX_STUDY_FOLDERS} folders, far more than one study; give "
+                             "the folder of one patient's study.")
         subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__MACOSX")
         for series in dicom_series_in(Path(folder)):
             first = by_uid.setdefault(series.uid, series)
