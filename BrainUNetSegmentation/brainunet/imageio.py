@@ -254,7 +254,7 @@ def _read_dicom_files(files, folder: Path, name: str) -> Volume:
     if len(files) < 2:
         raise InputError(f"{name}: the DICOM series in {folder} has a single file, a 2D image or a multi-frame "
                          "file; BrainUNet needs the whole 3D series: export it again, or convert it to NIfTI.")
-    files = _check_slice_geometry(files, folder, name)
+    files = check_slice_geometry(files, folder, name)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.SetOutputPixelType(sitk.sitkFloat32)  # slices may each have their own rescale slope
@@ -268,7 +268,7 @@ def _read_dicom_files(files, folder: Path, name: str) -> Volume:
     return _volume_from_sitk(image, name)
 
 
-def _check_slice_geometry(files, folder: Path, name: str) -> tuple[str, ...]:
+def check_slice_geometry(files, folder: Path, name: str) -> tuple[str, ...]:
     """Refuse a series that is not one evenly spaced stack of parallel slices: ITK would read it as one with a
     warning only (a missing slice, a tilted gantry, two echoes or a 3-plane localiser under one series UID).
     Returns the files in slice order, along the normal of the slices (the order the reader needs)."""

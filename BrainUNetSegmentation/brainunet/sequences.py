@@ -80,7 +80,7 @@ def find_study_inputs(root, named: dict | None = None) -> tuple[dict, dict]:
     import os
 
     from .errors import InputError
-    from .imageio import IMAGE_SUFFIXES, MODALITY_NAMES, _check_slice_geometry, dicom_series_in
+    from .imageio import IMAGE_SUFFIXES, MODALITY_NAMES, check_slice_geometry, dicom_series_in
 
     root = Path(root)
     if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
@@ -137,7 +137,7 @@ def find_study_inputs(root, named: dict | None = None) -> tuple[dict, dict]:
                 continue
             if not isinstance(item, Path):
                 try:
-                    _check_slice_geometry(item.files, item.folder, MODALITY_NAMES[role])
+                    check_slice_geometry(item.files, item.folder, MODALITY_NAMES[role])
                 except InputError:
                     passed.append(f"{text}: not one regular volume")
                     continue

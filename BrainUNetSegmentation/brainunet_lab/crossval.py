@@ -76,23 +76,21 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
     cases' files, so with a pack pass ``train_only`` and score later here with ``--data ... --resume``
     (finished fold models are then scored, not retrained).
     Returns True when everything asked for is done, False when the time limit stopped it (resume later)."""
-    from .realdata import find_labelled_cases, institution_folds
+    from .realdata import find_labelled_cases, institution_folds, load_packed_cases
     from .training import TrainConfig, check_not_learned, train
 
     deadline = time.monotonic() + time_limit_s if time_limit_s else None
     output_dir = Path(output_dir)
     if pack is None:
-        case_names = [c.name for c in find_labelled_cases(data_dir)]  # a bad folder is reported before anything is loaded
+        case_names = [c.name for c in find_labelled_cases(data_dir)]  # a bad folder is reported before loading
     elif not train_only:
         raise InputError("Held-out cases are scored from their files: with --pack, pass --train-only and score "
                          "later with --data DIR --resume.")
+    else:
+        packed = load_packed_cases(pack)
+        case_names = [c.name for c in packed]
     config = recipe_config(base_model, steps, scratch, device, seed, overrides)
     if config.init_weights:  # before anything is written: a refused run leaves no folder
-        if pack is not None:
-            from .realdata import load_packed_cases
-
-            packed = load_packed_cases(pack)
-            case_names = [c.name for c in packed]
         check_not_learned(config.init_weights, case_names, log)
     recipe = {"data": str(Path(data_dir or pack).resolve()), "base_model": None if scratch else str(config.init_weights),
               "scratch": scratch, "steps": steps, "folds": folds, "overrides": overrides or {}, "seed": seed}
@@ -111,9 +109,7 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
 
     t = time.perf_counter()
     if pack is not None:
-        from .realdata import load_packed_cases
-
-        cases = packed if config.init_weights else load_packed_cases(pack)
+        cases = packed
     else:
         cases = load_cases(data_dir, config, progress=(lambda f, m: None) if not progress else None)
     log(f"{len(cases)} cases preprocessed or read from the cache in {time.perf_counter() - t:.0f} s")

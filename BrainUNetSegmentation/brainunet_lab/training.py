@@ -87,7 +87,7 @@ class TrainConfig:
     # and elastic warp, sometimes thick slices, blur and noise (torchio), so steps do not repeat it
     real_augmentation: bool = True
     init_weights: str | None = None  # weights file to start from (fine-tuning)
-    min_component_voxels: int = 50  # stored in model.pt: post-processing at inference (counted in 1 mm³ voxels on any grid)
+    min_component_voxels: int = 50  # stored in model.pt: inference's post-processing (in 1 mm³ voxels, any grid)
     # the rest of the post-processing stored in model.pt (settings.Postprocessing fields): a fine-tuned
     # model keeps its base model's (e.g. the tumour_threshold chosen for it by cross-validation)
     postprocessing: dict = field(default_factory=dict)
