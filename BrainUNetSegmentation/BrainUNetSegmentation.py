@@ -69,16 +69,23 @@ Segments a glioma on brain MRI into enhancing tumour (ET), non-enhancing tumour 
 surrounding FLAIR hyperintensity (SNFH), following the BraTS 2023 labels, and measures each region
 (volume, centroid, largest diameter, mean intensities; TC = ET + NETC and WT = TC + SNFH).
 <br><br>
-Inputs: T1CE (contrast T1), T2W and FLAIR of one study, in any orientation and spacing; T1 native
-is optional. Click <b>Auto-detect</b> to choose them from the volume names. The segmentation runs in
-the background: Slicer stays usable and the run can be cancelled. Nothing is added to the scene
-until a run has finished.
+Inputs: T1CE (contrast T1), T2W and FLAIR of one study, in any orientation and spacing, skull on or
+off (the brain is extracted when needed); T1 native is optional. One of T1CE, T2W and FLAIR may be
+missing, with lower accuracy (the model panel says how much). Click <b>Auto-detect</b> to choose
+them from the volume names. The segmentation runs in the background (seconds to a minute on a CPU):
+Slicer stays usable and the run can be cancelled. Nothing is added to the scene until a run has
+finished; the result is a segmentation to correct in Segment Editor, and <b>Update statistics</b>
+measures it again.
 <br><br>
-For research use only; not a medical device.
+For research use only; not a medical device. Every result needs review by a qualified reader.
+<br><br>
+Documentation: <a href="https://github.com/brainunet/SlicerBrainUNet">github.com/brainunet/SlicerBrainUNet</a>
 """)
         self.parent.acknowledgementText = _("""
-Uses PyTorch through the SlicerPyTorch extension. Label definitions follow the BraTS 2023 adult
-glioma challenge.
+Uses PyTorch through the SlicerPyTorch extension, and deepbet (Fisch et al., 2024) for brain extraction.
+The bundled model learned from BraTS 2018 training cases (Menze et al., IEEE TMI 2015; Bakas et al.,
+Scientific Data 2017; Bakas et al., arXiv:1811.02629). Label definitions follow the BraTS 2023 adult
+glioma challenge. The sample cases are those SlicerMONAIAuto3DSeg publishes.
 """)
         # the segments' terminology context, loaded at start-up as SlicerTotalSegmentator and
         # SlicerMONAIAuto3DSeg load theirs (so a .seg.nrrd opened before the module shows its terms)
@@ -108,7 +115,8 @@ def registerSampleData() -> list:
     from BrainUNetSegmentationLib.sampledata import register_sample_data
 
     icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "BrainUNetSegmentation.png")
-    return register_sample_data(SampleData.SampleDataLogic, thumbnail=icon)
+    registered = getattr(getattr(slicer, "modules", None), "sampleDataSources", None)
+    return register_sample_data(SampleData.SampleDataLogic, thumbnail=icon, registered=registered)
 
 
 #
@@ -151,7 +159,9 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui = None
         self.uiWidget = None
         self._parameterNode = None
+        self._observedParameterNode = None  # the MRML node behind it, whose changes the panel shows
         self._updatingGUI = False
+        self._updatingParameterNode = False
         self._entered = False
         self._run = None  # BrainUNetSegmentationLib.logic.BackgroundRun while a segmentation is running
         self._registerRun = None  # the same, while Add model file... checks and registers a file
@@ -159,6 +169,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._dependenciesReady = False
         self._resultTableNodeID = None
         self._resultSegmentationNodeID = None
+        self._autoFilled = {}  # role -> ID of the node the panel filled in by itself (not filled in again)
         self._timer = None
         self._models = []  # BrainUNetSegmentationLib.logic.ModelChoice per item of the model combo box
 
@@ -174,6 +185,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
 
         self.logic = _logicClass()()
         loadTerminology()  # also when the module was added after start-up (Additional module paths)
+        registerSampleData()  # likewise; a case already registered at start-up is not added again
 
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -184,6 +196,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
 
         for selectorName in INPUT_SELECTORS.values():
             getattr(self.ui, selectorName).currentNodeChanged.connect(self.updateParameterNodeFromGUI)
@@ -218,6 +231,16 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self._registerRun = None
         self.removeObservers()
         self._parameterNode = None
+        self._observedParameterNode = None
+
+    def onReload(self) -> None:
+        """Slicer's Reload runs this file again but keeps the modules it imported: drop the bridge and the
+        runtime too, so that an edit of either takes effect without restarting Slicer."""
+        import sys
+
+        for name in [n for n in sys.modules if n.split(".")[0] in ("BrainUNetSegmentationLib", "brainunet")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
         self._entered = True
@@ -234,17 +257,37 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._showResults(None)
 
     def onSceneEndClose(self, caller, event) -> None:
+        self._autoFilled = {}
         if self._entered:
             self.initializeParameterNode()
 
+    def onSceneEndImport(self, caller, event) -> None:
+        """A scene (or a scene file dropped in) was loaded: show its saved choices and its latest result."""
+        if self._run is None:
+            self.initializeParameterNode()
+            self._showLatestResult()
+
     # -- parameter node <-> GUI ---------------------------------------------------------------
     def initializeParameterNode(self) -> None:
-        """Use the scene's parameter node; fill empty inputs from the volume names."""
-        self._parameterNode = self.logic.getParameterNode()
+        """Use the scene's parameter node, and follow its changes (a scene loaded, a script); fill empty
+        inputs from the volume names, each volume once: an input the user emptied stays empty."""
+        parameterNode = self.logic.getParameterNode()
+        self._parameterNode = parameterNode
         for role, node in self.logic.guess_inputs().items():
-            if getattr(self._parameterNode, role) is None:
-                setattr(self._parameterNode, role, node)
+            if getattr(parameterNode, role) is None and self._autoFilled.get(role) != node.GetID():
+                setattr(parameterNode, role, node)
+                self._autoFilled[role] = node.GetID()
+        observed, mrmlNode = self._observedParameterNode, parameterNode.parameterNode
+        if observed is not mrmlNode:
+            if observed is not None:
+                self.removeObserver(observed, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.addObserver(mrmlNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self._observedParameterNode = mrmlNode
         self.updateGUIFromParameterNode()
+
+    def onParameterNodeModified(self, caller, event) -> None:
+        if not self._updatingParameterNode:
+            self.updateGUIFromParameterNode()
 
     def updateGUIFromParameterNode(self) -> None:
         if self._parameterNode is None:
@@ -268,17 +311,21 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if self._updatingGUI or self._parameterNode is None:
             return
         p = self._parameterNode
-        for role, selectorName in INPUT_SELECTORS.items():
-            setattr(p, role, getattr(self.ui, selectorName).currentNode())
-        p.outputSegmentation = self.ui.outputSegmentationSelector.currentNode()
-        modelIndex = self.ui.modelComboBox.property("currentIndex")
-        if 0 <= modelIndex < len(self._models):
-            chosen = self._models[modelIndex]
-            p.model = "" if chosen.default else chosen.name  # the default follows the registry
-        deviceIndex = self.ui.deviceComboBox.property("currentIndex")
-        p.device = DEVICES[deviceIndex] if 0 <= deviceIndex < len(DEVICES) else "auto"
-        p.tta = self.ui.qualityComboBox.property("currentIndex") == 1
-        p.show3D = bool(self.ui.show3DCheckBox.property("checked"))
+        self._updatingParameterNode = True  # its Modified events would only set the widgets to themselves
+        try:
+            for role, selectorName in INPUT_SELECTORS.items():
+                setattr(p, role, getattr(self.ui, selectorName).currentNode())
+            p.outputSegmentation = self.ui.outputSegmentationSelector.currentNode()
+            modelIndex = self.ui.modelComboBox.property("currentIndex")
+            if 0 <= modelIndex < len(self._models):
+                chosen = self._models[modelIndex]
+                p.model = "" if chosen.default else chosen.name  # the default follows the registry
+            deviceIndex = self.ui.deviceComboBox.property("currentIndex")
+            p.device = DEVICES[deviceIndex] if 0 <= deviceIndex < len(DEVICES) else "auto"
+            p.tta = self.ui.qualityComboBox.property("currentIndex") == 1
+            p.show3D = bool(self.ui.show3DCheckBox.property("checked"))
+        finally:
+            self._updatingParameterNode = False
         self._updateApplyButton()
 
     # -- models -------------------------------------------------------------------------------
@@ -396,8 +443,20 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
 
     def onOutputSegmentationChanged(self, *args) -> None:
         """The Show 3D button acts on the output segmentation (read from the selector: the signal's
-        argument differs between its overloads)."""
-        self.ui.segmentationShow3DButton.setSegmentationNode(self.ui.outputSegmentationSelector.currentNode())
+        argument differs between its overloads); choosing a BrainUNet result there shows its statistics,
+        so Update statistics and Export CSV work on it (a result of an earlier session, of another patient)."""
+        node = self.ui.outputSegmentationSelector.currentNode()
+        self.ui.segmentationShow3DButton.setSegmentationNode(node)
+        table = node.GetNodeReference(STATISTICS_TABLE_REFERENCE) if node is not None else None
+        if table is not None:
+            self._resultSegmentationNodeID = node.GetID()
+            self._showResults(table)
+
+    def _showLatestResult(self) -> None:
+        """Show the statistics of the scene's latest BrainUNet result (a saved scene opened again)."""
+        segmentationNode, tableNode = self.logic.latestResult()
+        self._resultSegmentationNodeID = segmentationNode.GetID() if segmentationNode is not None else None
+        self._showResults(tableNode)
 
     def _updateApplyButton(self) -> None:
         """Apply is enabled once the inputs can run (two of T1CE, T2W and FLAIR at least); while a run
@@ -407,11 +466,28 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             return
         from BrainUNetSegmentationLib.logic import missing_inputs
 
-        missing = missing_inputs(self.selectedInputs())
-        self.ui.applyButton.setEnabled(len(missing) <= 1)
-        if len(missing) > 1:
+        from brainunet.imageio import MODALITY_NAMES
+
+        inputs = self.selectedInputs()
+        missing = missing_inputs(inputs)
+        index = self.ui.modelComboBox.property("currentIndex")
+        model = self._models[index] if 0 <= index < len(self._models) else None
+        needsAll = model is not None and model.one_may_be_missing is False
+        chosen = [(role, node) for role, node in inputs.items() if node is not None]
+        twice = [(a, b) for i, (a, node) in enumerate(chosen) for b, other in chosen[i + 1:] if node is other]
+        self.ui.applyButton.setEnabled(len(missing) <= (0 if needsAll else 1) and not twice)
+        if twice:
+            a, b = twice[0]
+            self.ui.applyButton.setToolTip(_("The same volume is selected as {first} and {second}; select the "
+                                             "right volume for each.").format(first=MODALITY_NAMES[a],
+                                                                              second=MODALITY_NAMES[b]))
+        elif len(missing) > 1:
             self.ui.applyButton.setToolTip(_("Select the {volumes} volumes first.").format(
                 volumes=_(" and ").join(missing)))
+        elif missing and needsAll:
+            self.ui.applyButton.setToolTip(_("The model \"{model}\" needs every sequence: select {volume}, or "
+                                             "choose a model that runs without it.").format(
+                model=model.name, volume=missing[0]))
         elif missing:
             self.ui.applyButton.setToolTip(_("{volume} is not selected: the model runs without it, with lower "
                                              "accuracy. Runs in the background; click again to cancel.").format(
@@ -473,6 +549,10 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         inputs = self.selectedInputs()
         if not self._dependenciesReady:
             self.logic.check_inputs(inputs)  # say what is missing before offering to install anything
+            # the first run may download PyTorch and a few packages: minutes on a slow connection
+            self._setStatus(_("Checking PyTorch and the Python packages BrainUNet needs (installing them can "
+                              "take several minutes; the Python console shows the progress)..."))
+            slicer.app.processEvents()
             if not self.logic.ensureDependencies():
                 self._setStatus(_("BrainUNet needs PyTorch and a few Python packages; nothing was run."))
                 return False
@@ -526,6 +606,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self._finishRun(run)
         else:
             run.cleanup()
+            self.ui.progressBar.setValue(0)
             message = _("Segmentation failed: {reason}").format(
                 reason=run.error or _("the segmentation ended ({state}).").format(state=state))
             self._setStatus(message)
@@ -548,6 +629,9 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._showResults(tableNode)
         done = _("Done: segmentation \"{segmentation}\" and table \"{table}\".").format(
             segmentation=segmentationNode.GetName(), table=tableNode.GetName())
+        hidden = self.logic.hide_other_results(segmentationNode)  # one result shows at a time; none removed
+        if hidden:
+            done += " " + _("Hidden, not removed: {names}.").format(names=", ".join(hidden))
         if run.notes:  # what the worker did to the input or doubts about it: shown, not left in the log
             self._setStatus(done + " " + _("Check the notes."))
             slicer.util.warningDisplay("\n\n".join(run.notes), windowTitle=_("BrainUNet: notes on this result"))
@@ -731,6 +815,18 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
         if show3D:
             segmentationNode.CreateClosedSurfaceRepresentation()
         return segmentationNode, tableNode
+
+    @staticmethod
+    def latestResult():
+        """(segmentation, table) of the scene's most recent BrainUNet result, or (None, None)."""
+        nodes = slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode")
+        results = []
+        for i in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(i)
+            table = node.GetNodeReference(STATISTICS_TABLE_REFERENCE)
+            if table is not None:
+                results.append((node, table))
+        return results[-1] if results else (None, None)
 
     @staticmethod
     def statisticsForDisplay(tableNode):

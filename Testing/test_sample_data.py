@@ -36,6 +36,15 @@ def test_every_case_is_registered_with_its_three_sequences_urls_and_sha256():
         assert [n.rsplit("-", 1)[1] for n in source["nodeNames"]] == ["T1CE", "T2W", "FLAIR"]
 
 
+def test_a_case_already_listed_is_not_registered_twice():
+    from types import SimpleNamespace
+
+    logic = SampleDataLogicRecorder()
+    listed = {"BrainUNet": [SimpleNamespace(sampleName="BraTS-GLI-00001-000")], "Other": []}
+    assert sampledata.register_sample_data(logic, registered=listed) == ["BraTS-SSA-00002-000"]
+    assert [s["sampleName"] for s in logic.sources] == ["BraTS-SSA-00002-000"]
+
+
 def test_node_names_are_recognised_by_auto_detect():
     from BrainUNetSegmentationLib.logic import guess_role
 

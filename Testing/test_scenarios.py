@@ -310,3 +310,65 @@ def test_a_native_t1_the_panel_cannot_read_is_left_out_with_a_note_not_a_refusal
     assert any(n.startswith("T1 left out of the statistics:") and "constant" in n for n in notes), notes
     assert seg.GetNodeReference(INPUT_VOLUME_REFERENCE + "t1n") is None
     assert seg.GetSegmentation().GetNumberOfSegments() == 3
+
+
+def test_an_import_that_fails_half_way_leaves_the_scene_as_it_was(scene, tmp_path, monkeypatch):
+    """A re-run into a corrected segmentation that fails after its segments were replaced (here: the
+    table cannot be written) puts the corrected segments and the table back, and adds no node."""
+    import pytest
+
+    from BrainUNetSegmentationLib import mrml
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic, RunOptions
+
+    scenarios.load_synthetic_case(scene, seed=3)
+    logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
+    seg, table = logic.segment(logic.guess_inputs(), RunOptions(device="cpu"), timeout=300)
+    seg.GetSegmentation().RemoveSegment("NETC")  # a correction in Segment Editor
+    rows = mrml.table_to_rows(table)
+    description = table.GetDescription()
+    ids = [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+    run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"))
+    assert run.wait(300) == "done"
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mrml, "statistics_table", fail)
+    with pytest.raises(OSError, match="disk full"):
+        logic.import_results(run, segmentation_node=seg, table_node=table)
+    assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())] == ids
+    segmentation = seg.GetSegmentation()
+    assert sorted(segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())) == ["ET", "SNFH"]
+    assert mrml.table_to_rows(table) == rows and table.GetDescription() == description
+    # into a new segmentation: the half-made segmentation is removed again
+    run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"))
+    assert run.wait(300) == "done"
+    with pytest.raises(OSError, match="disk full"):
+        logic.import_results(run)
+    assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())] == ids
+
+
+def test_a_result_names_its_model_and_earlier_results_on_the_volume_are_hidden(scene, tmp_path):
+    import os
+
+    import brainunet
+    from BrainUNetSegmentationLib import logic as logic_module
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic, RunOptions
+
+    scenarios.load_synthetic_case(scene, seed=4)
+    logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
+    first, first_table = logic.segment(logic.guess_inputs(), RunOptions(device="cpu"), timeout=300)
+    for node in (first, first_table):
+        assert node.GetAttribute(logic_module.PROVENANCE_MODEL) == os.environ["BRAINUNET_MODEL"]  # conftest's
+        assert node.GetAttribute(logic_module.PROVENANCE_QUALITY) == "standard"
+        assert node.GetAttribute(logic_module.PROVENANCE_VERSION) == brainunet.__version__
+        assert node.GetAttribute(logic_module.PROVENANCE_DATE)
+    other = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "a user's own segmentation")
+    other.CreateDefaultDisplayNodes()
+    second, _ = logic.segment(logic.guess_inputs(), RunOptions(device="cpu", tta=True), timeout=300)
+    assert second.GetAttribute(logic_module.PROVENANCE_QUALITY) == "test-time augmentation (8 passes)"
+    assert logic.hide_other_results(second) == [first.GetName()]
+    assert not first.GetDisplayNode().GetVisibility() and second.GetDisplayNode().GetVisibility()
+    assert other.GetDisplayNode().GetVisibility()  # not a result on this volume: left alone
+    assert first.GetSegmentation().GetNumberOfSegments() == 3  # hidden, not changed

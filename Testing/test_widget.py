@@ -244,6 +244,43 @@ def test_enter_auto_fills_selectors_from_volume_names(harness):
     assert (p.device, p.tta, p.show3D) == ("cpu", True, False)
 
 
+def test_an_input_the_user_emptied_stays_empty_and_a_new_volume_is_offered(harness):
+    ui, widget = harness.ui, harness.widget
+    nodes = add_case(harness)
+    widget.enter()
+    ui.t2wSelector.setCurrentNode(None)  # to run without a poor T2W
+    widget.exit()
+    widget.enter()  # back from Segment Editor
+    assert ui.t2wSelector.currentNode() is None and ui.t1cSelector.currentNode() is nodes["t1c"]
+    from brainunet import synthetic
+    from BrainUNetSegmentationLib import mrml
+
+    volumes, _ = synthetic.make_case(seed=1, shape=SHAPE)
+    t1 = mrml.add_volume_node(harness.scene, volumes["t1c"], "Case_T1")  # loaded later: offered on the next enter
+    widget.exit()
+    widget.enter()
+    assert ui.t1nSelector.currentNode() is t1 and ui.t2wSelector.currentNode() is None
+    # a vector volume (an RGB screenshot) named like a sequence is no candidate
+    harness.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "Case_FLAIR screenshot")
+    assert widget.logic.ambiguous_inputs() == {}
+
+
+def test_the_panel_follows_its_parameter_node(harness):
+    """A scene loaded with the module open, or a script, changes the parameter node: the panel shows it,
+    and does not write its older values back over it."""
+    ui, widget = harness.ui, harness.widget
+    nodes = add_case(harness)
+    widget.enter()
+    p = widget.logic.getParameterNode()
+    p.tta = True
+    p.device = "cpu"
+    p.t2w = None
+    assert ui.qualityComboBox.currentIndex() == 1 and ui.deviceComboBox.currentIndex() == 1
+    assert ui.t2wSelector.currentNode() is None
+    ui.show3DCheckBox.setChecked(False)  # the next change in the panel keeps the script's values
+    assert (p.tta, p.device, p.t2w, p.t1c, p.show3D) == (True, "cpu", None, nodes["t1c"], False)
+
+
 def test_auto_detect_leaves_a_sequence_that_several_volumes_match_and_says_so(harness):
     ui = harness.ui
     nodes = add_case(harness)
@@ -483,6 +520,56 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
     assert ui.segmentationShow3DButton.segmentationNode() is None
 
 
+def test_a_second_result_hides_the_first_and_the_results_follow_the_chosen_segmentation(harness):
+    ui, widget = harness.ui, harness.widget
+    add_case(harness)
+    widget.enter()
+    ui.deviceComboBox.setCurrentIndex(1)  # cpu
+    ui.show3DCheckBox.setChecked(False)
+    ui.applyButton.click()
+    harness.wait_until(lambda: widget._run is None, RUN_TIMEOUT_S)
+    ui.qualityComboBox.setCurrentIndex(1)  # again, with test-time augmentation, into a new segmentation
+    ui.applyButton.click()
+    harness.wait_until(lambda: widget._run is None, RUN_TIMEOUT_S)
+    assert harness.errors() == []
+    first, second = harness.nodes_of("vtkMRMLSegmentationNode")
+    assert not first.GetDisplayNode().GetVisibility() and second.GetDisplayNode().GetVisibility()
+    assert f"Hidden, not removed: {first.GetName()}." in ui.statusLabel.text()
+    assert first.GetAttribute("BrainUNet.Quality") == "standard"
+    assert second.GetAttribute("BrainUNet.Quality") == "test-time augmentation (8 passes)"
+
+    # the first result chosen as output: its statistics are shown, and Update statistics works on it
+    first.GetSegmentation().RemoveSegment("ET")
+    ui.outputSegmentationSelector.setCurrentNode(first)
+    assert ui.updateStatisticsButton.isEnabled()
+    ui.updateStatisticsButton.click()
+    assert harness.errors() == [] and ui.resultsTableView.item(0, 2).text() == "0"
+    second_table = second.GetNodeReference("BrainUNetStatistics")
+    assert int(second_table.GetTable().GetValueByName(0, "voxels").ToDouble()) > 0  # untouched
+
+    # a saved scene opened again (an import): the panel shows the latest result's statistics
+    ui.outputSegmentationSelector.setCurrentNode(None)
+    widget._showResults(None)
+    widget._resultSegmentationNodeID = None
+    assert not ui.exportCsvButton.isEnabled()
+    harness.scene.StartState(harness.scene.ImportState)
+    harness.scene.EndState(harness.scene.ImportState)
+    assert ui.exportCsvButton.isEnabled() and ui.resultsTableView.rowCount() == 5
+    assert widget._resultNodes() == (second, second_table)
+
+
+def test_reload_drops_the_bridge_and_the_runtime_so_edits_take_effect(harness):
+    names = [n for n in sys.modules if n.split(".")[0] in ("BrainUNetSegmentationLib", "brainunet")]
+    saved = {n: sys.modules[n] for n in names}
+    assert "brainunet" in saved and "BrainUNetSegmentationLib.logic" in saved
+    try:
+        harness.widget.onReload()
+        assert not [n for n in sys.modules if n.split(".")[0] in ("BrainUNetSegmentationLib", "brainunet")]
+        assert harness.widget.reloaded
+    finally:
+        sys.modules.update(saved)
+
+
 # ---------------------------------------------------------------------------------------------
 # (d) invalid inputs
 # ---------------------------------------------------------------------------------------------
@@ -493,9 +580,21 @@ def test_apply_is_disabled_until_two_sequences_are_selected(harness):
     ui = harness.ui
     add_case(harness)
     harness.widget.enter()
+    ui.modelComboBox.setCurrentIndex(ui.modelComboBox.findText(BUNDLED))  # trained with modality dropout
     assert ui.applyButton.isEnabled()
     ui.t2wSelector.setCurrentNode(None)
     assert ui.applyButton.isEnabled() and "T2W is not selected" in ui.applyButton.toolTip()
+    # a model that needs every sequence (the intensity baseline) says so before anything runs
+    ui.modelComboBox.setCurrentIndex(ui.modelComboBox.findText("intensity-baseline", widget_harness.QtCore.Qt.MatchStartsWith))
+    assert not ui.applyButton.isEnabled()
+    assert "needs every sequence: select T2W" in ui.applyButton.toolTip()
+    ui.modelComboBox.setCurrentIndex(ui.modelComboBox.findText(BUNDLED))
+    assert ui.applyButton.isEnabled()
+    # one volume chosen for two sequences: refused before anything runs
+    ui.t2wSelector.setCurrentNode(ui.t2fSelector.currentNode())
+    assert not ui.applyButton.isEnabled() and "The same volume is selected as T2W and FLAIR" in ui.applyButton.toolTip()
+    ui.t2wSelector.setCurrentNode(None)
+    assert ui.applyButton.isEnabled()
     ui.t2fSelector.setCurrentNode(None)
     assert harness.widget.logic.getParameterNode().t2w is None
     assert not ui.applyButton.isEnabled() and "T2W and FLAIR" in ui.applyButton.toolTip()

@@ -295,6 +295,9 @@ def make_scripted_loadable_module() -> types.ModuleType:
         def cleanup(self):
             pass
 
+        def onReload(self):
+            self.reloaded = True
+
     class ScriptedLoadableModuleLogic:
         def __init__(self, parent=None):
             super().__init__()  # as Slicer's: cooperative, so the MRO after it must accept no arguments

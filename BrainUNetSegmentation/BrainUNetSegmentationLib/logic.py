@@ -30,6 +30,11 @@ PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # folder that contains 
 REFERENCE_VOLUME_REFERENCE = "BrainUNetReferenceVolume"
 INPUT_VOLUME_REFERENCE = "BrainUNetInput_"
 RECOMPUTED_NOTE = "Statistics computed again from the segments as edited"
+#: Attributes of a result's segmentation and table: the model that made it, with which quality, when.
+PROVENANCE_MODEL = "BrainUNet.Model"
+PROVENANCE_QUALITY = "BrainUNet.Quality"
+PROVENANCE_VERSION = "BrainUNet.Version"
+PROVENANCE_DATE = "BrainUNet.Date"
 
 def missing_inputs(inputs: dict) -> list[str]:
     """The names of T1CE, T2W and FLAIR that ``inputs`` (role -> node) lacks."""
@@ -37,12 +42,14 @@ def missing_inputs(inputs: dict) -> list[str]:
 
 
 def input_candidates(scene) -> dict:
-    """Role -> every scalar volume node (label maps aside) whose name suggests that role, in scene order."""
+    """Role -> every scalar volume node whose name suggests that role, in scene order. Only plain scalar
+    volumes, as the input selectors list them: a label map, a vector (RGB screenshot) or a diffusion volume
+    named like a sequence is not one."""
     found: dict = {}
     nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
     for i in range(nodes.GetNumberOfItems()):
         node = nodes.GetItemAsObject(i)
-        if node.IsA("vtkMRMLLabelMapVolumeNode"):
+        if node.GetClassName() != "vtkMRMLScalarVolumeNode":
             continue
         role = guess_role(node.GetName() or "")
         if role:
@@ -131,6 +138,8 @@ class BackgroundRun:
     inputs: dict = field(default_factory=dict)  # role -> the volume node it was made from
     task: str = "the segmentation"  # what the worker does, as messages name it
     model_name: str = ""  # the registry name a "brainunet register" run adds
+    model_used: str = ""  # the model a segmentation ran, as the worker's "Model: ..." line names it
+    options: RunOptions | None = None
     _lines: queue.Queue = field(default_factory=queue.Queue)
 
     def __post_init__(self):
@@ -225,6 +234,8 @@ class BackgroundRun:
                 self._log(text)
                 if text.startswith("Note: "):
                     self.notes.append(text[len("Note: "):])
+                elif text.startswith("Model: "):
+                    self.model_used = text[len("Model: "):].split(" (")[0].strip()
             return
         if line.startswith(RESULT_PREFIX):
             line = line[len(RESULT_PREFIX):].strip()
@@ -392,7 +403,8 @@ class BrainUNetLogic:
                 self.write_volume(volume, files[role])
 
         run = BackgroundRun(None, workdir, reference, outputs, on_progress, on_log,
-                            inputs={role: node for role, node in inputs.items() if node is not None})
+                            inputs={role: node for role, node in inputs.items() if node is not None},
+                            options=options)
         run.notes.extend(left_out)  # kept with the worker's notes, in the table
         run.launch_after(write_inputs, self.command(files, outputs, options), env)
         return run
@@ -424,18 +436,52 @@ class BrainUNetLogic:
                 segmentation_node = None  # the chosen output was deleted during the run: a new one
             if table_node is not None and table_node.GetScene() is not self.scene:
                 table_node = None
-            seg = mrml.create_segmentation(self.scene, labels, reference, segmentation_node=segmentation_node)
-            table = mrml.statistics_table(self.scene, rows, f"{seg.GetName()} statistics", table_node, run.notes)
-            mrml.place_beside(self.scene, table, reference)
-            seg.SetNodeReferenceID(REFERENCE_VOLUME_REFERENCE, reference.GetID())
-            for role in ("t1c", "t2w", "t2f", "t1n"):
-                node = run.inputs.get(role)
-                if left_out_by_worker(run.notes, role):
-                    node = None  # the worker left it out: not an input of this result
-                seg.SetNodeReferenceID(INPUT_VOLUME_REFERENCE + role, node.GetID() if node is not None else None)
+            with mrml.scene_unchanged_on_error(self.scene, segmentation_node, table_node):
+                seg = mrml.create_segmentation(self.scene, labels, reference, segmentation_node=segmentation_node)
+                table = mrml.statistics_table(self.scene, rows, f"{seg.GetName()} statistics", table_node,
+                                              run.notes)
+                mrml.place_beside(self.scene, table, reference)
+                seg.SetNodeReferenceID(REFERENCE_VOLUME_REFERENCE, reference.GetID())
+                for role in ("t1c", "t2w", "t2f", "t1n"):
+                    node = run.inputs.get(role)
+                    if left_out_by_worker(run.notes, role):
+                        node = None  # the worker left it out: not an input of this result
+                    seg.SetNodeReferenceID(INPUT_VOLUME_REFERENCE + role, node.GetID() if node is not None else None)
+                for node in (seg, table):
+                    for key, value in self.provenance(run).items():
+                        node.SetAttribute(key, value)
         finally:
             run.cleanup()
         return seg, table
+
+    @staticmethod
+    def provenance(run: BackgroundRun) -> dict:
+        """Attributes that say how a result was made (saved with the scene: a result opened months later
+        still names its model)."""
+        import brainunet
+
+        options = run.options or RunOptions()
+        return {PROVENANCE_MODEL: run.model_used or options.model or "",
+                PROVENANCE_QUALITY: "test-time augmentation (8 passes)" if options.tta else "standard",
+                PROVENANCE_VERSION: brainunet.__version__,
+                PROVENANCE_DATE: time.strftime("%Y-%m-%d %H:%M")}
+
+    def hide_other_results(self, segmentation_node) -> list[str]:
+        """Hide every other BrainUNet result on the same reference volume (a re-run, or another quality),
+        so one result shows at a time; nothing is removed. Returns the names of those hidden."""
+        reference = segmentation_node.GetNodeReference(REFERENCE_VOLUME_REFERENCE)
+        hidden = []
+        nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
+        for i in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(i)
+            if node is segmentation_node or reference is None or node.GetNodeReference(REFERENCE_VOLUME_REFERENCE) \
+                    is not reference:
+                continue
+            display = node.GetDisplayNode()
+            if display is not None and display.GetVisibility():
+                display.SetVisibility(False)
+                hidden.append(node.GetName())
+        return hidden
 
     def update_statistics(self, segmentation_node, table_node) -> bool:
         """Compute ``table_node``'s statistics again from the segments of ``segmentation_node`` as they are

@@ -6,6 +6,8 @@ oblique, anisotropic and left-handed volumes keep their geometry.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import slicer
 import vtk
@@ -135,6 +137,36 @@ def _set_terminology(segment, region) -> None:
         segment.SetTerminology(region.terminology_entry())
     else:
         segment.SetTag("TerminologyEntry", region.terminology_entry())
+
+
+@contextmanager
+def scene_unchanged_on_error(scene, segmentation_node=None, table_node=None):
+    """Leave the scene as it was if the block raises: the nodes it added are removed, and the given
+    segmentation's segments and table's contents (a re-run writes over them) are put back."""
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    segments = table = None
+    if segmentation_node is not None:
+        segments = slicer.vtkSegmentation()
+        segments.DeepCopy(segmentation_node.GetSegmentation())
+    if table_node is not None:
+        table = vtk.vtkTable()
+        table.DeepCopy(table_node.GetTable())
+        description, notes = table_node.GetDescription(), table_node.GetAttribute(NOTES_ATTRIBUTE)
+    try:
+        yield
+    except BaseException:
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in reversed([n for n in added if n.GetID() not in before]):
+            if node.GetScene() is scene:
+                scene.RemoveNode(node)
+        if segments is not None:
+            segmentation_node.GetSegmentation().DeepCopy(segments)
+        if table is not None:
+            table_node.GetTable().DeepCopy(table)
+            table_node.SetDescription(description)
+            table_node.SetAttribute(NOTES_ATTRIBUTE, notes)
+            table_node.Modified()
+        raise
 
 
 def create_segmentation(scene, labels: np.ndarray, reference_node, name: str | None = None,

@@ -59,11 +59,16 @@ def sample_data_sources(thumbnail: str | None = None, base_url: str = RELEASE_UR
     return sources
 
 
-def register_sample_data(sample_data_logic, thumbnail: str | None = None) -> list[str]:
+def register_sample_data(sample_data_logic, thumbnail: str | None = None, registered: dict | None = None) -> list[str]:
     """Register every sample case with ``sample_data_logic`` (Slicer's ``SampleData.SampleDataLogic``);
-    returns the names registered."""
+    returns the names registered. ``registered``: the sample data sources Slicer lists already (category ->
+    sources); a case listed there is not added twice (start-up and the module's set-up both call
+    this, so that a module added after start-up has its sample data too)."""
+    present = {getattr(s, "sampleName", None) for s in (registered or {}).get(CATEGORY, [])}
     names = []
     for source in sample_data_sources(thumbnail):
+        if source["sampleName"] in present:
+            continue
         sample_data_logic.registerCustomSampleDataSource(**source)
         names.append(source["sampleName"])
     return names
