@@ -264,6 +264,24 @@ def test_a_series_split_over_two_folders_is_read_as_one(tmp_path, synthetic_case
     assert np.array_equal(a, b) and np.allclose(a_affine, b_affine, atol=1e-3)
 
 
+def test_a_study_follows_linked_series_folders_and_a_link_loop_ends(tmp_path, synthetic_case):
+    """An archive that links each series into the patient's folder; a link back to the study itself is
+    read once, not forever, and a series reached twice counts once."""
+    from brainunet.sequences import find_study_inputs
+
+    image = sitk.Cast(sitk.RescaleIntensity(sitk.ReadImage(str(synthetic_case["t2f"])), 0, 4000), sitk.sitkInt16)
+    _write_dicom_series(image, tmp_path / "archive" / "series-7", "AX FLAIR", "1.2.826.0.1.3680043.2.1125.12")
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "flair").symlink_to(tmp_path / "archive" / "series-7", target_is_directory=True)
+    (study / "flair again").symlink_to(tmp_path / "archive" / "series-7", target_is_directory=True)
+    (study / "loop").symlink_to(study, target_is_directory=True)
+    sitk.WriteImage(image, str(study / "patient_t2w.nrrd"))
+    found, _ = find_study_inputs(study)
+    assert found["t2f"].description == "AX FLAIR" and len(found["t2f"].files) == image.GetDepth()
+    assert found["t2w"] == study / "patient_t2w.nrrd"
+
+
 def test_a_study_folder_far_larger_than_a_study_is_refused(tmp_path, monkeypatch):
     from brainunet import sequences
 

@@ -90,11 +90,19 @@ def find_study_inputs(root, named: dict | None = None) -> tuple[dict, dict]:
     by_uid: dict = {}  # some exports split a series over several folders: its parts are one series
     image_files = []
     unreadable = []
-    walk = os.walk(root, onerror=lambda exc: unreadable.append(exc.filename))
+    # linked folders are followed (archives link series into a study folder); each real folder is read once,
+    # so a link back up the tree ends there
+    walk = os.walk(root, onerror=lambda exc: unreadable.append(exc.filename), followlinks=True)
+    seen: set = set()
     for count, (folder, subfolders, files) in enumerate(walk):
         if count >= MAX_STUDY_FOLDERS:
             raise InputError(f"--study {root}: more than {MAX_STUDY_FOLDERS} folders, far more than one study; give "
                              "the folder of one patient's study.")
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
         subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__MACOSX")
         for series in dicom_series_in(Path(folder)):
             first = by_uid.setdefault(series.uid, series)
