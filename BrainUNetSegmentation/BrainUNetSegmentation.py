@@ -71,7 +71,7 @@ surrounding FLAIR hyperintensity (SNFH), following the BraTS 2023 labels, and me
 <br><br>
 Inputs: T1CE (contrast T1), T2W and FLAIR of one study, in any orientation and spacing, skull on or
 off (the brain is extracted when needed); T1 native is optional. One of T1CE, T2W and FLAIR may be
-missing, with lower accuracy (the model panel says how much). Click <b>Auto-detect</b> to choose
+missing, with lower accuracy (the model's information under <i>Advanced</i> gives its figures). Click <b>Auto-detect</b> to choose
 them from the volume names. The segmentation runs in the background (seconds to a minute on a CPU):
 Slicer stays usable and the run can be cancelled. Nothing is added to the scene until a run has
 finished; the result is a segmentation to correct in Segment Editor, and <b>Update statistics</b>

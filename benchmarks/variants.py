@@ -197,7 +197,7 @@ def region_dice(pred, ref) -> dict:
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="registry name or weights file (default: bundled model)")
-    parser.add_argument("--variants", default=",".join(BUNDLED_VARIANTS + PAPER_VARIANTS + GRID_VARIANTS),
+    parser.add_argument("--variants", default=",".join(BUNDLED_VARIANTS + PAPER_VARIANTS),
                         help="comma-separated subset of: " + ", ".join(BUNDLED_VARIANTS + PAPER_VARIANTS + GRID_VARIANTS))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--case-dir", type=Path, help=argparse.SUPPRESS)

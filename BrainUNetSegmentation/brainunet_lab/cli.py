@@ -167,7 +167,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("bundle", help="make a trained model the extension's bundled default (writes the repository's "
                                       "models/ folder and registry.json; for developers)")
     p.add_argument("weights", help="model.pt of the chosen run (e.g. RUN/final/model.pt of brainunet cv --final)")
-    p.add_argument("--name", required=True, help="registry name, e.g. brainunet-2mm-real")
+    p.add_argument("--name", required=True, help="registry name, e.g. brainunet-2mm-real-v3")
     p.add_argument("--description", required=True, help="what it was trained on and how it was chosen")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="settings chosen by cross-validation (JSON values), e.g. tumour_threshold=0.75")
