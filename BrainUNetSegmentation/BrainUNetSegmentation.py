@@ -534,7 +534,9 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             return
         # a bad input (InputError) or anything unexpected: a message box with the reason, the scene untouched;
         # tryWithErrorDisplay raises again after it, so the traceback reaches the Python console too
-        with slicer.util.tryWithErrorDisplay(_("The segmentation could not start."), waitCursor=True):
+        # no wait cursor around the whole start: it may ask questions (install, replace), which need the
+        # ordinary cursor; the busy parts set it themselves
+        with slicer.util.tryWithErrorDisplay(_("The segmentation could not start.")):
             try:
                 self._startRun()
             except Exception:
@@ -548,7 +550,8 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.updateParameterNodeFromGUI()
         inputs = self.selectedInputs()
         if not self._dependenciesReady:
-            self.logic.check_inputs(inputs)  # say what is missing before offering to install anything
+            with slicer.util.WaitCursor():
+                self.logic.check_inputs(inputs)  # say what is missing before offering to install anything
             # the first run may download PyTorch and a few packages: minutes on a slow connection
             self._setStatus(_("Checking PyTorch and the Python packages BrainUNet needs (installing them can "
                               "take several minutes; the Python console shows the progress)..."))
@@ -562,7 +565,8 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self._setStatus(_("Nothing was run; the segmentation was left as it was."))
             return False
         options = self.logic.runOptions(p.device, p.tta, p.model)
-        self._run = self.logic.start(inputs, options, on_progress=self._onProgress, on_log=self._onLog)
+        with slicer.util.WaitCursor():  # the inputs are checked and copied out of their nodes
+            self._run = self.logic.start(inputs, options, on_progress=self._onProgress, on_log=self._onLog)
         self._runOutputSegmentation = self._parameterNode.outputSegmentation
         self.ui.logTextEdit.clear()
         self._setRunning(True)

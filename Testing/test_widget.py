@@ -504,6 +504,7 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
     ui.applyButton.click()
     assert widget._run is None and text(ui.applyButton) == "Apply"
     assert len(harness.questions) == 1 and seg.GetName() in harness.questions[0]
+    assert harness.busy_cursor_at_questions == [False]  # a question is asked with the ordinary cursor
     assert ui.statusLabel.text().startswith("Nothing was run")
     assert seg.GetSegmentation().GetNumberOfSegments() == 1  # as corrected above: SNFH only
     # accepted: the run updates that segmentation and its table, and creates no other

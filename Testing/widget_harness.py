@@ -422,6 +422,7 @@ class WidgetHarness:
         self.warnings: list[str] = []  # warningDisplay texts
         self.questions: list[str] = []  # confirmOkCancelDisplay texts
         self.answers: list[bool] = []  # the user's answers to them, in order (a question without one fails)
+        self.busy_cursor_at_questions: list[bool] = []  # whether a wait cursor covered each question
         self.module = None
         self.widget = None
         self.ui = None
@@ -488,6 +489,7 @@ class WidgetHarness:
 
     def _confirm(self, text, *args, **kwargs) -> bool:
         self.questions.append(str(text))
+        self.busy_cursor_at_questions.append(QtWidgets.QApplication.overrideCursor() is not None)
         if not self.answers:
             raise AssertionError(f"unexpected question to the user: {text}")
         return self.answers.pop(0)
