@@ -469,13 +469,13 @@ class BrainUNetLogic:
     def hide_other_results(self, segmentation_node) -> list[str]:
         """Hide every other BrainUNet result on the same reference volume (a re-run, or another quality),
         so one result shows at a time; nothing is removed. Returns the names of those hidden."""
-        reference = segmentation_node.GetNodeReference(REFERENCE_VOLUME_REFERENCE)
+        reference_id = segmentation_node.GetNodeReferenceID(REFERENCE_VOLUME_REFERENCE)
         hidden = []
         nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
         for i in range(nodes.GetNumberOfItems()):
             node = nodes.GetItemAsObject(i)
-            if node is segmentation_node or reference is None or node.GetNodeReference(REFERENCE_VOLUME_REFERENCE) \
-                    is not reference:
+            if not reference_id or node.GetID() == segmentation_node.GetID() \
+                    or node.GetNodeReferenceID(REFERENCE_VOLUME_REFERENCE) != reference_id:
                 continue
             display = node.GetDisplayNode()
             if display is not None and display.GetVisibility():
