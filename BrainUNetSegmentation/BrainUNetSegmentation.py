@@ -193,8 +193,15 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._registerTimer = qt.QTimer()  # Add model file...: its worker process
         self._registerTimer.setInterval(POLL_INTERVAL_MS)
         self._registerTimer.timeout.connect(self.onRegisterPollTimer)
+        # volumes loaded while the panel is shown fill its empty inputs; once the loading is over (one
+        # check for a whole folder of series, with their names set)
+        self._fillTimer = qt.QTimer()
+        self._fillTimer.setSingleShot(True)
+        self._fillTimer.setInterval(POLL_INTERVAL_MS)
+        self._fillTimer.timeout.connect(self.onFillTimer)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
 
@@ -223,6 +230,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if self._timer is not None:
             self._timer.stop()
             self._registerTimer.stop()
+            self._fillTimer.stop()
         if self._run is not None:
             self._run.cancel()
             self._run = None
@@ -259,6 +267,14 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
     def onSceneEndClose(self, caller, event) -> None:
         self._autoFilled = {}
         if self._entered:
+            self.initializeParameterNode()
+
+    def onNodeAdded(self, caller, event) -> None:
+        if self._entered and self._run is None and not slicer.mrmlScene.IsImporting():
+            self._fillTimer.start()
+
+    def onFillTimer(self) -> None:
+        if self._entered and self._run is None and self._parameterNode is not None:
             self.initializeParameterNode()
 
     def onSceneEndImport(self, caller, event) -> None:

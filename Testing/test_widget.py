@@ -260,6 +260,15 @@ def test_an_input_the_user_emptied_stays_empty_and_a_new_volume_is_offered(harne
     widget.exit()
     widget.enter()
     assert ui.t1nSelector.currentNode() is t1 and ui.t2wSelector.currentNode() is None
+    # loaded while the panel is shown: offered without leaving it
+    ui.t1nSelector.setCurrentNode(None)
+    flair2 = mrml.add_volume_node(harness.scene, volumes["t2f"], "Second FLAIR")
+    harness.wait_until(lambda: ui.t1nSelector.currentNode() is None)  # emptied by the user: stays so
+    ui.t2fSelector.setCurrentNode(None)
+    harness.scene.RemoveNode(nodes["t2f"])
+    harness.scene.RemoveNode(flair2)
+    flair3 = mrml.add_volume_node(harness.scene, volumes["t2f"], "Case_FLAIR_new")
+    harness.wait_until(lambda: ui.t2fSelector.currentNode() is flair3, 5)
     # a vector volume (an RGB screenshot) named like a sequence is no candidate
     harness.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "Case_FLAIR screenshot")
     assert widget.logic.ambiguous_inputs() == {}
