@@ -162,6 +162,8 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._observedParameterNode = None  # the MRML node behind it, whose changes the panel shows
         self._updatingGUI = False
         self._updatingParameterNode = False
+        self._starting = False  # Apply was clicked and the run is not started yet (installing, asking)
+        self._cleanedUp = False
         self._entered = False
         self._run = None  # BrainUNetSegmentationLib.logic.BackgroundRun while a segmentation is running
         self._registerRun = None  # the same, while Add model file... checks and registers a file
@@ -170,6 +172,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._resultTableNodeID = None
         self._resultSegmentationNodeID = None
         self._autoFilled = {}  # role -> ID of the node the panel filled in by itself (not filled in again)
+        self._chosenByUser = set()  # roles whose volume the user selected: never emptied by the panel
         self._timer = None
         self._models = []  # BrainUNetSegmentationLib.logic.ModelChoice per item of the model combo box
 
@@ -224,6 +227,10 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._showResults(None)
         self.updateModelList()
         self.initializeParameterNode()
+        try:  # set up again by Reload while shown: Slicer does not call enter() then
+            self._entered = slicer.util.selectedModule() == "BrainUNetSegmentation"
+        except Exception:  # no main window (a test harness)
+            pass
 
     def cleanup(self) -> None:
         """Called when the application closes or the module is reloaded: stop the run, drop observers."""
@@ -240,22 +247,32 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.removeObservers()
         self._parameterNode = None
         self._observedParameterNode = None
+        self._cleanedUp = True
+        self._entered = False
 
     def onReload(self) -> None:
         """Slicer's Reload runs this file again but keeps the modules it imported: drop the bridge and the
         runtime too, so that an edit of either takes effect without restarting Slicer."""
         import sys
 
-        for name in [n for n in sys.modules if n.split(".")[0] in ("BrainUNetSegmentationLib", "brainunet")]:
-            del sys.modules[name]
-        ScriptedLoadableModuleWidget.onReload(self)
+        dropped = {n: sys.modules.pop(n) for n in list(sys.modules)
+                   if n.split(".")[0] in ("BrainUNetSegmentationLib", "brainunet")}
+        try:
+            ScriptedLoadableModuleWidget.onReload(self)
+        except Exception:  # the edited file did not load: this panel goes on with the modules it had
+            sys.modules.update(dropped)
+            raise
 
     def enter(self) -> None:
+        if self._cleanedUp:  # a panel replaced by Reload (Slicer before 5.6 still calls it)
+            return
         self._entered = True
         self.updateModelList()  # a model added for this user (Add model file...) since shows up
         self.initializeParameterNode()
 
     def exit(self) -> None:
+        if self._cleanedUp:
+            return
         self._entered = False  # a running segmentation keeps going; the timer still polls it
 
     def onSceneStartClose(self, caller, event) -> None:
@@ -266,6 +283,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
 
     def onSceneEndClose(self, caller, event) -> None:
         self._autoFilled = {}
+        self._chosenByUser = set()
         if self._entered:
             self.initializeParameterNode()
 
@@ -274,14 +292,37 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self._fillTimer.start()
 
     def onFillTimer(self) -> None:
-        if self._entered and self._run is None and self._parameterNode is not None:
-            self.initializeParameterNode()
+        if not self._entered or self._run is not None or self._parameterNode is None:
+            return
+        if slicer.mrmlScene.IsBatchProcessing():  # a loader is still adding volumes: wait for the end
+            self._fillTimer.start()
+            return
+        # a role the panel filled while only one volume matched it, now matched by a second volume loaded
+        # after it: which one is meant is the user's choice, as it is for Auto-detect
+        from brainunet.imageio import MODALITY_NAMES
+
+        emptied = []
+        for role in self.logic.ambiguous_inputs():
+            node = getattr(self._parameterNode, role)
+            if node is not None and self._autoFilled.get(role) == node.GetID() and role not in self._chosenByUser:
+                setattr(self._parameterNode, role, None)
+                emptied.append(MODALITY_NAMES.get(role, role))
+        self.initializeParameterNode()
+        if emptied:
+            self._setStatus(_("Several volumes now look like {roles}: select the right one.").format(
+                roles=_(" and ").join(emptied)))
 
     def onSceneEndImport(self, caller, event) -> None:
         """A scene (or a scene file dropped in) was loaded: show its saved choices and its latest result."""
         if self._run is None:
+            saved = self.logic.getParameterNode()
+            if any(getattr(saved, role) is not None for role in INPUT_SELECTORS):
+                # a scene saved with BrainUNet's choices: an input left empty there stays empty
+                self._autoFilled = {role: node.GetID() for role, node in self.logic.guess_inputs().items()}
             self.initializeParameterNode()
-            self._showLatestResult()
+            output = self.ui.outputSegmentationSelector.currentNode()
+            if output is None or output.GetNodeReference(STATISTICS_TABLE_REFERENCE) is None:
+                self._showLatestResult()
 
     # -- parameter node <-> GUI ---------------------------------------------------------------
     def initializeParameterNode(self) -> None:
@@ -297,7 +338,9 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if observed is not mrmlNode:
             if observed is not None:
                 self.removeObserver(observed, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
-            self.addObserver(mrmlNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            # after the wrappers' own observers (Slicer's parameterNodeWrapper caches each value and refreshes
+            # it on this event): read before them, the values would be the old ones
+            self.addObserver(mrmlNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified, priority=-1.0)
             self._observedParameterNode = mrmlNode
         self.updateGUIFromParameterNode()
 
@@ -330,7 +373,10 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._updatingParameterNode = True  # its Modified events would only set the widgets to themselves
         try:
             for role, selectorName in INPUT_SELECTORS.items():
-                setattr(p, role, getattr(self.ui, selectorName).currentNode())
+                node = getattr(self.ui, selectorName).currentNode()
+                if node is not None and node is not getattr(p, role):
+                    self._chosenByUser.add(role)
+                setattr(p, role, node)
             p.outputSegmentation = self.ui.outputSegmentationSelector.currentNode()
             modelIndex = self.ui.modelComboBox.property("currentIndex")
             if 0 <= modelIndex < len(self._models):
@@ -480,15 +526,18 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if self._run is not None:
             self.ui.applyButton.setEnabled(True)
             return
+        if self._starting:  # installing or asking: one start at a time
+            self.ui.applyButton.setEnabled(False)
+            return
         from BrainUNetSegmentationLib.logic import missing_inputs
 
         from brainunet.imageio import MODALITY_NAMES
 
         inputs = self.selectedInputs()
-        missing = missing_inputs(inputs)
         index = self.ui.modelComboBox.property("currentIndex")
         model = self._models[index] if 0 <= index < len(self._models) else None
         needsAll = model is not None and model.one_may_be_missing is False
+        missing = missing_inputs(inputs, model.sequences if needsAll and model.sequences else None)
         chosen = [(role, node) for role, node in inputs.items() if node is not None]
         twice = [(a, b) for i, (a, node) in enumerate(chosen) for b, other in chosen[i + 1:] if node is other]
         self.ui.applyButton.setEnabled(len(missing) <= (0 if needsAll else 1) and not twice)
@@ -531,6 +580,8 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                 return
             for role, node in guesses.items():
                 setattr(self._parameterNode, role, node)
+                self._autoFilled[role] = node.GetID()
+                self._chosenByUser.discard(role)
             for role in ambiguous:  # emptied, not left on an earlier choice (perhaps another patient's)
                 setattr(self._parameterNode, role, None)
             self.updateGUIFromParameterNode()
@@ -548,16 +599,23 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if self._run is not None:
             self.cancelRun()
             return
+        if self._starting:  # a second click while the first start installs packages or asks a question
+            return
         # a bad input (InputError) or anything unexpected: a message box with the reason, the scene untouched;
         # tryWithErrorDisplay raises again after it, so the traceback reaches the Python console too
         # no wait cursor around the whole start: it may ask questions (install, replace), which need the
         # ordinary cursor; the busy parts set it themselves
         with slicer.util.tryWithErrorDisplay(_("The segmentation could not start.")):
+            self._starting = True
+            self.ui.applyButton.setEnabled(False)
             try:
                 self._startRun()
             except Exception:
                 self._setStatus(_("The segmentation could not start; nothing was changed."))
                 raise
+            finally:
+                self._starting = False
+                self._updateApplyButton()  # Apply again, or Cancel once the run started
 
     def _startRun(self) -> bool:
         """Start a run with the panel's inputs; False if the user declined to install what it needs."""
@@ -576,6 +634,10 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                 self._setStatus(_("BrainUNet needs PyTorch and a few Python packages; nothing was run."))
                 return False
             self._dependenciesReady = True
+            if self._parameterNode is None:  # the scene was closed while the packages were installed
+                self._setStatus(_("The scene was closed; nothing was run."))
+                return False
+            inputs = self.selectedInputs()
         p = self._parameterNode
         if not self._confirmReplacing(p.outputSegmentation):
             self._setStatus(_("Nothing was run; the segmentation was left as it was."))
@@ -838,15 +900,16 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def latestResult():
-        """(segmentation, table) of the scene's most recent BrainUNet result, or (None, None)."""
+        """(segmentation, table) of the scene's most recent BrainUNet result (by the time it records; then
+        by scene order), or (None, None)."""
         nodes = slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode")
         results = []
         for i in range(nodes.GetNumberOfItems()):
             node = nodes.GetItemAsObject(i)
             table = node.GetNodeReference(STATISTICS_TABLE_REFERENCE)
             if table is not None:
-                results.append((node, table))
-        return results[-1] if results else (None, None)
+                results.append((node.GetAttribute("BrainUNet.Date") or "", i, node, table))
+        return max(results, key=lambda r: r[:2])[2:] if results else (None, None)
 
     @staticmethod
     def statisticsForDisplay(tableNode):

@@ -317,6 +317,7 @@ def test_an_import_that_fails_half_way_leaves_the_scene_as_it_was(scene, tmp_pat
     table cannot be written) puts the corrected segments and the table back, and adds no node."""
     import pytest
 
+    from BrainUNetSegmentationLib import logic as logic_module
     from BrainUNetSegmentationLib import mrml
     from BrainUNetSegmentationLib.logic import BrainUNetLogic, RunOptions
 
@@ -341,6 +342,28 @@ def test_an_import_that_fails_half_way_leaves_the_scene_as_it_was(scene, tmp_pat
     segmentation = seg.GetSegmentation()
     assert sorted(segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())) == ["ET", "SNFH"]
     assert mrml.table_to_rows(table) == rows and table.GetDescription() == description
+    # failing at the last step, after references, attributes and the place in the Data module were written
+    monkeypatch.undo()
+    sh = scene.GetSubjectHierarchyNode()
+    study = sh.CreateFolderItem(sh.GetSceneItemID(), "Study")
+    sh.CreateItem(study, scene.GetFirstNodeByName("Case_T1CE"))  # (slicer-core makes no items by itself)
+    folder = sh.CreateFolderItem(sh.GetSceneItemID(), "Reviewed")
+    sh.CreateItem(folder, seg)
+    seg.SetAttribute("Reviewer", "AB")
+    attributes = {name: seg.GetAttribute(name) for name in seg.GetAttributeNames()}
+    reference_id = seg.GetNodeReferenceID(logic_module.REFERENCE_VOLUME_REFERENCE)
+    ids = [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+    run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"))
+    assert run.wait(300) == "done"
+    monkeypatch.setattr(BrainUNetLogic, "provenance", staticmethod(fail))
+    with pytest.raises(OSError, match="disk full"):
+        logic.import_results(run, segmentation_node=seg, table_node=table)
+    assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())] == ids
+    assert {name: seg.GetAttribute(name) for name in seg.GetAttributeNames()} == attributes
+    assert seg.GetNodeReferenceID(logic_module.REFERENCE_VOLUME_REFERENCE) == reference_id
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == folder
+    assert segmentation.GetNumberOfSegments() == 2 and mrml.table_to_rows(table) == rows
+    assert table.GetColumnUnitLabel("volume_ml") == "mL"
     # into a new segmentation: the half-made segmentation is removed again
     run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"))
     assert run.wait(300) == "done"

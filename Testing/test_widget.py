@@ -274,6 +274,54 @@ def test_an_input_the_user_emptied_stays_empty_and_a_new_volume_is_offered(harne
     assert widget.logic.ambiguous_inputs() == {}
 
 
+def test_a_volume_filled_in_alone_is_emptied_when_a_second_one_matches_and_a_saved_choice_is_kept(harness):
+    from brainunet import synthetic
+    from BrainUNetSegmentationLib import mrml
+
+    ui, widget = harness.ui, harness.widget
+    widget.enter()
+    volumes, _ = synthetic.make_case(seed=2, shape=SHAPE)
+    axial = mrml.add_volume_node(harness.scene, volumes["t1c"], "AX T1 POST GD")
+    harness.wait_until(lambda: ui.t1cSelector.currentNode() is axial, 5)
+    mrml.add_volume_node(harness.scene, volumes["t1c"], "SAG T1 POST GD")  # the same loader, a moment later
+    harness.wait_until(lambda: ui.t1cSelector.currentNode() is None, 5)
+    assert "Several volumes now look like T1CE" in ui.statusLabel.text()
+    # chosen by hand, it stays
+    ui.t1cSelector.setCurrentNode(axial)
+    mrml.add_volume_node(harness.scene, volumes["t1c"], "COR T1 POST GD")
+    process_events(0.5)
+    assert ui.t1cSelector.currentNode() is axial
+
+    # a scene opened with BrainUNet's choices saved (T2W left empty on purpose): T2W stays empty
+    t2 = mrml.add_volume_node(harness.scene, volumes["t2w"], "AX T2")
+    harness.wait_until(lambda: ui.t2wSelector.currentNode() is t2, 5)
+    ui.t2wSelector.setCurrentNode(None)
+    widget._autoFilled = {}  # as in a new session
+    harness.scene.StartState(harness.scene.ImportState)
+    harness.scene.EndState(harness.scene.ImportState)
+    assert ui.t2wSelector.currentNode() is None and ui.t1cSelector.currentNode() is axial
+
+
+def test_a_second_click_while_apply_installs_starts_nothing_more(harness):
+    ui, widget = harness.ui, harness.widget
+    add_case(harness)
+    widget.enter()
+    ui.deviceComboBox.setCurrentIndex(1)  # cpu
+
+    def slow_install(askConfirmation=True):  # pip runs Qt's event loop: the user clicks Apply again
+        harness.dependency_checks.append(askConfirmation)
+        assert not ui.applyButton.isEnabled()
+        widget.onApplyButton()
+        return True
+
+    widget.logic.ensureDependencies = slow_install
+    ui.applyButton.click()
+    assert harness.dependency_checks == [True] and widget._run is not None
+    assert text(ui.applyButton) == "Cancel" and ui.applyButton.isEnabled()
+    ui.applyButton.click()
+    assert widget._run is None and text(ui.applyButton) == "Apply" and ui.applyButton.isEnabled()
+
+
 def test_the_panel_follows_its_parameter_node(harness):
     """A scene loaded with the module open, or a script, changes the parameter node: the panel shows it,
     and does not write its older values back over it."""

@@ -33,6 +33,7 @@ from PySide6.QtUiTools import QUiLoader  # noqa: E402
 
 import slicer  # noqa: E402  (slicer-core)
 import slicer.util  # noqa: E402
+import vtk  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO_ROOT / "BrainUNetSegmentation"
@@ -340,37 +341,50 @@ def parameterNodeWrapper(cls):
         if not (_is_node_type(annotation) or annotation in (str, bool)):
             raise TypeError(f"test parameterNodeWrapper does not support {name}: {annotation!r}")
 
-    def make_property(name, annotation):
+    def read(node, name, annotation):
         if _is_node_type(annotation):
-            def getter(self):
-                return self.parameterNode.GetNodeReference(name)
+            return node.GetNodeReference(name)
+        text = node.GetParameter(name)
+        if annotation is bool:
+            return defaults.get(name, False) if text == "" else text == "True"
+        return text if text != "" else defaults.get(name, "")
 
+    def make_property(name, annotation):
+        # like Slicer's wrapper, values are cached and the cache refreshed by an observer of the node's
+        # ModifiedEvent added when the wrapper is made: an observer of the module that runs before it reads
+        # the old values
+        def getter(self):
+            return self._cache[name]
+
+        if _is_node_type(annotation):
             def setter(self, value):
                 if value is not None and not value.IsA(annotation.__name__):
                     raise TypeError(f"{name} must be a {annotation.__name__}, not {value.GetClassName()}")
+                self._cache[name] = value
                 self.parameterNode.SetNodeReferenceID(name, value.GetID() if value is not None else None)
         elif annotation is bool:
-            def getter(self):
-                text = self.parameterNode.GetParameter(name)
-                return defaults.get(name, False) if text == "" else text == "True"
-
             def setter(self, value):
                 if not isinstance(value, bool):
                     raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
+                self._cache[name] = value
                 self.parameterNode.SetParameter(name, str(value))
         else:
-            def getter(self):
-                return self.parameterNode.GetParameter(name) if self.parameterNode.GetParameter(name) != "" \
-                    else defaults.get(name, "")
-
             def setter(self, value):
                 if not isinstance(value, str):
                     raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+                self._cache[name] = value
                 self.parameterNode.SetParameter(name, value)
         return property(getter, setter)
 
     def __init__(self, parameterNode):
         self.parameterNode = parameterNode
+        self._cache = {}
+
+        def refresh(*args):
+            self._cache.update({name: read(parameterNode, name, a) for name, a in annotations.items()})
+
+        refresh()
+        parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent, refresh)
 
     namespace = {"__init__": __init__, "__doc__": cls.__doc__, "__module__": cls.__module__}
     for name, annotation in annotations.items():

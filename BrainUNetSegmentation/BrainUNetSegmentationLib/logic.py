@@ -36,9 +36,9 @@ PROVENANCE_QUALITY = "BrainUNet.Quality"
 PROVENANCE_VERSION = "BrainUNet.Version"
 PROVENANCE_DATE = "BrainUNet.Date"
 
-def missing_inputs(inputs: dict) -> list[str]:
-    """The names of T1CE, T2W and FLAIR that ``inputs`` (role -> node) lacks."""
-    return [MODALITY_NAMES[r] for r in ("t1c", "t2w", "t2f") if inputs.get(r) is None]
+def missing_inputs(inputs: dict, roles=None) -> list[str]:
+    """The names of the sequences ``roles`` (default: T1CE, T2W and FLAIR) that ``inputs`` (role -> node) lacks."""
+    return [MODALITY_NAMES.get(r, r) for r in (roles or ("t1c", "t2w", "t2f")) if inputs.get(r) is None]
 
 
 def input_candidates(scene) -> dict:

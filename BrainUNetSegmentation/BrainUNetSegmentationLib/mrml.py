@@ -139,11 +139,58 @@ def _set_terminology(segment, region) -> None:
         segment.SetTag("TerminologyEntry", region.terminology_entry())
 
 
+class _NodeState:
+    """What an import may change on a node it writes into: attributes, node references (the reference and
+    input volumes, the reference geometry), the subject-hierarchy parent, and a table's column units."""
+
+    def __init__(self, scene, node):
+        self.node = node
+        self.attributes = {name: node.GetAttribute(name) for name in node.GetAttributeNames()}
+        self.references = {role: self._ids(role) for role in self._roles()}
+        sh = scene.GetSubjectHierarchyNode()
+        self.sh, self.item = sh, sh.GetItemByDataNode(node) if sh is not None else 0
+        self.parent = sh.GetItemParent(self.item) if self.item else 0
+        schema = node.GetSchema() if node.IsA("vtkMRMLTableNode") else None
+        self.schema = None
+        if schema is not None:
+            self.schema = vtk.vtkTable()
+            self.schema.DeepCopy(schema)
+
+    def _roles(self):
+        return [self.node.GetNthNodeReferenceRole(i) for i in range(self.node.GetNumberOfNodeReferenceRoles())]
+
+    def _ids(self, role):
+        return [self.node.GetNthNodeReferenceID(role, i) for i in range(self.node.GetNumberOfNodeReferences(role))]
+
+    def restore(self):
+        node = self.node
+        for name in node.GetAttributeNames():
+            if name not in self.attributes:
+                node.RemoveAttribute(name)
+        for name, value in self.attributes.items():
+            node.SetAttribute(name, value)
+        for role in set(self._roles()) | set(self.references):
+            saved = self.references.get(role, [])
+            if self._ids(role) != saved:
+                node.RemoveNodeReferenceIDs(role)
+                for node_id in saved:
+                    node.AddNodeReferenceID(role, node_id)
+        if self.item and self.sh.GetItemParent(self.item) != self.parent:
+            self.sh.SetItemParent(self.item, self.parent)
+        if node.IsA("vtkMRMLTableNode"):
+            node.SetAndObserveSchema(self.schema)
+
+
 @contextmanager
 def scene_unchanged_on_error(scene, segmentation_node=None, table_node=None):
     """Leave the scene as it was if the block raises: the nodes it added are removed, and the given
-    segmentation's segments and table's contents (a re-run writes over them) are put back."""
+    segmentation and table (a re-run writes over them) get back their segments, contents, attributes,
+    references and place. The block's error is the one raised, even if a step of the restoring fails."""
+    import logging
+
+    scene.GetSubjectHierarchyNode()  # made now if missing, so that it is no node the block added
     before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    states = [_NodeState(scene, n) for n in (segmentation_node, table_node) if n is not None]
     segments = table = None
     if segmentation_node is not None:
         segments = slicer.vtkSegmentation()
@@ -151,21 +198,31 @@ def scene_unchanged_on_error(scene, segmentation_node=None, table_node=None):
     if table_node is not None:
         table = vtk.vtkTable()
         table.DeepCopy(table_node.GetTable())
-        description, notes = table_node.GetDescription(), table_node.GetAttribute(NOTES_ATTRIBUTE)
+        description = table_node.GetDescription()
     try:
         yield
     except BaseException:
+        def attempt(step, what):
+            try:
+                step()
+            except Exception:  # keep restoring the rest; the block's error is the one to report
+                logging.getLogger(__name__).exception("Could not restore %s after a failed import", what)
+
         added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
         for node in reversed([n for n in added if n.GetID() not in before]):
             if node.GetScene() is scene:
-                scene.RemoveNode(node)
+                attempt(lambda node=node: scene.RemoveNode(node), node.GetName())
         if segments is not None:
-            segmentation_node.GetSegmentation().DeepCopy(segments)
+            attempt(lambda: segmentation_node.GetSegmentation().DeepCopy(segments), "the segments")
         if table is not None:
-            table_node.GetTable().DeepCopy(table)
-            table_node.SetDescription(description)
-            table_node.SetAttribute(NOTES_ATTRIBUTE, notes)
-            table_node.Modified()
+            def put_table_back():
+                table_node.GetTable().DeepCopy(table)
+                table_node.SetDescription(description)
+                table_node.Modified()
+
+            attempt(put_table_back, "the statistics table")
+        for state in states:
+            attempt(state.restore, state.node.GetName())
         raise
 
 
