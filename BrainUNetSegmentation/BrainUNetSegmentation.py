@@ -902,13 +902,14 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
     def latestResult():
         """(segmentation, table) of the scene's most recent BrainUNet result (by the time it records; then
         by scene order), or (None, None)."""
-        nodes = slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode")
+        from BrainUNetSegmentationLib import mrml
+        from BrainUNetSegmentationLib.logic import PROVENANCE_DATE
+
         results = []
-        for i in range(nodes.GetNumberOfItems()):
-            node = nodes.GetItemAsObject(i)
+        for i, node in enumerate(mrml.nodes_of_class(slicer.mrmlScene, "vtkMRMLSegmentationNode")):
             table = node.GetNodeReference(STATISTICS_TABLE_REFERENCE)
             if table is not None:
-                results.append((node.GetAttribute("BrainUNet.Date") or "", i, node, table))
+                results.append((node.GetAttribute(PROVENANCE_DATE) or "", i, node, table))
         return max(results, key=lambda r: r[:2])[2:] if results else (None, None)
 
     @staticmethod

@@ -46,9 +46,7 @@ def input_candidates(scene) -> dict:
     volumes, as the input selectors list them: a label map, a vector (RGB screenshot) or a diffusion volume
     named like a sequence is not one."""
     found: dict = {}
-    nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-    for i in range(nodes.GetNumberOfItems()):
-        node = nodes.GetItemAsObject(i)
+    for node in mrml.nodes_of_class(scene, "vtkMRMLScalarVolumeNode"):
         if node.GetClassName() != "vtkMRMLScalarVolumeNode":
             continue
         role = guess_role(node.GetName() or "")
@@ -447,8 +445,9 @@ class BrainUNetLogic:
                     if left_out_by_worker(run.notes, role):
                         node = None  # the worker left it out: not an input of this result
                     seg.SetNodeReferenceID(INPUT_VOLUME_REFERENCE + role, node.GetID() if node is not None else None)
+                provenance = self.provenance(run)
                 for node in (seg, table):
-                    for key, value in self.provenance(run).items():
+                    for key, value in provenance.items():
                         node.SetAttribute(key, value)
         finally:
             run.cleanup()
@@ -471,9 +470,7 @@ class BrainUNetLogic:
         so one result shows at a time; nothing is removed. Returns the names of those hidden."""
         reference_id = segmentation_node.GetNodeReferenceID(REFERENCE_VOLUME_REFERENCE)
         hidden = []
-        nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
-        for i in range(nodes.GetNumberOfItems()):
-            node = nodes.GetItemAsObject(i)
+        for node in mrml.nodes_of_class(self.scene, "vtkMRMLSegmentationNode"):
             if not reference_id or node.GetID() == segmentation_node.GetID() \
                     or node.GetNodeReferenceID(REFERENCE_VOLUME_REFERENCE) != reference_id:
                 continue

@@ -139,22 +139,31 @@ def _set_terminology(segment, region) -> None:
         segment.SetTag("TerminologyEntry", region.terminology_entry())
 
 
+def nodes_of_class(scene, class_name: str) -> list:
+    """Every node of ``class_name`` (subclasses included) in scene order."""
+    nodes = scene.GetNodesByClass(class_name)
+    return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+
+
 class _NodeState:
-    """What an import may change on a node it writes into: attributes, node references (the reference and
-    input volumes, the reference geometry), the subject-hierarchy parent, and a table's column units."""
+    """What an import may change on a node it writes into: a segmentation's segments, a table's contents,
+    description and column units, and either's attributes, node references (the reference and input
+    volumes, the reference geometry) and subject-hierarchy parent."""
 
     def __init__(self, scene, node):
         self.node = node
+        self.content = vtk.vtkTable() if node.IsA("vtkMRMLTableNode") else slicer.vtkSegmentation()
+        self.content.DeepCopy(node.GetTable() if node.IsA("vtkMRMLTableNode") else node.GetSegmentation())
+        self.description = node.GetDescription()
+        self.schema = None
+        if node.IsA("vtkMRMLTableNode") and node.GetSchema() is not None:
+            self.schema = vtk.vtkTable()
+            self.schema.DeepCopy(node.GetSchema())
         self.attributes = {name: node.GetAttribute(name) for name in node.GetAttributeNames()}
         self.references = {role: self._ids(role) for role in self._roles()}
         sh = scene.GetSubjectHierarchyNode()
         self.sh, self.item = sh, sh.GetItemByDataNode(node) if sh is not None else 0
         self.parent = sh.GetItemParent(self.item) if self.item else 0
-        schema = node.GetSchema() if node.IsA("vtkMRMLTableNode") else None
-        self.schema = None
-        if schema is not None:
-            self.schema = vtk.vtkTable()
-            self.schema.DeepCopy(schema)
 
     def _roles(self):
         return [self.node.GetNthNodeReferenceRole(i) for i in range(self.node.GetNumberOfNodeReferenceRoles())]
@@ -164,6 +173,12 @@ class _NodeState:
 
     def restore(self):
         node = self.node
+        if node.IsA("vtkMRMLTableNode"):
+            node.GetTable().DeepCopy(self.content)
+            node.SetAndObserveSchema(self.schema)
+        else:
+            node.GetSegmentation().DeepCopy(self.content)
+        node.SetDescription(self.description)
         for name in node.GetAttributeNames():
             if name not in self.attributes:
                 node.RemoveAttribute(name)
@@ -177,28 +192,19 @@ class _NodeState:
                     node.AddNodeReferenceID(role, node_id)
         if self.item and self.sh.GetItemParent(self.item) != self.parent:
             self.sh.SetItemParent(self.item, self.parent)
-        if node.IsA("vtkMRMLTableNode"):
-            node.SetAndObserveSchema(self.schema)
+        node.Modified()
 
 
 @contextmanager
 def scene_unchanged_on_error(scene, segmentation_node=None, table_node=None):
     """Leave the scene as it was if the block raises: the nodes it added are removed, and the given
-    segmentation and table (a re-run writes over them) get back their segments, contents, attributes,
-    references and place. The block's error is the one raised, even if a step of the restoring fails."""
+    segmentation and table (a re-run writes over them) are put back as they were (``_NodeState``). The
+    block's error is the one raised, even if a step of the restoring fails."""
     import logging
 
     scene.GetSubjectHierarchyNode()  # made now if missing, so that it is no node the block added
     before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
     states = [_NodeState(scene, n) for n in (segmentation_node, table_node) if n is not None]
-    segments = table = None
-    if segmentation_node is not None:
-        segments = slicer.vtkSegmentation()
-        segments.DeepCopy(segmentation_node.GetSegmentation())
-    if table_node is not None:
-        table = vtk.vtkTable()
-        table.DeepCopy(table_node.GetTable())
-        description = table_node.GetDescription()
     try:
         yield
     except BaseException:
@@ -212,15 +218,6 @@ def scene_unchanged_on_error(scene, segmentation_node=None, table_node=None):
         for node in reversed([n for n in added if n.GetID() not in before]):
             if node.GetScene() is scene:
                 attempt(lambda node=node: scene.RemoveNode(node), node.GetName())
-        if segments is not None:
-            attempt(lambda: segmentation_node.GetSegmentation().DeepCopy(segments), "the segments")
-        if table is not None:
-            def put_table_back():
-                table_node.GetTable().DeepCopy(table)
-                table_node.SetDescription(description)
-                table_node.Modified()
-
-            attempt(put_table_back, "the statistics table")
         for state in states:
             attempt(state.restore, state.node.GetName())
         raise
