@@ -502,6 +502,13 @@ def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(t
         assert cli.main(["cv-report", str(out)]) == 0
         report = capsys.readouterr().out
         assert "| no-t2w | 4 |" in report and "| no-t1c | 4 |" in report and "| other | 4 |" in report
+        # the five-region mean of each row is the mean of its five regions, fold by fold as well
+        by_fold = [line.strip("|").split("|") for line in report.splitlines() if line.startswith(("| 0 | 2 |", "| 1 | 2 |"))]
+        assert len(by_fold) == 2
+        for cells in by_fold:
+            regions = [float(c) for c in cells[2:7]]
+            assert float(cells[7]) == pytest.approx(sum(regions) / 5, abs=6e-4)
+        assert "nan" not in report
         assert cli.main(["cv-postprocess", str(out), "--output", str(tmp_path / "pp.csv"), "--nested"]) == 0
         printed = capsys.readouterr().out
         assert printed.startswith("none ") and "(4 held-out cases)" in printed

@@ -303,23 +303,35 @@ def summarise(rows: list[dict], condition: str = "all", group: str | None = None
 
 
 def format_report(run_dir, tag: str | None = None) -> str:
-    """Markdown tables: Dice per region (mean over held-out cases ± SD over fold means) per condition and
-    per institution; HD95 for all sequences. ``tag``: the rescored cases (cv-rescore) instead."""
+    """Markdown tables: Dice per region (mean over held-out cases ± SD over fold means, the SD once there are two
+    folds) and the five-region mean, per condition, per fold and per institution; HD95 for all sequences.
+    ``tag``: the rescored cases (cv-rescore) instead."""
     rows = read_cases(run_dir, tag)
     folds = sorted({r["fold"] for r in rows})
+    header = ["", "| {} | n | " + " | ".join(REGION_KEYS) + " | mean |", "|---|---|" + "---|" * (len(REGION_KEYS) + 1)]
+
+    def five_region_mean(s: dict) -> str:
+        return f"{np.mean([m for m, _, _ in s.values()]):.4f}"
+
     lines = [f"Cross-validation {run_dir}{f' ({tag})' if tag else ''}: {len({r['case'] for r in rows})} held-out "
-             f"cases, folds {folds}",
-             "", "| condition | n | " + " | ".join(REGION_KEYS) + " |", "|---|---|" + "---|" * len(REGION_KEYS)]
+             f"cases, folds {folds}", header[0], header[1].format("condition"), header[2]]
     for condition in CONDITIONS:
         s = summarise(rows, condition)
         if s[REGION_KEYS[0]][2]:
             lines.append(f"| {condition} | {s[REGION_KEYS[0]][2]} | " +
-                         " | ".join(f"{m:.3f} ± {sd:.3f}" for m, sd, _ in s.values()) + " |")
-    lines += ["", "| institution (all sequences) | n | " + " | ".join(REGION_KEYS) + " |",
-              "|---|---|" + "---|" * len(REGION_KEYS)]
+                         " | ".join(f"{m:.3f}" + (f" ± {sd:.3f}" if len(folds) > 1 else "") for m, sd, _ in s.values())
+                         + f" | {five_region_mean(s)} |")
+    if len(folds) > 1:  # the figures screening and adoption rules compare fold by fold
+        lines += [header[0], header[1].format("fold (all sequences)"), header[2]]
+        for fold in folds:
+            s = summarise([r for r in rows if r["fold"] == fold], "all")
+            lines.append(f"| {fold} | {s[REGION_KEYS[0]][2]} | " + " | ".join(f"{m:.3f}" for m, _, _ in s.values())
+                         + f" | {five_region_mean(s)} |")
+    lines += [header[0], header[1].format("institution (all sequences)"), header[2]]
     for inst in sorted({r["institution"] for r in rows}):
         s = summarise(rows, "all", inst)
-        lines.append(f"| {inst} | {s[REGION_KEYS[0]][2]} | " + " | ".join(f"{m:.3f}" for m, _, _ in s.values()) + " |")
+        lines.append(f"| {inst} | {s[REGION_KEYS[0]][2]} | " + " | ".join(f"{m:.3f}" for m, _, _ in s.values())
+                     + f" | {five_region_mean(s)} |")
     sel = [r for r in rows if r["condition"] == "all"]
     lines += ["", "HD95 (mm, all sequences, median over cases): " +
               "  ".join(f"{k} {np.median([r[f'hd95_{k}'] for r in sel]):.1f}" for k in REGION_KEYS)]
