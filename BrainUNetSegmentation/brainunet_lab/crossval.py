@@ -308,30 +308,27 @@ def format_report(run_dir, tag: str | None = None) -> str:
     ``tag``: the rescored cases (cv-rescore) instead."""
     rows = read_cases(run_dir, tag)
     folds = sorted({r["fold"] for r in rows})
-    header = ["", "| {} | n | " + " | ".join(REGION_KEYS) + " | mean |", "|---|---|" + "---|" * (len(REGION_KEYS) + 1)]
 
-    def five_region_mean(s: dict) -> str:
-        return f"{np.mean([m for m, _, _ in s.values()]):.4f}"
+    def table(title: str) -> list[str]:
+        return ["", f"| {title} | n | " + " | ".join(REGION_KEYS) + " | mean |",
+                "|---|---|" + "---|" * (len(REGION_KEYS) + 1)]
+
+    def row(label, s: dict, spread: bool = False) -> str:
+        cells = [f"{m:.3f}" + (f" ± {sd:.3f}" if spread else "") for m, sd, _ in s.values()]
+        return (f"| {label} | {s[REGION_KEYS[0]][2]} | " + " | ".join(cells)
+                + f" | {np.mean([m for m, _, _ in s.values()]):.4f} |")
 
     lines = [f"Cross-validation {run_dir}{f' ({tag})' if tag else ''}: {len({r['case'] for r in rows})} held-out "
-             f"cases, folds {folds}", header[0], header[1].format("condition"), header[2]]
+             f"cases, folds {folds}"] + table("condition")
     for condition in CONDITIONS:
         s = summarise(rows, condition)
         if s[REGION_KEYS[0]][2]:
-            lines.append(f"| {condition} | {s[REGION_KEYS[0]][2]} | " +
-                         " | ".join(f"{m:.3f}" + (f" ± {sd:.3f}" if len(folds) > 1 else "") for m, sd, _ in s.values())
-                         + f" | {five_region_mean(s)} |")
+            lines.append(row(condition, s, spread=len(folds) > 1))
     if len(folds) > 1:  # the figures screening and adoption rules compare fold by fold
-        lines += [header[0], header[1].format("fold (all sequences)"), header[2]]
-        for fold in folds:
-            s = summarise([r for r in rows if r["fold"] == fold], "all")
-            lines.append(f"| {fold} | {s[REGION_KEYS[0]][2]} | " + " | ".join(f"{m:.3f}" for m, _, _ in s.values())
-                         + f" | {five_region_mean(s)} |")
-    lines += [header[0], header[1].format("institution (all sequences)"), header[2]]
-    for inst in sorted({r["institution"] for r in rows}):
-        s = summarise(rows, "all", inst)
-        lines.append(f"| {inst} | {s[REGION_KEYS[0]][2]} | " + " | ".join(f"{m:.3f}" for m, _, _ in s.values())
-                     + f" | {five_region_mean(s)} |")
+        lines += table("fold (all sequences)")
+        lines += [row(fold, summarise([r for r in rows if r["fold"] == fold], "all")) for fold in folds]
+    lines += table("institution (all sequences)")
+    lines += [row(inst, summarise(rows, "all", inst)) for inst in sorted({r["institution"] for r in rows})]
     sel = [r for r in rows if r["condition"] == "all"]
     lines += ["", "HD95 (mm, all sequences, median over cases): " +
               "  ".join(f"{k} {np.median([r[f'hd95_{k}'] for r in sel]):.1f}" for k in REGION_KEYS)]
