@@ -77,7 +77,8 @@ def test_the_runtime_command_line_works_without_the_lab():
                "parser = cli.build_parser()\n"
                "sub = next(a for a in parser._actions if a.dest == 'command')\n"
                "print(sorted(sub.choices))\n")
-    out = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, encoding="utf-8", cwd=ROOT,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(sorted(["batch", "demo", "models", "register", "segment"]))
 

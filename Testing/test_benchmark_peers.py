@@ -23,7 +23,7 @@ def test_peers_smoke_reports_every_contender(tmp_path):
     # Its own nnU-Net cache: the test plans from scratch, as on a fresh machine, and leaves ~/.cache alone.
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--smoke", "--output", str(tmp_path),
                         "--nnunet-cache", str(tmp_path / "nnunet")],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+                       capture_output=True, text=True, encoding="utf-8", env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     report = json.loads((tmp_path / "peers.json").read_text())

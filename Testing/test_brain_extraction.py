@@ -73,7 +73,7 @@ def test_raw_clinical_case_end_to_end(tmp_path):
     env["PYTHONPATH"] = str(ROOT / "BrainUNetSegmentation")
     r = subprocess.run([sys.executable, "-m", "brainunet", "segment", "--t1c", native / "t1c.nii.gz", "--t2w",
                         native / "t2w.nii.gz", "--t2f", native / "t2f.nii.gz", "--output", out, "--progress", "none"],
-                       capture_output=True, text=True, env=env, timeout=600)
+                       capture_output=True, text=True, encoding="utf-8", env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     brain_ml = float(re.search(r"brain extracted \(deepbet\): (\d+) mL", r.stderr).group(1))
     stripped = nib.load(str(RAW / "sri24" / "t1c.nii.gz"))

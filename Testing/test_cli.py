@@ -17,8 +17,9 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT / "BrainUNetSegmentation"))
 
 
 def brainunet(*args, timeout=300):
+    # utf-8 whatever the locale: DICOM writers in other tests may set this process's locale to C
     return subprocess.run([sys.executable, "-m", "brainunet", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=timeout)
+                          encoding="utf-8", env=ENV, timeout=timeout)
 
 
 def digest(paths):
@@ -204,7 +205,7 @@ def test_demo_segments_the_phantom_with_the_bundled_model(tmp_path):
 
     env = {k: v for k, v in ENV.items() if k != "BRAINUNET_MODEL"}
     r = subprocess.run([sys.executable, "-m", "brainunet", "demo", "--output-dir", str(tmp_path / "out"),
-                        "--progress", "none"], capture_output=True, text=True, env=env, timeout=300)
+                        "--progress", "none"], capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     for name in ("demo-seg.nii.gz", "demo.seg.nrrd", "demo-stats.csv", "demo-overlay.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
@@ -373,7 +374,7 @@ def test_cancel_by_sigterm_leaves_no_output(tmp_path, synthetic_case, tiny_weigh
     out = tmp_path / "out" / "x.nii.gz"
     p = subprocess.Popen([sys.executable, "-m", "brainunet", "segment", *case_args(synthetic_case), "--output",
                           str(out), "--model", str(tiny_weights[0]), "--tta", "--progress", "machine"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", env=ENV)
     for line in p.stdout:  # wait until inference runs
         if "Inference" in line:
             break

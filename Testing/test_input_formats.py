@@ -204,6 +204,11 @@ def test_segment_finds_the_sequences_of_a_dicom_study_by_their_descriptions(tmp_
     r = brainunet("segment", "--study", tmp_path / "study", "--t1c", "T1 PRE", "--output", tmp_path / "x.nii.gz",
                   "--progress", "none")
     assert r.returncode == 2 and "no series of the study" in r.stderr and "'AX T1 POST GD'" in r.stderr
+    # a mistyped path is a missing file, not a series description
+    r = brainunet("segment", "--study", tmp_path / "study", "--t1c", tmp_path / "study" / "typo-t1c.nii.gz",
+                  "--output", tmp_path / "y.nii.gz", "--progress", "none")
+    assert r.returncode == 2 and "typo-t1c.nii.gz: no such file or folder" in r.stderr, r.stderr
+    assert not (tmp_path / "y.nii.gz").exists()
 
 
 def test_a_study_mixes_series_and_image_files_and_one_without_named_sequences_is_refused(tmp_path, synthetic_case):

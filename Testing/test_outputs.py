@@ -160,6 +160,46 @@ def test_batch_reports_each_failure_goes_on_and_summarises(tmp_path, capsys):
         ["case0-seg.nii.gz", "case2-seg.nii.gz"]
 
 
+def test_an_output_name_too_long_for_its_temporary_name_is_refused_before_the_work(tmp_path, synthetic_case, capsys):
+    from brainunet.outputs import MAX_OUTPUT_NAME_BYTES
+
+    fits = "x" * (MAX_OUTPUT_NAME_BYTES - len(".nii.gz")) + ".nii.gz"
+    assert run("segment", *case_args(synthetic_case), "--output", tmp_path / fits) == 0
+    too_long = "y" + fits
+    assert run("segment", *case_args(synthetic_case), "--output", tmp_path / "o" / too_long) == 2
+    assert "bytes long; give a name of at most" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_batch_refuses_an_output_folder_that_is_a_file_or_inside_a_case_and_prints_each_case_note(tmp_path,
+                                                                                                   capsys):
+    import nibabel as nib
+    import numpy as np
+
+    from brainunet import synthetic
+
+    data = tmp_path / "data"
+    for i in range(2):
+        synthetic.write_case(data / f"case{i}", f"case{i}", seed=i, shape=(40, 48, 36), spacing=(2.4, 2.4, 2.4))
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    stray = tmp_path / "stray.txt"
+    stray.write_text("notes")
+    assert run("batch", data, "--output-dir", stray) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert run("batch", data, "--output-dir", data / "case0" / "out") == 2
+    assert "is inside the case folder" in capsys.readouterr().err
+    assert before == {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} and stray.read_text() == "notes"
+    t2w = next((data / "case1").glob("*-t2w.nii.gz"))  # this case's T2W was acquired 6 mm higher: registered
+    image = nib.load(str(t2w))
+    moved = image.affine.copy()
+    moved[2, 3] += 6.0
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), moved, image.header), str(t2w))
+    assert run("batch", data, "--output-dir", tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    assert "case1: Note: T2W registered to T1CE" in err, err
+    assert "case0: Note" not in err
+
+
 def test_model_given_a_folder_says_so(tmp_path, synthetic_case, capsys):
     assert run("segment", *case_args(synthetic_case), "--output", tmp_path / "x.nii.gz", "--model", tmp_path) == 3
     assert "is a folder; give a weights file" in capsys.readouterr().err

@@ -96,6 +96,10 @@ def test_a_slab_or_localiser_is_refused_and_a_partial_field_of_view_is_noted():
     model = pipeline.load_model("intensity-baseline")
     with pytest.raises(pipeline.InputError, match="T2W has only 4 slices along one axis: it is a localiser"):
         pipeline.segment({**volumes, "t2w": _slab(volumes["t2w"], 16, 4, "T2W")}, model)
+    # every sequence the same thin slab: nothing to register, still not a brain
+    slabs = {k: _slab(volumes[k], 16, 3, k) for k in ("t1c", "t2w", "t2f")}
+    with pytest.raises(pipeline.InputError, match="T1CE has only 3 slices along one axis"):
+        pipeline.segment(slabs, model)
     with pytest.raises(pipeline.InputError, match=r"FLAIR covers only \d+% of the T1CE image's brain"):
         pipeline.segment({**volumes, "t2f": _slab(volumes["t2f"], 12, 10, "FLAIR")}, model)
     result = pipeline.segment({**volumes, "t2w": _slab(volumes["t2w"], 10, 20, "T2W")}, model)

@@ -370,7 +370,7 @@ def test_distributed_training_with_torchrun(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "BrainUNetSegmentation"), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "brainunet", "train", "--config", config, "--output", tmp_path / "run",
-                        "--progress", "none"], capture_output=True, text=True, env=env, timeout=120)
+                        "--progress", "none"], capture_output=True, text=True, encoding="utf-8", env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("Training finished at step 3 of 3") == 1  # only rank 0 reports
     assert [h["step"] for h in read_history(tmp_path / "run" / "history.csv")] == [1, 2, 3]
@@ -390,8 +390,8 @@ def test_distributed_training_with_torchrun(tmp_path):
         "    sys.stdout.write(f'refused: {exc} | group left: {dist.is_initialized()}\\n')\n"
         "    sys.stdout.flush()\n")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script), str(config), str(tmp_path / "run")], capture_output=True, text=True, env=env,
-                       timeout=120)
+                        str(script), str(config), str(tmp_path / "run")], capture_output=True, text=True,
+                       encoding="utf-8", env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("already holds a training run") == 2, r.stdout
     assert r.stdout.count("group left: False") == 2, r.stdout
@@ -615,11 +615,11 @@ def test_gpu_script_trains_from_a_pack_and_the_folds_are_scored_here_without_ret
     env = dict(os.environ, PYTHONPATH=str(ROOT / "BrainUNetSegmentation"), BRAINUNET_CASE_CACHE=str(tmp_path / "cache"))
     r = subprocess.run([sys.executable, "-m", "brainunet_lab", "cv-pack", "--data", str(data), "--output", str(pack),
                         "--model", str(base / "model.pt"), "--config", str(recipe)], capture_output=True, text=True,
-                       env=env, timeout=300)
+                       encoding="utf-8", env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert len(list(pack.glob("*.npz"))) == 5 and "5 cases packed" in r.stdout
     script = ROOT / "BrainUNetSegmentation" / "brainunet_lab" / "scripts" / "gpu-paper-cv.sh"
-    r = subprocess.run(["bash", str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    r = subprocess.run(["bash", str(script)], cwd=ROOT, capture_output=True, text=True, encoding="utf-8", timeout=600,
                        env=dict(env, STEPS="2", DEVICE="cpu", PACK=str(pack), CONFIG=str(recipe), OUT=str(tmp_path),
                                 MODEL=str(base / "model.pt"), PYTHON=sys.executable))
     assert r.returncode == 0, r.stdout + r.stderr

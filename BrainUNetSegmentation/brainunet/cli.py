@@ -234,6 +234,8 @@ def cmd_batch(args) -> int:
     if not data_dir.is_dir():
         raise InputError(f"{data_dir} is not a folder of case folders.")
     out_dir = Path(args.output_dir) if args.output_dir else data_dir / "brainunet"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--output-dir {out_dir} is a file, not a folder; give a folder (it is made if needed).")
     folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and p.resolve() != out_dir.resolve())
     # a folder without any sequence image (__MACOSX, .git, an older output folder of labels, DICOM not yet
     # converted) is no case; one with some sequences is, and fails with what is missing
@@ -242,6 +244,12 @@ def cmd_batch(args) -> int:
     if not cases:
         raise InputError(f"No case folders in {data_dir}; expected one folder per case with BraTS file names "
                          "(.nii.gz, .nrrd or .mha images, or DICOM series folders named T1CE, T2W, FLAIR).")
+    out_real = out_dir.resolve()
+    inside = next((c for c in cases if c.resolve() == out_real or c.resolve() in out_real.parents), None)
+    if inside is not None:
+        # every other patient's segmentation would land among this patient's images
+        raise InputError(f"--output-dir {out_dir} is inside the case folder {inside}; choose a folder outside the "
+                         f"case folders (the default is {data_dir / 'brainunet'}).")
     progress = Progress(args.progress, "BrainUNet batch")
     if others:
         _say(args, f"Skipped, no sequence images with BraTS names (such as *-t1c.nii.gz, *_flair.nii.gz) inside: "
@@ -264,10 +272,12 @@ def cmd_batch(args) -> int:
             written_before = out.stat().st_mtime_ns if out.exists() else None
             try:
                 files = find_case_files(case)
-                pipeline.run({k: files.get(k) for k in ("t1c", "t2w", "t2f", "t1n")}, out, stats,
-                             device=args.device, tta=args.tta, precision=args.precision, progress=case_progress,
-                             loaded_model=loaded)
+                result = pipeline.run({k: files.get(k) for k in ("t1c", "t2w", "t2f", "t1n")}, out, stats,
+                                      device=args.device, tta=args.tta, precision=args.precision,
+                                      progress=case_progress, loaded_model=loaded)
                 finished += 1
+                for note in result.notes:  # a missing sequence, a registration: what the user must know per case
+                    _say(args, f"{case.name}: Note: {note}")
             except (Cancelled, KeyboardInterrupt):
                 # the cases before this one are written and stay; this one is whole or as it was (a cancel
                 # during the move into place takes effect once the set is in)

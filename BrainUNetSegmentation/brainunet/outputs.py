@@ -25,6 +25,8 @@ from pathlib import Path
 from .errors import BrainUNetError, InputError
 
 TEMP_PREFIX = ".brainunet-"
+# file systems allow 255 bytes a name; the temporary name (temp_path) adds the prefix and 9 characters
+MAX_OUTPUT_NAME_BYTES = 255 - len(TEMP_PREFIX) - 9
 
 
 class OutputError(BrainUNetError):
@@ -60,6 +62,10 @@ def check_outputs(outputs: dict[str, Path], inputs=()) -> dict[str, Path]:
                                  "name so no input is overwritten.")
         if path.is_dir():
             raise InputError(f"Output {path} is a folder; give a file name such as {path / 'segmentation.nii.gz'}.")
+        if len(path.name.encode()) > MAX_OUTPUT_NAME_BYTES:
+            raise InputError(f"Output file name {path.name[:40]}... is {len(path.name.encode())} bytes long; give a "
+                             f"name of at most {MAX_OUTPUT_NAME_BYTES} (the run writes it first under a longer "
+                             "temporary name).")
         if path.exists() and not stat.S_ISREG(path.stat().st_mode):
             raise InputError(f"Output {path} is not a regular file (a device or a pipe); give a file name in a "
                              "folder you can write to.")

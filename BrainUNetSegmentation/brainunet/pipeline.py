@@ -143,12 +143,14 @@ def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing
     that moved are registered to the reference (rigid, mutual information), the brain is extracted when
     the image is not skull-stripped (detected from the image); what was done is appended to ``notes``."""
     from . import preprocessing
-    from .registration import register_to_reference
+    from .registration import check_full_series, register_to_reference
 
     ref_key = reference_key(volumes)
     notes = notes if notes is not None else []
     reference = volumes[ref_key]
     extra = optional_inputs(volumes, model)
+    for key in [k for k in volumes if k not in extra]:  # the ones that move are checked again before registering
+        check_full_series(MODALITY_NAMES.get(key, key), volumes[key].data.shape)
     aligned = preprocessing.align_to_reference({k: v for k, v in volumes.items() if k not in extra}, ref_key)
     for key in extra:
         try:

@@ -156,13 +156,18 @@ def register_to_reference(volumes: dict, aligned: dict, ref_key: str, notes: lis
             on_optional_failure(key, exc)
 
 
-def _register_one(volumes, aligned, key, ref_key, reference, reference_levels, notes):
-    """``register_to_reference`` for one sequence; returns the reference's levels (made once, reused)."""
-    name, ref_name = MODALITY_NAMES.get(key, key), MODALITY_NAMES.get(ref_key, ref_key)
-    thinnest = int(min(volumes[key].data.shape))
+def check_full_series(name: str, shape) -> None:
+    """Refuse a localiser or a thin slab: too few slices along some axis to hold a brain."""
+    thinnest = int(min(shape))
     if thinnest < MIN_SLICES:
         raise InputError(f"{name} has only {thinnest} slices along one axis: it is a localiser or a thin slab, "
                          "not the full series. Select the whole 3D series.")
+
+
+def _register_one(volumes, aligned, key, ref_key, reference, reference_levels, notes):
+    """``register_to_reference`` for one sequence; returns the reference's levels (made once, reused)."""
+    name, ref_name = MODALITY_NAMES.get(key, key), MODALITY_NAMES.get(ref_key, ref_key)
+    check_full_series(name, volumes[key].data.shape)
     reference_levels = reference_levels or registration_levels(reference)
     try:
         reg = register_rigid(reference, volumes[key], fixed_levels=reference_levels)
