@@ -889,6 +889,8 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
         A re-run into the same segmentation updates its statistics table instead of adding another one.
         """
         tableNode = segmentationNode.GetNodeReference(STATISTICS_TABLE_REFERENCE) if segmentationNode else None
+        if tableNode is not None and self._tableSharedWithAnother(segmentationNode, tableNode):
+            tableNode = None  # a copy of another result: that result keeps its table, this one gets its own
         segmentationNode, tableNode = self.import_results(run, segmentation_node=segmentationNode, table_node=tableNode)
         segmentationNode.SetNodeReferenceID(STATISTICS_TABLE_REFERENCE, tableNode.GetID())
         displayNode = segmentationNode.GetDisplayNode()
@@ -897,6 +899,13 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
         if show3D:
             segmentationNode.CreateClosedSurfaceRepresentation()
         return segmentationNode, tableNode
+
+    def _tableSharedWithAnother(self, segmentationNode, tableNode) -> bool:
+        from BrainUNetSegmentationLib import mrml
+
+        return any(node is not segmentationNode
+                   and node.GetNodeReferenceID(STATISTICS_TABLE_REFERENCE) == tableNode.GetID()
+                   for node in mrml.nodes_of_class(self.scene, "vtkMRMLSegmentationNode"))
 
     @staticmethod
     def latestResult():

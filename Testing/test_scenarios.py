@@ -272,6 +272,59 @@ def test_the_scene_changing_during_a_run_loses_nothing_and_misplaces_nothing(sce
         logic.import_results(run)
     assert scene.GetNumberOfNodes() == count and not run.workdir.exists()
 
+    run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"))
+    kept = nodes["t1c"].GetImageData()
+    nodes["t1c"].SetAndObserveImageData(None)  # its image emptied (another module, a failed reload)
+    assert run.wait(300) == "done"
+    with pytest.raises(InputError, match="was moved, transformed or changed while BrainUNet ran"):
+        logic.import_results(run)
+    assert scene.GetNumberOfNodes() == count and not run.workdir.exists()
+    nodes["t1c"].SetAndObserveImageData(kept)
+
+
+def test_an_input_removed_during_a_run_is_noted_and_update_statistics_keeps_its_figures(scene, tmp_path):
+    """T2W deleted while the worker runs: the result comes in with a note; Update statistics on the
+    segments as made changes nothing, and after a correction it says T2W's intensities are left out."""
+    from BrainUNetSegmentationLib import mrml
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic, RECOMPUTED_NOTE, RunOptions
+
+    nodes, _ = scenarios.load_synthetic_case(scene, seed=2)
+    logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
+    run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"))
+    scene.RemoveNode(nodes["t2w"])
+    assert run.wait(300) == "done"
+    seg, table = logic.import_results(run)
+    notes = (table.GetAttribute(mrml.NOTES_ATTRIBUTE) or "").split("\n")
+    assert any(n.startswith("T2W was removed from the scene while BrainUNet ran") for n in notes), notes
+    before = mrml.table_to_rows(table)
+    assert any("T2W" in column for column in before[0])
+    assert logic.update_statistics(seg, table) is False
+    assert repr(mrml.table_to_rows(table)) == repr(before)
+    seg.GetSegmentation().RemoveSegment("ET")
+    assert logic.update_statistics(seg, table) is True
+    notes = (table.GetAttribute(mrml.NOTES_ATTRIBUTE) or "").split("\n")
+    recomputed = next(n for n in notes if n.startswith(RECOMPUTED_NOTE))
+    assert "the intensities of T2W are left out (no longer in the scene)" in recomputed
+
+
+def test_a_volume_node_whose_image_holds_no_voxels_is_refused_with_what_to_do(scene, tmp_path):
+    import pytest
+    import vtk
+
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic, RunOptions
+    from brainunet.errors import InputError
+
+    nodes, _ = scenarios.load_synthetic_case(scene, seed=2)
+    logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Empty FLAIR")
+    image = vtk.vtkImageData()
+    image.SetDimensions(10, 10, 10)  # a size, but no voxel values
+    empty.SetAndObserveImageData(image)
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match="has no image data. Load the image again"):
+        logic.start({**logic.guess_inputs(), "t2f": empty}, RunOptions(device="cpu"))
+    assert scene.GetNumberOfNodes() == count
+
 
 
 def test_a_native_t1_the_worker_left_out_is_not_linked_and_stays_out_of_recomputed_statistics(scene, tmp_path):

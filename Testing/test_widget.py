@@ -616,6 +616,36 @@ def test_a_second_result_hides_the_first_and_the_results_follow_the_chosen_segme
     assert widget._resultNodes() == (second, second_table)
 
 
+def test_a_run_into_a_copy_of_a_result_gives_the_copy_its_own_table(harness):
+    """A copied result (Data module Clone copies the node's references) chosen as output: the original
+    keeps its table and its figures; the copy gets a table of its own."""
+    from BrainUNetSegmentationLib.logic import RunOptions
+
+    ui, widget = harness.ui, harness.widget
+    add_case(harness)
+    widget.enter()
+    ui.deviceComboBox.setCurrentIndex(1)  # cpu
+    ui.show3DCheckBox.setChecked(False)
+    ui.applyButton.click()
+    harness.wait_until(lambda: widget._run is None, RUN_TIMEOUT_S)
+    (first,) = harness.nodes_of("vtkMRMLSegmentationNode")
+    first_table = first.GetNodeReference("BrainUNetStatistics")
+    first.GetSegmentation().RemoveSegment("ET")  # the clinician's correction, then Update statistics
+    ui.outputSegmentationSelector.setCurrentNode(first)
+    ui.updateStatisticsButton.click()
+    corrected = widget.logic.statisticsForDisplay(first_table)
+    copy = harness.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Copy of the result")
+    copy.SetNodeReferenceID("BrainUNetStatistics", first_table.GetID())
+    run = widget.logic.start(widget.logic.guess_inputs(), RunOptions(device="cpu"))
+    assert run.wait(RUN_TIMEOUT_S) == "done"
+    seg, table = widget.logic.importAndShow(run, copy)
+    assert harness.errors() == []
+    assert seg is copy and table is not first_table
+    assert copy.GetNodeReference("BrainUNetStatistics") is table
+    assert first.GetNodeReference("BrainUNetStatistics") is first_table
+    assert widget.logic.statisticsForDisplay(first_table) == corrected  # the original's figures untouched
+
+
 def test_reload_drops_the_bridge_and_the_runtime_so_edits_take_effect(harness):
     names = [n for n in sys.modules if n.split(".")[0] in ("BrainUNetSegmentationLib", "brainunet")]
     saved = {n: sys.modules[n] for n in names}

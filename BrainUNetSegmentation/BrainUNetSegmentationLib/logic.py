@@ -30,6 +30,7 @@ PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # folder that contains 
 REFERENCE_VOLUME_REFERENCE = "BrainUNetReferenceVolume"
 INPUT_VOLUME_REFERENCE = "BrainUNetInput_"
 RECOMPUTED_NOTE = "Statistics computed again from the segments as edited"
+REMOVED_DURING_RUN_NOTE = "was removed from the scene while BrainUNet ran"
 #: Attributes of a result's segmentation and table: the model that made it, with which quality, when.
 PROVENANCE_MODEL = "BrainUNet.Model"
 PROVENANCE_QUALITY = "BrainUNet.Quality"
@@ -426,7 +427,8 @@ class BrainUNetLogic:
             if reference.GetScene() is not self.scene:
                 raise InputError(f"The reference volume {reference.GetName()} was removed from the scene while "
                                  "BrainUNet ran; load it again and press Apply.")
-            if (labels.shape != tuple(reference.GetImageData().GetDimensions())
+            image = reference.GetImageData()
+            if (image is None or labels.shape != tuple(image.GetDimensions())
                     or not np.allclose(mrml.ijk_to_ras(reference), written.affine, atol=1e-3)):
                 raise InputError(f"The reference volume {reference.GetName()} was moved, transformed or changed "
                                  "while BrainUNet ran; press Apply again to segment it as it is now.")
@@ -434,10 +436,14 @@ class BrainUNetLogic:
                 segmentation_node = None  # the chosen output was deleted during the run: a new one
             if table_node is not None and table_node.GetScene() is not self.scene:
                 table_node = None
+            notes = list(run.notes)
+            for role, node in run.inputs.items():
+                if node is not None and node is not reference and node.GetScene() is not self.scene:
+                    notes.append(f"{MODALITY_NAMES.get(role, role)} {REMOVED_DURING_RUN_NOTE}: its intensities are "
+                                 "those the run read; Update statistics keeps them while the segments are as made.")
             with mrml.scene_unchanged_on_error(self.scene, segmentation_node, table_node):
                 seg = mrml.create_segmentation(self.scene, labels, reference, segmentation_node=segmentation_node)
-                table = mrml.statistics_table(self.scene, rows, f"{seg.GetName()} statistics", table_node,
-                                              run.notes)
+                table = mrml.statistics_table(self.scene, rows, f"{seg.GetName()} statistics", table_node, notes)
                 mrml.place_beside(self.scene, table, reference)
                 seg.SetNodeReferenceID(REFERENCE_VOLUME_REFERENCE, reference.GetID())
                 for role in ("t1c", "t2w", "t2f", "t1n"):
@@ -499,12 +505,14 @@ class BrainUNetLogic:
         labels = mrml.segmentation_to_labels(segmentation_node, reference)
         affine = mrml.ijk_to_ras(reference)
         old_notes = [n for n in (table_node.GetAttribute(mrml.NOTES_ATTRIBUTE) or "").split("\n") if n]
-        intensities, left_out = {}, []
+        intensities, left_out, gone = {}, [], []
         for role in ("t1c", "t2w", "t2f", "t1n"):
             node = segmentation_node.GetNodeReference(INPUT_VOLUME_REFERENCE + role)
-            if node is None or node.GetImageData() is None:
-                continue
             name = MODALITY_NAMES.get(role, role)
+            if node is None or node.GetImageData() is None:
+                if segmentation_node.GetNodeReferenceID(INPUT_VOLUME_REFERENCE + role):
+                    gone.append(name)  # an input of the run, since removed from the scene
+                continue
             volume = mrml.voxels_from_node(node)
             same = volume.data.shape == labels.shape and np.allclose(volume.affine, affine, atol=1e-3)
             if left_out_by_worker(old_notes, role):
@@ -514,13 +522,19 @@ class BrainUNetLogic:
                 continue
             intensities[role] = np.asarray(resample_to_grid(volume, labels.shape, affine), np.float32)
         rows = statistics.region_statistics(labels, affine, intensities)
-        if _same_rows(rows, mrml.table_to_rows(table_node)):
+        table_rows = mrml.table_to_rows(table_node)
+        if gone and len(rows) == len(table_rows):
+            # the segments as made keep the figures of a volume removed since: compare what can be computed
+            table_rows = [{k: t[k] for k in r if k in t} for r, t in zip(rows, table_rows)]
+        if _same_rows(rows, table_rows):
             return False
         notes = [n for n in old_notes if not n.startswith(RECOMPUTED_NOTE)]
         note = f"{RECOMPUTED_NOTE} ({time.strftime('%Y-%m-%d %H:%M')})"
         if left_out:
             note += (f"; the intensities of {', '.join(left_out)} are left out (registered by the segmentation "
                      "run; run it again for them)")
+        if gone:
+            note += f"; the intensities of {', '.join(gone)} are left out (no longer in the scene)"
         mrml.statistics_table(self.scene, rows, table_node=table_node, notes=notes + [note + "."])
         return True
 

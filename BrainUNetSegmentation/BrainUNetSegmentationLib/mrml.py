@@ -60,7 +60,8 @@ def ijk_to_ras(volume_node) -> np.ndarray:
 
 def _scalar_voxels(volume_node, name: str) -> np.ndarray:
     """The node's voxels as a view ``[k, j, i]`` on its image data (no copy); InputError if it has none."""
-    if volume_node.GetImageData() is None:
+    image = volume_node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None or image.GetNumberOfPoints() == 0:
         raise InputError(f"{name} has no image data. Load the image again.")
     if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
         raise InputError(f"{name} has {volume_node.GetImageData().GetNumberOfScalarComponents()} components per "
