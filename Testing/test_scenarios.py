@@ -271,11 +271,13 @@ def test_the_scene_changing_during_a_run_loses_nothing_and_misplaces_nothing(sce
     with pytest.raises(InputError, match="was moved, transformed or changed while BrainUNet ran"):
         logic.import_results(run)
     assert scene.GetNumberOfNodes() == count and not run.workdir.exists()
+    moved[:3, 3] -= 12.0  # back in place: the next run has nothing to register
+    nodes["t1c"].SetIJKToRASMatrix(mrml._numpy_to_matrix(moved))
 
     run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"))
     kept = nodes["t1c"].GetImageData()
     nodes["t1c"].SetAndObserveImageData(None)  # its image emptied (another module, a failed reload)
-    assert run.wait(300) == "done"
+    assert run.wait(300) == "done", run.error
     with pytest.raises(InputError, match="was moved, transformed or changed while BrainUNet ran"):
         logic.import_results(run)
     assert scene.GetNumberOfNodes() == count and not run.workdir.exists()
