@@ -732,6 +732,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if segmentationNode is None:
             return _("The segmentation of these statistics was removed from the scene; they are as computed last.")
         try:
+            tableNode = self.logic.ownStatisticsTable(segmentationNode, tableNode)
             changed = self.logic.update_statistics(segmentationNode, tableNode)
         except Exception as exc:  # the reference volume removed, or an unexpected failure: the table stays
             return _("The statistics could not be computed again ({reason}); they are as computed last.").format(
@@ -756,6 +757,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                                      windowTitle="BrainUNet")
             return
         status = self._updateStatistics(segmentationNode, tableNode)  # the file holds the segments as they are
+        tableNode = self._resultNodes()[1] or tableNode  # a copied result's own table, made by the update
         defaultPath = os.path.join(os.path.expanduser("~"), f"{tableNode.GetName()}.csv")
         path = qt.QFileDialog.getSaveFileName(self.uiWidget, _("Export statistics"), defaultPath,
                                               _("CSV files (*.csv)"))
@@ -899,6 +901,16 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
         if show3D:
             segmentationNode.CreateClosedSurfaceRepresentation()
         return segmentationNode, tableNode
+
+    def ownStatisticsTable(self, segmentationNode, tableNode):
+        """``tableNode``, or a copy of it that ``segmentationNode`` then refers to when another segmentation
+        refers to the same table (a cloned result): updating one result never rewrites another's figures."""
+        if tableNode is None or not self._tableSharedWithAnother(segmentationNode, tableNode):
+            return tableNode
+        own = self.scene.CopyNode(tableNode)
+        own.SetName(self.scene.GenerateUniqueName(f"{segmentationNode.GetName()} statistics"))
+        segmentationNode.SetNodeReferenceID(STATISTICS_TABLE_REFERENCE, own.GetID())
+        return own
 
     def _tableSharedWithAnother(self, segmentationNode, tableNode) -> bool:
         from BrainUNetSegmentationLib import mrml

@@ -186,8 +186,9 @@ def test_batch_refuses_an_output_folder_that_is_a_file_or_inside_a_case_and_prin
     stray.write_text("notes")
     assert run("batch", data, "--output-dir", stray) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
-    assert run("batch", data, "--output-dir", data / "case0" / "out") == 2
-    assert "is inside the case folder" in capsys.readouterr().err
+    for inside in (data / "case0" / "out", data / "case0"):
+        assert run("batch", data, "--output-dir", inside) == 2
+        assert "or inside it; choose a folder outside the case folders" in capsys.readouterr().err
     assert before == {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} and stray.read_text() == "notes"
     t2w = next((data / "case1").glob("*-t2w.nii.gz"))  # this case's T2W was acquired 6 mm higher: registered
     image = nib.load(str(t2w))

@@ -278,7 +278,7 @@ def test_the_scene_changing_during_a_run_loses_nothing_and_misplaces_nothing(sce
     kept = nodes["t1c"].GetImageData()
     nodes["t1c"].SetAndObserveImageData(None)  # its image emptied (another module, a failed reload)
     assert run.wait(300) == "done", run.error
-    with pytest.raises(InputError, match="was moved, transformed or changed while BrainUNet ran"):
+    with pytest.raises(InputError, match="lost its image data while BrainUNet ran; load the image again"):
         logic.import_results(run)
     assert scene.GetNumberOfNodes() == count and not run.workdir.exists()
     nodes["t1c"].SetAndObserveImageData(kept)
@@ -288,7 +288,7 @@ def test_an_input_removed_during_a_run_is_noted_and_update_statistics_keeps_its_
     """T2W deleted while the worker runs: the result comes in with a note; Update statistics on the
     segments as made changes nothing, and after a correction it says T2W's intensities are left out."""
     from BrainUNetSegmentationLib import mrml
-    from BrainUNetSegmentationLib.logic import BrainUNetLogic, RECOMPUTED_NOTE, RunOptions
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic, INPUT_VOLUME_REFERENCE, RECOMPUTED_NOTE, RunOptions
 
     nodes, _ = scenarios.load_synthetic_case(scene, seed=2)
     logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
@@ -302,6 +302,8 @@ def test_an_input_removed_during_a_run_is_noted_and_update_statistics_keeps_its_
     assert any("T2W" in column for column in before[0])
     assert logic.update_statistics(seg, table) is False
     assert repr(mrml.table_to_rows(table)) == repr(before)
+    seg.SetNodeReferenceID(INPUT_VOLUME_REFERENCE + "t2w", None)  # as a saved scene, opened again, has it
+    assert logic.update_statistics(seg, table) is False
     seg.GetSegmentation().RemoveSegment("ET")
     assert logic.update_statistics(seg, table) is True
     notes = (table.GetAttribute(mrml.NOTES_ATTRIBUTE) or "").split("\n")

@@ -645,6 +645,20 @@ def test_a_run_into_a_copy_of_a_result_gives_the_copy_its_own_table(harness):
     assert first.GetNodeReference("BrainUNetStatistics") is first_table
     assert widget.logic.statisticsForDisplay(first_table) == corrected  # the original's figures untouched
 
+    # a copy with the original's segments, corrected and its statistics updated: again a table of its own
+    clone = harness.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Clone of the result")
+    clone.Copy(first)
+    clone.SetName("Clone of the result")
+    assert clone.GetNodeReference("BrainUNetStatistics") is first_table
+    clone.GetSegmentation().RemoveSegment("SNFH")
+    ui.outputSegmentationSelector.setCurrentNode(clone)
+    ui.updateStatisticsButton.click()
+    assert harness.errors() == []
+    own = clone.GetNodeReference("BrainUNetStatistics")
+    assert own is not first_table and own.GetName() == "Clone of the result statistics"
+    assert widget.logic.statisticsForDisplay(first_table) == corrected
+    assert widget.logic.statisticsForDisplay(own) != corrected
+
 
 def test_reload_drops_the_bridge_and_the_runtime_so_edits_take_effect(harness):
     names = [n for n in sys.modules if n.split(".")[0] in ("BrainUNetSegmentationLib", "brainunet")]

@@ -428,7 +428,10 @@ class BrainUNetLogic:
                 raise InputError(f"The reference volume {reference.GetName()} was removed from the scene while "
                                  "BrainUNet ran; load it again and press Apply.")
             image = reference.GetImageData()
-            if (image is None or labels.shape != tuple(image.GetDimensions())
+            if image is None or image.GetPointData().GetScalars() is None:
+                raise InputError(f"The reference volume {reference.GetName()} lost its image data while BrainUNet "
+                                 "ran; load the image again and press Apply.")
+            if (labels.shape != tuple(image.GetDimensions())
                     or not np.allclose(mrml.ijk_to_ras(reference), written.affine, atol=1e-3)):
                 raise InputError(f"The reference volume {reference.GetName()} was moved, transformed or changed "
                                  "while BrainUNet ran; press Apply again to segment it as it is now.")
@@ -438,6 +441,8 @@ class BrainUNetLogic:
                 table_node = None
             notes = list(run.notes)
             for role, node in run.inputs.items():
+                if left_out_by_worker(run.notes, role):
+                    continue  # not an input of this result: its own note says why
                 if node is not None and node is not reference and node.GetScene() is not self.scene:
                     notes.append(f"{MODALITY_NAMES.get(role, role)} {REMOVED_DURING_RUN_NOTE}: its intensities are "
                                  "those the run read; Update statistics keeps them while the segments are as made.")
@@ -510,8 +515,10 @@ class BrainUNetLogic:
             node = segmentation_node.GetNodeReference(INPUT_VOLUME_REFERENCE + role)
             name = MODALITY_NAMES.get(role, role)
             if node is None or node.GetImageData() is None:
-                if segmentation_node.GetNodeReferenceID(INPUT_VOLUME_REFERENCE + role):
-                    gone.append(name)  # an input of the run, since removed from the scene
+                # an input of the run since removed from the scene (a saved scene drops the reference itself)
+                if (segmentation_node.GetNodeReferenceID(INPUT_VOLUME_REFERENCE + role)
+                        or any(n.startswith(f"{name} {REMOVED_DURING_RUN_NOTE}") for n in old_notes)):
+                    gone.append(name)
                 continue
             volume = mrml.voxels_from_node(node)
             same = volume.data.shape == labels.shape and np.allclose(volume.affine, affine, atol=1e-3)

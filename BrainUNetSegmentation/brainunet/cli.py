@@ -236,20 +236,20 @@ def cmd_batch(args) -> int:
     out_dir = Path(args.output_dir) if args.output_dir else data_dir / "brainunet"
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--output-dir {out_dir} is a file, not a folder; give a folder (it is made if needed).")
-    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and p.resolve() != out_dir.resolve())
+    out_real = out_dir.absolute().resolve()
+    folders = sorted(p for p in data_dir.iterdir() if p.is_dir())
     # a folder without any sequence image (__MACOSX, .git, an older output folder of labels, DICOM not yet
     # converted) is no case; one with some sequences is, and fails with what is missing
     cases = [f for f in folders if _holds_sequences(f)]
-    others = [f.name for f in folders if f not in cases]
-    if not cases:
-        raise InputError(f"No case folders in {data_dir}; expected one folder per case with BraTS file names "
-                         "(.nii.gz, .nrrd or .mha images, or DICOM series folders named T1CE, T2W, FLAIR).")
-    out_real = out_dir.resolve()
     inside = next((c for c in cases if c.resolve() == out_real or c.resolve() in out_real.parents), None)
     if inside is not None:
         # every other patient's segmentation would land among this patient's images
-        raise InputError(f"--output-dir {out_dir} is inside the case folder {inside}; choose a folder outside the "
-                         f"case folders (the default is {data_dir / 'brainunet'}).")
+        raise InputError(f"--output-dir {out_dir} is the case folder {inside} or inside it; choose a folder "
+                         f"outside the case folders (the default is {data_dir / 'brainunet'}).")
+    others = [f.name for f in folders if f not in cases and f.resolve() != out_real]
+    if not cases:
+        raise InputError(f"No case folders in {data_dir}; expected one folder per case with BraTS file names "
+                         "(.nii.gz, .nrrd or .mha images, or DICOM series folders named T1CE, T2W, FLAIR).")
     progress = Progress(args.progress, "BrainUNet batch")
     if others:
         _say(args, f"Skipped, no sequence images with BraTS names (such as *-t1c.nii.gz, *_flair.nii.gz) inside: "

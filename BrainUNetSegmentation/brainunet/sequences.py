@@ -128,12 +128,13 @@ def find_study_inputs(root, named: dict | None = None) -> tuple[dict, dict]:
     chosen, notes = {}, {}
     for role, wanted in (named or {}).items():
         matches = [x for x in every_series if wanted.strip().lower() in (x.description.lower(), x.uid.lower())]
+        listed = "; ".join(f"'{x.description}'" for x in every_series) or "none"
         looks_like_path = "/" in wanted or "\\" in wanted or wanted.lower().endswith(IMAGE_SUFFIXES + (".dcm",))
         if not matches and looks_like_path:
-            raise InputError(f"--{role} {wanted}: no such file or folder. Check the path, or name one of the "
-                             f"series of the study {root} by its description or UID.")
+            raise InputError(f"--{role} {wanted}: no such file or folder, and no series of the study {root} is so "
+                             f"described (its series: {listed}). Check the path, or name a series by its "
+                             "description or UID.")
         if len(matches) != 1:
-            listed = "; ".join(f"'{x.description}'" for x in every_series) or "none"
             raise InputError(f"--{role} {wanted!r}: {'no' if not matches else len(matches)} series of the study "
                              f"{root} {'is' if not matches else 'are'} so described (its series: {listed}). Give a "
                              "description or UID that names one, or a file or folder.")
