@@ -40,6 +40,13 @@ def test_a_moved_sequence_is_registered_back_within_2_mm(phantom):
     moved = dict(volumes, t2f=Volume(volumes["t2f"].data, motion @ volumes["t2f"].affine, "t2f"))
     reg = registration.register_rigid(moved["t1c"], moved["t2f"])
     assert mapping_error_mm(reg.transform, motion, volumes["t1c"]) < 2.0
+    # the same inputs, the same registration (SimpleITK would seed its sampling from the clock)
+    again = registration.register_rigid(moved["t1c"], moved["t2f"])
+    # (to within the last digits that multi-threaded sums change: an unseeded run differs by ~1e-4)
+    assert again.transform.GetParameters() == pytest.approx(reg.transform.GetParameters(), abs=1e-7)
+    assert (again.metric_before, again.metric_after) == pytest.approx((reg.metric_before, reg.metric_after), rel=1e-6)
+    with pytest.raises(ValueError, match="seed 0 means a random seed"):
+        registration.register_rigid(moved["t1c"], moved["t2f"], seed=0)
     notes = []
     aligned, _ = pipeline.prepare_inputs(moved, pipeline.load_model("intensity-baseline"), notes=notes)
     assert len(notes) == 1 and notes[0].startswith("FLAIR registered to T1CE")

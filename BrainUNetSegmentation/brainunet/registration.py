@@ -77,12 +77,15 @@ def registration_levels(volume: Volume) -> dict:
     return {None: image, **{mm: _shrunk(image, mm) for mm in LEVELS_MM}}
 
 
-def register_rigid(fixed: Volume, moving: Volume, seed: int = 0, fixed_levels: dict | None = None) -> Registration:
+def register_rigid(fixed: Volume, moving: Volume, seed: int = 1, fixed_levels: dict | None = None) -> Registration:
     """Rigid transform taking the fixed (reference) grid's points to the moving image's, by mutual
-    information on ~8, 4 and 2 mm grids (deterministic for a given ``seed``). ``fixed_levels``: the
-    fixed image's ``registration_levels``, when already made."""
+    information on ~8, 4 and 2 mm grids (deterministic for a given ``seed``; SimpleITK reads a seed of 0
+    as "from the wall clock", so 0 is refused). ``fixed_levels``: the fixed image's
+    ``registration_levels``, when already made."""
     import SimpleITK as sitk
 
+    if seed == sitk.sitkWallClock:
+        raise ValueError("register_rigid: seed 0 means a random seed in SimpleITK; give a positive seed.")
     fixed_levels = fixed_levels or registration_levels(fixed)
     moving_levels = registration_levels(moving)
     f = fixed_levels[None]
@@ -94,7 +97,7 @@ def register_rigid(fixed: Volume, moving: Volume, seed: int = 0, fixed_levels: d
         method = sitk.ImageRegistrationMethod()
         method.SetMetricAsMattesMutualInformation(32)
         method.SetMetricSamplingStrategy(method.REGULAR)
-        method.SetMetricSamplingPercentage(0.25)
+        method.SetMetricSamplingPercentage(0.25, seed)  # REGULAR sampling jitters its points: seeded
         method.SetInterpolator(sitk.sitkLinear)
         method.SetInitialTransform(transform, inPlace=False)
         return float(method.MetricEvaluate(fi, mi))
