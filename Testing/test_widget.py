@@ -53,6 +53,16 @@ def add_case(h, names=("Case_T1CE", "Case_T2", "Case_FLAIR"), seed=0):
             for role, name in zip(("t1c", "t2w", "t2f"), names)}
 
 
+def apply_on_a_case(h) -> None:
+    """A synthetic case segmented through the panel on the CPU, without the 3D surface."""
+    add_case(h)
+    h.widget.enter()
+    h.ui.deviceComboBox.setCurrentIndex(1)  # cpu
+    h.ui.show3DCheckBox.setChecked(False)
+    h.ui.applyButton.click()
+    h.wait_until(lambda: h.widget._run is None, RUN_TIMEOUT_S)
+
+
 def text(widget) -> str:
     return widget.text()
 
@@ -580,12 +590,7 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
 
 def test_a_second_result_hides_the_first_and_the_results_follow_the_chosen_segmentation(harness):
     ui, widget = harness.ui, harness.widget
-    add_case(harness)
-    widget.enter()
-    ui.deviceComboBox.setCurrentIndex(1)  # cpu
-    ui.show3DCheckBox.setChecked(False)
-    ui.applyButton.click()
-    harness.wait_until(lambda: widget._run is None, RUN_TIMEOUT_S)
+    apply_on_a_case(harness)
     ui.qualityComboBox.setCurrentIndex(1)  # again, with test-time augmentation, into a new segmentation
     ui.applyButton.click()
     harness.wait_until(lambda: widget._run is None, RUN_TIMEOUT_S)
@@ -622,12 +627,7 @@ def test_a_run_into_a_copy_of_a_result_gives_the_copy_its_own_table(harness):
     from BrainUNetSegmentationLib.logic import RunOptions
 
     ui, widget = harness.ui, harness.widget
-    add_case(harness)
-    widget.enter()
-    ui.deviceComboBox.setCurrentIndex(1)  # cpu
-    ui.show3DCheckBox.setChecked(False)
-    ui.applyButton.click()
-    harness.wait_until(lambda: widget._run is None, RUN_TIMEOUT_S)
+    apply_on_a_case(harness)
     (first,) = harness.nodes_of("vtkMRMLSegmentationNode")
     first_table = first.GetNodeReference("BrainUNetStatistics")
     first.GetSegmentation().RemoveSegment("ET")  # the clinician's correction, then Update statistics
