@@ -180,9 +180,13 @@ def test_batch_skip_existing_resumes_an_interrupted_batch(tmp_path):
     assert (out / "case-a-seg.nii.gz").read_bytes() == b"from the interrupted run"  # left as it was
     assert not (out / "case-a-stats.csv").exists() and (out / "case-b-seg.nii.gz").exists()
     assert "1 of 2 cases segmented" in r.stdout and "1 skipped" in r.stdout
-    # without the option every case is segmented again
+    # without the option every case is segmented again: its own result replaced, a file it did not write kept
+    own = (out / "case-b-seg.nii.gz").stat().st_mtime_ns
     r = brainunet("batch", data, "--output-dir", out, "--progress", "none")
-    assert r.returncode == 0 and (out / "case-a-seg.nii.gz").read_bytes() != b"from the interrupted run"
+    assert r.returncode == 1 and "1 of 2 cases segmented" in r.stdout
+    assert f"{out / 'case-a-seg.nii.gz'} already exists and was not written by BrainUNet" in r.stderr
+    assert (out / "case-a-seg.nii.gz").read_bytes() == b"from the interrupted run"
+    assert (out / "case-b-seg.nii.gz").stat().st_mtime_ns != own
 
 
 def test_demo_passes_precision_and_threads_to_segment(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ a refused run creates no folder, and the command line says what it needs and how
 import errno
 import os
 
+import numpy as np
 import pytest
 
 from conftest import case_args
@@ -111,8 +112,8 @@ def test_a_move_into_place_that_fails_halfway_leaves_the_previous_set_whole(tmp_
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, Cancelled])
 def test_an_interrupt_during_the_write_leaves_nothing_behind(tmp_path, synthetic_case, monkeypatch, interrupt):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "x.nii.gz").write_bytes(b"an older result")
+    assert run("segment", *case_args(synthetic_case), "--output", out / "x.nii.gz") == 0
+    before = snapshot(out)
 
     def interrupted(rows, path):
         with open(path, "w") as f:
@@ -123,7 +124,51 @@ def test_an_interrupt_during_the_write_leaves_nothing_behind(tmp_path, synthetic
 
     monkeypatch.setattr(statistics, "write_csv", interrupted)
     assert run("segment", *case_args(synthetic_case), "--output", out / "x.nii.gz", "--stats", out / "x.csv") == 130
-    assert snapshot(out) == {"x.nii.gz": b"an older result"}
+    assert snapshot(out) == before
+
+
+def test_a_run_replaces_its_own_outputs_but_refuses_any_other_existing_file(tmp_path, synthetic_case, capsys):
+    """Named over an expert's label map, a scan, someone's table or picture, or a segmentation saved again
+    from Slicer (its header without BrainUNet's field), a run is refused and the file kept; its own earlier
+    outputs (and empty files) it replaces."""
+    import nibabel as nib
+    import nrrd
+
+    out = tmp_path / "out"
+    names = {"--output": out / "x.nii.gz", "--seg-nrrd": out / "x.seg.nrrd", "--stats": out / "x.csv",
+             "--overlay": out / "x.png"}
+    args = ["segment", *case_args(synthetic_case)] + [str(v) for kv in names.items() for v in kv]
+    assert run(*args) == 0
+    first = snapshot(out)
+    assert run(*args) == 0  # its own outputs: replaced
+    assert set(snapshot(out)) == set(first)
+    assert (out / "x.csv").read_bytes() == first["x.csv"]
+
+    reference = nib.load(str(synthetic_case["seg"]))
+    expert = out / "expert_seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(reference.dataobj).astype(np.uint8), reference.affine), str(expert))
+    scan = synthetic_case["t1n"]  # in the case folder, not an input of this run
+    data, header = nrrd.read(str(out / "x.seg.nrrd"))
+    del header["BrainUNet_Output"]
+    resaved = out / "corrected.seg.nrrd"
+    nrrd.write(str(resaved), data, header)
+    table, picture = out / "mine.csv", out / "photo.png"
+    table.write_text("patient,volume\nA,12\n")
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(picture)
+    for option, target in [("--output", expert), ("--output", scan), ("--output", resaved), ("--seg-nrrd", resaved),
+                           ("--stats", table), ("--overlay", picture)]:
+        before = target.read_bytes()
+        chosen = dict(names, **{option: target})
+        assert run("segment", *case_args(synthetic_case), *[str(v) for kv in chosen.items() for v in kv]) == 2
+        err = capsys.readouterr().err
+        assert f"{target} already exists and was not written by BrainUNet" in err and "Traceback" not in err
+        assert target.read_bytes() == before
+    empty = out / "empty.nii.gz"
+    empty.touch()
+    assert run("segment", *case_args(synthetic_case), "--output", empty) == 0
+    assert nib.load(str(empty)).shape == reference.shape
 
 
 def test_a_refused_run_creates_no_folder(tmp_path, synthetic_case):

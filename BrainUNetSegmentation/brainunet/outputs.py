@@ -4,6 +4,10 @@ final place, and moved into place together only when every one of them has been 
 - An output that is one of the inputs (same path, another spelling, a hard or symbolic link), two
   outputs that are the same file, an output that is a folder or not a regular file (a device such as
   /dev/full), or a folder that cannot be written is refused before anything is computed.
+- An existing file is replaced only if BrainUNet wrote it (every output carries ``SIGNATURE``: the
+  NIfTI description, a ``.seg.nrrd`` header field, the PNG's Software text, the statistics' header
+  row), so a run named over an expert's label map, a scan or anyone's table is refused, and a
+  segmentation corrected and saved again from Slicer (which drops the field) is kept.
 - A refused run creates no folder: missing folders are made only when the outputs are moved in.
 - A write error (disk full, permission, ...) removes every temporary file, leaves existing files as they
   were, and raises ``OutputError`` (exit 2) naming the file and the cause; so does a move into place that
@@ -29,6 +33,13 @@ TEMP_PREFIX = ".brainunet-"
 MAX_OUTPUT_NAME_BYTES = 255 - len(TEMP_PREFIX) - 9
 
 
+#: Marks a file as a BrainUNet output, which a later run may replace.
+SIGNATURE = "BrainUNet"
+#: Header field of a ``.seg.nrrd`` written by BrainUNet (value: SIGNATURE).
+SEG_NRRD_FIELD = "BrainUNet_Output"
+STATISTICS_HEADER_START = "region,name,voxels,volume_ml"
+
+
 class OutputError(BrainUNetError):
     """An output could not be written; nothing was changed."""
 
@@ -41,6 +52,34 @@ def same_file(a: Path, b: Path) -> bool:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def written_by_brainunet(key: str, path: Path) -> bool:
+    """Whether the existing file ``path``, given as output ``key``, is a BrainUNet output (or empty)."""
+    try:
+        if path.stat().st_size == 0:
+            return True
+        name = path.name.lower()
+        if key == "stats":
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return f.readline().strip().startswith(STATISTICS_HEADER_START)
+        if key == "overlay":
+            from PIL import Image
+
+            with Image.open(path) as image:
+                return getattr(image, "text", {}).get("Software", "").startswith(SIGNATURE)
+        if name.endswith(".seg.nrrd"):
+            import nrrd
+
+            return nrrd.read_header(str(path)).get(SEG_NRRD_FIELD) == SIGNATURE
+        if name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            description = nib.load(str(path)).header["descrip"].item()
+            return description.startswith(SIGNATURE.encode())
+    except Exception:  # unreadable or another kind of file: not one of ours
+        return False
+    return False
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -69,6 +108,9 @@ def check_outputs(outputs: dict[str, Path], inputs=()) -> dict[str, Path]:
         if path.exists() and not stat.S_ISREG(path.stat().st_mode):
             raise InputError(f"Output {path} is not a regular file (a device or a pipe); give a file name in a "
                              "folder you can write to.")
+        if path.exists() and not written_by_brainunet(key, path):
+            raise InputError(f"Output {path} already exists and was not written by BrainUNet; BrainUNet replaces "
+                             "only its own earlier results. Choose another file name, or move that file away.")
         parent = path.parent if str(path.parent) else Path(".")
         existing = _nearest_existing(parent)
         if not existing.is_dir():

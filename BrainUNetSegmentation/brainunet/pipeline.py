@@ -14,7 +14,7 @@ import numpy as np
 from .errors import InputError
 from .imageio import MODALITY_NAMES, Volume, load_volume, save_label_nifti
 from .protocol import LEFT_OUT_NOTE
-from .outputs import OutputSet, check_outputs
+from .outputs import SEG_NRRD_FIELD, SIGNATURE, OutputSet, check_outputs
 from .labels import SUBREGIONS
 from .settings import ModelSettings
 from . import plausibility
@@ -260,7 +260,8 @@ def segmentation_dict(labels: np.ndarray, affine_ras: np.ndarray) -> dict:
             "tags": {"TerminologyEntry": region.terminology_entry(), "Segmentation.Status": "inprogress"},
         })
     return {"voxels": labels.astype(np.uint8), "ijkToLPS": ijk_to_lps, "segments": segments,
-            "containedRepresentationNames": ["Binary labelmap"], "masterRepresentation": "Binary labelmap"}
+            "containedRepresentationNames": ["Binary labelmap"], "masterRepresentation": "Binary labelmap",
+            SEG_NRRD_FIELD: SIGNATURE}
 
 
 def write_seg_nrrd(labels: np.ndarray, affine_ras: np.ndarray, path) -> Path:
@@ -313,7 +314,8 @@ def write_overlay_png(result: SegmentationResult, path, background: str = "t2f")
                facecolor="black", labelcolor="white", frameon=False)
     fig.suptitle(f"BrainUNet ({result.model_name})", color="white")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=90, facecolor="black", format="png")  # the name may be a temporary one
+    # the name may be a temporary one, hence the format
+    fig.savefig(path, dpi=90, facecolor="black", format="png", metadata={"Software": f"{SIGNATURE} (matplotlib)"})
     plt.close(fig)
     return Path(path)
 
