@@ -68,6 +68,18 @@ def test_swapped_t2w_and_flair_give_a_warning_and_a_correct_pair_none(synthetic_
     assert any("T2W and FLAIR may be swapped" in n for n in result.notes)
 
 
+def test_swapped_t1ce_and_flair_give_a_warning_and_a_correct_set_none():
+    volumes, _ = synthetic.make_case(seed=1, shape=(96, 112, 80), spacing=(1.6, 1.6, 1.6))
+    model = pipeline.load_model("intensity-baseline")
+    assert pipeline.segment(volumes, model).notes == []
+    swapped = dict(volumes, t1c=volumes["t2f"], t2f=volumes["t1c"])
+    swapped = {k: Volume(v.data.copy(), v.affine, k) for k, v in swapped.items()}
+    notes = pipeline.segment(swapped, model).notes
+    assert len(notes) == 1 and "T1CE and FLAIR may be swapped" in notes[0]
+    without_t2w = {k: v.data for k, v in swapped.items() if k != "t2w"}  # the measure needs T2W
+    assert plausibility.t2w_likeness(without_t2w) is None and plausibility.contrast_warnings(without_t2w) == []
+
+
 def test_a_tumour_over_half_the_brain_gives_a_warning():
     assert plausibility.size_warnings(30.0, 1400.0) == []
     assert "implausible" in plausibility.size_warnings(800.0, 1400.0)[0]

@@ -8,6 +8,7 @@ Refusals (``InputError``, exit 2), because no segmentation of such input can be 
 Warnings (a note in the run's output and in the log), because the input may still be right:
 - a sequence covering less than 90 % of the reference image's brain;
 - T2W and FLAIR that look swapped (on T2W the CSF is bright, on FLAIR it is dark);
+- T1CE and FLAIR that look swapped (FLAIR's contrast follows T2W's, T1's runs against it);
 - a tumour implausibly large for the brain.
 """
 from __future__ import annotations
@@ -24,6 +25,11 @@ MAX_LABEL_VALUES = 8  # an MR image has far more distinct intensities than any l
 MIN_SIGNAL_VOXELS = 1000  # fewer non-zero voxels than this is no brain image
 BRIGHT_FACTOR = 1.5  # "bright" = above 1.5 x the brain's median
 SWAP_RATIO = 0.8  # T2W's bright (CSF) fraction below 0.8 x FLAIR's: the two look swapped
+# FLAIR's rank correlation with T2W minus T1CE's: +0.08 to +1.02 on the 29 training cases, +0.43 to +0.97
+# on the four real cases of ../shared/data/real, and the negative of that when swapped (`brainunet
+# contrast-check --data DIR`); below -0.05 the image given as T1CE follows T2W more than the one given as
+# FLAIR does: they look swapped
+T1CE_FLAIR_SWAP_MARGIN = 0.05
 MAX_TUMOUR_FRACTION = 0.5  # a whole tumour over half the brain is implausible
 MIN_COVERAGE = 0.5  # a sequence seeing less of the reference's brain is a slab or a localiser
 FULL_COVERAGE = 0.9  # below this the network sees zeros (no signal) over part of the brain
@@ -91,7 +97,28 @@ def contrast_warnings(aligned: dict) -> list[str]:
         return [f"T2W and FLAIR may be swapped: the image given as T2W has less bright fluid ({100 * t2w:.0f} % of "
                 f"the brain) than the one given as FLAIR ({100 * t2f:.0f} %), where CSF should be bright on T2W and "
                 "dark on FLAIR. Check the selection; the result may be wrong."]
+    likeness = t2w_likeness(aligned)
+    if likeness is not None and likeness[1] - likeness[0] < -T1CE_FLAIR_SWAP_MARGIN:
+        return [f"T1CE and FLAIR may be swapped: the image given as T1CE follows T2W's contrast (rank correlation "
+                f"{likeness[0]:+.2f}) more than the one given as FLAIR does ({likeness[1]:+.2f}), where FLAIR "
+                "shares T2W's grey/white contrast and T1CE inverts it. Check the selection; the result may be "
+                "wrong."]
     return []
+
+
+def t2w_likeness(aligned: dict) -> tuple[float, float] | None:
+    """Rank correlations with T2W, within the brain, of the images given as T1CE and as FLAIR."""
+    if not {"t1c", "t2w", "t2f"} <= aligned.keys():
+        return None
+    from scipy.stats import spearmanr
+
+    images = {k: aligned[k][::2, ::2, ::2] for k in ("t1c", "t2w", "t2f")}
+    brain = np.all([image != 0 for image in images.values()], axis=0)
+    if brain.sum() < MIN_SIGNAL_VOXELS / 8:
+        return None
+    t2w = images["t2w"][brain]
+    return (float(spearmanr(images["t1c"][brain], t2w).correlation),
+            float(spearmanr(images["t2f"][brain], t2w).correlation))
 
 
 def size_warnings(wt_ml: float, brain_ml: float) -> list[str]:

@@ -1,5 +1,5 @@
 """Command line of the lab: ``brainunet evaluate | templates | train | finetune | montage | calibrate | cv |
-cv-pack | cv-report | cv-errors | cv-rescore | cv-postprocess | grid-ceiling | bundle``.
+cv-pack | cv-report | cv-errors | cv-rescore | cv-postprocess | grid-ceiling | contrast-check | bundle``.
 
 Registered in the runtime's ``brainunet`` command through the ``brainunet.commands`` entry point
 (``add_commands``), so the runtime never imports the lab and an installation without it (Slicer's)
@@ -123,6 +123,11 @@ def add_commands(sub) -> None:
                    help="working grid in mm (repeatable; default 2 and 1.5)")
     p.add_argument("--output", help="CSV of every case and spacing")
 
+    p = sub.add_parser("contrast-check", help="for each case folder: how much the images given as T1CE and FLAIR "
+                                              "follow T2W's contrast (the sequence-swap warnings' measure), as "
+                                              "given and with T1CE and FLAIR swapped")
+    p.add_argument("--data", required=True, help="folder of case folders (BraTS names)")
+
     p = sub.add_parser("cv-report", help="print cross-validation tables (per region, condition, institution)")
     p.add_argument("runs", nargs="+", help="run folders of brainunet cv")
     p.add_argument("--tag", help="report the cases rescored by cv-rescore --tag TAG")
@@ -186,6 +191,7 @@ def add_commands(sub) -> None:
     sub.choices["calibrate"].set_defaults(handler=cmd_calibrate)
     sub.choices["cv"].set_defaults(handler=cmd_cv)
     sub.choices["grid-ceiling"].set_defaults(handler=cmd_grid_ceiling)
+    sub.choices["contrast-check"].set_defaults(handler=cmd_contrast_check)
     sub.choices["cv-report"].set_defaults(handler=cmd_cv_report)
     sub.choices["cv-errors"].set_defaults(handler=cmd_cv_errors)
     sub.choices["cv-pack"].set_defaults(handler=cmd_cv_pack)
@@ -428,6 +434,35 @@ def cmd_grid_ceiling(args) -> int:
             {**{k: v for k, v in row.items() if k.startswith("dice_")},
              "mean": float(sum(row[f"dice_{k}"] for k in ("ET", "NETC", "SNFH", "TC", "WT")) / 5),
              "cases": row["cases"]}, "cases"))
+    return 0
+
+
+def cmd_contrast_check(args) -> int:
+    from brainunet import pipeline, plausibility
+    from brainunet.imageio import find_case_files
+
+    model = pipeline.load_model(None, device="cpu")
+    margins = []
+    for case in sorted(p for p in Path(args.data).iterdir() if p.is_dir()):
+        paths = {k: v for k, v in find_case_files(case).items() if k in ("t1c", "t2w", "t2f")}
+        if len(paths) < 3:
+            print(f"{case.name}: skipped (needs T1CE, T2W and FLAIR)")
+            continue
+        line = [case.name]
+        for label, given in (("as given", paths), ("T1CE and FLAIR swapped", dict(paths, t1c=paths["t2f"],
+                                                                                  t2f=paths["t1c"]))):
+            notes: list[str] = []
+            aligned, _ = pipeline.prepare_inputs(pipeline.load_inputs(given, notes), model, notes=notes)
+            t1c, t2f = plausibility.t2w_likeness(aligned)
+            warned = any("may be swapped" in n for n in plausibility.contrast_warnings(aligned))
+            line.append(f"{label}: T1CE {t1c:+.2f}, FLAIR {t2f:+.2f}, FLAIR - T1CE {t2f - t1c:+.2f}"
+                        f"{' (warned)' if warned else ''}")
+            if label == "as given":
+                margins.append(t2f - t1c)
+        print(" | ".join(line), flush=True)
+    if margins:
+        print(f"{len(margins)} cases as given: FLAIR - T1CE from {min(margins):+.2f} to {max(margins):+.2f} "
+              f"(a swap is warned below {-plausibility.T1CE_FLAIR_SWAP_MARGIN:+.2f})")
     return 0
 
 
