@@ -75,6 +75,7 @@ def test_raw_clinical_case_end_to_end(tmp_path):
                         native / "t2w.nii.gz", "--t2f", native / "t2f.nii.gz", "--output", out, "--progress", "none"],
                        capture_output=True, text=True, encoding="utf-8", env=env, timeout=600)
     assert r.returncode == 0, r.stderr
+    assert "may be swapped" not in r.stdout + r.stderr  # the sequences are as named: no false alarm
     brain_ml = float(re.search(r"brain extracted \(deepbet\): (\d+) mL", r.stderr).group(1))
     stripped = nib.load(str(RAW / "sri24" / "t1c.nii.gz"))
     reference_ml = float((np.asarray(stripped.dataobj) != 0).sum()) * float(np.prod(stripped.header.get_zooms()[:3])) / 1000

@@ -184,7 +184,7 @@ def test_batch_skip_existing_resumes_an_interrupted_batch(tmp_path):
     own = (out / "case-b-seg.nii.gz").stat().st_mtime_ns
     r = brainunet("batch", data, "--output-dir", out, "--progress", "none")
     assert r.returncode == 1 and "1 of 2 cases segmented" in r.stdout
-    assert f"{out / 'case-a-seg.nii.gz'} already exists and was not written by BrainUNet" in r.stderr
+    assert f"{out / 'case-a-seg.nii.gz'} exists and is not an unchanged BrainUNet result" in r.stderr
     assert (out / "case-a-seg.nii.gz").read_bytes() == b"from the interrupted run"
     assert (out / "case-b-seg.nii.gz").stat().st_mtime_ns != own
 

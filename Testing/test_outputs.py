@@ -37,7 +37,7 @@ def test_a_hard_or_symbolic_link_to_an_input_is_refused_and_the_input_kept(tmp_p
 def test_outputs_that_are_the_same_file_or_not_regular_files_are_refused(tmp_path, synthetic_case, capsys):
     out = tmp_path / "x.nii.gz"
     assert run("segment", *case_args(synthetic_case), "--output", out, "--seg-nrrd", tmp_path / "a.seg.nrrd",
-               "--stats", tmp_path / "same", "--overlay", tmp_path / "." / "same") == 2
+               "--stats", tmp_path / "same.png", "--overlay", tmp_path / "." / "same.png") == 2
     assert "same file" in capsys.readouterr().err
     assert run("segment", *case_args(synthetic_case), "--output", out, "--stats", "/dev/full") == 2
     err = capsys.readouterr().err
@@ -127,12 +127,15 @@ def test_an_interrupt_during_the_write_leaves_nothing_behind(tmp_path, synthetic
     assert snapshot(out) == before
 
 
-def test_a_run_replaces_its_own_outputs_but_refuses_any_other_existing_file(tmp_path, synthetic_case, capsys):
-    """Named over an expert's label map, a scan, someone's table or picture, or a segmentation saved again
-    from Slicer (its header without BrainUNet's field), a run is refused and the file kept; its own earlier
-    outputs (and empty files) it replaces."""
+def test_a_run_replaces_its_own_unchanged_results_but_refuses_any_other_existing_file(tmp_path, synthetic_case,
+                                                                                     capsys):
+    """Named over an expert's label map, a scan, its own label map corrected since (saved again with its
+    header, or its .seg.nrrd edited by a script or saved from Slicer without BrainUNet's field), someone's
+    table or picture, a run is refused and the file kept; its own unchanged results (and empty files)
+    it replaces, .nii and .seg.nrrd labels included."""
     import nibabel as nib
     import nrrd
+    from PIL import Image
 
     out = tmp_path / "out"
     names = {"--output": out / "x.nii.gz", "--seg-nrrd": out / "x.seg.nrrd", "--stats": out / "x.csv",
@@ -140,35 +143,61 @@ def test_a_run_replaces_its_own_outputs_but_refuses_any_other_existing_file(tmp_
     args = ["segment", *case_args(synthetic_case)] + [str(v) for kv in names.items() for v in kv]
     assert run(*args) == 0
     first = snapshot(out)
-    assert run(*args) == 0  # its own outputs: replaced
-    assert set(snapshot(out)) == set(first)
-    assert (out / "x.csv").read_bytes() == first["x.csv"]
+    assert run(*args) == 0  # its own results: replaced
+    assert set(snapshot(out)) == set(first) and (out / "x.csv").read_bytes() == first["x.csv"]
+    for other in ("y.nii", "y.seg.nrrd"):
+        assert run("segment", *case_args(synthetic_case), "--output", out / other) == 0
+        assert run("segment", *case_args(synthetic_case), "--output", out / other) == 0
 
     reference = nib.load(str(synthetic_case["seg"]))
     expert = out / "expert_seg.nii.gz"
     nib.save(nib.Nifti1Image(np.asanyarray(reference.dataobj).astype(np.uint8), reference.affine), str(expert))
     scan = synthetic_case["t1n"]  # in the case folder, not an input of this run
-    data, header = nrrd.read(str(out / "x.seg.nrrd"))
+    ours = nib.load(str(out / "x.nii.gz"))
+    corrected = np.asanyarray(ours.dataobj).copy()
+    corrected[tuple(np.argwhere(corrected == 2)[0])] = 1  # one voxel relabelled, the header kept
+    corrected_nifti = out / "corrected.nii.gz"
+    nib.save(nib.Nifti1Image(corrected, ours.affine, ours.header), str(corrected_nifti))
+    assert ours.header["descrip"] == nib.load(str(corrected_nifti)).header["descrip"]
+    voxels, header = nrrd.read(str(out / "x.seg.nrrd"))
+    edited = out / "edited.seg.nrrd"
+    nrrd.write(str(edited), np.where(voxels == 3, 1, voxels).astype(np.uint8), header)  # the field kept
     del header["BrainUNet_Output"]
-    resaved = out / "corrected.seg.nrrd"
-    nrrd.write(str(resaved), data, header)
+    resaved = out / "resaved.seg.nrrd"
+    nrrd.write(str(resaved), voxels, header)
     table, picture = out / "mine.csv", out / "photo.png"
     table.write_text("patient,volume\nA,12\n")
-    from PIL import Image
-
     Image.new("RGB", (4, 4)).save(picture)
-    for option, target in [("--output", expert), ("--output", scan), ("--output", resaved), ("--seg-nrrd", resaved),
+    for option, target in [("--output", expert), ("--output", scan), ("--output", corrected_nifti),
+                           ("--output", edited), ("--output", resaved), ("--seg-nrrd", resaved),
                            ("--stats", table), ("--overlay", picture)]:
         before = target.read_bytes()
         chosen = dict(names, **{option: target})
         assert run("segment", *case_args(synthetic_case), *[str(v) for kv in chosen.items() for v in kv]) == 2
         err = capsys.readouterr().err
-        assert f"{target} already exists and was not written by BrainUNet" in err and "Traceback" not in err
+        assert f"{target} exists and is not an unchanged BrainUNet result" in err and "Traceback" not in err
         assert target.read_bytes() == before
     empty = out / "empty.nii.gz"
     empty.touch()
     assert run("segment", *case_args(synthetic_case), "--output", empty) == 0
     assert nib.load(str(empty)).shape == reference.shape
+
+
+def test_a_file_saved_under_an_output_name_during_the_run_is_kept(tmp_path, synthetic_case, monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert run("segment", *case_args(synthetic_case), "--output", out / "x.nii.gz") == 0
+    real_write = pipeline.write_overlay_png
+
+    def meanwhile_someone_saves(result, path):
+        (out / "x.nii.gz").write_bytes(b"saved by another program during the run")
+        return real_write(result, path)
+
+    monkeypatch.setattr(pipeline, "write_overlay_png", meanwhile_someone_saves)
+    capsys.readouterr()
+    assert run("segment", *case_args(synthetic_case), "--output", out / "x.nii.gz", "--overlay", out / "x.png") == 2
+    err = capsys.readouterr().err
+    assert "is not an unchanged BrainUNet result" in err and "Nothing was written" in err
+    assert snapshot(out) == {"x.nii.gz": b"saved by another program during the run"}
 
 
 def test_a_refused_run_creates_no_folder(tmp_path, synthetic_case):

@@ -1,6 +1,7 @@
 """Input that cannot be what it is named is refused with a message saying what to select; input that
 may be wrong gets a warning in the run's output."""
 import os
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -78,6 +79,33 @@ def test_swapped_t1ce_and_flair_give_a_warning_and_a_correct_set_none():
     assert len(notes) == 1 and "T1CE and FLAIR may be swapped" in notes[0]
     without_t2w = {k: v.data for k, v in swapped.items() if k != "t2w"}  # the measure needs T2W
     assert plausibility.t2w_likeness(without_t2w) is None and plausibility.contrast_warnings(without_t2w) == []
+
+
+def test_contrast_check_lists_each_case_as_given_and_swapped(tmp_path, synthetic_case, capsys):
+    """The measure behind the T1CE/FLAIR warning, per case folder; a folder without the three sequences is
+    skipped, and a --data that is no folder is refused."""
+    import shutil
+
+    data = tmp_path / "cases"
+    shutil.copytree(synthetic_case["t1c"].parent, data / "case-a")
+    (data / "empty").mkdir()
+    assert cli.main(["contrast-check", "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "empty: skipped" in out
+    (line,) = [x for x in out.splitlines() if x.startswith("case-a")]
+    given, swapped = line.split(" | ")[1:]
+    assert "(warned)" not in given and swapped.endswith("(warned)")
+    assert "1 cases as given" in out
+    assert cli.main(["contrast-check", "--data", str(tmp_path / "nowhere")]) == 2
+
+
+def test_a_constant_image_gives_no_correlation_and_no_warning():
+    rng = np.random.default_rng(0)
+    aligned = {k: rng.uniform(1, 100, (40, 40, 40)).astype(np.float32) for k in ("t1c", "t2w", "t2f")}
+    aligned["t1c"][:] = 50.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plausibility.t2w_likeness(aligned) is None and plausibility.contrast_warnings(aligned) == []
 
 
 def test_a_tumour_over_half_the_brain_gives_a_warning():

@@ -25,6 +25,7 @@ def test_cli_on_real_case_gives_labels_on_input_grid(tmp_path, case):
                   "--stats", tmp_path / "s.csv", "--device", "cpu", "--progress", "none", "--model", BUNDLED,
                   timeout=600)
     assert r.returncode == 0, r.stderr
+    assert "may be swapped" not in r.stdout + r.stderr  # the sequences are as named: no false alarm
     ref = nib.load(str(files["t1c"]))
     lab = nib.load(str(out))
     assert lab.shape == ref.shape and np.allclose(lab.affine, ref.affine)

@@ -12,10 +12,10 @@ import numpy as np
 
 from .errors import Cancelled, InputError
 from .labels import SUBREGIONS
-from .outputs import SIGNATURE
+from .outputs import SIGNATURE, label_mark
 
-#: NIfTI description of a label map BrainUNet writes.
-LABEL_DESCRIPTION = f"{SIGNATURE} labels: " + ", ".join(f"{r.label} {r.key}" for r in SUBREGIONS)
+#: Start of the NIfTI description of a label map BrainUNet writes (then the digest of its labels).
+LABEL_DESCRIPTION = f"{SIGNATURE} " + ", ".join(f"{r.label} {r.key}" for r in SUBREGIONS)
 
 #: Modality key -> display name. Keys follow BraTS 2023 file suffixes.
 MODALITY_NAMES = {"t1c": "T1CE", "t2w": "T2W", "t2f": "FLAIR", "t1n": "T1"}
@@ -326,7 +326,8 @@ def save_label_nifti(labels: np.ndarray, reference: Volume, path) -> Path:
     img.set_data_dtype(np.uint8)
     img.header["scl_slope"] = 1
     img.header["scl_inter"] = 0
-    img.header["descrip"] = LABEL_DESCRIPTION.encode()[:80]  # lets a later run recognise, and replace, its own file
+    # lets a later run recognise its own result, unchanged, and replace it (outputs.replaceable)
+    img.header["descrip"] = label_mark(labels, LABEL_DESCRIPTION).encode()
     if header is not None:
         # Keep the reference's exact qform/sform codes so viewers place the labels identically.
         img.set_qform(*reference.header.get_qform(coded=True))

@@ -4,10 +4,13 @@ final place, and moved into place together only when every one of them has been 
 - An output that is one of the inputs (same path, another spelling, a hard or symbolic link), two
   outputs that are the same file, an output that is a folder or not a regular file (a device such as
   /dev/full), or a folder that cannot be written is refused before anything is computed.
-- An existing file is replaced only if BrainUNet wrote it (every output carries ``SIGNATURE``: the
-  NIfTI description, a ``.seg.nrrd`` header field, the PNG's Software text, the statistics' header
-  row), so a run named over an expert's label map, a scan or anyone's table is refused, and a
-  segmentation corrected and saved again from Slicer (which drops the field) is kept.
+- An existing file is replaced only if it is an unchanged BrainUNet result: a label map (NIfTI or
+  ``.seg.nrrd``) whose mark (``SIGNATURE`` and a digest of its labels, in the NIfTI description or a
+  ``.seg.nrrd`` header field) still matches its voxels, a PNG with BrainUNet as its Software text, a
+  table with the statistics' header row, or an empty file. So a run named over an expert's label map,
+  a scan, a segmentation corrected since (in Slicer, ITK-SNAP or a script), another table or picture,
+  or a result of a BrainUNet version before the marks, is refused and the file kept; checked before
+  any work and again just before the move into place.
 - A refused run creates no folder: missing folders are made only when the outputs are moved in.
 - A write error (disk full, permission, ...) removes every temporary file, leaves existing files as they
   were, and raises ``OutputError`` (exit 2) naming the file and the cause; so does a move into place that
@@ -33,11 +36,28 @@ TEMP_PREFIX = ".brainunet-"
 MAX_OUTPUT_NAME_BYTES = 255 - len(TEMP_PREFIX) - 9
 
 
-#: Marks a file as a BrainUNet output, which a later run may replace.
+#: Marks a file as a BrainUNet output, which a later run may replace while it is unchanged.
 SIGNATURE = "BrainUNet"
-#: Header field of a ``.seg.nrrd`` written by BrainUNet (value: SIGNATURE).
+#: Header field of a ``.seg.nrrd`` written by BrainUNet (value: ``label_mark(labels)``).
 SEG_NRRD_FIELD = "BrainUNet_Output"
 STATISTICS_HEADER_START = "region,name,voxels,volume_ml"
+_DIGEST_TAG = "; labels sha256 "
+
+
+def label_mark(labels, prefix: str = SIGNATURE) -> str:
+    """``prefix`` and a digest of the label voxels (their shape and values), which an edit changes."""
+    import hashlib
+
+    import numpy as np
+
+    voxels = np.ascontiguousarray(labels, dtype=np.uint8)
+    digest = hashlib.sha256(repr(voxels.shape).encode() + voxels.tobytes()).hexdigest()[:16]
+    return f"{prefix}{_DIGEST_TAG}{digest}"
+
+
+def _mark_matches(mark: str, labels) -> bool:
+    return mark.startswith(SIGNATURE) and _DIGEST_TAG in mark and \
+        label_mark(labels, mark.split(_DIGEST_TAG)[0]) == mark
 
 
 class OutputError(BrainUNetError):
@@ -54,15 +74,16 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def written_by_brainunet(key: str, path: Path) -> bool:
-    """Whether the existing file ``path``, given as output ``key``, is a BrainUNet output (or empty)."""
+def replaceable(key: str, path: Path) -> bool:
+    """Whether the existing file ``path``, given as output ``key``, is an unchanged BrainUNet result (or
+    empty), which a new run may replace."""
     try:
         if path.stat().st_size == 0:
             return True
         name = path.name.lower()
         if key == "stats":
             with open(path, encoding="utf-8", errors="replace") as f:
-                return f.readline().strip().startswith(STATISTICS_HEADER_START)
+                return f.readline(4096).strip().startswith(STATISTICS_HEADER_START)
         if key == "overlay":
             from PIL import Image
 
@@ -71,15 +92,26 @@ def written_by_brainunet(key: str, path: Path) -> bool:
         if name.endswith(".seg.nrrd"):
             import nrrd
 
-            return nrrd.read_header(str(path)).get(SEG_NRRD_FIELD) == SIGNATURE
+            if SEG_NRRD_FIELD not in nrrd.read_header(str(path)):
+                return False
+            voxels, header = nrrd.read(str(path))
+            return _mark_matches(str(header[SEG_NRRD_FIELD]), voxels)
         if name.endswith((".nii", ".nii.gz")):
             import nibabel as nib
+            import numpy as np
 
-            description = nib.load(str(path)).header["descrip"].item()
-            return description.startswith(SIGNATURE.encode())
-    except Exception:  # unreadable or another kind of file: not one of ours
+            image = nib.load(str(path))
+            mark = image.header["descrip"].item().decode("ascii", "replace")
+            return mark.startswith(SIGNATURE) and _mark_matches(mark, np.asanyarray(image.dataobj))
+    except Exception:  # unreadable, or another kind of file: not a result of this program
         return False
     return False
+
+
+def _not_replaceable(path: Path) -> str:
+    return (f"{path} exists and is not an unchanged BrainUNet result (another program's file, a segmentation "
+            "edited since, or a result of an older BrainUNet), so it was kept. Choose another file name (in a "
+            "batch, another output folder), or move that file away.")
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -108,9 +140,8 @@ def check_outputs(outputs: dict[str, Path], inputs=()) -> dict[str, Path]:
         if path.exists() and not stat.S_ISREG(path.stat().st_mode):
             raise InputError(f"Output {path} is not a regular file (a device or a pipe); give a file name in a "
                              "folder you can write to.")
-        if path.exists() and not written_by_brainunet(key, path):
-            raise InputError(f"Output {path} already exists and was not written by BrainUNet; BrainUNet replaces "
-                             "only its own earlier results. Choose another file name, or move that file away.")
+        if path.exists() and not replaceable(key, path):
+            raise InputError(_not_replaceable(path))
         parent = path.parent if str(path.parent) else Path(".")
         existing = _nearest_existing(parent)
         if not existing.is_dir():
@@ -146,8 +177,11 @@ class OutputSet:
     ``commit()`` moves them all into place. Use as a context manager: leaving it without a commit
     (an error, a cancel) removes every temporary file."""
 
-    def __init__(self, outputs: dict[str, Path]):
+    def __init__(self, outputs: dict[str, Path], replace_only_results: bool = False):
+        """``replace_only_results``: ``commit`` refuses to replace a file that is not an unchanged BrainUNet
+        result (one saved under an output's name while the run worked)."""
         self.outputs = {k: Path(v) for k, v in outputs.items()}
+        self.replace_only_results = replace_only_results
         self.temps: dict[str, Path] = {}
         self.created: list[Path] = []  # folders this set made, removed again if it is discarded
 
@@ -178,6 +212,11 @@ class OutputSet:
     def commit(self) -> dict[str, Path]:
         """Move every output into place; if one move fails, the files moved before it are taken back and
         the files they replaced restored, so the set is all new or all as it was."""
+        if self.replace_only_results:
+            for key in self.temps:
+                final = self.outputs[key]
+                if final.exists() and not replaceable(key, final):
+                    raise OutputError(_not_replaceable(final) + " Nothing was written.")
         with _signals_held():
             previous: dict[str, Path] = {}  # output -> a copy of the file it replaces, until all are in place
             placed: list[str] = []

@@ -14,7 +14,7 @@ import numpy as np
 from .errors import InputError
 from .imageio import MODALITY_NAMES, Volume, load_volume, save_label_nifti
 from .protocol import LEFT_OUT_NOTE
-from .outputs import SEG_NRRD_FIELD, SIGNATURE, OutputSet, check_outputs
+from .outputs import SEG_NRRD_FIELD, SIGNATURE, OutputSet, check_outputs, label_mark
 from .labels import SUBREGIONS
 from .settings import ModelSettings
 from . import plausibility
@@ -261,7 +261,7 @@ def segmentation_dict(labels: np.ndarray, affine_ras: np.ndarray) -> dict:
         })
     return {"voxels": labels.astype(np.uint8), "ijkToLPS": ijk_to_lps, "segments": segments,
             "containedRepresentationNames": ["Binary labelmap"], "masterRepresentation": "Binary labelmap",
-            SEG_NRRD_FIELD: SIGNATURE}
+            SEG_NRRD_FIELD: label_mark(labels)}
 
 
 def write_seg_nrrd(labels: np.ndarray, affine_ras: np.ndarray, path) -> Path:
@@ -341,12 +341,13 @@ def run(paths: dict, output, stats_csv=None, overlay_png=None, model: str | Path
 
     outputs = {"labels": output, "seg_nrrd": seg_nrrd, "stats": stats_csv, "overlay": overlay_png}
     plausibility.check_distinct_files(paths)
-    outputs = check_outputs({k: Path(v) for k, v in outputs.items() if v}, [p for p in paths.values() if p])
-    kind = output_kind(outputs["labels"])
+    outputs = {k: Path(v) for k, v in outputs.items() if v}
+    kind = output_kind(outputs["labels"])  # the names' kinds first: a wrong ending is the message to give
     if "seg_nrrd" in outputs and not str(outputs["seg_nrrd"]).lower().endswith(".seg.nrrd"):
         raise InputError(f"The Slicer segmentation {outputs['seg_nrrd']} must end in .seg.nrrd.")
     if "overlay" in outputs and not str(outputs["overlay"]).lower().endswith(".png"):
         raise InputError(f"The overlay {outputs['overlay']} is a PNG picture: give a file name ending in .png.")
+    outputs = check_outputs(outputs, [p for p in paths.values() if p])
     input_notes: list[str] = []
     volumes = load_inputs(paths, input_notes)
     device = resolve_device(device)
@@ -363,7 +364,7 @@ def run(paths: dict, output, stats_csv=None, overlay_png=None, model: str | Path
         "stats": lambda p: write_csv(result.statistics, p),
         "overlay": lambda p: write_overlay_png(result, p),
     }
-    with OutputSet(outputs) as out:
+    with OutputSet(outputs, replace_only_results=True) as out:
         for key in outputs:
             out.write(key, writers[key])
             if should_cancel and should_cancel():

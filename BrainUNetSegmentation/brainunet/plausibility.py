@@ -13,6 +13,7 @@ Warnings (a note in the run's output and in the log), because the input may stil
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -99,10 +100,9 @@ def contrast_warnings(aligned: dict) -> list[str]:
                 "dark on FLAIR. Check the selection; the result may be wrong."]
     likeness = t2w_likeness(aligned)
     if likeness is not None and likeness[1] - likeness[0] < -T1CE_FLAIR_SWAP_MARGIN:
-        return [f"T1CE and FLAIR may be swapped: the image given as T1CE follows T2W's contrast (rank correlation "
-                f"{likeness[0]:+.2f}) more than the one given as FLAIR does ({likeness[1]:+.2f}), where FLAIR "
-                "shares T2W's grey/white contrast and T1CE inverts it. Check the selection; the result may be "
-                "wrong."]
+        return [f"T1CE and FLAIR may be swapped: the image selected as T1CE looks like a T2-type image and the one "
+                "selected as FLAIR like a T1-type image (their contrast's rank correlation with T2W: "
+                f"{likeness[0]:+.2f} and {likeness[1]:+.2f}). Check which series is which; the result may be wrong."]
     return []
 
 
@@ -117,8 +117,11 @@ def t2w_likeness(aligned: dict) -> tuple[float, float] | None:
     if brain.sum() < MIN_SIGNAL_VOXELS / 8:
         return None
     t2w = images["t2w"][brain]
-    return (float(spearmanr(images["t1c"][brain], t2w).correlation),
-            float(spearmanr(images["t2f"][brain], t2w).correlation))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant image: no correlation, and no check
+        likeness = (float(spearmanr(images["t1c"][brain], t2w).correlation),
+                    float(spearmanr(images["t2f"][brain], t2w).correlation))
+    return likeness if all(np.isfinite(likeness)) else None
 
 
 def size_warnings(wt_ml: float, brain_ml: float) -> list[str]:

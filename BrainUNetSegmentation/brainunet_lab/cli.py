@@ -441,10 +441,17 @@ def cmd_contrast_check(args) -> int:
     from brainunet import pipeline, plausibility
     from brainunet.imageio import find_case_files
 
+    data = Path(args.data)
+    if not data.is_dir():
+        raise InputError(f"{data} is not a folder of case folders.")
     model = pipeline.load_model(None, device="cpu")
     margins = []
-    for case in sorted(p for p in Path(args.data).iterdir() if p.is_dir()):
-        paths = {k: v for k, v in find_case_files(case).items() if k in ("t1c", "t2w", "t2f")}
+    for case in sorted(p for p in data.iterdir() if p.is_dir()):
+        try:
+            paths = {k: v for k, v in find_case_files(case).items() if k in ("t1c", "t2w", "t2f")}
+        except InputError as exc:
+            print(f"{case.name}: skipped ({exc})")
+            continue
         if len(paths) < 3:
             print(f"{case.name}: skipped (needs T1CE, T2W and FLAIR)")
             continue
@@ -452,8 +459,16 @@ def cmd_contrast_check(args) -> int:
         for label, given in (("as given", paths), ("T1CE and FLAIR swapped", dict(paths, t1c=paths["t2f"],
                                                                                   t2f=paths["t1c"]))):
             notes: list[str] = []
-            aligned, _ = pipeline.prepare_inputs(pipeline.load_inputs(given, notes), model, notes=notes)
-            t1c, t2f = plausibility.t2w_likeness(aligned)
+            try:
+                aligned, _ = pipeline.prepare_inputs(pipeline.load_inputs(given, notes), model, notes=notes)
+            except InputError as exc:
+                line.append(f"{label}: refused ({exc})")
+                continue
+            likeness = plausibility.t2w_likeness(aligned)
+            if likeness is None:
+                line.append(f"{label}: not measured (too little brain in common, or a constant image)")
+                continue
+            t1c, t2f = likeness
             warned = any("may be swapped" in n for n in plausibility.contrast_warnings(aligned))
             line.append(f"{label}: T1CE {t1c:+.2f}, FLAIR {t2f:+.2f}, FLAIR - T1CE {t2f - t1c:+.2f}"
                         f"{' (warned)' if warned else ''}")
