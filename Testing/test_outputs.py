@@ -145,7 +145,7 @@ def test_a_run_replaces_its_own_unchanged_results_but_refuses_any_other_existing
     first = snapshot(out)
     assert run(*args) == 0  # its own results: replaced
     assert set(snapshot(out)) == set(first) and (out / "x.csv").read_bytes() == first["x.csv"]
-    for other in ("y.nii", "y.seg.nrrd"):
+    for other in ("y.nii", "Y.Nii", "y.seg.nrrd"):
         assert run("segment", *case_args(synthetic_case), "--output", out / other) == 0
         assert run("segment", *case_args(synthetic_case), "--output", out / other) == 0
 

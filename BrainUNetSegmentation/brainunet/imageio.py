@@ -335,7 +335,10 @@ def save_label_nifti(labels: np.ndarray, reference: Volume, path) -> Path:
         if img.header["qform_code"] == 0 and img.header["sform_code"] == 0:
             img.set_sform(reference.affine, code=1)
     path = Path(path)
-    nib.save(img, str(path))
+    if path.name.lower().endswith(".nii"):
+        path.write_bytes(img.to_bytes())  # nibabel picks the format by a case-sensitive ending: x.Nii fails
+    else:
+        nib.save(img, str(path))
     return path
 
 

@@ -100,7 +100,8 @@ def replaceable(key: str, path: Path) -> bool:
             import nibabel as nib
             import numpy as np
 
-            image = nib.load(str(path))
+            # a case-sensitive ending decides nibabel's format (x.Nii fails): plain .nii is read as bytes
+            image = nib.Nifti1Image.from_bytes(path.read_bytes()) if name.endswith(".nii") else nib.load(str(path))
             mark = image.header["descrip"].item().decode("ascii", "replace")
             return mark.startswith(SIGNATURE) and _mark_matches(mark, np.asanyarray(image.dataobj))
     except Exception:  # unreadable, or another kind of file: not a result of this program
