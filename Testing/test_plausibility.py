@@ -93,9 +93,10 @@ def test_contrast_check_lists_each_case_as_given_and_swapped(tmp_path, synthetic
     out = capsys.readouterr().out
     assert "empty: skipped" in out
     (line,) = [x for x in out.splitlines() if x.startswith("case-a")]
-    given, swapped = line.split(" | ")[1:]
-    assert "(warned)" not in given and swapped.endswith("(warned)")
-    assert "1 cases as given" in out
+    given, *swaps = line.split(" | ")[1:]
+    assert "(warned)" not in given and "bright T2W" in given and len(swaps) == 3
+    assert all(swap.endswith(": warned") for swap in swaps), swaps
+    assert "1 cases as given" in out and "warned as given: 0" in out
     assert cli.main(["contrast-check", "--data", str(tmp_path / "nowhere")]) == 2
 
 
@@ -106,6 +107,15 @@ def test_a_constant_image_gives_no_correlation_and_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert plausibility.t2w_likeness(aligned) is None and plausibility.contrast_warnings(aligned) == []
+
+
+def test_swapped_t1ce_and_t2w_give_a_warning_naming_them():
+    volumes, _ = synthetic.make_case(seed=2, shape=(96, 112, 80), spacing=(1.6, 1.6, 1.6))
+    model = pipeline.load_model("intensity-baseline")
+    swapped = dict(volumes, t1c=volumes["t2w"], t2w=volumes["t1c"])
+    swapped = {k: Volume(v.data.copy(), v.affine, k) for k, v in swapped.items()}
+    notes = pipeline.segment(swapped, model).notes
+    assert len(notes) == 1 and "T2W and T1CE may be swapped" in notes[0]
 
 
 def test_a_tumour_over_half_the_brain_gives_a_warning():

@@ -7,7 +7,7 @@ Refusals (``InputError``, exit 2), because no segmentation of such input can be 
 - a sequence covering less than half of the reference image's brain (a slab, a localiser).
 Warnings (a note in the run's output and in the log), because the input may still be right:
 - a sequence covering less than 90 % of the reference image's brain;
-- T2W and FLAIR that look swapped (on T2W the CSF is bright, on FLAIR it is dark);
+- T2W and FLAIR, or T2W and T1CE, that look swapped (on T2W the CSF is bright, on FLAIR and T1CE dark);
 - T1CE and FLAIR that look swapped (FLAIR's contrast follows T2W's, T1's runs against it);
 - a tumour implausibly large for the brain.
 """
@@ -25,11 +25,12 @@ from .outputs import same_file
 MAX_LABEL_VALUES = 8  # an MR image has far more distinct intensities than any label map
 MIN_SIGNAL_VOXELS = 1000  # fewer non-zero voxels than this is no brain image
 BRIGHT_FACTOR = 1.5  # "bright" = above 1.5 x the brain's median
-SWAP_RATIO = 0.8  # T2W's bright (CSF) fraction below 0.8 x FLAIR's: the two look swapped
+# T2W's bright (CSF) fraction below 0.8 x FLAIR's or T1CE's: the two look swapped (T2W's was 1.06 to 16.1 times
+# the larger of the other two on the 29 training cases and the real cases: `brainunet contrast-check`)
+SWAP_RATIO = 0.8
 # FLAIR's rank correlation with T2W minus T1CE's: +0.08 to +1.02 on the 29 training cases, +0.43 to +0.97
-# on the four real cases of ../shared/data/real, and the negative of that when swapped (`brainunet
-# contrast-check --data DIR`); below -0.05 the image given as T1CE follows T2W more than the one given as
-# FLAIR does: they look swapped
+# on the four real cases of ../shared/data/real, and the negative of that when the two are swapped
+# (`brainunet contrast-check --data DIR`); below -0.05 they look swapped
 T1CE_FLAIR_SWAP_MARGIN = 0.05
 MAX_TUMOUR_FRACTION = 0.5  # a whole tumour over half the brain is implausible
 MIN_COVERAGE = 0.5  # a sequence seeing less of the reference's brain is a slab or a localiser
@@ -84,20 +85,32 @@ def bright_fraction(image: np.ndarray, brain: np.ndarray) -> float:
     return float((values > BRIGHT_FACTOR * np.median(values)).mean())
 
 
+def bright_fractions(aligned: dict) -> dict[str, float] | None:
+    """Fraction of the brain that is bright (fluid on T2W) in each of T2W, FLAIR and T1CE given."""
+    keys = [k for k in ("t2w", "t2f", "t1c") if k in aligned]
+    # every second voxel along each axis: fractions of the brain need no more, and it costs 8x less
+    images = {k: aligned[k][::2, ::2, ::2] for k in keys}
+    brain = np.all([image != 0 for image in images.values()], axis=0)
+    if brain.sum() < MIN_SIGNAL_VOXELS / 8:
+        return None
+    return {k: bright_fraction(image, brain) for k, image in images.items()}
+
+
 def contrast_warnings(aligned: dict) -> list[str]:
     """Warnings about a contrast order impossible for the sequences named (aligned: one grid, brain only)."""
-    if "t2w" not in aligned or "t2f" not in aligned:
+    if "t2w" not in aligned or not {"t2f", "t1c"} & aligned.keys():
         return []
-    # every second voxel along each axis: fractions of the brain need no more, and it costs 8x less
-    t2w_image, t2f_image = aligned["t2w"][::2, ::2, ::2], aligned["t2f"][::2, ::2, ::2]
-    brain = (t2w_image != 0) & (t2f_image != 0)
-    if brain.sum() < MIN_SIGNAL_VOXELS / 8:
+    bright = bright_fractions(aligned)
+    if bright is None:
         return []
-    t2w, t2f = bright_fraction(t2w_image, brain), bright_fraction(t2f_image, brain)
-    if t2w < SWAP_RATIO * t2f:
-        return [f"T2W and FLAIR may be swapped: the image given as T2W has less bright fluid ({100 * t2w:.0f} % of "
-                f"the brain) than the one given as FLAIR ({100 * t2f:.0f} %), where CSF should be bright on T2W and "
-                "dark on FLAIR. Check the selection; the result may be wrong."]
+    # CSF is bright on T2W and dark on FLAIR and T1CE: T2W has the most bright fluid of the three
+    brightest = max((k for k in ("t2f", "t1c") if k in bright), key=bright.get)
+    if bright["t2w"] < SWAP_RATIO * bright[brightest]:
+        other = _name(brightest)
+        return [f"T2W and {other} may be swapped: the image given as T2W has less bright fluid "
+                f"({100 * bright['t2w']:.0f} % of the brain) than the one given as {other} "
+                f"({100 * bright[brightest]:.0f} %), where CSF should be bright on T2W and dark on {other}. Check "
+                "the selection; the result may be wrong."]
     likeness = t2w_likeness(aligned)
     if likeness is not None and likeness[1] - likeness[0] < -T1CE_FLAIR_SWAP_MARGIN:
         return [f"T1CE and FLAIR may be swapped: the image selected as T1CE looks like a T2-type image and the one "

@@ -123,9 +123,9 @@ def add_commands(sub) -> None:
                    help="working grid in mm (repeatable; default 2 and 1.5)")
     p.add_argument("--output", help="CSV of every case and spacing")
 
-    p = sub.add_parser("contrast-check", help="for each case folder: how much the images given as T1CE and FLAIR "
-                                              "follow T2W's contrast (the sequence-swap warnings' measure), as "
-                                              "given and with T1CE and FLAIR swapped")
+    p = sub.add_parser("contrast-check", help="for each case folder: the measures of the sequence-swap warnings "
+                                              "(bright fluid per sequence, likeness with T2W), and whether each "
+                                              "swap of two sequences is warned")
     p.add_argument("--data", required=True, help="folder of case folders (BraTS names)")
 
     p = sub.add_parser("cv-report", help="print cross-validation tables (per region, condition, institution)")
@@ -437,6 +437,10 @@ def cmd_grid_ceiling(args) -> int:
     return 0
 
 
+SWAPS = {"as given": None, "T1CE<->FLAIR": ("t1c", "t2f"), "T1CE<->T2W": ("t1c", "t2w"),
+         "T2W<->FLAIR": ("t2w", "t2f")}
+
+
 def cmd_contrast_check(args) -> int:
     from brainunet import pipeline, plausibility
     from brainunet.imageio import find_case_files
@@ -445,7 +449,7 @@ def cmd_contrast_check(args) -> int:
     if not data.is_dir():
         raise InputError(f"{data} is not a folder of case folders.")
     model = pipeline.load_model(None, device="cpu")
-    margins = []
+    margins, ratios, missed, false_alarms = [], [], {k: 0 for k in SWAPS}, 0
     for case in sorted(p for p in data.iterdir() if p.is_dir()):
         try:
             paths = {k: v for k, v in find_case_files(case).items() if k in ("t1c", "t2w", "t2f")}
@@ -456,28 +460,38 @@ def cmd_contrast_check(args) -> int:
             print(f"{case.name}: skipped (needs T1CE, T2W and FLAIR)")
             continue
         line = [case.name]
-        for label, given in (("as given", paths), ("T1CE and FLAIR swapped", dict(paths, t1c=paths["t2f"],
-                                                                                  t2f=paths["t1c"]))):
+        for label, pair in SWAPS.items():
+            given = dict(paths, **({pair[0]: paths[pair[1]], pair[1]: paths[pair[0]]} if pair else {}))
             notes: list[str] = []
             try:
                 aligned, _ = pipeline.prepare_inputs(pipeline.load_inputs(given, notes), model, notes=notes)
             except InputError as exc:
                 line.append(f"{label}: refused ({exc})")
                 continue
-            likeness = plausibility.t2w_likeness(aligned)
-            if likeness is None:
-                line.append(f"{label}: not measured (too little brain in common, or a constant image)")
-                continue
-            t1c, t2f = likeness
             warned = any("may be swapped" in n for n in plausibility.contrast_warnings(aligned))
-            line.append(f"{label}: T1CE {t1c:+.2f}, FLAIR {t2f:+.2f}, FLAIR - T1CE {t2f - t1c:+.2f}"
-                        f"{' (warned)' if warned else ''}")
-            if label == "as given":
-                margins.append(t2f - t1c)
+            if pair is None:
+                bright, likeness = plausibility.bright_fractions(aligned), plausibility.t2w_likeness(aligned)
+                if bright is None or likeness is None:
+                    line.append(f"{label}: not measured (too little brain in common, or a constant image)")
+                    continue
+                ratio = bright["t2w"] / max(bright["t2f"], bright["t1c"], 1e-9)
+                ratios.append(ratio)
+                margins.append(likeness[1] - likeness[0])
+                false_alarms += warned
+                line.append(f"{label}: bright T2W {100 * bright['t2w']:.1f} %, FLAIR {100 * bright['t2f']:.1f} %, "
+                            f"T1CE {100 * bright['t1c']:.1f} % (T2W / the larger {ratio:.2f}); likeness with T2W "
+                            f"T1CE {likeness[0]:+.2f}, FLAIR {likeness[1]:+.2f} (FLAIR - T1CE {margins[-1]:+.2f})"
+                            f"{' (warned)' if warned else ''}")
+            else:
+                missed[label] += not warned
+                line.append(f"{label}: {'warned' if warned else 'NOT warned'}")
         print(" | ".join(line), flush=True)
     if margins:
-        print(f"{len(margins)} cases as given: FLAIR - T1CE from {min(margins):+.2f} to {max(margins):+.2f} "
-              f"(a swap is warned below {-plausibility.T1CE_FLAIR_SWAP_MARGIN:+.2f})")
+        print(f"{len(margins)} cases as given: T2W / the larger bright fraction of the others from {min(ratios):.2f} "
+              f"to {max(ratios):.2f} (a swap is warned below {plausibility.SWAP_RATIO:g}); FLAIR - T1CE likeness "
+              f"from {min(margins):+.2f} to {max(margins):+.2f} (warned below "
+              f"{-plausibility.T1CE_FLAIR_SWAP_MARGIN:+.2f}); warned as given: {false_alarms}; swaps not warned: "
+              + ", ".join(f"{k} {v}" for k, v in missed.items() if k != "as given"))
     return 0
 
 
