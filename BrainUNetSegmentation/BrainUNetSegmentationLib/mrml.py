@@ -63,8 +63,8 @@ def _scalar_voxels(volume_node, name: str) -> np.ndarray:
     image = volume_node.GetImageData()
     if image is None or image.GetPointData().GetScalars() is None or image.GetNumberOfPoints() == 0:
         raise InputError(f"{name} has no image data. Load the image again.")
-    if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
-        raise InputError(f"{name} has {volume_node.GetImageData().GetNumberOfScalarComponents()} components per "
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError(f"{name} has {image.GetNumberOfScalarComponents()} components per "
                          "voxel (colour or vector image); BrainUNet needs a scalar MRI volume.")
     return np.asarray(slicer.util.arrayFromVolume(volume_node))
 

@@ -85,14 +85,20 @@ def bright_fraction(image: np.ndarray, brain: np.ndarray) -> float:
     return float((values > BRIGHT_FACTOR * np.median(values)).mean())
 
 
-def bright_fractions(aligned: dict) -> dict[str, float] | None:
-    """Fraction of the brain that is bright (fluid on T2W) in each of T2W, FLAIR and T1CE given."""
-    keys = [k for k in ("t2w", "t2f", "t1c") if k in aligned]
-    # every second voxel along each axis: fractions of the brain need no more, and it costs 8x less
+def _sampled_brain(aligned: dict, keys) -> tuple[dict, np.ndarray] | None:
+    """Every second voxel along each axis of the images ``keys`` (fractions and correlations over the brain
+    need no more, at 8x less cost), and where all of them have signal; None if that is too little brain."""
     images = {k: aligned[k][::2, ::2, ::2] for k in keys}
     brain = np.all([image != 0 for image in images.values()], axis=0)
-    if brain.sum() < MIN_SIGNAL_VOXELS / 8:
+    return (images, brain) if brain.sum() >= MIN_SIGNAL_VOXELS / 8 else None
+
+
+def bright_fractions(aligned: dict) -> dict[str, float] | None:
+    """Fraction of the brain that is bright (fluid on T2W) in each of T2W, FLAIR and T1CE given."""
+    sampled = _sampled_brain(aligned, [k for k in ("t2w", "t2f", "t1c") if k in aligned])
+    if sampled is None:
         return None
+    images, brain = sampled
     return {k: bright_fraction(image, brain) for k, image in images.items()}
 
 
@@ -125,10 +131,10 @@ def t2w_likeness(aligned: dict) -> tuple[float, float] | None:
         return None
     from scipy.stats import spearmanr
 
-    images = {k: aligned[k][::2, ::2, ::2] for k in ("t1c", "t2w", "t2f")}
-    brain = np.all([image != 0 for image in images.values()], axis=0)
-    if brain.sum() < MIN_SIGNAL_VOXELS / 8:
+    sampled = _sampled_brain(aligned, ("t1c", "t2w", "t2f"))
+    if sampled is None:
         return None
+    images, brain = sampled
     t2w = images["t2w"][brain]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a constant image: no correlation, and no check
