@@ -179,6 +179,43 @@ def test_module_description_and_light_imports(harness):
     assert harness.module.BrainUNetSegmentationTest  # the in-app self-test exists
 
 
+def test_the_self_test_skips_without_pytorch_and_neither_asks_nor_installs(harness, monkeypatch):
+    """Extension build machines run the in-app self-test without PyTorch and without anyone to answer a
+    dialog: it must skip the scenarios, not ask or install; with everything installed it runs them."""
+    import slicer.util
+    from BrainUNetSegmentationLib import scenarios
+
+    asked, ran, shown = [], [], []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: asked.append(a) or False, raising=False)
+    monkeypatch.setattr(slicer.util, "pip_install", lambda *a, **k: asked.append(a), raising=False)
+    monkeypatch.setattr(scenarios, "run_all_scenarios", lambda scene, **k: ran.append(scene))
+
+    class TorchLogic:
+        installed = False
+
+        def torchInstalled(self):
+            return TorchLogic.installed
+
+        def installTorch(self, **kwargs):
+            asked.append(kwargs)
+
+    def self_test():
+        test = harness.module.BrainUNetSegmentationTest()
+        test.delayDisplay = lambda message, *args: shown.append(message)
+        test.test_BrainUNetScenarios()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # the PyTorch extension not installed
+    self_test()
+    assert "the PyTorch extension" in shown[-1] and "Skipped" in shown[-1]
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=TorchLogic))
+    self_test()
+    assert "Skipped: torch" in shown[-1]
+    assert asked == [] and ran == []
+    TorchLogic.installed = True  # the test environment has the Python packages and a recent torch
+    self_test()
+    assert asked == [] and len(ran) == 1 and shown[-1] == "Test passed"
+
+
 #: Calls whose text arguments the user reads (windowTitle="BrainUNet", the product's name, excepted).
 USER_TEXT_CALLS = {"_setStatus", "setText", "setToolTip", "errorDisplay", "warningDisplay", "infoDisplay",
                    "confirmOkCancelDisplay", "tryWithErrorDisplay", "cancelRun", "getSaveFileName", "addItem",
