@@ -93,10 +93,12 @@ def test_contrast_check_lists_each_case_as_given_and_swapped(tmp_path, synthetic
     out = capsys.readouterr().out
     assert "empty: skipped" in out
     (line,) = [x for x in out.splitlines() if x.startswith("case-a")]
-    given, *swaps = line.split(" | ")[1:]
-    assert "(warned)" not in given and "bright T2W" in given and len(swaps) == 3
+    shared, given, *swaps = line.split(" | ")[1:]
+    assert shared.startswith("shared information with T1CE FLAIR") and "(warned)" not in shared
+    assert "(warned)" not in given and "bright T2W" in given and len(swaps) == 3  # one case: no other patient
     assert all(swap.endswith(": warned") for swap in swaps), swaps
     assert "1 cases as given" in out and "warned as given: 0" in out
+    assert "the sequences of one head from" in out and "(warned: 0 cases); another patient's from -" in out
     assert cli.main(["contrast-check", "--data", str(tmp_path / "nowhere")]) == 2
 
 
@@ -116,6 +118,32 @@ def test_swapped_t1ce_and_t2w_give_a_warning_naming_them():
     swapped = {k: Volume(v.data.copy(), v.affine, k) for k, v in swapped.items()}
     notes = pipeline.segment(swapped, model).notes
     assert len(notes) == 1 and "T2W and T1CE may be swapped" in notes[0]
+
+
+def test_a_sequence_sharing_little_anatomy_with_the_reference_is_warned_as_another_patients():
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    grid = np.indices((60, 64, 56)).astype(float)
+
+    def head(centre, radius, seed):
+        inside = ((grid - np.reshape(centre, (3, 1, 1, 1))) ** 2).sum(axis=0) < radius ** 2
+        anatomy = gaussian_filter(np.random.default_rng(seed).normal(size=inside.shape), 2.0)
+        return np.where(inside, 100 + 40 * anatomy, 0.0).astype(np.float32), anatomy
+
+    t1c, anatomy = head((30, 32, 28), 24, 1)
+    inside = t1c != 0
+    own = np.where(inside, 300 - 80 * anatomy + rng.normal(0, 2, inside.shape), 0.0)  # one head, other contrast
+    another, _ = head((27, 34, 29), 21, 2)
+    spacing = np.full(3, plausibility.SHARED_INFORMATION_MM)  # blocks of one voxel
+    aligned = {"t1c": t1c, "t2w": own.astype(np.float32), "t2f": another}
+    information = plausibility.shared_information(aligned, "t1c", spacing)
+    assert information["t2w"] > plausibility.SAME_PATIENT_MIN_INFORMATION > information["t2f"], information
+    notes = plausibility.patient_warnings(aligned, "t1c", spacing)
+    assert len(notes) == 1 and notes[0].startswith("FLAIR and T1CE may be of different patients"), notes
+    # too little brain in common to judge (a few blocks): no measure, no warning
+    tiny = {k: np.where(grid[0] < 3, v, 0).astype(np.float32) for k, v in aligned.items()}
+    assert plausibility.patient_warnings(tiny, "t1c", spacing) == []
 
 
 def test_a_tumour_over_half_the_brain_gives_a_warning():

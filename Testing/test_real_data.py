@@ -25,7 +25,8 @@ def test_cli_on_real_case_gives_labels_on_input_grid(tmp_path, case):
                   "--stats", tmp_path / "s.csv", "--device", "cpu", "--progress", "none", "--model", BUNDLED,
                   timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "may be swapped" not in r.stdout + r.stderr  # the sequences are as named: no false alarm
+    # the sequences are as named and of one patient: no false alarm
+    assert "may be swapped" not in r.stdout + r.stderr and "different patients" not in r.stdout + r.stderr
     ref = nib.load(str(files["t1c"]))
     lab = nib.load(str(out))
     assert lab.shape == ref.shape and np.allclose(lab.affine, ref.affine)
@@ -47,6 +48,24 @@ def test_cli_on_real_case_gives_labels_on_input_grid(tmp_path, case):
 BUNDLED = "brainunet-2mm-real-v2"
 FLOORS = {"BraTS2021_00006": {"WT": 0.91, 3: 0.79, 1: 0.90, 2: 0.82},
           "unlabelled_demo_case": {"WT": 0.93, 3: 0.86, 2: 0.89}}
+
+
+def test_another_patients_flair_on_the_same_grid_is_warned_and_the_patients_own_is_not():
+    """Two BraTS cases share one grid (240 x 240 x 155, 1 mm), so nothing is registered: only the anatomy
+    the sequences share tells that one of them is another patient's."""
+    from brainunet import pipeline
+    from brainunet.imageio import find_case_files
+
+    own = find_case_files(SHARED_REAL / "BraTS2021_00006")
+    other = find_case_files(SHARED_REAL / "unlabelled_demo_case")
+    model = pipeline.load_model(None, device="cpu")
+    for given, expected in ((own, 0), (dict(own, t2f=other["t2f"]), 1)):
+        given = {k: v for k, v in given.items() if k in ("t1c", "t2w", "t2f")}
+        notes: list[str] = []
+        pipeline.prepare_inputs(pipeline.load_inputs(given, notes), model, notes=notes)
+        warned = [n for n in notes if "may be of different patients" in n]
+        assert len(warned) == expected, notes
+        assert all(n.startswith("FLAIR and T1CE") for n in warned), warned
 
 
 def test_the_29_training_cases_are_found_read_and_split_by_institution():

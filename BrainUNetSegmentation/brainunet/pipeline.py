@@ -167,6 +167,7 @@ def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing
         except InputError as exc:
             leave_out(key, exc, notes, aligned)
     notes += plausibility.contrast_warnings(aligned)
+    notes += plausibility.patient_warnings(aligned, ref_key, reference.spacing)
     pp = model.preprocessing
     prepared = preprocessing.prepare(aligned, volumes[ref_key], model.modalities, pp.spacing_mm,
                                      pp.clip_percentiles, allow_missing=allow_missing,

@@ -9,6 +9,8 @@ Warnings (a note in the run's output and in the log), because the input may stil
 - a sequence covering less than 90 % of the reference image's brain;
 - T2W and FLAIR, or T2W and T1CE, that look swapped (on T2W the CSF is bright, on FLAIR and T1CE dark);
 - T1CE and FLAIR that look swapped (FLAIR's contrast follows T2W's, T1's runs against it);
+- a sequence sharing too little structure with the reference image for one head (another patient's
+  series on the same grid, or registered to it);
 - a tumour implausibly large for the brain.
 """
 from __future__ import annotations
@@ -32,6 +34,11 @@ SWAP_RATIO = 0.8
 # on the four real cases of ../shared/data/real, and the negative of that when the two are swapped
 # (`brainunet contrast-check --data DIR`); below -0.05 they look swapped
 T1CE_FLAIR_SWAP_MARGIN = 0.05
+# Mutual information (nats, 32 x 32 bins) with the reference within the brains on a ~4 mm grid: 0.41 to 0.78 for
+# the sequences of one head, 0.07 to 0.26 for the next case's T2W or FLAIR on the same grid (the 29 training
+# cases and the four real cases, `brainunet contrast-check --data DIR`); below this they look like two patients
+SAME_PATIENT_MIN_INFORMATION = 0.33
+SHARED_INFORMATION_MM = 4.0  # block size: noise and small misalignments average out, anatomy stays
 MAX_TUMOUR_FRACTION = 0.5  # a whole tumour over half the brain is implausible
 MIN_COVERAGE = 0.5  # a sequence seeing less of the reference's brain is a slab or a localiser
 FULL_COVERAGE = 0.9  # below this the network sees zeros (no signal) over part of the brain
@@ -141,6 +148,65 @@ def t2w_likeness(aligned: dict) -> tuple[float, float] | None:
         likeness = (float(spearmanr(images["t1c"][brain], t2w).correlation),
                     float(spearmanr(images["t2f"][brain], t2w).correlation))
     return likeness if all(np.isfinite(likeness)) else None
+
+
+def _block_mean(image: np.ndarray, factors) -> np.ndarray:
+    """Means over blocks of ``factors`` voxels (the edge that does not fill a block is left out)."""
+    shape = [n // f for n, f in zip(image.shape, factors)]
+    if min(shape) == 0:
+        return np.zeros(shape, np.float32)
+    blocks = image[tuple(slice(0, n * f) for n, f in zip(shape, factors))]
+    for axis, factor in enumerate(factors):  # one axis at a time: fast in either memory order
+        blocks = np.add.reduceat(blocks, np.arange(0, blocks.shape[axis], factor), axis=axis, dtype=np.float32)
+    return blocks / float(np.prod(factors))
+
+
+def mutual_information(a: np.ndarray, b: np.ndarray, bins: int = 32) -> float:
+    """Mutual information (nats) of two samples of voxel values, each binned between its 1st and 99th
+    percentiles."""
+    def binned(x):
+        low, high = np.percentile(x, (1, 99))
+        if high <= low:
+            return np.zeros(x.shape, np.int64)
+        return np.clip(((x - low) / (high - low) * bins).astype(np.int64), 0, bins - 1)
+
+    joint = np.bincount(binned(a) * bins + binned(b), minlength=bins * bins).reshape(bins, bins).astype(float)
+    joint /= joint.sum()
+    pa, pb = joint.sum(axis=1), joint.sum(axis=0)
+    nonzero = joint > 0
+    return float((joint[nonzero] * np.log(joint[nonzero] / np.outer(pa, pb)[nonzero])).sum())
+
+
+def shared_information(aligned: dict, ref_key: str, spacing_mm) -> dict[str, float]:
+    """Mutual information of each sequence with the reference within the brain both show, on blocks of
+    about ``SHARED_INFORMATION_MM`` (aligned: one grid, brain only). A sequence with too little brain in
+    common is left out."""
+    factors = [max(1, int(round(SHARED_INFORMATION_MM / float(s)))) for s in spacing_mm]
+    reference = _block_mean(aligned[ref_key], factors)
+    # blocks on the brain's edge count: one head's sequences share its outline, another patient's does not
+    inside_reference = _block_mean(aligned[ref_key] != 0, factors) > 0
+    result = {}
+    for key, image in aligned.items():
+        if key == ref_key:
+            continue
+        inside = inside_reference & (_block_mean(image != 0, factors) > 0)
+        if inside.sum() < MIN_SIGNAL_VOXELS:
+            continue
+        result[key] = mutual_information(reference[inside], _block_mean(image, factors)[inside])
+    return result
+
+
+def patient_warnings(aligned: dict, ref_key: str, spacing_mm) -> list[str]:
+    """Warnings about a sequence that looks like another patient's (aligned: one grid, brain only)."""
+    notes = []
+    for key, information in shared_information(aligned, ref_key, spacing_mm).items():
+        if information < SAME_PATIENT_MIN_INFORMATION:
+            notes.append(f"{_name(key)} and {_name(ref_key)} may be of different patients: the image given as "
+                         f"{_name(key)} shares too little anatomy with {_name(ref_key)} (mutual information "
+                         f"{information:.2f}; the sequences of one head share {SAME_PATIENT_MIN_INFORMATION:.2f} or "
+                         "more). Check that every selected series is of this patient and study; the result may "
+                         "be wrong.")
+    return notes
 
 
 def size_warnings(wt_ml: float, brain_ml: float) -> list[str]:

@@ -123,9 +123,10 @@ def add_commands(sub) -> None:
                    help="working grid in mm (repeatable; default 2 and 1.5)")
     p.add_argument("--output", help="CSV of every case and spacing")
 
-    p = sub.add_parser("contrast-check", help="for each case folder: the measures of the sequence-swap warnings "
-                                              "(bright fluid per sequence, likeness with T2W), and whether each "
-                                              "swap of two sequences is warned")
+    p = sub.add_parser("contrast-check", help="for each case folder: the measures of the sequence-swap and "
+                                              "other-patient warnings (bright fluid per sequence, likeness with "
+                                              "T2W, anatomy shared with T1CE), and whether each swap of two "
+                                              "sequences, and the next case's T2W or FLAIR, is warned")
     p.add_argument("--data", required=True, help="folder of case folders (BraTS names)")
 
     p = sub.add_parser("cv-report", help="print cross-validation tables (per region, condition, institution)")
@@ -437,19 +438,21 @@ def cmd_grid_ceiling(args) -> int:
     return 0
 
 
+OTHER_PATIENT = {"t2f": "FLAIR", "t2w": "T2W"}
 SWAPS = {"as given": None, "T1CE<->FLAIR": ("t1c", "t2f"), "T1CE<->T2W": ("t1c", "t2w"),
          "T2W<->FLAIR": ("t2w", "t2f")}
 
 
 def cmd_contrast_check(args) -> int:
     from brainunet import pipeline, plausibility
-    from brainunet.imageio import find_case_files
+    from brainunet.imageio import MODALITY_NAMES, find_case_files
 
     data = Path(args.data)
     if not data.is_dir():
         raise InputError(f"{data} is not a folder of case folders.")
     model = pipeline.load_model(None, device="cpu")
     margins, ratios, missed, false_alarms = [], [], {k: 0 for k in SWAPS}, 0
+    cases = []
     for case in sorted(p for p in data.iterdir() if p.is_dir()):
         try:
             paths = {k: v for k, v in find_case_files(case).items() if k in ("t1c", "t2w", "t2f")}
@@ -459,17 +462,43 @@ def cmd_contrast_check(args) -> int:
         if len(paths) < 3:
             print(f"{case.name}: skipped (needs T1CE, T2W and FLAIR)")
             continue
-        line = [case.name]
-        for label, pair in SWAPS.items():
-            given = dict(paths, **({pair[0]: paths[pair[1]], pair[1]: paths[pair[0]]} if pair else {}))
+        cases.append((case.name, paths))
+    own, others, patient_alarms, others_missed = [], [], 0, 0
+    for index, (name, paths) in enumerate(cases):
+        line = [name]
+        next_paths = cases[(index + 1) % len(cases)][1] if len(cases) > 1 else None
+        trials = {**SWAPS, **({f"{sequence} of the next case": key for key, sequence in OTHER_PATIENT.items()}
+                              if next_paths else {})}
+        for label, pair in trials.items():
+            if isinstance(pair, str):  # another patient's series in place of this one's
+                given = dict(paths, **{pair: next_paths[pair]})
+            else:
+                given = dict(paths, **({pair[0]: paths[pair[1]], pair[1]: paths[pair[0]]} if pair else {}))
             notes: list[str] = []
             try:
-                aligned, _ = pipeline.prepare_inputs(pipeline.load_inputs(given, notes), model, notes=notes)
+                volumes = pipeline.load_inputs(given, notes)
+                aligned, _ = pipeline.prepare_inputs(volumes, model, notes=notes)
             except InputError as exc:
                 line.append(f"{label}: refused ({exc})")
                 continue
+            ref_key = pipeline.reference_key(volumes)
+            spacing = volumes[ref_key].spacing
+            information = plausibility.shared_information(aligned, ref_key, spacing)
+            patient_warned = bool(plausibility.patient_warnings(aligned, ref_key, spacing))
+            if isinstance(pair, str):
+                if pair in information:
+                    others.append(information[pair])
+                others_missed += not patient_warned
+                line.append(f"{label}: shared information {information.get(pair, float('nan')):.2f} "
+                            f"{'warned' if patient_warned else 'NOT warned'}")
+                continue
             warned = any("may be swapped" in n for n in plausibility.contrast_warnings(aligned))
             if pair is None:
+                own.extend(information.values())
+                patient_alarms += patient_warned
+                line.append(f"shared information with {MODALITY_NAMES.get(ref_key, ref_key)} " + ", ".join(
+                    f"{MODALITY_NAMES.get(k, k)} {v:.2f}" for k, v in information.items())
+                    + (" (warned)" if patient_warned else ""))
                 bright, likeness = plausibility.bright_fractions(aligned), plausibility.t2w_likeness(aligned)
                 if bright is None or likeness is None:
                     line.append(f"{label}: not measured (too little brain in common, or a constant image)")
@@ -492,6 +521,11 @@ def cmd_contrast_check(args) -> int:
               f"from {min(margins):+.2f} to {max(margins):+.2f} (warned below "
               f"{-plausibility.T1CE_FLAIR_SWAP_MARGIN:+.2f}); warned as given: {false_alarms}; swaps not warned: "
               + ", ".join(f"{k} {v}" for k, v in missed.items() if k != "as given"))
+    if own:
+        print(f"Shared information with the reference: the sequences of one head from {min(own):.2f} to "
+              f"{max(own):.2f} (warned: {patient_alarms} cases); another patient's from "
+              + (f"{min(others):.2f} to {max(others):.2f}" if others else "-")
+              + f" (not warned: {others_missed}); warned below {plausibility.SAME_PATIENT_MIN_INFORMATION:.2f}")
     return 0
 
 
