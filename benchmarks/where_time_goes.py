@@ -111,9 +111,12 @@ def main(argv=None):
     inference_s, times = median_inference("fp32")
     inference_bf16_s, times_bf16 = median_inference("bf16")
     flops = flops_per_window * len(origins)
-    peak32 = max(gemm_peak_gflops("float32") for _ in range(2))
+    # the smoke run checks that it works: a small product (a 2048 one in bf16 takes many minutes where the CPU
+    # emulates bf16)
+    gemm_size = 512 if args.smoke else 2048
+    peak32 = max(gemm_peak_gflops("float32", gemm_size) for _ in range(2))
     try:
-        peak16 = max(gemm_peak_gflops("bfloat16") for _ in range(2))
+        peak16 = max(gemm_peak_gflops("bfloat16", gemm_size) for _ in range(2))
     except RuntimeError:
         peak16 = float("nan")
     floor_s = flops / (peak32 * 1e9)
