@@ -196,14 +196,17 @@ def shared_information(aligned: dict, ref_key: str, spacing_mm) -> dict[str, flo
     return result
 
 
-def patient_warnings(aligned: dict, ref_key: str, spacing_mm) -> list[str]:
-    """Warnings about a sequence that looks like another patient's (aligned: one grid, brain only)."""
+def patient_warnings(aligned: dict, ref_key: str, spacing_mm, information: dict | None = None) -> list[str]:
+    """Warnings about a sequence that looks like another patient's (aligned: one grid, brain only).
+    ``information``: ``shared_information``'s result, when the caller has it already."""
+    if information is None:
+        information = shared_information(aligned, ref_key, spacing_mm)
     notes = []
-    for key, information in shared_information(aligned, ref_key, spacing_mm).items():
-        if information < SAME_PATIENT_MIN_INFORMATION:
+    for key, shared in information.items():
+        if shared < SAME_PATIENT_MIN_INFORMATION:
             notes.append(f"{_name(key)} and {_name(ref_key)} may be of different patients: the image given as "
                          f"{_name(key)} shares too little anatomy with {_name(ref_key)} (mutual information "
-                         f"{information:.2f}, where the sequences of one head share {SAME_PATIENT_MIN_INFORMATION:.2f} "
+                         f"{shared:.2f}, where the sequences of one head share {SAME_PATIENT_MIN_INFORMATION:.2f} "
                          "or more). Check that every selected series is of this patient and study; the result may "
                          "be wrong.")
     return notes

@@ -484,7 +484,7 @@ def cmd_contrast_check(args) -> int:
             ref_key = pipeline.reference_key(volumes)
             spacing = volumes[ref_key].spacing
             information = plausibility.shared_information(aligned, ref_key, spacing)
-            patient_warned = bool(plausibility.patient_warnings(aligned, ref_key, spacing))
+            patient_warned = bool(plausibility.patient_warnings(aligned, ref_key, spacing, information))
             if isinstance(pair, str):
                 if pair in information:
                     others.append(information[pair])
