@@ -644,8 +644,9 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             return False
         options = self.logic.runOptions(p.device, p.tta, p.model)
         with slicer.util.WaitCursor():  # the inputs are checked and copied out of their nodes
-            self._run = self.logic.start(inputs, options, on_progress=self._onProgress, on_log=self._onLog)
-        self._runOutputSegmentation = self._parameterNode.outputSegmentation
+            self._run = self.logic.start(inputs, options, on_progress=self._onProgress, on_log=self._onLog,
+                                         segmentation_node=p.outputSegmentation)  # edits during the run are kept
+        self._runOutputSegmentation = p.outputSegmentation
         self.ui.logTextEdit.clear()
         self._setRunning(True)
         self._setStatus(_("Starting the segmentation..."))

@@ -452,3 +452,49 @@ def test_a_result_names_its_model_and_earlier_results_on_the_volume_are_hidden(s
     assert not first.GetDisplayNode().GetVisibility() and second.GetDisplayNode().GetVisibility()
     assert other.GetDisplayNode().GetVisibility()  # not a result on this volume: left alone
     assert first.GetSegmentation().GetNumberOfSegments() == 3  # hidden, not changed
+
+
+def test_edits_made_to_the_chosen_output_while_the_worker_runs_are_kept(scene, tmp_path):
+    """The result goes into a new segmentation when the one it was to replace was edited during the run
+    (a voxel painted, a segment renamed): the edits stay, a note says where the result went. Showing or
+    hiding it is no edit: then the result replaces it as asked."""
+    import numpy as np
+
+    from BrainUNetSegmentationLib import mrml
+    from BrainUNetSegmentationLib.logic import EDITED_DURING_RUN_NOTE, BrainUNetLogic, RunOptions
+
+    nodes, _ = scenarios.load_synthetic_case(scene, seed=3)
+    logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
+    first, first_table = logic.segment(logic.guess_inputs(), RunOptions(device="cpu"), timeout=300)
+
+    run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"), segmentation_node=first)
+    snfh = mrml.segment_mask(first, "SNFH", nodes["t1c"])
+    painted = np.zeros_like(snfh)
+    painted[2:6, 2:6, 2:6] = True  # a corner of the image, far from any tumour
+    import slicer
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        mrml._oriented_image(snfh | painted, mrml.ijk_to_ras(nodes["t1c"])), first, "SNFH",
+        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    edited = mrml.segmentation_contents(first)
+    assert run.wait(300) == "done", run.error
+    seg, table = logic.import_results(run, segmentation_node=first, table_node=first_table)
+    assert seg is not first and table is not first_table
+    assert mrml.segmentation_contents(first) == edited  # the painted voxels are still there
+    assert mrml.segment_mask(first, "SNFH", nodes["t1c"])[2:6, 2:6, 2:6].all()
+    assert any(f'"{first.GetName()}" {EDITED_DURING_RUN_NOTE}' in note for note in run.notes)
+    assert EDITED_DURING_RUN_NOTE in (table.GetAttribute(mrml.NOTES_ATTRIBUTE) or "")
+
+    run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"), segmentation_node=seg)
+    seg.GetSegmentation().GetSegment("ET").SetName("Enhancing (checked)")
+    assert run.wait(300) == "done", run.error
+    renamed, _ = logic.import_results(run, segmentation_node=seg, table_node=table)
+    assert renamed is not seg and seg.GetSegmentation().GetSegment("ET").GetName() == "Enhancing (checked)"
+
+    count = scene.GetNumberOfNodes()
+    run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"), segmentation_node=renamed)
+    renamed.GetDisplayNode().SetVisibility(False)
+    renamed.GetDisplayNode().SetSegmentVisibility("SNFH", False)
+    assert run.wait(300) == "done", run.error
+    replaced, _ = logic.import_results(run, segmentation_node=renamed)
+    assert replaced is renamed and not any(EDITED_DURING_RUN_NOTE in note for note in run.notes)
+    assert scene.GetNumberOfNodes() == count + 1  # its table only: no new segmentation

@@ -658,6 +658,28 @@ def test_a_second_result_hides_the_first_and_the_results_follow_the_chosen_segme
     assert widget._resultNodes() == (second, second_table)
 
 
+def test_a_segmentation_edited_while_its_replacement_runs_keeps_the_edits(harness):
+    """The clinician chose a result as output, accepted replacing it, then corrected it in Segment Editor
+    while the worker ran: the correction stays, the result comes as a new segmentation, and the notes say so."""
+    ui, widget = harness.ui, harness.widget
+    apply_on_a_case(harness)
+    (first,) = harness.nodes_of("vtkMRMLSegmentationNode")
+    first_table = first.GetNodeReference("BrainUNetStatistics")
+    ui.outputSegmentationSelector.setCurrentNode(first)
+    harness.answers[:] = [True]
+    ui.applyButton.click()
+    assert widget._run is not None
+    first.GetSegmentation().RemoveSegment("NETC")  # the correction, made before the run ends
+    harness.wait_until(lambda: widget._run is None, RUN_TIMEOUT_S)
+    assert harness.errors() == []
+    assert first.GetSegmentation().GetNumberOfSegments() == 2  # as corrected
+    assert first.GetNodeReference("BrainUNetStatistics") is first_table
+    segmentations = harness.nodes_of("vtkMRMLSegmentationNode")
+    assert len(segmentations) == 2 and segmentations[1].GetSegmentation().GetNumberOfSegments() == 3
+    assert widget._resultNodes()[0] is segmentations[1]
+    assert any("was edited while BrainUNet ran" in w and first.GetName() in w for w in harness.warnings)
+
+
 def test_a_run_into_a_copy_of_a_result_gives_the_copy_its_own_table(harness):
     """A copied result (Data module Clone copies the node's references) chosen as output: the original
     keeps its table and its figures; the copy gets a table of its own."""

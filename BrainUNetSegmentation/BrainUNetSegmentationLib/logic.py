@@ -31,6 +31,7 @@ REFERENCE_VOLUME_REFERENCE = "BrainUNetReferenceVolume"
 INPUT_VOLUME_REFERENCE = "BrainUNetInput_"
 RECOMPUTED_NOTE = "Statistics computed again from the segments as edited"
 REMOVED_DURING_RUN_NOTE = "was removed from the scene while BrainUNet ran"
+EDITED_DURING_RUN_NOTE = "was edited while BrainUNet ran"
 #: Attributes of a result's segmentation and table: the model that made it, with which quality, when.
 PROVENANCE_MODEL = "BrainUNet.Model"
 PROVENANCE_QUALITY = "BrainUNet.Quality"
@@ -139,6 +140,8 @@ class BackgroundRun:
     model_name: str = ""  # the registry name a "brainunet register" run adds
     model_used: str = ""  # the model a segmentation ran, as the worker's "Model: ..." line names it
     options: RunOptions | None = None
+    output_segmentation: object = None  # the segmentation chosen to be replaced by the result, if any
+    output_contents: tuple = ()  # its segments when the run started (mrml.segmentation_contents)
     _lines: queue.Queue = field(default_factory=queue.Queue)
 
     def __post_init__(self):
@@ -382,9 +385,12 @@ class BrainUNetLogic:
     #: Writes one input for the worker (a Volume to a path), off the application's thread.
     write_volume = staticmethod(mrml.save_volume_nifti)
 
-    def start(self, inputs: dict, options: RunOptions | None = None, on_progress=None, on_log=None) -> BackgroundRun:
+    def start(self, inputs: dict, options: RunOptions | None = None, on_progress=None, on_log=None,
+              segmentation_node=None) -> BackgroundRun:
         """Check the inputs and copy them out of their nodes, then return at once: the inputs are written
-        and the worker started by the run's own thread (see ``BackgroundRun.launch_after``)."""
+        and the worker started by the run's own thread (see ``BackgroundRun.launch_after``).
+        ``segmentation_node`` is the output the result is to replace: its segments are remembered, so that
+        edits made to it while the worker runs are not overwritten (see ``import_results``)."""
         options = options or RunOptions()
         left_out: list[str] = []
         volumes = self.check_inputs(inputs, left_out)
@@ -403,13 +409,18 @@ class BrainUNetLogic:
 
         run = BackgroundRun(None, workdir, reference, outputs, on_progress, on_log,
                             inputs={role: node for role, node in inputs.items() if node is not None},
-                            options=options)
+                            options=options, output_segmentation=segmentation_node,
+                            output_contents=mrml.segmentation_contents(segmentation_node) if segmentation_node else ())
         run.notes.extend(left_out)  # kept with the worker's notes, in the table
         run.launch_after(write_inputs, self.command(files, outputs, options), env)
         return run
 
     def import_results(self, run: BackgroundRun, segmentation_node=None, table_node=None):
-        """Segmentation and statistics table from a finished run; returns (segmentation, table)."""
+        """Segmentation and statistics table from a finished run; returns (segmentation, table).
+
+        The result replaces ``segmentation_node`` and ``table_node`` when given, unless that segmentation is
+        the run's output and was edited while the worker ran: the edits are kept, the result goes into a
+        new segmentation and table, and a note says so."""
         import nibabel as nib
         import numpy as np
 
@@ -439,6 +450,11 @@ class BrainUNetLogic:
                 segmentation_node = None  # the chosen output was deleted during the run: a new one
             if table_node is not None and table_node.GetScene() is not self.scene:
                 table_node = None
+            if (segmentation_node is not None and segmentation_node is run.output_segmentation
+                    and mrml.segmentation_contents(segmentation_node) != run.output_contents):
+                run.notes.append(f"\"{segmentation_node.GetName()}\" {EDITED_DURING_RUN_NOTE}: it is kept as "
+                                 "edited, and this result is in a new segmentation.")
+                segmentation_node = table_node = None
             notes = list(run.notes)
             for role, node in run.inputs.items():
                 if left_out_by_worker(run.notes, role):

@@ -252,6 +252,27 @@ def create_segmentation(scene, labels: np.ndarray, reference_node, name: str | N
     return segmentation_node
 
 
+def segmentation_contents(segmentation_node) -> tuple:
+    """What a user's edit changes in a segmentation: each segment's ID, name, colour and voxels (a digest of
+    its binary labelmap and extent). Display settings are left out: showing or hiding is no edit."""
+    import hashlib
+
+    segmentation = segmentation_node.GetSegmentation()
+    contents = []
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(index)
+        segment = segmentation.GetSegment(segment_id)
+        image = slicer.vtkOrientedImageData()
+        digest = ""
+        if segmentation_node.GetBinaryLabelmapRepresentation(segment_id, image):
+            scalars = image.GetPointData().GetScalars()
+            voxels = numpy_support.vtk_to_numpy(scalars) if scalars is not None else np.zeros(0, np.uint8)
+            digest = hashlib.sha1(np.ascontiguousarray(voxels != 0).tobytes()).hexdigest()
+            digest += str(image.GetExtent())
+        contents.append((segment_id, segment.GetName(), tuple(round(c, 4) for c in segment.GetColor()), digest))
+    return tuple(contents)
+
+
 def segment_mask(segmentation_node, segment_id: str, reference_node) -> np.ndarray:
     """One segment as a bool array on the reference grid (``[i, j, k]``)."""
     labelmap = segmentation_node.GetScene().AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
