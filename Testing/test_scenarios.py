@@ -498,3 +498,45 @@ def test_edits_made_to_the_chosen_output_while_the_worker_runs_are_kept(scene, t
     replaced, _ = logic.import_results(run, segmentation_node=renamed)
     assert replaced is renamed and not any(EDITED_DURING_RUN_NOTE in note for note in run.notes)
     assert scene.GetNumberOfNodes() == count + 1  # its table only: no new segmentation
+
+
+def test_segmentation_contents_see_voxel_name_and_surface_edits_not_display_changes(scene):
+    import numpy as np
+    import slicer
+    import vtk
+
+    from BrainUNetSegmentationLib import mrml
+
+    scenarios.load_synthetic_case(scene, seed=1)
+    reference = scene.GetFirstNodeByName("Case_T1CE")
+    shape = reference.GetImageData().GetDimensions()
+    labels = np.zeros(shape, np.uint8)
+    labels[10:14, 10:14, 10:14] = 1
+    labels[14:18, 10:14, 10:14] = 2
+    labels[18:20, 10:14, 10:14] = 3
+    seg = mrml.create_segmentation(scene, labels, reference)
+    seg.GetSegmentation().CollapseBinaryLabelmaps(False)  # segments share one layer, as Segment Editor leaves them
+    before = mrml.segmentation_contents(seg)
+    seg.GetDisplayNode().SetSegmentOpacity3D("ET", 0.2)
+    seg.GetDisplayNode().SetVisibility(False)
+    assert mrml.segmentation_contents(seg) == before
+    grown = labels == 2
+    grown[14, 14, 10] = True  # one voxel painted
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        mrml._oriented_image(grown, mrml.ijk_to_ras(reference)), seg, "SNFH",
+        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    painted = mrml.segmentation_contents(seg)
+    assert painted != before
+    seg.GetSegmentation().GetSegment("NETC").SetColor(0.1, 0.2, 0.3)
+    assert mrml.segmentation_contents(seg) != painted
+
+    surfaces = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")  # a model imported as segments
+    surfaces.GetSegmentation().SetSourceRepresentationName("Closed surface")
+    sphere = vtk.vtkSphereSource()
+    sphere.Update()
+    ball = surfaces.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "ball", [1.0, 0.0, 0.0])
+    drawn = mrml.segmentation_contents(surfaces)
+    sphere.SetRadius(3.0)
+    sphere.Update()
+    surfaces.GetSegmentation().GetSegment(ball).GetRepresentation("Closed surface").DeepCopy(sphere.GetOutput())
+    assert mrml.segmentation_contents(surfaces) != drawn

@@ -253,24 +253,36 @@ def create_segmentation(scene, labels: np.ndarray, reference_node, name: str | N
 
 
 def segmentation_contents(segmentation_node) -> tuple:
-    """What a user's edit changes in a segmentation: each segment's ID, name, colour and voxels (a digest of
-    its binary labelmap and extent). Display settings are left out: showing or hiding is no edit."""
+    """What a user's edit changes in a segmentation: each segment's ID, name, colour, layer and label value,
+    and a digest of each shared binary-labelmap layer (its voxels, extent and geometry), one pass per layer
+    however many segments share it. Display settings are left out: showing or hiding is no edit."""
     import hashlib
 
     segmentation = segmentation_node.GetSegmentation()
-    contents = []
+    labelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    # "source" since Slicer 5.4, "master" before
+    source_name = getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName
+    segments = []
     for index in range(segmentation.GetNumberOfSegments()):
         segment_id = segmentation.GetNthSegmentID(index)
         segment = segmentation.GetSegment(segment_id)
-        image = slicer.vtkOrientedImageData()
-        digest = ""
-        if segmentation_node.GetBinaryLabelmapRepresentation(segment_id, image):
-            scalars = image.GetPointData().GetScalars()
-            voxels = numpy_support.vtk_to_numpy(scalars) if scalars is not None else np.zeros(0, np.uint8)
-            digest = hashlib.sha1(np.ascontiguousarray(voxels != 0).tobytes()).hexdigest()
-            digest += str(image.GetExtent())
-        contents.append((segment_id, segment.GetName(), tuple(round(c, 4) for c in segment.GetColor()), digest))
-    return tuple(contents)
+        source = segment.GetRepresentation(source_name())
+        segments.append((segment_id, segment.GetName(), tuple(round(c, 4) for c in segment.GetColor()),
+                         segmentation.GetLayerIndex(segment_id, labelmap), segment.GetLabelValue(),
+                         # a source other than labelmaps (closed surfaces): its modification time stands in
+                         source.GetMTime() if source is not None and not source.IsA("vtkOrientedImageData") else 0))
+    layers = []
+    for layer in range(segmentation.GetNumberOfLayers(labelmap)):
+        image = segmentation.GetLayerDataObject(layer, labelmap)
+        scalars = image.GetPointData().GetScalars() if image is not None else None
+        digest = hashlib.sha1()
+        if scalars is not None:
+            digest.update(np.ascontiguousarray(numpy_support.vtk_to_numpy(scalars)).tobytes())
+            matrix = vtk.vtkMatrix4x4()
+            image.GetImageToWorldMatrix(matrix)
+            digest.update(repr((image.GetExtent(), _matrix_to_numpy(matrix).round(6).tolist())).encode())
+        layers.append(digest.hexdigest())
+    return tuple(segments), tuple(layers)
 
 
 def segment_mask(segmentation_node, segment_id: str, reference_node) -> np.ndarray:
