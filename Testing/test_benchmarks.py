@@ -130,6 +130,9 @@ def test_gui_thread_smoke(tmp_path):
     assert set(out["results"]) == {"t1c", "t2w", "t2f"}
     for r in out["results"].values():
         assert r["now_copy_native_s"] > 0 and r["before_app_thread_s"] > 0 and r["nii_native_mb"] > 0
+    chosen = json.loads((tmp_path / "gui_thread_output.json").read_text())["results"]
+    assert chosen["one shared layer"]["layers"] == 1 and chosen["one layer per segment"]["layers"] == 3
+    assert all(r["read_s"] > 0 for r in chosen.values())
 
 
 @pytest.mark.bench
