@@ -481,8 +481,11 @@ def test_edits_made_to_the_chosen_output_while_the_worker_runs_are_kept(scene, t
     assert seg is not first and table is not first_table
     assert mrml.segmentation_contents(first) == edited  # the painted voxels are still there
     assert mrml.segment_mask(first, "SNFH", nodes["t1c"])[2:6, 2:6, 2:6].all()
-    assert any(f'"{first.GetName()}" {EDITED_DURING_RUN_NOTE}' in note for note in run.notes)
-    assert EDITED_DURING_RUN_NOTE in (table.GetAttribute(mrml.NOTES_ATTRIBUTE) or "")
+    (note,) = [note for note in run.notes if EDITED_DURING_RUN_NOTE in note]
+    assert note.startswith(f'"{first.GetName()}" {EDITED_DURING_RUN_NOTE}') and f'"{seg.GetName()}"' in note
+    assert note in (table.GetAttribute(mrml.NOTES_ATTRIBUTE) or "") and run.kept_output is first
+    assert logic.hide_other_results(seg, keep=[run.kept_output]) == []  # the one being corrected stays shown
+    assert first.GetDisplayNode().GetVisibility()
 
     run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"), segmentation_node=seg)
     seg.GetSegmentation().GetSegment("ET").SetName("Enhancing (checked)")
@@ -498,6 +501,17 @@ def test_edits_made_to_the_chosen_output_while_the_worker_runs_are_kept(scene, t
     replaced, _ = logic.import_results(run, segmentation_node=renamed)
     assert replaced is renamed and not any(EDITED_DURING_RUN_NOTE in note for note in run.notes)
     assert scene.GetNumberOfNodes() == count + 1  # its table only: no new segmentation
+
+    # segments that cannot be read at the end count as changed: the result goes beside them, not over them
+    run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"), segmentation_node=replaced)
+    assert run.wait(300) == "done", run.error
+    original = mrml.segmentation_contents
+    mrml.segmentation_contents = lambda node: 1 / 0
+    try:
+        beside, _ = logic.import_results(run, segmentation_node=replaced)
+    finally:
+        mrml.segmentation_contents = original
+    assert beside is not replaced and replaced.GetSegmentation().GetNumberOfSegments() == 3
 
 
 def test_segmentation_contents_see_voxel_name_and_surface_edits_not_display_changes(scene):
@@ -527,8 +541,22 @@ def test_segmentation_contents_see_voxel_name_and_surface_edits_not_display_chan
         slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
     painted = mrml.segmentation_contents(seg)
     assert painted != before
+    seg.GetDisplayNode().SetVisibility(True)
+    seg.CreateClosedSurfaceRepresentation()  # a derived representation, made to show it in 3D: no edit
+    assert mrml.segmentation_contents(seg) == painted
     seg.GetSegmentation().GetSegment("NETC").SetColor(0.1, 0.2, 0.3)
-    assert mrml.segmentation_contents(seg) != painted
+    coloured = mrml.segmentation_contents(seg)
+    assert coloured != painted
+    seg.GetSegmentation().SeparateSegmentLabelmap("ET")  # moved to a layer of its own, voxels unchanged
+    separated = mrml.segmentation_contents(seg)
+    assert separated != coloured
+    slicer.vtkSlicerSegmentationsModuleLogic.SetSegmentStatus(seg.GetSegmentation().GetSegment("ET"), 2)
+    flagged = mrml.segmentation_contents(seg)  # marked Completed in Segment Editor's status column
+    assert flagged != separated
+    seg.GetSegmentation().GetSegment("ET").SetTag("TerminologyEntry", "Segmentation category and type - 3D "
+                                                   "Slicer General Anatomy list~SCT^49755003^Morphologically "
+                                                   "Altered Structure~SCT^4147007^Mass~^^~^^~^^")
+    assert mrml.segmentation_contents(seg) != flagged
 
     surfaces = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")  # a model imported as segments
     surfaces.GetSegmentation().SetSourceRepresentationName("Closed surface")
@@ -536,6 +564,8 @@ def test_segmentation_contents_see_voxel_name_and_surface_edits_not_display_chan
     sphere.Update()
     ball = surfaces.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "ball", [1.0, 0.0, 0.0])
     drawn = mrml.segmentation_contents(surfaces)
+    surfaces.CreateBinaryLabelmapRepresentation()  # derived from the surfaces: no edit
+    assert mrml.segmentation_contents(surfaces) == drawn
     sphere.SetRadius(3.0)
     sphere.Update()
     surfaces.GetSegmentation().GetSegment(ball).GetRepresentation("Closed surface").DeepCopy(sphere.GetOutput())

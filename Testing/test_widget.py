@@ -677,7 +677,8 @@ def test_a_segmentation_edited_while_its_replacement_runs_keeps_the_edits(harnes
     segmentations = harness.nodes_of("vtkMRMLSegmentationNode")
     assert len(segmentations) == 2 and segmentations[1].GetSegmentation().GetNumberOfSegments() == 3
     assert widget._resultNodes()[0] is segmentations[1]
-    assert any("was edited while BrainUNet ran" in w and first.GetName() in w for w in harness.warnings)
+    assert any("was changed while BrainUNet ran" in w and first.GetName() in w for w in harness.warnings)
+    assert first.GetDisplayNode().GetVisibility()  # still shown, to go on correcting it
 
 
 def test_a_run_into_a_copy_of_a_result_gives_the_copy_its_own_table(harness):

@@ -79,31 +79,40 @@ def main() -> None:
 
 def chosen_output(args, scene, reference, repeats: int) -> None:
     """A result chosen as output is read once at Apply and once at import (``mrml.segmentation_contents``),
-    so that edits made to it during the run are kept: its cost on the application thread, for a result of
-    this case's size with its three segments in one shared layer (as imported) and in a layer each."""
+    so that changes made to it during the run are kept: its cost on the application thread for segments on
+    this case's grid. A labelmap layer holds only its segments' bounding box, so the cost follows the
+    voxels the layers hold: tumour-sized segments in one shared layer (as imported) and in a layer each (as
+    Segment Editor leaves segments allowed to overlap), and one segment over the whole brain."""
     import numpy as np
 
     from BrainUNetSegmentationLib import mrml
 
-    flair = mrml.voxels_from_node(reference).data.astype(np.float32)
-    # three nested regions of the image's brightest voxels: sizes like a tumour's, contents irrelevant here
-    brain = flair[flair > 0]
-    labels = np.zeros(flair.shape, np.uint8)
+    image = mrml.voxels_from_node(reference).data.astype(np.float32)
+    brain = image[image > 0]
+    # three nested regions of the brightest voxels (sizes like a tumour's; their contents do not matter here)
+    tumour = np.zeros(image.shape, np.uint8)
     for label, quantile in ((2, 0.95), (1, 0.98), (3, 0.99)):
-        labels[flair > np.quantile(brain, quantile)] = label
-    segmentation = mrml.create_segmentation(scene, labels, reference)
+        tumour[image > np.quantile(brain, quantile)] = label
+    whole_brain = np.where(image > 0, 2, tumour).astype(np.uint8)
     rows, results = [], {}
-    for layout in ("one shared layer", "one layer per segment"):
-        if layout == "one layer per segment":  # as Segment Editor leaves segments allowed to overlap
+    for layout, labels, separate in (("tumour-sized, one shared layer", tumour, False),
+                                     ("tumour-sized, a layer each", tumour, True),
+                                     ("SNFH over the whole brain, one shared layer", whole_brain, False)):
+        segmentation = mrml.create_segmentation(scene, labels, reference)
+        if separate:
             for index in range(segmentation.GetSegmentation().GetNumberOfSegments()):
                 segmentation.GetSegmentation().SeparateSegmentLabelmap(
                     segmentation.GetSegmentation().GetNthSegmentID(index))
-        layers = segmentation.GetSegmentation().GetNumberOfLayers()
+        layers = [segmentation.GetSegmentation().GetLayerDataObject(i)
+                  for i in range(segmentation.GetSegmentation().GetNumberOfLayers())]
+        held = sum(int(np.prod(layer.GetDimensions())) for layer in layers)
         seconds = timed(lambda: mrml.segmentation_contents(segmentation), repeats)
-        results[layout] = {"layers": layers, "read_s": seconds}
-        rows.append([layout, "x".join(map(str, labels.shape)), layers, seconds, 2 * seconds])
-    table = common.md_table(["chosen output's segments", "voxels", "layers", "read once (s)",
-                             "app thread per run: Apply + import (s)"], rows)
+        results[layout] = {"layers": len(layers), "layer_voxels": held, "read_s": seconds}
+        rows.append([layout, "x".join(map(str, labels.shape)), len(layers), f"{held / 1e6:.2f} M", seconds,
+                     2 * seconds])
+        scene.RemoveNode(segmentation)
+    table = common.md_table(["chosen output's segments", "grid", "layers", "voxels the layers hold",
+                             "read once (s)", "app thread per run: Apply + import (s)"], rows)
     common.save("gui_thread_output", args, {"repeats": repeats, "results": results}, table)
 
 

@@ -31,7 +31,7 @@ REFERENCE_VOLUME_REFERENCE = "BrainUNetReferenceVolume"
 INPUT_VOLUME_REFERENCE = "BrainUNetInput_"
 RECOMPUTED_NOTE = "Statistics computed again from the segments as edited"
 REMOVED_DURING_RUN_NOTE = "was removed from the scene while BrainUNet ran"
-EDITED_DURING_RUN_NOTE = "was edited while BrainUNet ran"
+EDITED_DURING_RUN_NOTE = "was changed while BrainUNet ran"
 #: Attributes of a result's segmentation and table: the model that made it, with which quality, when.
 PROVENANCE_MODEL = "BrainUNet.Model"
 PROVENANCE_QUALITY = "BrainUNet.Quality"
@@ -141,7 +141,8 @@ class BackgroundRun:
     model_used: str = ""  # the model a segmentation ran, as the worker's "Model: ..." line names it
     options: RunOptions | None = None
     output_segmentation: object = None  # the segmentation chosen to be replaced by the result, if any
-    output_contents: tuple = ()  # its segments when the run started (mrml.segmentation_contents)
+    kept_output: object = None  # set when the result went into a new segmentation to keep those changes
+    output_contents: tuple | None = ()  # its segments when the run started (None: they could not be read)
     _lines: queue.Queue = field(default_factory=queue.Queue)
 
     def __post_init__(self):
@@ -394,6 +395,7 @@ class BrainUNetLogic:
         options = options or RunOptions()
         left_out: list[str] = []
         volumes = self.check_inputs(inputs, left_out)
+        output_contents = contents_or_none(segmentation_node) if segmentation_node is not None else ()
         workdir = Path(tempfile.mkdtemp(prefix="brainunet-", dir=self.temp_root))
         # uncompressed: gzip took most of the time of writing (benchmarks/gui_thread.py)
         files = {role: workdir / f"{role}.nii" for role in volumes}
@@ -409,8 +411,7 @@ class BrainUNetLogic:
 
         run = BackgroundRun(None, workdir, reference, outputs, on_progress, on_log,
                             inputs={role: node for role, node in inputs.items() if node is not None},
-                            options=options, output_segmentation=segmentation_node,
-                            output_contents=mrml.segmentation_contents(segmentation_node) if segmentation_node else ())
+                            options=options, output_segmentation=segmentation_node, output_contents=output_contents)
         run.notes.extend(left_out)  # kept with the worker's notes, in the table
         run.launch_after(write_inputs, self.command(files, outputs, options), env)
         return run
@@ -450,11 +451,11 @@ class BrainUNetLogic:
                 segmentation_node = None  # the chosen output was deleted during the run: a new one
             if table_node is not None and table_node.GetScene() is not self.scene:
                 table_node = None
-            if (segmentation_node is not None and segmentation_node is run.output_segmentation
-                    and mrml.segmentation_contents(segmentation_node) != run.output_contents):
-                run.notes.append(f"\"{segmentation_node.GetName()}\" {EDITED_DURING_RUN_NOTE}: it is kept as "
-                                 "edited, and this result is in a new segmentation.")
-                segmentation_node = table_node = None
+            kept = None  # the chosen output, changed during the run: left as it is
+            if segmentation_node is not None and segmentation_node is run.output_segmentation:
+                now = contents_or_none(segmentation_node)
+                if now is None or now != run.output_contents:  # unreadable counts as changed: nothing is lost
+                    kept, segmentation_node, table_node = segmentation_node, None, None
             notes = list(run.notes)
             for role, node in run.inputs.items():
                 if left_out_by_worker(run.notes, role):
@@ -464,6 +465,12 @@ class BrainUNetLogic:
                                  "those the run read; Update statistics keeps them while the segments are as made.")
             with mrml.scene_unchanged_on_error(self.scene, segmentation_node, table_node):
                 seg = mrml.create_segmentation(self.scene, labels, reference, segmentation_node=segmentation_node)
+                if kept is not None:
+                    note = (f"\"{kept.GetName()}\" {EDITED_DURING_RUN_NOTE}: your changes are kept, and this result "
+                            f"was added as a new segmentation, \"{seg.GetName()}\".")
+                    notes.append(note)
+                    run.notes.append(note)
+                    run.kept_output = kept
                 table = mrml.statistics_table(self.scene, rows, f"{seg.GetName()} statistics", table_node, notes)
                 mrml.place_beside(self.scene, table, reference)
                 seg.SetNodeReferenceID(REFERENCE_VOLUME_REFERENCE, reference.GetID())
@@ -492,13 +499,14 @@ class BrainUNetLogic:
                 PROVENANCE_VERSION: brainunet.__version__,
                 PROVENANCE_DATE: time.strftime("%Y-%m-%d %H:%M")}
 
-    def hide_other_results(self, segmentation_node) -> list[str]:
+    def hide_other_results(self, segmentation_node, keep=()) -> list[str]:
         """Hide every other BrainUNet result on the same reference volume (a re-run, or another quality),
-        so one result shows at a time; nothing is removed. Returns the names of those hidden."""
+        so one result shows at a time; nothing is removed, and those in ``keep`` (a segmentation being
+        corrected) stay as they are. Returns the names of those hidden."""
         reference_id = segmentation_node.GetNodeReferenceID(REFERENCE_VOLUME_REFERENCE)
         hidden = []
         for node in mrml.nodes_of_class(self.scene, "vtkMRMLSegmentationNode"):
-            if not reference_id or node.GetID() == segmentation_node.GetID() \
+            if not reference_id or node.GetID() == segmentation_node.GetID() or any(node is k for k in keep) \
                     or node.GetNodeReferenceID(REFERENCE_VOLUME_REFERENCE) != reference_id:
                 continue
             display = node.GetDisplayNode()
@@ -573,6 +581,18 @@ class BrainUNetLogic:
             run.cleanup()
             raise BrainUNetError(run.error)
         return self.import_results(run)
+
+
+def contents_or_none(segmentation_node):
+    """``mrml.segmentation_contents``, or None when they cannot be read (a run then keeps the segmentation
+    as it is rather than risk overwriting a change)."""
+    import logging
+
+    try:
+        return mrml.segmentation_contents(segmentation_node)
+    except Exception:
+        logging.getLogger(__name__).exception("Could not read the segments of %s", segmentation_node.GetName())
+        return None
 
 
 def left_out_by_worker(notes, role: str) -> bool:

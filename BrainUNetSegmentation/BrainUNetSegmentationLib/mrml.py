@@ -252,32 +252,45 @@ def create_segmentation(scene, labels: np.ndarray, reference_node, name: str | N
     return segmentation_node
 
 
+#: Tags of a segment that Segment Editor lets a user change: its terminology and its status (Completed,
+#: Flagged, ...), the latter under ``vtkSlicerSegmentationsModuleLogic.GetStatusTagName()`` where it exists.
+EDITABLE_SEGMENT_TAGS = ("TerminologyEntry", "Segmentation.Status")
+
+
+def _segment_tag(segment, name: str) -> str:
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(name, value) else ""
+
+
 def segmentation_contents(segmentation_node) -> tuple:
-    """What a user's edit changes in a segmentation: each segment's ID, name, colour, layer and label value,
-    and a digest of each shared binary-labelmap layer (its voxels, extent and geometry), one pass per layer
-    however many segments share it. Display settings are left out: showing or hiding is no edit."""
+    """What a user's edit changes in a segmentation: each segment's ID, name, colour, label value, layer,
+    terminology and status, and the voxels of its source representation. Labelmaps: a digest of each shared
+    layer (voxels, extent, geometry), one pass per layer however many segments share it. Other sources
+    (closed surfaces): each surface's modification time. Derived representations are left out (made on
+    demand, they change with no edit), and so are display settings (showing or hiding is no edit)."""
     import hashlib
 
     segmentation = segmentation_node.GetSegmentation()
-    labelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     # "source" since Slicer 5.4, "master" before
-    source_name = getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName
+    source = (getattr(segmentation, "GetSourceRepresentationName", None)
+              or segmentation.GetMasterRepresentationName)()
+    labelmap_source = source == slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     segments = []
     for index in range(segmentation.GetNumberOfSegments()):
         segment_id = segmentation.GetNthSegmentID(index)
         segment = segmentation.GetSegment(segment_id)
-        source = segment.GetRepresentation(source_name())
+        data = segment.GetRepresentation(source)
         segments.append((segment_id, segment.GetName(), tuple(round(c, 4) for c in segment.GetColor()),
-                         segmentation.GetLayerIndex(segment_id, labelmap), segment.GetLabelValue(),
-                         # a source other than labelmaps (closed surfaces): its modification time stands in
-                         source.GetMTime() if source is not None and not source.IsA("vtkOrientedImageData") else 0))
+                         segment.GetLabelValue(), *(_segment_tag(segment, tag) for tag in EDITABLE_SEGMENT_TAGS),
+                         segmentation.GetLayerIndex(segment_id, source) if labelmap_source
+                         else data.GetMTime() if data is not None else 0))
     layers = []
-    for layer in range(segmentation.GetNumberOfLayers(labelmap)):
-        image = segmentation.GetLayerDataObject(layer, labelmap)
+    for layer in range(segmentation.GetNumberOfLayers(source) if labelmap_source else 0):
+        image = segmentation.GetLayerDataObject(layer, source)
         scalars = image.GetPointData().GetScalars() if image is not None else None
         digest = hashlib.sha1()
         if scalars is not None:
-            digest.update(np.ascontiguousarray(numpy_support.vtk_to_numpy(scalars)).tobytes())
+            digest.update(memoryview(np.ascontiguousarray(numpy_support.vtk_to_numpy(scalars))))
             matrix = vtk.vtkMatrix4x4()
             image.GetImageToWorldMatrix(matrix)
             digest.update(repr((image.GetExtent(), _matrix_to_numpy(matrix).round(6).tolist())).encode())
