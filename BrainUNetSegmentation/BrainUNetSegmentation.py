@@ -713,7 +713,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         done = _("Done: segmentation \"{segmentation}\" and table \"{table}\".").format(
             segmentation=segmentationNode.GetName(), table=tableNode.GetName())
         # one result shows at a time (none removed), but a segmentation changed during the run stays shown
-        hidden = self.logic.hide_other_results(segmentationNode, keep=[run.kept_output] if run.kept_output is not None else [])
+        hidden = self.logic.hide_other_results(segmentationNode, keep=[run.kept_output])  # None keeps none
         if hidden:
             done += " " + _("Hidden, not removed: {names}.").format(names=", ".join(hidden))
         if run.notes:  # what the worker did to the input or doubts about it: shown, not left in the log
