@@ -83,7 +83,7 @@ def test_batch_reads_brats2021_and_2023_layouts(tmp_path):
     assert (tmp_path / "out" / "BraTS-GLI-00001-000-seg.nii.gz").exists()
     assert (tmp_path / "out" / "BraTS2021_00001-seg.nii.gz").exists()
     assert (tmp_path / "out" / "BraTS2021_00001-stats.csv").exists()
-    assert "Skipped, no sequence images" in r.stderr and "inside: notes" in r.stderr
+    assert "Skipped, no images" in r.stderr and "inside: notes" in r.stderr
     assert "partial: failed, nothing written" in r.stderr and "Missing input" in r.stderr
     assert r.returncode == 1  # one case could not be done
 
@@ -132,6 +132,38 @@ def test_batch_goes_on_after_an_unexpected_error_in_one_case(tmp_path, tiny_weig
     assert "1 of 2 cases segmented" in captured.out and "1 failed" in captured.out
 
 
+def test_batch_takes_sequences_named_as_a_scanner_names_them_and_fails_a_folder_without_any(tmp_path, tiny_weights,
+                                                                                            capsys):
+    """A case exported with the scanner's names is segmented (the rules of segment --study, each choice
+    printed); a folder of images none of which is T1CE, T2W or FLAIR is a case that fails, its images listed,
+    and the summary names every failed case."""
+    import shutil
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    _two_cases(data)
+    scanner = data / "case-b"
+    for old, new in (("t1c", "t1_post_gd"), ("t2w", "t2_tse_ax"), ("t2f", "flair_ax"), ("t1n", "t1_pre")):
+        (scanner / f"case-b-{old}.nii.gz").rename(scanner / f"{new}.nii.gz")
+    (data / "t1-only").mkdir()
+    shutil.copy(scanner / "t1_pre.nii.gz", data / "t1-only" / "t1-only-t1n.nii.gz")
+    (data / "unnamed").mkdir()
+    for i in (1, 2):
+        shutil.copy(scanner / "flair_ax.nii.gz", data / "unnamed" / f"scan{i}.nii.gz")
+    code = _main_in_process(["batch", data, "--output-dir", out, "--model", tiny_weights[0], "--device", "cpu",
+                             "--progress", "none"])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert (out / "case-a-seg.nii.gz").exists() and (out / "case-b-seg.nii.gz").exists()
+    assert "case-b: Study: T1CE: " in captured.err and "t1_post_gd.nii.gz" in captured.err
+    assert "case-b: Study: FLAIR: " in captured.err and "flair_ax.nii.gz" in captured.err
+    assert "t1-only: failed, nothing written: no T1CE, T2W or FLAIR" in captured.err
+    assert "t1-only-t1n.nii.gz (T1)" in captured.err
+    assert "unnamed: failed, nothing written: no T1CE, T2W or FLAIR" in captured.err
+    assert "scan1.nii.gz, scan2.nii.gz" in captured.err
+    assert "2 of 4 cases segmented" in captured.out and "2 failed: t1-only, unnamed" in captured.out
+    assert not (out / "t1-only-seg.nii.gz").exists() and not (out / "unnamed-seg.nii.gz").exists()
+
+
 def test_batch_passes_over_folders_without_images_and_a_cancel_says_what_was_written(tmp_path, tiny_weights,
                                                                                         monkeypatch, capsys):
     from brainunet import pipeline
@@ -148,7 +180,7 @@ def test_batch_passes_over_folders_without_images_and_a_cancel_says_what_was_wri
                              "--progress", "none"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "inside: __MACOSX, notes, old-results" in captured.err and "Skipped, no sequence images" in captured.err
+    assert "inside: __MACOSX, notes, old-results" in captured.err and "Skipped, no images" in captured.err
     assert "2 of 2 cases segmented" in captured.out
 
     real_run = pipeline.run

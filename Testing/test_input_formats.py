@@ -121,6 +121,31 @@ def test_a_cancel_while_a_dicom_folder_is_scanned_stays_a_cancel(tmp_path, monke
         load_volume(tmp_path, "T2W")
 
 
+def test_a_file_that_cannot_be_opened_is_refused_and_an_unreadable_t1_is_left_out(tmp_path, synthetic_case,
+                                                                                  monkeypatch):
+    """A file without read permission (as one copied from another account): a message saying to check its
+    permissions, not a traceback; the native T1, used for statistics only, is left out with a note."""
+    from pathlib import Path
+
+    from brainunet.pipeline import load_inputs
+
+    locked = {Path(synthetic_case["t1n"]), Path(synthetic_case["t2w"])}
+    real_open = Path.open
+
+    def open_refusing_locked_files(self, *args, **kwargs):
+        if self in locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_refusing_locked_files)
+    with pytest.raises(InputError, match="cannot be opened \\(Permission denied\\). Check that you may read it"):
+        load_volume(synthetic_case["t2w"], "T2W")
+    notes = []
+    volumes = load_inputs({"t1c": synthetic_case["t1c"], "t2f": synthetic_case["t2f"], "t1n": synthetic_case["t1n"]},
+                          notes)
+    assert set(volumes) == {"t1c", "t2f"} and "cannot be opened" in notes[0]
+
+
 def test_a_corrupt_nrrd_is_refused(tmp_path):
     bad = tmp_path / "t2w.nrrd"
     bad.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 10 10 10\nencoding: raw\n\n" + b"\0" * 100)

@@ -102,14 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", help="PNG overlay of the result")
     _add_model_args(p)
 
-    p = sub.add_parser("batch", help="segment every BraTS-layout case folder inside DIR",
-                       description="Segment every case folder inside DIR (BraTS 2021 or 2023 file names: "
-                                   "<id>-t1c.nii.gz or <id>_t1ce.nii.gz, also .nrrd / .mha, or a DICOM series "
-                                   "folder named T1CE, T2W, FLAIR, ...). A case "
-                                   "that fails, for whatever reason, is reported and skipped; the others go on. "
+    p = sub.add_parser("batch", help="segment every case folder inside DIR",
+                       description="Segment every case folder inside DIR: its sequences found by BraTS 2021 or "
+                                   "2023 file names (<id>-t1c.nii.gz or <id>_t1ce.nii.gz, also .nrrd / .mha, or a "
+                                   "DICOM series folder named T1CE, T2W, FLAIR, ...), else by the names a scanner "
+                                   "gives them (DICOM series descriptions or file names, as segment --study finds "
+                                   "them). A case that fails, for whatever reason, is reported and skipped; the "
+                                   "others go on. Folders without images are passed over. "
                                    "With --skip-existing an interrupted batch resumes where it stopped.",
-                       epilog="exit status: 0 every case segmented (or skipped); 1 some cases failed (each named "
-                              "above the summary); 2 nothing to do (bad folder or options); 3 missing or corrupt "
+                       epilog="exit status: 0 every case segmented (or skipped); 1 some cases failed (each named, "
+                              "with the reason, and listed in the summary); 2 nothing to do (bad folder or options); 3 missing or corrupt "
                               "weights; 130 cancelled (the cases before are kept: run again with --skip-existing)")
     p.add_argument("data_dir")
     p.add_argument("--output-dir",
@@ -227,7 +229,6 @@ def _report(args, result):
 
 def cmd_batch(args) -> int:
     from . import pipeline
-    from .imageio import find_case_files
     from .outputs import OutputError
 
     data_dir = Path(args.data_dir)
@@ -238,9 +239,9 @@ def cmd_batch(args) -> int:
         raise InputError(f"--output-dir {out_dir} is a file, not a folder; give a folder (it is made if needed).")
     out_real = out_dir.absolute().resolve()
     folders = sorted(p for p in data_dir.iterdir() if p.is_dir())
-    # a folder without any sequence image (__MACOSX, .git, an older output folder of labels, DICOM not yet
-    # converted) is no case; one with some sequences is, and fails with what is missing
-    cases = [f for f in folders if _holds_sequences(f)]
+    # a folder without any image (__MACOSX, .git, notes, an older output folder of label maps) is no case; one
+    # with images is, and is segmented, or fails saying which of its images are not named as a sequence
+    cases = [f for f in folders if _holds_images(f)]
     inside = next((c for c in cases if c.resolve() == out_real or c.resolve() in out_real.parents), None)
     if inside is not None:
         # every other patient's segmentation would land among this patient's images
@@ -248,14 +249,15 @@ def cmd_batch(args) -> int:
                          f"outside the case folders (the default is {data_dir / 'brainunet'}).")
     others = [f.name for f in folders if f not in cases and f.resolve() != out_real]
     if not cases:
-        raise InputError(f"No case folders in {data_dir}; expected one folder per case with BraTS file names "
-                         "(.nii.gz, .nrrd or .mha images, or DICOM series folders named T1CE, T2W, FLAIR).")
+        raise InputError(f"No case folders in {data_dir}; expected one folder per case holding its T1CE, T2W and "
+                         "FLAIR (.nii.gz, .nrrd or .mha images, or DICOM series).")
     progress = Progress(args.progress, "BrainUNet batch")
     if others:
-        _say(args, f"Skipped, no sequence images with BraTS names (such as *-t1c.nii.gz, *_flair.nii.gz) inside: "
+        _say(args, f"Skipped, no images (.nii.gz, .nrrd, .mha or DICOM other than label maps) inside: "
                    f"{', '.join(others)}")
     loaded = _load_model(args, progress)
-    failures = skipped = finished = 0
+    skipped = finished = 0
+    failed: list[str] = []
     try:
         for n, case in enumerate(cases):
             out = out_dir / f"{case.name}-seg.{args.format}"
@@ -271,7 +273,9 @@ def cmd_batch(args) -> int:
 
             written_before = out.stat().st_mtime_ns if out.exists() else None
             try:
-                files = find_case_files(case)
+                files, found_notes = _case_inputs(case)
+                for note in found_notes:
+                    _say(args, f"{case.name}: Study: {note}")
                 result = pipeline.run({k: files.get(k) for k in ("t1c", "t2w", "t2f", "t1n")}, out, stats,
                                       device=args.device, tta=args.tta, precision=args.precision,
                                       progress=case_progress, loaded_model=loaded)
@@ -290,28 +294,109 @@ def cmd_batch(args) -> int:
             except WeightsError:
                 raise  # no case can run: not one case's failure
             except (InputError, OutputError) as exc:
-                failures += 1
+                failed.append(case.name)
                 _say(args, f"{case.name}: failed, nothing written: {exc}")
             except Exception as exc:  # e.g. a RuntimeError from torch (out of memory): the next case may run
-                failures += 1
+                failed.append(case.name)
                 # outputs are staged and moved into place only after a complete run, so none is left
                 _say(args, f"{case.name}: failed, nothing written: {type(exc).__name__}: {exc}")
     finally:
         progress.close()
-    done = len(cases) - failures - skipped
+    done = len(cases) - len(failed) - skipped
+    listed = ", ".join(failed[:10]) + (f" and {len(failed) - 10} more (named above)" if len(failed) > 10 else "")
     print(f"{done} of {len(cases)} cases segmented into {out_dir}"
           + (f"; {skipped} skipped (output already there)" if skipped else "")
-          + (f"; {failures} failed (named above)" if failures else ""))
-    return 0 if failures == 0 else 1
+          + (f"; {len(failed)} failed: {listed}" if failed else ""))
+    return 0 if not failed else 1
 
 
-def _holds_sequences(folder: Path) -> bool:
-    from .imageio import find_case_files
+#: Names of label maps, not sequences: ``<case>_seg.nii.gz``, BrainUNet's ``<case>-seg.nii.gz``, masks.
+LABEL_WORDS = ("seg", "label", "labels", "labelmap", "mask", "segmentation")
+#: Files looked at, at most, to tell whether a folder holds any image: no case folder holds more.
+MAX_FILES_LOOKED_AT = 5000
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The image files (not label maps) directly inside ``folder``."""
+    from .imageio import IMAGE_SUFFIXES
+
+    images = []
+    for p in sorted(folder.iterdir()):
+        name = p.name.lower()
+        stem = next((name[:-len(s)] for s in IMAGE_SUFFIXES if name.endswith(s)), None)
+        if stem is not None and not name.startswith(".") and not name.endswith(".seg.nrrd") and p.is_file() \
+                and stem.replace("-", "_").split("_")[-1] not in LABEL_WORDS:
+            images.append(p)
+    return images
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` holds a sequence image file or, at any depth, a DICOM file (its "DICM" mark)."""
+    import os
 
     try:
-        return bool(find_case_files(folder).keys() & {"t1c", "t2w", "t2f"})  # a T1 alone makes no case
+        if _image_files(folder):
+            return True
+        looked_at = 0
+        for root, subfolders, files in os.walk(folder):
+            subfolders[:] = [d for d in subfolders if not d.startswith(".") and d != "__MACOSX"]
+            for name in files:
+                if name.startswith("."):
+                    continue
+                looked_at += 1
+                if looked_at > MAX_FILES_LOOKED_AT:
+                    return False
+                try:
+                    with open(os.path.join(root, name), "rb") as f:
+                        if f.read(132)[128:] == b"DICM":
+                            return True
+                except OSError:
+                    continue
+        return False
     except OSError:  # unreadable: a case that fails with its own message
         return True
+
+
+def _series_named(folder: Path, most: int = 9) -> list[str]:
+    """How the first DICOM series under ``folder`` are described, for a message."""
+    import os
+
+    from .imageio import dicom_series_in
+
+    named = []
+    for root, subfolders, _ in os.walk(folder):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__MACOSX")
+        named += [f"series '{series.description}'" for series in dicom_series_in(Path(root))]
+        if len(named) >= most:
+            break
+    return named
+
+
+def _case_inputs(case: Path) -> tuple[dict, list[str]]:
+    """A case folder's sequences: by their BraTS names (``<case>-t1c.nii.gz``, ``T1CE/``), else as a scanner or
+    an archive names them (the rules of ``segment --study``, with a note saying what was taken)."""
+    from .imageio import MODALITY_NAMES, find_case_files
+    from .sequences import find_study_inputs
+
+    try:
+        files = find_case_files(case)
+        if files.keys() & {"t1c", "t2w", "t2f"}:
+            return files, []
+        images = _image_files(case)
+    except OSError as exc:
+        raise InputError(f"the folder cannot be read ({exc.strerror or type(exc).__name__}); check its "
+                         "permissions.") from exc
+    try:
+        found, notes = find_study_inputs(case)
+    except InputError:
+        roles = {p: MODALITY_NAMES[role] for role, p in files.items()}
+        seen = [f"{p.name} ({roles[p]})" if p in roles else p.name for p in images] + _series_named(case)
+        raise InputError(f"no T1CE, T2W or FLAIR is recognised among its images: {', '.join(seen[:8])}"
+                         + (f" and {len(seen) - 8} more" if len(seen) > 8 else "")
+                         + ". Name them as BraTS does (<case>-t1c.nii.gz, <case>-t2w.nii.gz, <case>-t2f.nii.gz) or "
+                           "as a scanner does (T1 POST, T2, FLAIR), or give them one by one to brainunet segment "
+                           "--t1c ... --t2w ... --t2f ...") from None
+    return found, list(notes.values())
 
 
 def cmd_demo(args) -> int:

@@ -126,10 +126,14 @@ def load_volume(path, name: str | None = None) -> Volume:
         raise InputError(f"{name}: file not found: {path}. Check the path.")
     if path.is_dir():
         return _load_dicom_series(path, name)
+    try:
+        with path.open("rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+    except OSError as exc:  # no read permission (a file copied from another user's account), a device error
+        raise InputError(f"{name}: {path} cannot be opened ({exc.strerror or type(exc).__name__}). Check that "
+                         "you may read it (its permissions, or copy it to your own folder) and try again.") from exc
     if path.name.lower().endswith(SITK_SUFFIXES):
         return _load_with_sitk(path, name)
-    with open(path, "rb") as f:
-        gzipped = f.read(2) == b"\x1f\x8b"
     if gzipped and not path.name.lower().endswith(".gz"):
         raise InputError(f"{name}: {path.name} is gzip-compressed but its name does not end in .gz; rename it to "
                          f"{path.name}.gz (or {path.stem}.nii.gz) and try again.")
