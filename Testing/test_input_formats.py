@@ -195,6 +195,24 @@ def test_batch_finds_dicom_series_folders_and_nrrd_files_named_by_sequence(tmp_p
 
 
 
+def test_batch_reads_case_folders_of_dicom_series_by_their_descriptions(tmp_path, synthetic_case):
+    """One study export per patient, series in folders named by the scanner: each sequence is found by its
+    description; a folder whose only series is a localiser fails, naming it."""
+    cases = tmp_path / "cases"
+    for i, (role, description) in enumerate((("t1c", "AX T1 POST GD"), ("t2w", "AX T2 TSE"), ("t2f", "AX FLAIR"))):
+        image = sitk.Cast(sitk.RescaleIntensity(sitk.ReadImage(str(synthetic_case[role])), 0, 4000), sitk.sitkInt16)
+        _write_dicom_series(image, cases / "patient02" / "DICOM" / f"SE{i}", description,
+                            f"1.2.826.0.1.3680043.2.1125.6{i}")
+    _write_dicom_series(image, cases / "patient03" / "SE1", "3-PLANE LOC", "1.2.826.0.1.3680043.2.1125.69",
+                        slices=range(3))
+    r = brainunet("batch", cases, "--progress", "none")
+    assert r.returncode == 1, r.stderr
+    assert "patient02: Study: T1CE: series 'AX T1 POST GD'" in r.stderr
+    assert (cases / "brainunet" / "patient02-seg.nii.gz").exists()
+    assert "patient03: failed, nothing written: no T1CE, T2W or FLAIR" in r.stderr
+    assert "series '3-PLANE LOC'" in r.stderr and "1 failed: patient03" in r.stdout
+
+
 def test_segment_finds_the_sequences_of_a_dicom_study_by_their_descriptions(tmp_path, synthetic_case):
     """A study exported into one folder: the three sequences, a localiser and a shorter sagittal T1 post-contrast.
     The run takes each sequence by its description (the longest T1 post-contrast), as the NIfTI run would."""
