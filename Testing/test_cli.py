@@ -461,7 +461,8 @@ def test_register_rejects_bad_names_and_settings(tmp_path, tiny_weights):
 
 def test_batch_default_folder_seg_nrrd_format_and_its_refusals(tmp_path):
     """Without --output-dir the results go to DIR/brainunet, which a second run does not take for a case;
-    --format seg.nrrd writes Slicer segmentations; a bad folder is exit 2 and missing weights exit 3."""
+    --format seg.nrrd writes Slicer segmentations; a bad folder (or one that cannot be written) is exit 2 and
+    missing weights exit 3."""
     import slicerio
 
     data = tmp_path / "data"
@@ -480,6 +481,8 @@ def test_batch_default_folder_seg_nrrd_format_and_its_refusals(tmp_path):
     assert r.returncode == 2 and "No case folders" in r.stderr
     r = brainunet("batch", data, "--output-dir", tmp_path / "w", "--model", tmp_path / "missing.pt")
     assert r.returncode == 3 and not (tmp_path / "w").exists()
+    r = brainunet("batch", data, "--output-dir", "/proc/brainunet", "--model", "intensity-baseline")
+    assert r.returncode == 2 and "/proc/brainunet cannot be written" in r.stderr and "case-a" not in r.stderr
 
 
 def test_a_result_without_tumour_writes_every_output_and_imports_as_empty_segments(tmp_path, synthetic_case, scene):

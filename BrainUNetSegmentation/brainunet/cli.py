@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from .errors import BrainUNetError, Cancelled, InputError, WeightsError
@@ -111,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "others go on. Folders without images are passed over. "
                                    "With --skip-existing an interrupted batch resumes where it stopped.",
                        epilog="exit status: 0 every case segmented (or skipped); 1 some cases failed (each named, "
-                              "with the reason, and listed in the summary); 2 nothing to do (bad folder or options); 3 missing or corrupt "
-                              "weights; 130 cancelled (the cases before are kept: run again with --skip-existing)")
+                              "with the reason, and listed in the summary); 2 nothing to do (bad or unwritable "
+                              "folder, or options); 3 missing or corrupt weights; 130 cancelled (the cases before are kept: run again with --skip-existing)")
     p.add_argument("data_dir")
     p.add_argument("--output-dir",
                    help="where to write <case>-seg.nii.gz and <case>-stats.csv (default: DIR/brainunet)")
@@ -256,6 +257,13 @@ def cmd_batch(args) -> int:
         _say(args, f"Skipped, no images (.nii.gz, .nrrd, .mha or DICOM other than label maps) inside: "
                    f"{', '.join(others)}")
     loaded = _load_model(args, progress)
+    try:  # an output folder that cannot be written fails every case: say so once, before any case
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as exc:
+        progress.close()
+        raise InputError(f"--output-dir {out_dir} cannot be written ({exc.strerror or type(exc).__name__}); choose "
+                         "a folder you may write to.") from exc
     skipped = finished = 0
     failed: list[str] = []
     try:
