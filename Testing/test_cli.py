@@ -459,6 +459,35 @@ def test_register_rejects_bad_names_and_settings(tmp_path, tiny_weights):
     assert r.returncode == 3 and "not found" in r.stderr
 
 
+def test_register_keeps_the_bundled_models_and_asks_before_replacing_one_of_the_users(tmp_path, tiny_weights,
+                                                                                       synthetic_case):
+    from brainunet import weights
+
+    home = tmp_path / "home"
+    env = {**ENV, "BRAINUNET_HOME": str(home)}
+
+    def register(*args):
+        return subprocess.run([sys.executable, "-m", "brainunet", "register", tiny_weights[0], *map(str, args)],
+                              capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
+
+    bundled = weights.load_registry(weights.REGISTRY_PATH)[0].name
+    for name in (bundled, "intensity-baseline"):  # a user's model of that name would hide the one shipped
+        r = register("--name", name)
+        assert r.returncode == 2 and "comes with BrainUNet" in r.stderr and not home.exists()
+    assert register("--name", "ours", "--description", "first").returncode == 0
+    r = register("--name", "ours", "--description", "second")
+    assert r.returncode == 2 and "already registered" in r.stderr and "--replace" in r.stderr
+    registry = home / "models" / "registry.json"
+    assert weights.load_registry(registry)[0].description == "first"
+    assert register("--name", "ours", "--description", "second", "--replace").returncode == 0
+    assert [(e.name, e.description) for e in weights.load_registry(registry)] == [("ours", "second")]
+    (home / "models" / "ours.pt").unlink()  # moved away after it was registered
+    r = subprocess.run([sys.executable, "-m", "brainunet", "segment", *case_args(synthetic_case), "--output",
+                        tmp_path / "y.nii.gz", "--model", "ours"],
+                       capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
+    assert r.returncode == 3 and "register FILE --name ours --replace" in r.stderr and "Reinstall" not in r.stderr
+
+
 def test_batch_default_folder_seg_nrrd_format_and_its_refusals(tmp_path):
     """Without --output-dir the results go to DIR/brainunet, which a second run does not take for a case;
     --format seg.nrrd writes Slicer segmentations; a bad folder (or one that cannot be written) is exit 2 and

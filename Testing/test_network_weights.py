@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,37 @@ def test_missing_truncated_and_foreign_weights(tmp_path):
     torch.save({"format": "something else"}, tmp_path / "other.pt")
     with pytest.raises(WeightsError, match="not a BrainUNet"):
         weights.load_weights(tmp_path / "other.pt")
+    payload = torch.load(tmp_path / "w.pt", weights_only=True)
+    torch.save({**payload, "version": weights.WEIGHTS_VERSION + 1}, tmp_path / "newer.pt")
+    with pytest.raises(WeightsError, match="written by a newer BrainUNet.*Update the BrainUNet extension"):
+        weights.load_weights(tmp_path / "newer.pt")
+    torch.save({**payload, "state_dict": list(payload["state_dict"].values())}, tmp_path / "list.pt")
+    with pytest.raises(WeightsError, match="does not match the BrainUNet network"):
+        weights.load_weights(tmp_path / "list.pt")
+
+
+@pytest.mark.parametrize("text", ["{", "{}", "[]", '{"models": {}}', '{"models": [{"name": "x"}]}',
+                                  '{"models": [{"name": "x", "kind": "network", "file": 3}]}'])
+def test_a_registry_that_is_not_a_list_of_models_is_reported_and_not_overwritten(tmp_path, text):
+    """A hand-edited or damaged user registry: one message saying to remove it (models listing, running and
+    registering alike), and registering leaves it as it was."""
+    registry = tmp_path / "models" / "registry.json"
+    registry.parent.mkdir()
+    registry.write_text(text)
+    with pytest.raises(WeightsError, match="remove that file"):
+        weights.load_registry(user_registry=registry)
+    src = tmp_path / "w.pt"
+    weights.save_weights(src, BrainUNet(NetworkConfig(features=(4, 8))), "t")
+    with pytest.raises(WeightsError, match="remove that file"):
+        weights.register_model(src, "ours", registry_path=registry)
+    assert registry.read_text() == text and not (registry.parent / "ours.pt").exists()
+
+
+def test_registering_into_a_folder_that_cannot_be_written_says_so(tmp_path):
+    src = tmp_path / "w.pt"
+    weights.save_weights(src, BrainUNet(NetworkConfig(features=(4, 8))), "t")
+    with pytest.raises(WeightsError, match="cannot be written into /proc/brainunet.*BRAINUNET_HOME"):
+        weights.register_model(src, "ours", registry_path=Path("/proc/brainunet/models/registry.json"))
 
 
 def test_registry_default_and_offline_download(tmp_path, monkeypatch):
@@ -198,6 +231,9 @@ def test_missing_bundled_weights_are_an_error_not_a_silent_intensity_rule(tmp_pa
         weights.default_model(entries, tmp_path)
     with pytest.raises(WeightsError, match="No trained model"):
         weights.default_model(entries[1:], tmp_path)
+    users = [weights.ModelEntry("ours", "network", "d", file="ours.pt", base_dir=tmp_path / "home")]
+    with pytest.raises(WeightsError, match="missing.*Register its file again.*--name ours --replace"):
+        weights.default_model(users, tmp_path / "home")
     monkeypatch.setenv("BRAINUNET_MODEL", "intensity-baseline")  # the rule runs when asked for by name
     assert weights.default_model(entries, tmp_path).name == "intensity-baseline"
 

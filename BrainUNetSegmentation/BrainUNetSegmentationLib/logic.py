@@ -326,8 +326,9 @@ class BrainUNetLogic:
         if not weights_file.is_file():
             raise InputError(f"{weights_file} is not a file; choose a BrainUNet weights file (.pt).")
         name = self.model_name(name)
+        # a model of the same name is replaced: the panel asks before it starts this
         cmd = [self.python_executable, "-m", "brainunet", "register", str(weights_file), "--name", name,
-               "--description", f"Added from {weights_file.name}"]
+               "--description", f"Added from {weights_file.name}", "--replace"]
         workdir = Path(tempfile.mkdtemp(prefix="brainunet-register-", dir=self.temp_root))
         run = BackgroundRun(None, workdir, None, {}, task="adding the model", model_name=name)
         run.launch_after(lambda stopped: None, cmd, self.worker_environment())
@@ -357,8 +358,7 @@ class BrainUNetLogic:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name.strip()).strip("-.")
         if not name:
             raise InputError("Give the model a name (letters, digits, '-', '_' or '.').")
-        if name in {e.name for e in weights.load_registry(weights.REGISTRY_PATH)}:
-            raise InputError(f"'{name}' is the name of a model that comes with BrainUNet; choose another name.")
+        weights.check_user_model_name(name)
         return name
 
     def worker_environment(self) -> dict:

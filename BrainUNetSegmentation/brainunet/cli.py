@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("weights", help="model.pt written by brainunet train or finetune")
     p.add_argument("--name", required=True, help="registry name (letters, digits, - and _)")
     p.add_argument("--description", default="")
+    p.add_argument("--replace", action="store_true", help="replace a model of yours registered under this name")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an inference option stored with the model, e.g. fill_core_holes=true, "
                         "min_component_voxels=200 (JSON values)")
@@ -448,6 +449,11 @@ def cmd_register(args) -> int:
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
         raise InputError(f"Model name '{args.name}' may hold only letters, digits, '-', '_' and '.'.")
+    weights.check_user_model_name(args.name)
+    registry = weights.user_registry_path()
+    if not args.replace and registry.is_file() and args.name in {e.name for e in weights.load_registry(registry)}:
+        raise InputError(f"A model named '{args.name}' is already registered ({registry}); add --replace to "
+                         "replace it, or choose another name.")
     settings = parse_settings(args.set)
     entry = weights.register_model(Path(args.weights), args.name, args.description, settings)
     print(f"registered {entry.name} ({entry.path()}, sha256 {entry.sha256[:12]}…); it is now the default model")

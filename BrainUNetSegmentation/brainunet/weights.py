@@ -24,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import Cancelled, WeightsError
+from .errors import Cancelled, InputError, WeightsError
 from .settings import ModelSettings
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -51,6 +51,8 @@ def user_registry_path(home: str | Path | None = None) -> Path:
 
 
 WEIGHTS_FORMAT = "brainunet-weights"
+#: The newest weights file layout this runtime reads.
+WEIGHTS_VERSION = 1
 
 @dataclass
 class ModelEntry:
@@ -111,15 +113,44 @@ def load_registry(path: Path | None = None, user_registry: Path | None = None) -
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"The model registry {path} cannot be read ({exc}); reinstall BrainUNet or remove "
-                           "that file.") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"The model registry {path} cannot be read ({exc}); {_registry_advice(path)}") from exc
+    models = data.get("models") if isinstance(data, dict) else None
+    # a hand-edited file: every entry must name a model and say what kind it is, or it cannot be run
+    if not isinstance(models, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("name"), str) and d.get("kind") in ("network", "baseline")
+            and isinstance(d.get("file", ""), (str, type(None))) for d in models):
+        raise WeightsError(f"The model registry {path} is not a list of models (each with a name and a kind, "
+                           f"network or baseline); {_registry_advice(path)}")
     entries = []
-    for d in data["models"]:
+    for d in models:
         known = {k: d[k] for k in ("name", "kind", "description", "file", "sha256", "url") if k in d}
+        known.setdefault("description", "")
         extra = {k: v for k, v in d.items() if k not in known}
         entries.append(ModelEntry(**known, extra=extra, base_dir=path.parent))
     return entries
+
+
+def _registry_advice(path: Path) -> str:
+    if Path(path).resolve() == REGISTRY_PATH.resolve():
+        return "reinstall BrainUNet."
+    return ("remove that file (the models registered by you are then forgotten; register them again with "
+            "brainunet register).")
+
+
+def check_user_model_name(name: str) -> None:
+    """A model the user adds may not take the name of one that comes with BrainUNet: it would hide it."""
+    if name in {e.name for e in load_registry(REGISTRY_PATH)}:
+        raise InputError(f"'{name}' is the name of a model that comes with BrainUNet; choose another name.")
+
+
+def _restore(entry: ModelEntry) -> str:
+    """How to bring back a model whose weights file is gone: a bundled one comes with BrainUNet, a user's
+    one from the file it was registered from (a reinstall keeps the user's registry, and the entry)."""
+    if entry.base_dir is None or Path(entry.base_dir).resolve() == MODELS_DIR.resolve():
+        return "Reinstall BrainUNet"
+    return (f"Register its file again (brainunet register FILE --name {entry.name} --replace; in Slicer, Add model "
+            f"file...) or remove '{entry.name}' from {Path(entry.base_dir) / 'registry.json'}")
 
 
 def default_model(entries: list[ModelEntry] | None = None, registry_dir: Path | None = None) -> ModelEntry:
@@ -134,8 +165,8 @@ def default_model(entries: list[ModelEntry] | None = None, registry_dir: Path | 
         if e.kind == "network":
             path = e.path(registry_dir)
             if path is not None and not path.exists() and not e.url:
-                raise WeightsError(f"The weights of the default model '{e.name}' are missing ({path}). Reinstall "
-                                   "BrainUNet, or pass --model with a weights file (--model intensity-baseline runs "
+                raise WeightsError(f"The weights of the default model '{e.name}' are missing ({path}). {_restore(e)}"
+                                   ", or pass --model with a weights file (--model intensity-baseline runs "
                                    "the transparent intensity rule, which is not a trained network).")
             return e
     raise WeightsError("No trained model is registered: reinstall BrainUNet, or pass --model with a weights file "
@@ -217,7 +248,7 @@ def ensure_weights(entry: ModelEntry, registry_dir: Path | None = None, progress
         raise WeightsError(f"Model '{entry.name}' has no weights file.")
     if not path.exists():
         if not entry.url:
-            raise WeightsError(f"Weights file for model '{entry.name}' is missing: {path}. Reinstall BrainUNet "
+            raise WeightsError(f"Weights file for model '{entry.name}' is missing: {path}. {_restore(entry)}, "
                                "or pass --model with the path to a weights file.")
         path = download(entry.url, entry.download_target(registry_dir), entry.sha256, progress)
     return path
@@ -232,7 +263,7 @@ def save_weights(path: Path, model, name: str, settings: ModelSettings | None = 
              for k, v in model.state_dict().items()}
     payload = {
         "format": WEIGHTS_FORMAT,
-        "version": 1,
+        "version": WEIGHTS_VERSION,
         "name": name,
         "network": model.config.to_dict(),
         **(settings or ModelSettings()).to_stored(),
@@ -266,11 +297,15 @@ def load_weights(path: Path, expected_sha256: str | None = None, device: str = "
                            "truncated or not a BrainUNet weights file.") from exc
     if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
         raise WeightsError(f"{path} is not a BrainUNet weights file.")
+    version = payload.get("version", 1)
+    if not isinstance(version, int) or version > WEIGHTS_VERSION:
+        raise WeightsError(f"Weights file {path} was written by a newer BrainUNet (format version {version}; this "
+                           f"one reads up to {WEIGHTS_VERSION}). Update the BrainUNet extension.")
     try:
         model = BrainUNet(NetworkConfig.from_dict(payload["network"]))
         model.load_state_dict({k: v.float() if v.is_floating_point() else v
                                for k, v in payload["state_dict"].items()})
-    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise WeightsError(f"Weights file {path} does not match the BrainUNet network: {exc}") from exc
     payload.update(ModelSettings.from_stored(payload, source=str(path)).to_stored())
     return model.to(device).eval(), payload
@@ -283,13 +318,24 @@ def register_model(weights_file: Path, name: str, description: str = "", setting
     preprocessing / post-processing options (e.g. ``fill_core_holes``). Replaces an entry of the same name.
     The entry says which inputs the model needs (the panel's information box shows them); ``fields`` adds
     others (``accuracy``, ``licence``)."""
+    registry_path = Path(registry_path) if registry_path else user_registry_path()
+    if registry_path.exists():
+        load_registry(registry_path)  # one that cannot be read is reported, not overwritten
+    _, payload = load_weights(Path(weights_file))
+    try:
+        registry_path.parent.mkdir(parents=True, exist_ok=True)
+        if not registry_path.exists():
+            registry_path.write_text(json.dumps({"models": []}, indent=2) + "\n", encoding="utf-8")
+        return _register(payload, registry_path, name, description, settings, fields)
+    except OSError as exc:
+        raise WeightsError(f"The model cannot be written into {registry_path.parent} ({exc.strerror or exc}); set "
+                           "BRAINUNET_HOME to a folder you may write to.") from exc
+
+
+def _register(payload: dict, registry_path: Path, name: str, description: str, settings: dict | None,
+              fields: dict | None) -> ModelEntry:
     import torch
 
-    registry_path = Path(registry_path) if registry_path else user_registry_path()
-    registry_path.parent.mkdir(parents=True, exist_ok=True)
-    if not registry_path.exists():
-        registry_path.write_text(json.dumps({"models": []}, indent=2) + "\n", encoding="utf-8")
-    _, payload = load_weights(Path(weights_file))
     model_settings = ModelSettings.from_stored(payload, settings, source=f"model '{name}'")
     payload.update(model_settings.to_stored())
     payload["name"] = name
