@@ -639,7 +639,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                 return False
             inputs = self.selectedInputs()
         p = self._parameterNode
-        if not self._confirmReplacing(p.outputSegmentation):
+        if not self._confirmReplacing(p.outputSegmentation, inputs):
             self._setStatus(_("Nothing was run; the segmentation was left as it was."))
             return False
         options = self.logic.runOptions(p.device, p.tta, p.model)
@@ -653,15 +653,20 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._timer.start()
         return True
 
-    def _confirmReplacing(self, segmentationNode) -> bool:
+    def _confirmReplacing(self, segmentationNode, inputs) -> bool:
         """A chosen output segmentation with segments is replaced only when the user says so: it may hold
         corrections made in Segment Editor, or another patient's result."""
         if segmentationNode is None or segmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
             return True
-        return slicer.util.confirmOkCancelDisplay(
-            _("Replace the segments of \"{name}\" and its statistics with the new result? Corrections made to "
-              "it in Segment Editor will be lost. Choose \"Create new segmentation\" as output to keep it.").format(
-                name=segmentationNode.GetName()), windowTitle="BrainUNet")
+        question = _("Replace the segments of \"{name}\" and its statistics with the new result? Corrections made "
+                     "to it in Segment Editor will be lost. Choose \"Create new segmentation\" as output to keep "
+                     "it.").format(name=segmentationNode.GetName())
+        other = self.logic.made_from_another_volume(segmentationNode, inputs)
+        if other is not None:  # another patient's result, most likely: say so before it is lost
+            question = _("\"{name}\" was made from another volume, \"{other}\", not from \"{this}\".").format(
+                name=segmentationNode.GetName(), other=other.GetName(),
+                this=self.logic.reference_volume(inputs).GetName()) + " " + question
+        return slicer.util.confirmOkCancelDisplay(question, windowTitle="BrainUNet")
 
     def cancelRun(self, message: str = "") -> None:
         if self._run is None:

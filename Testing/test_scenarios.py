@@ -51,6 +51,35 @@ def test_second_run_does_not_overwrite_first(scene, tmp_path):
     assert again is first and first.GetSegmentation().GetNumberOfSegments() == 3
 
 
+def test_a_result_replaced_by_another_patients_is_renamed_after_that_patient(scene, tmp_path):
+    """Patient A's result chosen as the output of patient B's run: its name (and its table's) says B
+    afterwards, unless the user had named it."""
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic, RunOptions
+
+    a, _ = scenarios.load_synthetic_case(scene, seed=6)
+    for node in a.values():
+        node.SetName(f"PatientA {node.GetName()}")
+    logic = BrainUNetLogic(scene, sys.executable, str(tmp_path))
+    result, table = logic.segment(dict(a), RunOptions(device="cpu"), timeout=300)
+    assert result.GetName() == f"{a['t1c'].GetName()} BrainUNet"
+    b, _ = scenarios.load_synthetic_case(scene, seed=8)
+    for node in b.values():
+        node.SetName(f"PatientB {node.GetName()}")
+    assert logic.made_from_another_volume(result, dict(b)) is a["t1c"]
+    assert logic.made_from_another_volume(result, dict(a)) is None
+    run = logic.start(dict(b), RunOptions(device="cpu"), segmentation_node=result)
+    assert run.wait(300) == "done"
+    again, again_table = logic.import_results(run, segmentation_node=result, table_node=table)
+    assert again is result and again_table is table
+    assert result.GetName() == f"{b['t1c'].GetName()} BrainUNet"
+    assert table.GetName() == f"{b['t1c'].GetName()} BrainUNet statistics"
+    result.SetName("tumour, as corrected by Dr N")  # a name of the user's own stays
+    run = logic.start(dict(a), RunOptions(device="cpu"), segmentation_node=result)
+    assert run.wait(300) == "done"
+    logic.import_results(run, segmentation_node=result, table_node=table)
+    assert result.GetName() == "tumour, as corrected by Dr N"
+
+
 def test_logic_rejects_missing_and_bad_inputs_without_touching_scene(scene, tmp_path):
     import numpy as np
     import pytest

@@ -625,6 +625,24 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
     assert ui.segmentationShow3DButton.segmentationNode() is None
 
 
+def test_replacing_another_patients_result_says_whose_it_is(harness):
+    """Patient A's result still chosen as output when patient B's volumes are selected: the question names
+    the volume it was made from before anything is replaced."""
+    ui, widget = harness.ui, harness.widget
+    apply_on_a_case(harness)
+    (result,) = harness.nodes_of("vtkMRMLSegmentationNode")
+    b = add_case(harness, names=("B_T1CE", "B_T2", "B_FLAIR"), seed=3)
+    for selector, role in ((ui.t1cSelector, "t1c"), (ui.t2wSelector, "t2w"), (ui.t2fSelector, "t2f")):
+        selector.setCurrentNode(b[role])
+    ui.outputSegmentationSelector.setCurrentNode(result)
+    harness.answers[:] = [False]
+    ui.applyButton.click()
+    assert widget._run is None and len(harness.questions) == 1
+    assert ('"Case_T1CE BrainUNet" was made from another volume, "Case_T1CE", not from "B_T1CE".'
+            in harness.questions[0])
+    assert result.GetName() == "Case_T1CE BrainUNet" and result.GetSegmentation().GetNumberOfSegments() == 3
+
+
 def test_a_second_result_hides_the_first_and_the_results_follow_the_chosen_segmentation(harness):
     ui, widget = harness.ui, harness.widget
     apply_on_a_case(harness)

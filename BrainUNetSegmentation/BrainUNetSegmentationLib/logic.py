@@ -401,7 +401,7 @@ class BrainUNetLogic:
         files = {role: workdir / f"{role}.nii" for role in volumes}
         outputs = {"labels": workdir / "labels.nii.gz", "stats": workdir / "stats.csv"}
         env = self.worker_environment()
-        reference = next(inputs[r] for r in ("t1c", "t2f", "t2w") if inputs.get(r) is not None)  # output grid
+        reference = self.reference_volume(inputs)
 
         def write_inputs(stopped):
             for role, volume in volumes.items():
@@ -416,12 +416,29 @@ class BrainUNetLogic:
         run.launch_after(write_inputs, self.command(files, outputs, options), env)
         return run
 
+    @staticmethod
+    def reference_volume(inputs: dict):
+        """The input whose grid the result is on: T1CE, else FLAIR, else T2W (None when none is given)."""
+        return next((inputs[r] for r in ("t1c", "t2f", "t2w") if inputs.get(r) is not None), None)
+
+    @staticmethod
+    def made_from_another_volume(segmentation_node, inputs: dict):
+        """The volume a BrainUNet result was made from when it is not the reference of ``inputs`` (another
+        patient's or another scan's result chosen as the output), else None."""
+        if segmentation_node is None:
+            return None
+        before = segmentation_node.GetNodeReference(REFERENCE_VOLUME_REFERENCE)
+        reference = BrainUNetLogic.reference_volume(inputs)
+        return before if before is not None and reference is not None and before is not reference else None
+
     def import_results(self, run: BackgroundRun, segmentation_node=None, table_node=None):
         """Segmentation and statistics table from a finished run; returns (segmentation, table).
 
         The result replaces ``segmentation_node`` and ``table_node`` when given, unless that segmentation is
         the run's output and was edited while the worker ran: the edits are kept, the result goes into a
-        new segmentation and table, and a note says so."""
+        new segmentation and table, and a note says so. A result made from another volume that still has
+        the name it was given after that volume is renamed after this one, its table with it: the names
+        never say one patient where the segments are another's."""
         import nibabel as nib
         import numpy as np
 
@@ -463,6 +480,7 @@ class BrainUNetLogic:
                 if node is not None and node is not reference and node.GetScene() is not self.scene:
                     notes.append(f"{MODALITY_NAMES.get(role, role)} {REMOVED_DURING_RUN_NOTE}: its intensities are "
                                  "those the run read; Update statistics keeps them while the segments are as made.")
+            renamed = self._names_after(reference, segmentation_node, table_node)
             with mrml.scene_unchanged_on_error(self.scene, segmentation_node, table_node):
                 seg = mrml.create_segmentation(self.scene, labels, reference, segmentation_node=segmentation_node)
                 if kept is not None:
@@ -483,9 +501,26 @@ class BrainUNetLogic:
                 for node in (seg, table):
                     for key, value in provenance.items():
                         node.SetAttribute(key, value)
+                for node, name in renamed.items():
+                    node.SetName(name)
         finally:
             run.cleanup()
         return seg, table
+
+    def _names_after(self, reference, segmentation_node, table_node) -> dict:
+        """New names for a result (and its table) about to be replaced by one made from ``reference``,
+        when it was made from another volume and is still named after it; {node: name}."""
+        before = segmentation_node.GetNodeReference(REFERENCE_VOLUME_REFERENCE) if segmentation_node else None
+        if before is None or before is reference:
+            return {}
+        old_name = segmentation_node.GetName()
+        if not old_name.startswith(f"{before.GetName()} BrainUNet"):
+            return {}  # a name the user gave: theirs to keep
+        new_name = self.scene.GenerateUniqueName(f"{reference.GetName()} BrainUNet")
+        renamed = {segmentation_node: new_name}
+        if table_node is not None and table_node.GetName().startswith(f"{old_name} statistics"):
+            renamed[table_node] = self.scene.GenerateUniqueName(f"{new_name} statistics")
+        return renamed
 
     @staticmethod
     def provenance(run: BackgroundRun) -> dict:
