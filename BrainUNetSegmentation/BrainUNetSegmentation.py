@@ -689,10 +689,18 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             return
         self._timer.stop()
         run, self._run = self._run, None
-        self._setRunning(False)
         if state == "done":
-            self._finishRun(run)
+            # the import holds the application's thread for a moment: Apply stays disabled through it, so a
+            # click made meanwhile on what still looked like Cancel reaches a disabled button and starts nothing
+            self.ui.applyButton.setEnabled(False)
+            self.ui.applyButton.setText(_("Loading the result..."))
+            try:
+                self._finishRun(run)
+            finally:
+                slicer.app.processEvents()  # clicks queued during the import are delivered (and dropped) now
+                self._setRunning(False)
         else:
+            self._setRunning(False)
             run.cleanup()
             self.ui.progressBar.setValue(0)
             message = _("Segmentation failed: {reason}").format(

@@ -625,6 +625,26 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
     assert ui.segmentationShow3DButton.segmentationNode() is None
 
 
+def test_a_click_while_the_result_is_imported_starts_nothing(harness, monkeypatch):
+    """The import runs on the application's thread; a click made then (on what still looked like Cancel)
+    must not start a second run once it ends."""
+    ui, widget = harness.ui, harness.widget
+    real_import = widget.logic.importAndShow
+    during = []
+
+    def import_with_a_click(*args, **kwargs):
+        during.append((ui.applyButton.isEnabled(), text(ui.applyButton)))
+        ui.applyButton.click()
+        return real_import(*args, **kwargs)
+
+    monkeypatch.setattr(widget.logic, "importAndShow", import_with_a_click)
+    apply_on_a_case(harness)
+    assert during == [(False, "Loading the result...")]
+    assert widget._run is None and harness.errors() == []
+    assert len(harness.nodes_of("vtkMRMLSegmentationNode")) == 1
+    assert text(ui.applyButton) == "Apply" and ui.applyButton.isEnabled()
+
+
 def test_replacing_another_patients_result_says_whose_it_is(harness):
     """Patient A's result still chosen as output when patient B's volumes are selected: the question names
     the volume it was made from before anything is replaced."""
