@@ -861,8 +861,10 @@ def test_failed_run_reports_error_and_adds_nothing(harness):
     widget.logic.command = lambda files, outputs, options: fail
     count = harness.scene.GetNumberOfNodes()
     ui.applyButton.click()
+    workdir = widget._run.workdir
     harness.wait_until(lambda: widget._run is None, 30)
     assert harness.errors() and "Simulated failure of the network." in harness.errors()[0]
+    assert not workdir.exists()  # the inputs written for the worker are removed
     assert ui.statusLabel.text().startswith("Segmentation failed")
     assert text(ui.applyButton) == "Apply"
     assert harness.scene.GetNumberOfNodes() == count
