@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("register", help="install a trained weights file (e.g. from train / finetune) as the "
                                         "default model of this installation")
     p.add_argument("weights", help="model.pt written by brainunet train or finetune")
-    p.add_argument("--name", required=True, help="registry name (letters, digits, - and _)")
+    p.add_argument("--name", required=True, help="registry name (letters, digits, -, _ and .)")
     p.add_argument("--description", default="")
     p.add_argument("--replace", action="store_true", help="replace a model of yours registered under this name")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
