@@ -13,6 +13,7 @@ read with ``widget.property("name")`` and written with setters, so the same code
 (PythonQt) and in the PySide6 widget test (Testing/test_widget.py).
 """
 
+import contextlib
 import os
 
 import ctk  # noqa: F401  (Slicer modules' standard import; the CTK widgets come from the .ui file)
@@ -887,7 +888,9 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
                                    "Manager, restart Slicer and try again."))
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if not torchLogic.torchInstalled():
-            torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT)
+            with self._installFailureExplained(["torch"] + self.missingPythonPackages()):
+                torch = torchLogic.installTorch(askConfirmation=askConfirmation,
+                                                torchVersionRequirement=TORCH_REQUIREMENT)
             if torch is None:
                 return False
         else:
@@ -906,8 +909,29 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
                     _("BrainUNet needs these Python packages: {packages}. Download and install them now? This takes "
                       "a minute or two.").format(packages=", ".join(missing)), windowTitle="BrainUNet"):
                 return False
-            slicer.util.pip_install(" ".join(missing))
+            with self._installFailureExplained(missing):
+                slicer.util.pip_install(" ".join(missing))
         return True
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _installFailureExplained(packages):
+        """An install that fails (most often: no internet) raises BrainUNetError saying how to go on, with the
+        offline way, instead of pip's bare command line."""
+        from brainunet.errors import BrainUNetError
+
+        try:
+            yield
+        except BrainUNetError:
+            raise
+        except Exception as exc:
+            reason = " ".join(str(exc).split())[:200] or exc.__class__.__name__
+            raise BrainUNetError(_(
+                "Installing {packages} failed ({reason}). The first run needs the internet once: connect and "
+                "press Apply again. On a computer that is never online, copy a folder of their wheel files from "
+                "one that is (README, \"Install in 3D Slicer\") and run in the Python console: "
+                "slicer.util.pip_install(\"--no-index --find-links FOLDER {packages}\"). Nothing in the scene was "
+                "changed.").format(packages=" ".join(packages), reason=reason)) from exc
 
     # -- results ------------------------------------------------------------------------------
     def importAndShow(self, run, segmentationNode=None, show3D=False):

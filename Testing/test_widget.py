@@ -216,6 +216,43 @@ def test_the_self_test_skips_without_pytorch_and_neither_asks_nor_installs(harne
     assert asked == [] and len(ran) == 1 and shown[-1] == "Test passed"
 
 
+def test_an_install_that_fails_offline_says_how_to_go_on_and_apply_works_again(harness, monkeypatch):
+    """No internet on the first Apply: the PyTorch extension's installer (or pip) fails; the message says to
+    connect or to install from a folder of wheels, nothing is added, and Apply can be pressed again."""
+    import subprocess
+
+    import slicer.util
+
+    ui, widget = harness.ui, harness.widget
+    pip_failure = subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install", "light-the-torch>=0.5"])
+
+    class OfflineTorchLogic:
+        def torchInstalled(self):
+            return False
+
+        def installTorch(self, **kwargs):
+            raise pip_failure
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=OfflineTorchLogic))
+    del widget.logic.ensureDependencies  # the real one, with the PyTorch extension's installer failing
+    add_case(harness)
+    widget.enter()
+    count = harness.scene.GetNumberOfNodes()
+    ui.applyButton.click()
+    (message,) = harness.errors()
+    assert "Installing torch" in message and "light-the-torch" in message
+    assert "connect and press Apply again" in message and "--no-index --find-links FOLDER torch" in message
+    assert harness.scene.GetNumberOfNodes() == count and widget._run is None
+    assert text(ui.applyButton) == "Apply" and ui.applyButton.isEnabled()
+    # PyTorch there, a Python package missing and pip offline: the same advice, naming that package
+    monkeypatch.setattr(OfflineTorchLogic, "torchInstalled", lambda self: True)
+    monkeypatch.setattr(type(widget.logic), "missingPythonPackages", lambda self: ["slicerio"])
+    monkeypatch.setattr(slicer.util, "pip_install", lambda *a, **k: (_ for _ in ()).throw(pip_failure),
+                        raising=False)
+    with pytest.raises(Exception, match="Installing slicerio failed .*--find-links FOLDER slicerio"):
+        widget.logic.ensureDependencies(askConfirmation=False)
+
+
 #: Calls whose text arguments the user reads (windowTitle="BrainUNet", the product's name, excepted).
 USER_TEXT_CALLS = {"_setStatus", "setText", "setToolTip", "errorDisplay", "warningDisplay", "infoDisplay",
                    "confirmOkCancelDisplay", "tryWithErrorDisplay", "cancelRun", "getSaveFileName", "addItem",
