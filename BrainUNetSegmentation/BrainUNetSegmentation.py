@@ -629,7 +629,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                 self.logic.check_inputs(inputs)  # say what is missing before offering to install anything
             # the first run may download PyTorch and a few packages: minutes on a slow connection
             self._setStatus(_("Checking PyTorch and the Python packages BrainUNet needs (installing them can "
-                              "take several minutes; the Python console shows the progress)..."))
+                              "take several minutes, during which Slicer does not respond)..."))
             slicer.app.processEvents()
             if not self.logic.ensureDependencies():
                 self._setStatus(_("BrainUNet needs PyTorch and a few Python packages; nothing was run."))
@@ -887,12 +887,21 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
             raise BrainUNetError(_("BrainUNet needs the PyTorch extension. Install \"PyTorch\" from the Extensions "
                                    "Manager, restart Slicer and try again."))
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        missing = self.missingPythonPackages()
         if not torchLogic.torchInstalled():
-            with self._installFailureExplained(["torch"] + self.missingPythonPackages()):
-                torch = torchLogic.installTorch(askConfirmation=askConfirmation,
-                                                torchVersionRequirement=TORCH_REQUIREMENT)
+            # one question for all of it, saying what it costs on a slow connection, before anything downloads
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                    _("BrainUNet needs PyTorch (a download of about 200 MB on a computer without an NVIDIA GPU, "
+                      "2 to 3 GB with one){packages}. They are installed once, from the internet; on a slow "
+                      "connection this takes minutes, during which Slicer does not respond. Install now?").format(
+                        packages=_(" and these Python packages: {names}").format(names=", ".join(missing))
+                        if missing else ""), windowTitle="BrainUNet"):
+                return False
+            with self._installFailureExplained(["torch"] + missing):
+                torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
             if torch is None:
                 return False
+            askConfirmation = False  # the packages were in the question just answered
         else:
             import importlib.metadata
             import re
@@ -906,8 +915,9 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
         missing = self.missingPythonPackages()
         if missing:
             if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                    _("BrainUNet needs these Python packages: {packages}. Download and install them now? This takes "
-                      "a minute or two.").format(packages=", ".join(missing)), windowTitle="BrainUNet"):
+                    _("BrainUNet needs these Python packages: {packages}. Download and install them now? This needs "
+                      "the internet and takes a minute or two, during which Slicer does not respond.").format(
+                        packages=", ".join(missing)), windowTitle="BrainUNet"):
                 return False
             with self._installFailureExplained(missing):
                 slicer.util.pip_install(" ".join(missing))

@@ -226,11 +226,14 @@ def test_an_install_that_fails_offline_says_how_to_go_on_and_apply_works_again(h
     ui, widget = harness.ui, harness.widget
     pip_failure = subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install", "light-the-torch>=0.5"])
 
+    installs = []
+
     class OfflineTorchLogic:
         def torchInstalled(self):
             return False
 
         def installTorch(self, **kwargs):
+            installs.append(kwargs)
             raise pip_failure
 
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=OfflineTorchLogic))
@@ -238,7 +241,15 @@ def test_an_install_that_fails_offline_says_how_to_go_on_and_apply_works_again(h
     add_case(harness)
     widget.enter()
     count = harness.scene.GetNumberOfNodes()
+    # one question first, saying what the download costs; declined, nothing is installed or run
+    harness.answers[:] = [False]
     ui.applyButton.click()
+    (question,) = harness.questions
+    assert "about 200 MB" in question and "Slicer does not respond" in question and installs == []
+    assert ui.statusLabel.text().startswith("BrainUNet needs PyTorch") and harness.errors() == []
+    harness.answers[:] = [True]
+    ui.applyButton.click()
+    assert len(harness.questions) == 2 and len(installs) == 1 and installs[0]["askConfirmation"] is False
     (message,) = harness.errors()
     assert "Installing torch" in message and "light-the-torch" in message
     assert "connect and press Apply again" in message and "--no-index --find-links FOLDER torch" in message
