@@ -156,10 +156,36 @@ def test_overlay_and_statistics_honour_thick_slices():
     shape, spacing = (120, 140, 18), (0.9, 0.9, 5.5)
     volumes, labels = synthetic.make_case(seed=1, shape=shape, spacing=spacing)
     result = pipeline.segment(volumes, pipeline.load_model("intensity-baseline"))
-    views = {title: aspect for title, _, _, aspect in pipeline.overlay_views(result)}
+    views = {title: aspect for title, _, _, aspect, _ in pipeline.overlay_views(result)}
     assert views == pytest.approx({"Axial": 1.0, "Coronal": 5.5 / 0.9, "Sagittal": 5.5 / 0.9})
     wt = next(r for r in result.statistics if r["region"] == "WT")
     assert wt["volume_ml"] == pytest.approx(wt["voxels"] * 0.9 * 0.9 * 5.5 / 1000)
+
+
+@pytest.mark.parametrize("axcodes", [("R", "A", "S"), ("L", "P", "S"), ("L", "A", "S")])
+def test_the_overlay_shows_the_patients_right_on_the_images_left_whatever_the_files_orientation(axcodes):
+    """A tumour in the patient's right anterior brain: left of centre in the axial and coronal views and
+    left in the sagittal one (anterior), under the letters that say so, however the voxels are stored."""
+    from nibabel import orientations as o
+
+    volumes, _ = synthetic.make_case(seed=1, shape=(40, 48, 36))
+    flip = o.ornt_transform(o.axcodes2ornt("RAS"), o.axcodes2ornt(axcodes))
+    stored = {}
+    for key, volume in volumes.items():
+        affine = volume.affine @ o.inv_ornt_aff(flip, volume.data.shape)
+        stored[key] = Volume(o.apply_orientation(volume.data, flip).astype(np.float32), affine, volume.name)
+    result = pipeline.segment(stored, pipeline.load_model("intensity-baseline"))
+    world = np.argwhere(result.labels > 0)
+    mm = (result.reference.affine @ np.c_[world, np.ones(len(world))].T)[:3].mean(axis=1)
+    brain = np.argwhere(result.reference.data > 0)
+    centre = (result.reference.affine @ np.c_[brain, np.ones(len(brain))].T)[:3].mean(axis=1)
+    right, anterior = mm[0] > centre[0], mm[1] > centre[1]
+    views = {title: (labels, sides) for title, _, labels, _, sides in pipeline.overlay_views(result)}
+    for title, expected_left in (("Axial", "R"), ("Coronal", "R"), ("Sagittal", "A")):
+        labels, sides = views[title]
+        assert sides[0] == expected_left
+        on_left = np.argwhere(labels > 0)[:, 0].mean() < labels.shape[0] / 2
+        assert on_left == (right if title != "Sagittal" else anterior), title
 
 
 def _slab(volume, first, count, name):

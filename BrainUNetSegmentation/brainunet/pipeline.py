@@ -273,9 +273,11 @@ def write_seg_nrrd(labels: np.ndarray, affine_ras: np.ndarray, path) -> Path:
 
 
 def overlay_views(result: SegmentationResult, background: str = "t2f") -> list[tuple]:
-    """(title, image slice, label slice, aspect) for the axial, coronal and sagittal slices through the
-    tumour centre, in RAS order; ``aspect`` (height / width of a pixel) draws a thick-slice scan
-    (0.9 x 0.9 x 5.5 mm) in true proportions."""
+    """(title, image slice, label slice, aspect, sides) for the axial, coronal and sagittal slices through the
+    tumour centre, as a radiologist reads them (and Slicer shows them): the patient's right on the image's
+    left, anterior on the left of the sagittal view. Slices are indexed [x (left to right), y (bottom to
+    top)]; ``sides`` names the patient's side at the image's (left, right, bottom, top); ``aspect`` (height /
+    width of a pixel) draws a thick-slice scan (0.9 x 0.9 x 5.5 mm) in true proportions."""
     from nibabel import orientations as o
 
     to_ras = o.ornt_transform(o.io_orientation(result.reference.affine), o.axcodes2ornt("RAS"))
@@ -284,9 +286,11 @@ def overlay_views(result: SegmentationResult, background: str = "t2f") -> list[t
     centre = np.argwhere(lab > 0).mean(axis=0).round().astype(int) if lab.any() else np.array(lab.shape) // 2
     ras_axes = [int(np.flatnonzero(np.asarray(to_ras)[:, 0] == a)[0]) for a in range(3)]
     size = [float(result.reference.spacing[i]) for i in ras_axes]  # voxel size along R, A, S
-    return [("Axial", img[:, :, centre[2]], lab[:, :, centre[2]], size[1] / size[0]),
-            ("Coronal", img[:, centre[1], :], lab[:, centre[1], :], size[2] / size[0]),
-            ("Sagittal", img[centre[0], :, :], lab[centre[0], :, :], size[2] / size[1])]
+    # in RAS order the first index runs towards the patient's right (anterior, in the sagittal view):
+    # reversed, it runs from the patient's right to left across the image
+    return [("Axial", img[::-1, :, centre[2]], lab[::-1, :, centre[2]], size[1] / size[0], ("R", "L", "P", "A")),
+            ("Coronal", img[::-1, centre[1], :], lab[::-1, centre[1], :], size[2] / size[0], ("R", "L", "I", "S")),
+            ("Sagittal", img[centre[0], ::-1, :], lab[centre[0], ::-1, :], size[2] / size[1], ("A", "P", "I", "S"))]
 
 
 def write_overlay_png(result: SegmentationResult, path, background: str = "t2f") -> Path:
@@ -305,11 +309,16 @@ def write_overlay_png(result: SegmentationResult, path, background: str = "t2f")
     cmap = ListedColormap(colours)
     lo, hi = np.percentile(img[img != 0], (1, 99)) if np.any(img) else (0, 1)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), facecolor="black")
-    for ax, (title, im, lb, aspect) in zip(axes, views):
+    for ax, (title, im, lb, aspect, sides) in zip(axes, views):
         ax.imshow(im.T, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect)
         ax.imshow(lb.T, cmap=cmap, origin="lower", vmin=0, vmax=3, interpolation="nearest", aspect=aspect)
         ax.set_title(title, color="white")
         ax.axis("off")
+        # the patient's sides on the image's edges, so that no one reads a right-sided tumour as left
+        for (x, y, ha, va), side in zip(((0.01, 0.5, "left", "center"), (0.99, 0.5, "right", "center"),
+                                         (0.5, 0.01, "center", "bottom"), (0.5, 0.99, "center", "top")), sides):
+            ax.text(x, y, side, transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=11,
+                    fontweight="bold")
     handles = [plt.Rectangle((0, 0), 1, 1, color=r.color) for r in SUBREGIONS]
     fig.legend(handles, [f"{r.key}: {r.name}" for r in SUBREGIONS], loc="lower center", ncol=3,
                facecolor="black", labelcolor="white", frameon=False)
