@@ -72,10 +72,14 @@ def test_raw_clinical_case_end_to_end(tmp_path):
     env.pop("BRAINUNET_MODEL", None)  # the bundled network, as a user runs it
     env["PYTHONPATH"] = str(ROOT / "BrainUNetSegmentation")
     r = subprocess.run([sys.executable, "-m", "brainunet", "segment", "--t1c", native / "t1c.nii.gz", "--t2w",
-                        native / "t2w.nii.gz", "--t2f", native / "t2f.nii.gz", "--output", out, "--progress", "none"],
+                        native / "t2w.nii.gz", "--t2f", native / "t2f.nii.gz", "--t1n", native / "t1n.nii.gz", "--output", out,
+                        "--progress", "none"],
                        capture_output=True, text=True, encoding="utf-8", env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "may be swapped" not in r.stdout + r.stderr  # the sequences are as named: no false alarm
+    # the T1 shares the T1CE's grid but the patient moved between them: registered, not another patient's
+    assert "Note: T1 registered to T1CE (the patient moved: " in r.stderr
+    assert "different patients" not in r.stdout + r.stderr
     brain_ml = float(re.search(r"brain extracted \(deepbet\): (\d+) mL", r.stderr).group(1))
     stripped = nib.load(str(RAW / "sri24" / "t1c.nii.gz"))
     reference_ml = float((np.asarray(stripped.dataobj) != 0).sum()) * float(np.prod(stripped.header.get_zooms()[:3])) / 1000

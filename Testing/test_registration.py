@@ -64,6 +64,32 @@ def test_sequences_on_the_reference_grid_are_left_alone(phantom):
     assert notes == [] and all(np.array_equal(aligned[k], volumes[k].data) for k in volumes)
 
 
+def test_a_sequence_on_the_reference_grid_that_moved_is_registered_not_called_another_patients(phantom):
+    """A patient who moved between two series of one planning: the second keeps the grid, not the anatomy.
+    It is found by how little anatomy it shares, registered back and said so, and not taken for another
+    patient's; a sequence that lines up stays untouched."""
+    from brainunet import plausibility
+
+    volumes, _ = phantom
+    motion = rigid(15.0, [16.0, -10.0, 6.0])  # within what a patient moves in the coil
+    displaced = Volume(volumes["t2f"].data, motion @ volumes["t2f"].affine, "t2f")
+    # the moved anatomy, stored on the T1CE's grid as the scanner would store it
+    same_grid = Volume(resample_to_grid(displaced, volumes["t1c"].data.shape, volumes["t1c"].affine),
+                       volumes["t1c"].affine, "t2f")
+    moved = dict(volumes, t2f=same_grid)
+    shared = plausibility.shared_information(
+        {k: v.data for k, v in moved.items()}, "t1c", volumes["t1c"].spacing)
+    assert shared["t2f"] < plausibility.SAME_PATIENT_MIN_INFORMATION < shared["t2w"]
+    notes = []
+    aligned, _ = pipeline.prepare_inputs(moved, pipeline.load_model("intensity-baseline"), notes=notes)
+    # (what moved out of the stored field of view stays missing, and is noted as such)
+    assert [n for n in notes if "registered" in n or "patient" in n] == [notes[-1]], notes
+    assert notes[-1].startswith("FLAIR registered to T1CE (the patient moved: ")
+    brain = volumes["t1c"].data > 0
+    assert np.corrcoef(aligned["t2f"][brain], volumes["t2f"].data[brain])[0, 1] > 0.95
+    assert np.array_equal(aligned["t2w"], volumes["t2w"].data)
+
+
 def test_a_registration_that_cannot_have_worked_is_refused(phantom):
     volumes, _ = phantom
     other = np.random.default_rng(0).uniform(0, 1000, volumes["t2f"].data.shape).astype(np.float32)

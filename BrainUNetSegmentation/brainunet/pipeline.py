@@ -109,17 +109,53 @@ def reference_key(volumes: dict) -> str:
     return next(k for k in ("t1c", "t2f", "t2w") + tuple(volumes) if k in volumes)
 
 
-def extract_brain_if_needed(aligned: dict[str, np.ndarray], reference: Volume, ref_key: str, notes: list) -> None:
-    """Zero everything outside the brain (in place) when the reference sequence still holds the head."""
+def extract_brain_if_needed(aligned: dict[str, np.ndarray], reference: Volume, ref_key: str,
+                            notes: list) -> np.ndarray | None:
+    """Zero everything outside the brain (in place) when the reference sequence still holds the head;
+    returns the brain mask (None when the image held no more than the brain)."""
     from .brainmask import check_and_extract
 
     extraction = check_and_extract(aligned[ref_key], reference.affine, reference.spacing)
     if not extraction.needed:
-        return
+        return None
     for key in aligned:
         aligned[key] = np.where(extraction.mask, aligned[key], 0).astype(np.float32)
     notes.append(f"brain extracted (deepbet): {extraction.brain_ml:.0f} mL of brain kept from a "
                  f"{extraction.head_ml:.0f} mL head, because {extraction.reason}")
+    return extraction.mask
+
+
+def register_same_grid_sequences_that_moved(volumes: dict, aligned: dict, ref_key: str, brain,
+                                            notes: list) -> dict:
+    """Sequences stored on the reference's grid are taken as lined up, but a patient who moved between two
+    series of one planning (a native T1 and the T1CE after contrast) leaves them apart: one that shares
+    less anatomy with the reference than one head's sequences do is registered (on its stored voxels, then
+    masked like the rest). Returns each sequence's shared information, measured again where one moved.
+    A required sequence whose match is refused keeps its place: the warning of ``patient_warnings`` says
+    it may be another patient's."""
+    from .preprocessing import same_grid
+    from .registration import register_if_it_moved
+
+    reference = volumes[ref_key]
+    information = plausibility.shared_information(aligned, ref_key, reference.spacing)
+    for key, shared in list(information.items()):
+        if shared >= plausibility.SAME_PATIENT_MIN_INFORMATION or key not in volumes \
+                or not same_grid(volumes[key], reference.data.shape, reference.affine):
+            continue
+        stored, said = aligned[key], list(notes)
+        if not register_if_it_moved(volumes, aligned, key, ref_key, notes):
+            continue
+        if brain is not None:
+            aligned[key] = np.where(brain, aligned[key], 0).astype(np.float32)
+        after = plausibility.shared_information({ref_key: aligned[ref_key], key: aligned[key]}, ref_key,
+                                                reference.spacing).get(key, 0.0)
+        if after < plausibility.SAME_PATIENT_MIN_INFORMATION:
+            # moved, it still does not share one head's anatomy: not the patient moving, another patient
+            aligned[key] = stored
+            notes[:] = said
+        else:
+            information[key] = after
+    return information
 
 
 def optional_inputs(volumes: dict, model: LoadedModel) -> list[str]:
@@ -159,15 +195,16 @@ def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing
             leave_out(key, exc, notes)
     register_to_reference({k: volumes[k] for k in aligned}, aligned, ref_key, notes, optional=extra,
                           on_optional_failure=lambda key, exc: leave_out(key, exc, notes, aligned))
-    extract_brain_if_needed(aligned, reference, ref_key, notes)
+    brain = extract_brain_if_needed(aligned, reference, ref_key, notes)
     notes += plausibility.coverage_notes({k: v for k, v in aligned.items() if k not in extra}, ref_key)
     for key in [k for k in extra if k in aligned]:
         try:
             notes += plausibility.coverage_notes({ref_key: aligned[ref_key], key: aligned[key]}, ref_key)
         except InputError as exc:
             leave_out(key, exc, notes, aligned)
+    information = register_same_grid_sequences_that_moved(volumes, aligned, ref_key, brain, notes)
     notes += plausibility.contrast_warnings(aligned)
-    notes += plausibility.patient_warnings(aligned, ref_key, reference.spacing)
+    notes += plausibility.patient_warnings(aligned, ref_key, reference.spacing, information)
     pp = model.preprocessing
     prepared = preprocessing.prepare(aligned, volumes[ref_key], model.modalities, pp.spacing_mm,
                                      pp.clip_percentiles, allow_missing=allow_missing,
@@ -315,10 +352,11 @@ def write_overlay_png(result: SegmentationResult, path, background: str = "t2f")
         ax.set_title(title, color="white")
         ax.axis("off")
         # the patient's sides on the image's edges, so that no one reads a right-sided tumour as left
-        for (x, y, ha, va), side in zip(((0.01, 0.5, "left", "center"), (0.99, 0.5, "right", "center"),
-                                         (0.5, 0.01, "center", "bottom"), (0.5, 0.99, "center", "top")), sides):
-            ax.text(x, y, side, transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=11,
-                    fontweight="bold")
+        width, height = im.shape
+        for (x, y, ha, va), side in zip(((0, 0.5, "left", "center"), (1, 0.5, "right", "center"),
+                                         (0.5, 0, "center", "bottom"), (0.5, 1, "center", "top")), sides):
+            ax.text(x * width - 0.5, y * height - 0.5, side, ha=ha, va=va, color="yellow", fontsize=11,
+                    fontweight="bold")  # on the image's own edges, whatever its proportions
     handles = [plt.Rectangle((0, 0), 1, 1, color=r.color) for r in SUBREGIONS]
     fig.legend(handles, [f"{r.key}: {r.name}" for r in SUBREGIONS], loc="lower center", ncol=3,
                facecolor="black", labelcolor="white", frameon=False)

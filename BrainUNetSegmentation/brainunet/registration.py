@@ -159,6 +159,19 @@ def register_to_reference(volumes: dict, aligned: dict, ref_key: str, notes: lis
             on_optional_failure(key, exc)
 
 
+def register_if_it_moved(volumes: dict, aligned: dict, key: str, ref_key: str, notes: list) -> bool:
+    """Register one sequence stored on the reference's grid whose anatomy does not line up with it (the
+    patient moved between two series of one planning, which keep the grid); True if ``aligned[key]`` was
+    replaced. A match that fails or is implausible leaves it as it was: the caller's warning follows."""
+    before = aligned[key]
+    try:
+        _register_one(volumes, aligned, key, ref_key, volumes[ref_key], None, notes)
+    except InputError as exc:
+        log.info("%s not registered: %s", key, exc)
+        return False
+    return aligned[key] is not before
+
+
 def check_full_series(name: str, shape) -> None:
     """Refuse a localiser or a thin slab: too few slices along some axis to hold a brain."""
     thinnest = int(min(shape))
