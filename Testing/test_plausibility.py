@@ -188,6 +188,28 @@ def test_the_overlay_shows_the_patients_right_on_the_images_left_whatever_the_fi
         assert on_left == (right if title != "Sagittal" else anterior), title
 
 
+def test_the_run_notes_and_the_model_stay_with_the_seg_nrrd_and_the_picture(tmp_path):
+    """Once the terminal is closed, the files still say which model made them and what was done to the
+    input (a registration, a warning)."""
+    import matplotlib.image
+    import slicerio
+
+    volumes, _ = synthetic.make_case(seed=1, shape=(40, 48, 36))
+    result = pipeline.segment(volumes, pipeline.load_model("intensity-baseline"))
+    plain = pipeline.write_overlay_png(result, tmp_path / "plain.png")
+    result.notes = ["T1 registered to T1CE (the patient moved: 3.2 mm, 9.0°)",
+                    "brain extracted (deepbet): 1554 mL of brain kept\nfrom a 6384 mL head"]
+    noted = pipeline.write_overlay_png(result, tmp_path / "noted.png")
+    assert matplotlib.image.imread(noted).shape[0] > matplotlib.image.imread(plain).shape[0]
+    path = pipeline.write_seg_nrrd(result.labels, result.reference.affine, tmp_path / "l.seg.nrrd",
+                                   result.model_name, result.notes)
+    seg = slicerio.read_segmentation(str(path))
+    assert seg[pipeline.SEG_NRRD_MODEL_FIELD] == "intensity-baseline"
+    assert seg[pipeline.SEG_NRRD_NOTES_FIELD] == ("T1 registered to T1CE (the patient moved: 3.2 mm, 9.0 deg) | "
+                                                  "brain extracted (deepbet): 1554 mL of brain kept from a 6384 mL "
+                                                  "head")
+
+
 def _slab(volume, first, count, name):
     """Slices ``first`` .. ``first + count`` of ``volume`` on their own grid (same world positions)."""
     shift = np.eye(4)
