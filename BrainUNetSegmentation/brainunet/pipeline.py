@@ -175,13 +175,15 @@ def leave_out(key: str, reason, notes: list, aligned: dict | None = None) -> Non
 
 
 def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing: bool = False,
-                   notes: list | None = None):
+                   notes: list | None = None, report=None):
     """(raw intensities on the reference grid, the network's input) as the model's settings say: sequences
     that moved are registered to the reference (rigid, mutual information), the brain is extracted when
-    the image is not skull-stripped (detected from the image); what was done is appended to ``notes``."""
+    the image is not skull-stripped (detected from the image); what was done is appended to ``notes``.
+    ``report(fraction of this stage, message)`` hears of each step (on a raw scan they take tens of seconds)."""
     from . import preprocessing
     from .registration import check_full_series, register_to_reference
 
+    report = report or (lambda fraction, message: None)
     ref_key = reference_key(volumes)
     notes = notes if notes is not None else []
     reference = volumes[ref_key]
@@ -194,9 +196,12 @@ def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing
             aligned[key] = preprocessing.resample_to_grid(volumes[key], reference.data.shape, reference.affine)
         except InputError as exc:
             leave_out(key, exc, notes)
+    report(0.1, f"Registering to {MODALITY_NAMES.get(ref_key, ref_key)} what moved")
     register_to_reference({k: volumes[k] for k in aligned}, aligned, ref_key, notes, optional=extra,
                           on_optional_failure=lambda key, exc: leave_out(key, exc, notes, aligned))
+    report(0.5, "Removing the skull, if there")
     brain = extract_brain_if_needed(aligned, reference, ref_key, notes)
+    report(0.8, "Checking the sequences")
     notes += plausibility.coverage_notes({k: v for k, v in aligned.items() if k not in extra}, ref_key)
     for key in [k for k in extra if k in aligned]:
         try:
@@ -246,7 +251,8 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
         notes.append(f"{names} missing: segmented without it, with lower accuracy"
                      + (" (above all ET and the tumour core, which need T1CE)." if "t1c" in missing else "."))
     report(0.02, f"Aligning inputs to the {MODALITY_NAMES.get(ref_key, ref_key)} grid")
-    aligned, prepared = prepare_inputs(volumes, model, allow_missing=bool(missing), notes=notes)
+    aligned, prepared = prepare_inputs(volumes, model, allow_missing=bool(missing), notes=notes,
+                                       report=lambda f, message: report(0.02 + 0.08 * f, message))
     for note in notes:
         log.info(note)
     timings["preprocess_s"] = time.perf_counter() - t0
