@@ -205,10 +205,10 @@ def patient_warnings(aligned: dict, ref_key: str, spacing_mm, information: dict 
     for key, shared in information.items():
         if shared < SAME_PATIENT_MIN_INFORMATION:
             notes.append(f"{_name(key)} and {_name(ref_key)} may be of different patients: the image given as "
-                         f"{_name(key)} shares too little anatomy with {_name(ref_key)} (mutual information "
-                         f"{shared:.2f}, where the sequences of one head share {SAME_PATIENT_MIN_INFORMATION:.2f} "
-                         "or more). Check that every selected series is of this patient and study; the result may "
-                         "be wrong.")
+                         f"{_name(key)} shares too little anatomy with {_name(ref_key)}, even after trying to "
+                         f"register it (shared anatomy, as mutual information: {shared:.2f}, where the sequences "
+                         f"of one head share {SAME_PATIENT_MIN_INFORMATION:.2f} or more). Check that every "
+                         "selected series is of this patient and study; the result may be wrong.")
     return notes
 
 
