@@ -726,8 +726,10 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._showResults(tableNode)
         done = _("Done: segmentation \"{segmentation}\" and table \"{table}\".").format(
             segmentation=segmentationNode.GetName(), table=tableNode.GetName())
-        # one result shows at a time (none removed), but a segmentation changed during the run stays shown
-        hidden = self.logic.hide_other_results(segmentationNode, keep=[run.kept_output])  # None keeps none
+        # one result shows at a time (none removed), but a segmentation changed during the run stays shown,
+        # and none is hidden while the user works in another module (one may be open in Segment Editor)
+        hidden = (self.logic.hide_other_results(segmentationNode, keep=[run.kept_output])  # None keeps none
+                  if self._entered else [])
         if hidden:
             done += " " + _("Hidden, not removed: {names}.").format(names=", ".join(hidden))
         if run.notes:  # what the worker did to the input or doubts about it: shown, not left in the log

@@ -693,6 +693,21 @@ def test_a_click_while_the_result_is_imported_starts_nothing(harness, monkeypatc
     assert text(ui.applyButton) == "Apply" and ui.applyButton.isEnabled()
 
 
+def test_a_run_that_ends_while_the_user_is_in_another_module_hides_nothing(harness):
+    """The user left the panel during a run (to correct an earlier result in Segment Editor, say): the new
+    result is added and shown, and no earlier one disappears under their hands."""
+    ui, widget = harness.ui, harness.widget
+    apply_on_a_case(harness)
+    (first,) = harness.nodes_of("vtkMRMLSegmentationNode")
+    ui.applyButton.click()
+    widget.exit()
+    harness.wait_until(lambda: widget._run is None, RUN_TIMEOUT_S)
+    assert harness.errors() == []
+    first_again, second = harness.nodes_of("vtkMRMLSegmentationNode")
+    assert first_again is first and first.GetDisplayNode().GetVisibility()
+    assert second.GetDisplayNode().GetVisibility() and "Hidden" not in ui.statusLabel.text()
+
+
 def test_replacing_another_patients_result_says_whose_it_is(harness):
     """Patient A's result still chosen as output when patient B's volumes are selected: the question names
     the volume it was made from before anything is replaced."""
