@@ -312,6 +312,14 @@ def test_the_scene_changing_during_a_run_loses_nothing_and_misplaces_nothing(sce
     assert scene.GetNumberOfNodes() == count and not run.workdir.exists()
     nodes["t1c"].SetAndObserveImageData(kept)
 
+    run = logic.start(logic.guess_inputs(), RunOptions(device="cpu"))
+    scene.RemoveNode(nodes["t1c"])  # the reference itself deleted: nothing to draw the result on
+    assert run.wait(300) == "done", run.error
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match="was removed from the scene while BrainUNet ran; load it again"):
+        logic.import_results(run)
+    assert scene.GetNumberOfNodes() == count and not run.workdir.exists()
+
 
 def test_an_input_removed_during_a_run_is_noted_and_update_statistics_keeps_its_figures(scene, tmp_path):
     """T2W deleted while the worker runs: the result comes in with a note; Update statistics on the
