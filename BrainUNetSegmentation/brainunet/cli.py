@@ -220,9 +220,10 @@ def _load_model(args, progress):
 def _report(args, result):
     for note in result.notes:
         _say(args, f"Note: {note}")
-    wt = next(r for r in result.statistics if r["region"] == "WT")
+    ml = {r["region"]: r["volume_ml"] for r in result.statistics}
     outs = ", ".join(str(p) for p in result.outputs.values())
-    line = (f"{result.model_name}: WT {wt['volume_ml']:.1f} mL in {result.timings['total_s']:.1f} s -> {outs}")
+    line = (f"{result.model_name}: WT {ml['WT']:.1f} mL (whole tumour; core TC {ml['TC']:.1f} mL, enhancing ET "
+            f"{ml['ET']:.1f} mL), segmented in {result.timings['total_s']:.1f} s -> {outs}")
     if args.progress == "machine":
         print(f"{RESULT_PREFIX} {line}", flush=True)
     else:
