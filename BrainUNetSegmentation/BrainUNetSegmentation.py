@@ -13,7 +13,6 @@ read with ``widget.property("name")`` and written with setters, so the same code
 (PythonQt) and in the PySide6 widget test (Testing/test_widget.py).
 """
 
-import contextlib
 import os
 
 import ctk  # noqa: F401  (Slicer modules' standard import; the CTK widgets come from the .ui file)
@@ -164,6 +163,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._updatingGUI = False
         self._updatingParameterNode = False
         self._starting = False  # Apply was clicked and the run is not started yet (installing, asking)
+        self._importing = False  # a finished run's result is being added to the scene
         self._cleanedUp = False
         self._entered = False
         self._run = None  # BrainUNetSegmentationLib.logic.BackgroundRun while a segmentation is running
@@ -527,7 +527,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if self._run is not None:
             self.ui.applyButton.setEnabled(True)
             return
-        if self._starting:  # installing or asking: one start at a time
+        if self._starting or self._importing:  # installing, asking or importing: one thing at a time
             self.ui.applyButton.setEnabled(False)
             return
         from BrainUNetSegmentationLib.logic import missing_inputs
@@ -600,7 +600,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if self._run is not None:
             self.cancelRun()
             return
-        if self._starting:  # a second click while the first start installs packages or asks a question
+        if self._starting or self._importing:  # a click while a start installs or asks, or a result comes in
             return
         # a bad input (InputError) or anything unexpected: a message box with the reason, the scene untouched;
         # tryWithErrorDisplay raises again after it, so the traceback reaches the Python console too
@@ -691,15 +691,20 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._timer.stop()
         run, self._run = self._run, None
         if state == "done":
-            # the import holds the application's thread for a moment: Apply stays disabled through it, so a
-            # click made meanwhile on what still looked like Cancel reaches a disabled button and starts nothing
+            # the import holds the application's thread for a moment: Apply stays disabled through it (whatever
+            # else updates the button meanwhile), so a click made then on what still looked like Cancel reaches
+            # a disabled button and starts nothing
+            self._importing = True
             self.ui.applyButton.setEnabled(False)
             self.ui.applyButton.setText(_("Loading the result..."))
             try:
-                self._finishRun(run)
+                showAfterwards = self._finishRun(run)
             finally:
                 slicer.app.processEvents()  # clicks queued during the import are delivered (and dropped) now
+                self._importing = False
                 self._setRunning(False)
+            if showAfterwards:  # a dialog waits for the user: the panel is ready behind it
+                showAfterwards()
         else:
             self._setRunning(False)
             run.cleanup()
@@ -709,15 +714,16 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self._setStatus(message)
             slicer.util.errorDisplay(message, windowTitle="BrainUNet", detailedText="\n".join(run.log[-50:]))
 
-    def _finishRun(self, run) -> None:
+    def _finishRun(self, run):
+        """Import a finished run and show it; returns what to show the user once the panel is ready again
+        (a message box), or None."""
         try:
             segmentationNode, tableNode = self.logic.importAndShow(
                 run, self._runOutputSegmentation, show3D=self._parameterNode.show3D if self._parameterNode else False)
         except Exception as exc:
             message = _("Could not load the results: {reason}").format(reason=str(exc) or exc.__class__.__name__)
             self._setStatus(message)
-            slicer.util.errorDisplay(message, windowTitle="BrainUNet")
-            return
+            return lambda: slicer.util.errorDisplay(message, windowTitle="BrainUNet")
         # the output choice is left as it was: with "Create new segmentation", the next Apply (often another
         # patient) never replaces this result or the corrections made to it
         self.ui.segmentationShow3DButton.setSegmentationNode(segmentationNode)
@@ -734,9 +740,10 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             done += " " + _("Hidden, not removed: {names}.").format(names=", ".join(hidden))
         if run.notes:  # what the worker did to the input or doubts about it: shown, not left in the log
             self._setStatus(done + " " + _("Check the notes."))
-            slicer.util.warningDisplay("\n\n".join(run.notes), windowTitle=_("BrainUNet: notes on this result"))
-        else:
-            self._setStatus(done)
+            notes = "\n\n".join(run.notes)
+            return lambda: slicer.util.warningDisplay(notes, windowTitle=_("BrainUNet: notes on this result"))
+        self._setStatus(done)
+        return None
 
     def _resultNodes(self):
         """(segmentation, table) of the last result; None for one removed from the scene."""
@@ -899,8 +906,8 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
                         packages=_(" and these Python packages: {names}").format(names=", ".join(missing))
                         if missing else ""), windowTitle="BrainUNet"):
                 return False
-            with self._installFailureExplained(["torch"] + missing):
-                torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
+            torch = self._installing(["torch"] + missing, lambda: torchLogic.installTorch(
+                askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT))
             if torch is None:
                 return False
             askConfirmation = False  # the packages were in the question just answered
@@ -921,19 +928,17 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
                       "the internet and takes a minute or two, during which Slicer does not respond.").format(
                         packages=", ".join(missing)), windowTitle="BrainUNet"):
                 return False
-            with self._installFailureExplained(missing):
-                slicer.util.pip_install(" ".join(missing))
+            self._installing(missing, lambda: slicer.util.pip_install(" ".join(missing)))
         return True
 
     @staticmethod
-    @contextlib.contextmanager
-    def _installFailureExplained(packages):
-        """An install that fails (most often: no internet) raises BrainUNetError saying how to go on, with the
-        offline way, instead of pip's bare command line."""
+    def _installing(packages, install):
+        """``install()``'s result; an install that fails (most often: no internet) raises BrainUNetError saying
+        how to go on, with the offline way, instead of pip's bare command line."""
         from brainunet.errors import BrainUNetError
 
         try:
-            yield
+            return install()
         except BrainUNetError:
             raise
         except Exception as exc:

@@ -164,6 +164,25 @@ def test_batch_takes_sequences_named_as_a_scanner_names_them_and_fails_a_folder_
     assert not (out / "t1-only-seg.nii.gz").exists() and not (out / "unnamed-seg.nii.gz").exists()
 
 
+def test_a_case_folder_is_one_with_images_at_any_depth_or_behind_a_link(tmp_path):
+    from brainunet.cli import _holds_images
+
+    (tmp_path / "bids" / "anat").mkdir(parents=True)
+    (tmp_path / "bids" / "anat" / "sub-01_T2w.nii.gz").write_bytes(b"x")
+    (tmp_path / "labels-only").mkdir()
+    (tmp_path / "labels-only" / "case_seg.nii.gz").write_bytes(b"x")
+    (tmp_path / "labels-only" / "case-seg.seg.nrrd").write_bytes(b"x")
+    (tmp_path / "archive" / "series").mkdir(parents=True)
+    (tmp_path / "archive" / "series" / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "series").symlink_to(tmp_path / "archive" / "series")
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / "up").symlink_to(tmp_path / "loop")
+    (tmp_path / "loop" / "notes.txt").write_text("no image")
+    assert _holds_images(tmp_path / "bids") and _holds_images(tmp_path / "linked")
+    assert not _holds_images(tmp_path / "labels-only") and not _holds_images(tmp_path / "loop")
+
+
 def test_batch_passes_over_folders_without_images_and_a_cancel_says_what_was_written(tmp_path, tiny_weights,
                                                                                         monkeypatch, capsys):
     from brainunet import pipeline

@@ -64,7 +64,7 @@ def test_missing_truncated_and_foreign_weights(tmp_path):
         weights.load_weights(tmp_path / "other.pt")
     payload = torch.load(tmp_path / "w.pt", weights_only=True)
     torch.save({**payload, "version": weights.WEIGHTS_VERSION + 1}, tmp_path / "newer.pt")
-    with pytest.raises(WeightsError, match="written by a newer BrainUNet.*Update the BrainUNet extension"):
+    with pytest.raises(WeightsError, match="written by a newer BrainUNet.*Update BrainUNet"):
         weights.load_weights(tmp_path / "newer.pt")
     torch.save({**payload, "state_dict": list(payload["state_dict"].values())}, tmp_path / "list.pt")
     with pytest.raises(WeightsError, match="does not match the BrainUNet network"):
@@ -72,7 +72,9 @@ def test_missing_truncated_and_foreign_weights(tmp_path):
 
 
 @pytest.mark.parametrize("text", ["{", "{}", "[]", '{"models": {}}', '{"models": [{"name": "x"}]}',
-                                  '{"models": [{"name": "x", "kind": "network", "file": 3}]}'])
+                                  '{"models": [{"name": "x", "kind": "network", "file": 3}]}',
+                                  '{"models": [{"name": " ", "kind": "network"}]}',
+                                  '{"models": [{"name": "x", "kind": "network", "sha256": 12}]}'])
 def test_a_registry_that_is_not_a_list_of_models_is_reported_and_not_overwritten(tmp_path, text):
     """A hand-edited or damaged user registry: one message saying to remove it (models listing, running and
     registering alike), and registering leaves it as it was."""

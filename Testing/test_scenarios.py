@@ -1,4 +1,5 @@
 """The scenarios that Slicer's in-app self-test runs, here on a real slicer-core scene."""
+import re
 import sys
 
 from conftest import ROOT
@@ -73,11 +74,19 @@ def test_a_result_replaced_by_another_patients_is_renamed_after_that_patient(sce
     assert again is result and again_table is table
     assert result.GetName() == f"{b['t1c'].GetName()} BrainUNet"
     assert table.GetName() == f"{b['t1c'].GetName()} BrainUNet statistics"
-    result.SetName("tumour, as corrected by Dr N")  # a name of the user's own stays
+    # the table gone (deleted, or left to a copy): the new one is named after the new patient too
     run = logic.start(dict(a), RunOptions(device="cpu"), segmentation_node=result)
     assert run.wait(300) == "done"
-    logic.import_results(run, segmentation_node=result, table_node=table)
-    assert result.GetName() == "tumour, as corrected by Dr N"
+    _, new_table = logic.import_results(run, segmentation_node=result, table_node=None)
+    # (the scene numbers a name it generated before: "..._1")
+    assert re.fullmatch(re.escape(f"{a['t1c'].GetName()} BrainUNet") + r"(_\d+)?", result.GetName())
+    assert new_table.GetName() == f"{result.GetName()} statistics"
+    for own in ("tumour, as corrected by Dr N", f"{a['t1c'].GetName()} BrainUNet, checked by Dr N"):
+        result.SetName(own)  # a name of the user's own stays, even one that starts like BrainUNet's
+        run = logic.start(dict(b), RunOptions(device="cpu"), segmentation_node=result)
+        assert run.wait(300) == "done"
+        logic.import_results(run, segmentation_node=result, table_node=table)
+        assert result.GetName() == own
 
 
 def test_logic_rejects_missing_and_bad_inputs_without_touching_scene(scene, tmp_path):

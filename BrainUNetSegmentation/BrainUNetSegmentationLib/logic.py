@@ -489,7 +489,8 @@ class BrainUNetLogic:
                     notes.append(note)
                     run.notes.append(note)
                     run.kept_output = kept
-                table = mrml.statistics_table(self.scene, rows, f"{seg.GetName()} statistics", table_node, notes)
+                table = mrml.statistics_table(self.scene, rows, f"{renamed.get(seg, seg.GetName())} statistics",
+                                              table_node, notes)
                 mrml.place_beside(self.scene, table, reference)
                 seg.SetNodeReferenceID(REFERENCE_VOLUME_REFERENCE, reference.GetID())
                 for role in ("t1c", "t2w", "t2f", "t1n"):
@@ -514,11 +515,13 @@ class BrainUNetLogic:
         if before is None or before is reference:
             return {}
         old_name = segmentation_node.GetName()
-        if not old_name.startswith(f"{before.GetName()} BrainUNet"):
-            return {}  # a name the user gave: theirs to keep
+        # only the names BrainUNet gives ("<volume> BrainUNet", "<volume> BrainUNet_1"): any other is the user's
+        if not re.fullmatch(re.escape(f"{before.GetName()} BrainUNet") + r"(_\d+)?", old_name):
+            return {}
         new_name = self.scene.GenerateUniqueName(f"{reference.GetName()} BrainUNet")
         renamed = {segmentation_node: new_name}
-        if table_node is not None and table_node.GetName().startswith(f"{old_name} statistics"):
+        if table_node is not None and re.fullmatch(re.escape(f"{old_name} statistics") + r"(_\d+)?",
+                                                   table_node.GetName()):
             renamed[table_node] = self.scene.GenerateUniqueName(f"{new_name} statistics")
         return renamed
 

@@ -322,49 +322,60 @@ def cmd_batch(args) -> int:
 
 #: Names of label maps, not sequences: ``<case>_seg.nii.gz``, BrainUNet's ``<case>-seg.nii.gz``, masks.
 LABEL_WORDS = ("seg", "label", "labels", "labelmap", "mask", "segmentation")
-#: Files looked at, at most, to tell whether a folder holds any image: no case folder holds more.
+#: Files looked at, at most, to tell whether a folder holds any image: a folder whose first files (in name
+#: order) are no image nor DICOM is taken for something else (notes, a program) and passed over, named.
 MAX_FILES_LOOKED_AT = 5000
+
+
+def _image_kind(name: str) -> str | None:
+    """"image" for a file name of an image that may be a sequence, "label" for a label map's, else None."""
+    from .imageio import IMAGE_SUFFIXES
+
+    low = name.lower()
+    stem = next((low[:-len(s)] for s in IMAGE_SUFFIXES if low.endswith(s)), None)
+    if stem is None or name.startswith("."):
+        return None
+    is_label = low.endswith(".seg.nrrd") or stem.replace("-", "_").split("_")[-1] in LABEL_WORDS
+    return "label" if is_label else "image"
 
 
 def _image_files(folder: Path) -> list[Path]:
     """The image files (not label maps) directly inside ``folder``."""
-    from .imageio import IMAGE_SUFFIXES
-
-    images = []
-    for p in sorted(folder.iterdir()):
-        name = p.name.lower()
-        stem = next((name[:-len(s)] for s in IMAGE_SUFFIXES if name.endswith(s)), None)
-        if stem is not None and not name.startswith(".") and not name.endswith(".seg.nrrd") and p.is_file() \
-                and stem.replace("-", "_").split("_")[-1] not in LABEL_WORDS:
-            images.append(p)
-    return images
+    return [p for p in sorted(folder.iterdir()) if _image_kind(p.name) == "image" and p.is_file()]
 
 
 def _holds_images(folder: Path) -> bool:
-    """Whether ``folder`` holds a sequence image file or, at any depth, a DICOM file (its "DICM" mark)."""
+    """Whether ``folder`` holds, at any depth (links followed, as ``segment --study`` follows them), an image
+    file that is no label map or a DICOM file (its "DICM" mark)."""
     import os
 
-    try:
-        if _image_files(folder):
-            return True
-        looked_at = 0
-        for root, subfolders, files in os.walk(folder):
-            subfolders[:] = [d for d in subfolders if not d.startswith(".") and d != "__MACOSX"]
-            for name in files:
-                if name.startswith("."):
-                    continue
-                looked_at += 1
-                if looked_at > MAX_FILES_LOOKED_AT:
-                    return False
-                try:
-                    with open(os.path.join(root, name), "rb") as f:
-                        if f.read(132)[128:] == b"DICM":
-                            return True
-                except OSError:
-                    continue
-        return False
-    except OSError:  # unreadable: a case that fails with its own message
-        return True
+    looked_at = 0
+    seen: set = set()
+    for root, subfolders, files in os.walk(folder, followlinks=True, onerror=lambda exc: None):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__MACOSX")
+        for name in sorted(files):
+            kind = _image_kind(name)
+            if kind == "image":
+                return True
+            if kind == "label" or name.startswith("."):
+                continue
+            looked_at += 1
+            if looked_at > MAX_FILES_LOOKED_AT:
+                return False
+            try:
+                with open(os.path.join(root, name), "rb") as f:
+                    if f.read(132)[128:] == b"DICM":
+                        return True
+            except OSError:
+                continue
+    if not os.access(folder, os.R_OK | os.X_OK):
+        return True  # unreadable: a case that fails with its own message
+    return False
 
 
 def _series_named(folder: Path, most: int = 9) -> list[str]:
@@ -385,6 +396,7 @@ def _series_named(folder: Path, most: int = 9) -> list[str]:
 def _case_inputs(case: Path) -> tuple[dict, list[str]]:
     """A case folder's sequences: by their BraTS names (``<case>-t1c.nii.gz``, ``T1CE/``), else as a scanner or
     an archive names them (the rules of ``segment --study``, with a note saying what was taken)."""
+    from .errors import NoSequenceFound
     from .imageio import MODALITY_NAMES, find_case_files
     from .sequences import find_study_inputs
 
@@ -398,7 +410,7 @@ def _case_inputs(case: Path) -> tuple[dict, list[str]]:
                          "permissions.") from exc
     try:
         found, notes = find_study_inputs(case)
-    except InputError:
+    except NoSequenceFound:
         roles = {p: MODALITY_NAMES[role] for role, p in files.items()}
         seen = [f"{p.name} ({roles[p]})" if p in roles else p.name for p in images] + _series_named(case)
         raise InputError(f"no T1CE, T2W or FLAIR is recognised among its images: {', '.join(seen[:8])}"

@@ -9,6 +9,10 @@ class InputError(BrainUNetError):
     """An input image or path is unusable (missing, corrupt, wrong shape, NaN, ...)."""
 
 
+class NoSequenceFound(InputError):
+    """A folder holds no series or image named as T1CE, T2W or FLAIR."""
+
+
 class WeightsError(BrainUNetError):
     """A model weights file is missing, corrupt or does not match its checksum."""
 

@@ -51,8 +51,9 @@ SNFH = Region("SNFH", "Surrounding FLAIR hyperintensity", (2,), (0.98, 0.85, 0.2
               ("SCT", "79654002", "Edema"), "Peritumoural oedema and infiltrated tissue")
 ET = Region("ET", "Enhancing tumour", (3,), (0.90, 0.20, 0.20),
             ("SCT", "108369006", "Neoplasm"), "Contrast-enhancing tumour on T1CE")
-TC = Region("TC", "Tumour core (NETC + ET)", (1, 3), (0.75, 0.30, 0.75), description="NETC + ET")
-WT = Region("WT", "Whole tumour (NETC + SNFH + ET)", (1, 2, 3), (0.35, 0.80, 0.45), description="NETC + SNFH + ET")
+# composites: their names say what they add up, for the statistics table
+TC = Region("TC", "Tumour core (NETC + ET)", (1, 3), (0.75, 0.30, 0.75))
+WT = Region("WT", "Whole tumour (NETC + SNFH + ET)", (1, 2, 3), (0.35, 0.80, 0.45))
 
 #: Regions that become segments, in display order.
 SUBREGIONS: tuple[Region, ...] = (ET, NETC, SNFH)

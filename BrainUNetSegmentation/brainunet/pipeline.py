@@ -126,14 +126,14 @@ def extract_brain_if_needed(aligned: dict[str, np.ndarray], reference: Volume, r
     return extraction.mask
 
 
-def register_same_grid_sequences_that_moved(volumes: dict, aligned: dict, ref_key: str, brain,
-                                            notes: list) -> dict:
+def register_same_grid_sequences_that_moved(volumes: dict, aligned: dict, ref_key: str, brain, notes: list,
+                                            before_registering=None) -> dict:
     """Sequences stored on the reference's grid are taken as lined up, but a patient who moved between two
     series of one planning (a native T1 and the T1CE after contrast) leaves them apart: one that shares
     less anatomy with the reference than one head's sequences do is registered (on its stored voxels, then
     masked like the rest). Returns each sequence's shared information, measured again where one moved.
     A required sequence whose match is refused keeps its place: the warning of ``patient_warnings`` says
-    it may be another patient's."""
+    it may be another patient's. ``before_registering(key)`` hears of each registration (seconds each)."""
     from .preprocessing import same_grid
     from .registration import register_if_it_moved
 
@@ -144,6 +144,8 @@ def register_same_grid_sequences_that_moved(volumes: dict, aligned: dict, ref_ke
                 or not same_grid(volumes[key], reference.data.shape, reference.affine):
             continue
         stored, said = aligned[key], list(notes)
+        if before_registering:
+            before_registering(key)
         if not register_if_it_moved(volumes, aligned, key, ref_key, notes):
             continue
         if brain is not None:
@@ -201,14 +203,17 @@ def prepare_inputs(volumes: dict[str, Volume], model: LoadedModel, allow_missing
                           on_optional_failure=lambda key, exc: leave_out(key, exc, notes, aligned))
     report(0.5, "Removing the skull, if there")
     brain = extract_brain_if_needed(aligned, reference, ref_key, notes)
-    report(0.8, "Checking the sequences")
+    report(0.7, "Checking the sequences")
+    information = register_same_grid_sequences_that_moved(
+        volumes, aligned, ref_key, brain, notes,
+        before_registering=lambda key: report(0.8, f"Registering {MODALITY_NAMES.get(key, key)}, which moved"))
     notes += plausibility.coverage_notes({k: v for k, v in aligned.items() if k not in extra}, ref_key)
     for key in [k for k in extra if k in aligned]:
         try:
             notes += plausibility.coverage_notes({ref_key: aligned[ref_key], key: aligned[key]}, ref_key)
         except InputError as exc:
             leave_out(key, exc, notes, aligned)
-    information = register_same_grid_sequences_that_moved(volumes, aligned, ref_key, brain, notes)
+            information.pop(key, None)
     notes += plausibility.contrast_warnings(aligned)
     notes += plausibility.patient_warnings(aligned, ref_key, reference.spacing, information)
     pp = model.preprocessing

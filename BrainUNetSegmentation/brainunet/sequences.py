@@ -79,7 +79,7 @@ def find_study_inputs(root, named: dict | None = None) -> tuple[dict, dict]:
     Returns role -> DicomSeries or Path, and role -> a note saying what was taken and what was not."""
     import os
 
-    from .errors import InputError
+    from .errors import InputError, NoSequenceFound
     from .imageio import IMAGE_SUFFIXES, MODALITY_NAMES, check_slice_geometry, dicom_series_in
 
     root = Path(root)
@@ -162,6 +162,6 @@ def find_study_inputs(root, named: dict | None = None) -> tuple[dict, dict]:
     if unreadable:
         notes["unreadable"] = f"folders that could not be read were passed over: {', '.join(map(str, unreadable[:3]))}"
     if not chosen.keys() & {"t1c", "t2w", "t2f"}:
-        raise InputError(f"--study {root}: no series or image named as T1CE, T2W or FLAIR was found in it. Give "
+        raise NoSequenceFound(f"--study {root}: no series or image named as T1CE, T2W or FLAIR was found in it. Give "
                          "the sequences with --t1c, --t2w and --t2f.")
     return chosen, notes

@@ -118,8 +118,10 @@ def load_registry(path: Path | None = None, user_registry: Path | None = None) -
     models = data.get("models") if isinstance(data, dict) else None
     # a hand-edited file: every entry must name a model and say what kind it is, or it cannot be run
     if not isinstance(models, list) or not all(
-            isinstance(d, dict) and isinstance(d.get("name"), str) and d.get("kind") in ("network", "baseline")
-            and isinstance(d.get("file", ""), (str, type(None))) for d in models):
+            isinstance(d, dict) and isinstance(d.get("name"), str) and d["name"].strip()
+            and d.get("kind") in ("network", "baseline")
+            and all(isinstance(d.get(k), (str, type(None))) for k in ("file", "description", "sha256", "url"))
+            for d in models):
         raise WeightsError(f"The model registry {path} is not a list of models (each with a name and a kind, "
                            f"network or baseline); {_registry_advice(path)}")
     entries = []
@@ -300,7 +302,8 @@ def load_weights(path: Path, expected_sha256: str | None = None, device: str = "
     version = payload.get("version", 1)
     if not isinstance(version, int) or version > WEIGHTS_VERSION:
         raise WeightsError(f"Weights file {path} was written by a newer BrainUNet (format version {version}; this "
-                           f"one reads up to {WEIGHTS_VERSION}). Update the BrainUNet extension.")
+                           f"one reads up to {WEIGHTS_VERSION}). Update BrainUNet (the Slicer extension, or pip "
+                           "install -U).")
     try:
         model = BrainUNet(NetworkConfig.from_dict(payload["network"]))
         model.load_state_dict({k: v.float() if v.is_floating_point() else v
@@ -328,8 +331,8 @@ def register_model(weights_file: Path, name: str, description: str = "", setting
             registry_path.write_text(json.dumps({"models": []}, indent=2) + "\n", encoding="utf-8")
         return _register(payload, registry_path, name, description, settings, fields)
     except OSError as exc:
-        raise WeightsError(f"The model cannot be written into {registry_path.parent} ({exc.strerror or exc}); set "
-                           "BRAINUNET_HOME to a folder you may write to.") from exc
+        raise WeightsError(f"The model cannot be written into {registry_path.parent} ({exc.strerror or exc}); free "
+                           "some space there, or set BRAINUNET_HOME to a folder you may write to.") from exc
 
 
 def _register(payload: dict, registry_path: Path, name: str, description: str, settings: dict | None,
