@@ -72,8 +72,8 @@ def test_raw_clinical_case_end_to_end(tmp_path):
     env.pop("BRAINUNET_MODEL", None)  # the bundled network, as a user runs it
     env["PYTHONPATH"] = str(ROOT / "BrainUNetSegmentation")
     r = subprocess.run([sys.executable, "-m", "brainunet", "segment", "--t1c", native / "t1c.nii.gz", "--t2w",
-                        native / "t2w.nii.gz", "--t2f", native / "t2f.nii.gz", "--t1n", native / "t1n.nii.gz", "--output", out,
-                        "--progress", "none"],
+                        native / "t2w.nii.gz", "--t2f", native / "t2f.nii.gz", "--t1n", native / "t1n.nii.gz",
+                        "--output", out, "--progress", "none"],
                        capture_output=True, text=True, encoding="utf-8", env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "may be swapped" not in r.stdout + r.stderr  # the sequences are as named: no false alarm

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "With --skip-existing an interrupted batch resumes where it stopped.",
                        epilog="exit status: 0 every case segmented (or skipped); 1 some cases failed (each named, "
                               "with the reason, and listed in the summary); 2 nothing to do (bad or unwritable "
-                              "folder, or options); 3 missing or corrupt weights; 130 cancelled (the cases before are kept: run again with --skip-existing)")
+                              "folder, or options); 3 missing or corrupt weights; 130 cancelled (the cases before "
+                              "are kept: run again with --skip-existing)")
     p.add_argument("data_dir")
     p.add_argument("--output-dir",
                    help="where to write <case>-seg.nii.gz and <case>-stats.csv (default: DIR/brainunet)")
