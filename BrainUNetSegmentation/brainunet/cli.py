@@ -330,13 +330,12 @@ MAX_FILES_LOOKED_AT = 5000
 
 def _image_kind(name: str) -> str | None:
     """"image" for a file name of an image that may be a sequence, "label" for a label map's, else None."""
-    from .imageio import IMAGE_SUFFIXES
+    from .imageio import image_stem
 
-    low = name.lower()
-    stem = next((low[:-len(s)] for s in IMAGE_SUFFIXES if low.endswith(s)), None)
+    stem = image_stem(name)
     if stem is None or name.startswith("."):
         return None
-    is_label = low.endswith(".seg.nrrd") or stem.replace("-", "_").split("_")[-1] in LABEL_WORDS
+    is_label = name.lower().endswith(".seg.nrrd") or stem.lower().replace("-", "_").split("_")[-1] in LABEL_WORDS
     return "label" if is_label else "image"
 
 

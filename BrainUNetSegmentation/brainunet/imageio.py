@@ -349,6 +349,13 @@ def save_label_nifti(labels: np.ndarray, reference: Volume, path) -> Path:
 IMAGE_SUFFIXES = (".nii.gz", ".nii") + SITK_SUFFIXES
 
 
+def image_stem(name: str) -> str | None:
+    """A file name without its image suffix (``.nii.gz``, ``.nrrd``, ... in any case), or None for a file that
+    is no image."""
+    low = name.lower()
+    return next((name[:-len(s)] for s in IMAGE_SUFFIXES if low.endswith(s)), None)
+
+
 def find_case_files(case_dir) -> dict[str, Path]:
     """Map modality keys to the images of a case folder, named as BraTS names them (2021 ``*_t1ce.nii.gz``,
     2023 ``*-t1c.nii.gz``): NIfTI first, then NRRD / MetaImage files, then DICOM series folders (``T1CE/``,
@@ -360,8 +367,7 @@ def find_case_files(case_dir) -> dict[str, Path]:
              if p.is_file() and p.name.lower().endswith(suffixes)]
     folders = [p for p in entries if p.is_dir()]
     for p in files + folders:
-        name = p.name.lower()
-        stem = next((p.name[:-len(s)] for s in IMAGE_SUFFIXES if name.endswith(s)), p.name) if p.is_file() else p.name
+        stem = (image_stem(p.name) if p.is_file() else None) or p.name
         suffix = stem.replace("-", "_").split("_")[-1].lower()
         for key, options in MODALITY_SUFFIXES.items():
             if suffix in options and key not in found:

@@ -80,7 +80,7 @@ def find_study_inputs(root, named: dict | None = None) -> tuple[dict, dict]:
     import os
 
     from .errors import InputError, NoSequenceFound
-    from .imageio import IMAGE_SUFFIXES, MODALITY_NAMES, check_slice_geometry, dicom_series_in
+    from .imageio import IMAGE_SUFFIXES, MODALITY_NAMES, check_slice_geometry, dicom_series_in, image_stem
 
     root = Path(root)
     if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
@@ -120,7 +120,7 @@ def find_study_inputs(root, named: dict | None = None) -> tuple[dict, dict]:
     for folder, name in image_files:
         if name.startswith("."):
             continue
-        stem = next((name[:-len(s)] for s in IMAGE_SUFFIXES if name.lower().endswith(s)), None)
+        stem = image_stem(name)
         role = guess_role(stem) if stem else None
         if role:
             path = Path(folder) / name
