@@ -898,16 +898,29 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         missing = self.missingPythonPackages()
         if not torchLogic.torchInstalled():
+            packages = _(" and these Python packages: {names}").format(names=", ".join(missing)) if missing else ""
+            # The PyTorch extension picks the CUDA build wherever an NVIDIA driver is found: 2 to 3 GB, where
+            # the CPU-only build is about 200 MB and runs BrainUNet in seconds. On a slow connection that
+            # difference is hours, so the CPU-only build is what is offered, and the question says how to
+            # get the other one.
+            nvidia = self.nvidiaDriverPresent()
+            if nvidia:
+                question = _("BrainUNet needs PyTorch{packages}. This computer has an NVIDIA GPU, for which "
+                             "PyTorch is a download of 2 to 3 GB; OK installs the CPU-only build instead, about "
+                             "200 MB, on which a BrainUNet run takes seconds. For the GPU build, press Cancel and "
+                             "install PyTorch in the PyTorch Utils module (Utilities) first. They are installed once, from the "
+                             "internet; on a slow connection this takes minutes, during which Slicer does not "
+                             "respond. Install now?").format(packages=packages)
+            else:
+                question = _("BrainUNet needs PyTorch (a download of about 200 MB){packages}. They are installed "
+                             "once, from the internet; on a slow connection this takes minutes, during which "
+                             "Slicer does not respond. Install now?").format(packages=packages)
             # one question for all of it, saying what it costs on a slow connection, before anything downloads
-            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                    _("BrainUNet needs PyTorch (a download of about 200 MB on a computer without an NVIDIA GPU, "
-                      "2 to 3 GB with one){packages}. They are installed once, from the internet; on a slow "
-                      "connection this takes minutes, during which Slicer does not respond. Install now?").format(
-                        packages=_(" and these Python packages: {names}").format(names=", ".join(missing))
-                        if missing else ""), windowTitle="BrainUNet"):
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(question, windowTitle="BrainUNet"):
                 return False
             torch = self._installing(["torch"] + missing, lambda: torchLogic.installTorch(
-                askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT))
+                askConfirmation=False, forceComputationBackend="cpu" if nvidia else None,
+                torchVersionRequirement=TORCH_REQUIREMENT))
             if torch is None:
                 return False
             askConfirmation = False  # the packages were in the question just answered
@@ -930,6 +943,14 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
                 return False
             self._installing(missing, lambda: slicer.util.pip_install(" ".join(missing)))
         return True
+
+    @staticmethod
+    def nvidiaDriverPresent() -> bool:
+        """Whether an NVIDIA driver is installed: its nvidia-smi is what the PyTorch extension's installer
+        (light-the-torch) asks before it picks a CUDA build."""
+        import shutil
+
+        return shutil.which("nvidia-smi") is not None
 
     @staticmethod
     def _installing(packages, install):

@@ -7,6 +7,7 @@ module's wiring (names, signals, parameter node, run/cancel/import flow), not th
 from __future__ import annotations
 
 import ast
+import shutil
 import sys
 import time
 import types
@@ -262,6 +263,45 @@ def test_an_install_that_fails_offline_says_how_to_go_on_and_apply_works_again(h
                         raising=False)
     with pytest.raises(Exception, match="Installing slicerio failed .*--find-links FOLDER slicerio"):
         widget.logic.ensureDependencies(askConfirmation=False)
+
+
+def test_on_a_computer_with_an_nvidia_gpu_the_question_offers_the_small_cpu_build(harness, monkeypatch):
+    """The PyTorch extension installs the 2-3 GB CUDA build wherever an NVIDIA driver is found; the first
+    Apply's question says so, OK installs the 200 MB CPU-only build, and Cancel says where the other is."""
+    widget = harness.widget
+    installs = []
+
+    class TorchLogic:
+        def torchInstalled(self):
+            return False
+
+        def installTorch(self, **kwargs):
+            installs.append(kwargs)
+            return types.SimpleNamespace(__version__="2.5.0")
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=TorchLogic))
+    monkeypatch.setattr(type(widget.logic), "missingPythonPackages", lambda self: [])
+    del widget.logic.ensureDependencies  # the real one
+    real_which = shutil.which
+
+    def which_where(nvidia):
+        def which(name, *args, **kwargs):
+            if name == "nvidia-smi":
+                return "/usr/bin/nvidia-smi" if nvidia else None
+            return real_which(name, *args, **kwargs)
+        return which
+
+    for nvidia, backend in ((True, "cpu"), (False, None)):
+        monkeypatch.setattr(shutil, "which", which_where(nvidia))
+        harness.answers[:] = [True]
+        assert widget.logic.ensureDependencies() is True
+        assert installs[-1]["forceComputationBackend"] == backend and installs[-1]["askConfirmation"] is False
+    gpu_question, plain_question = harness.questions
+    assert "NVIDIA GPU" in gpu_question and "2 to 3 GB" in gpu_question and "CPU-only build" in gpu_question
+    assert "PyTorch Utils" in gpu_question and "about 200 MB" in gpu_question
+    assert "NVIDIA" not in plain_question and "about 200 MB" in plain_question
+    harness.answers[:] = [False]  # declined: nothing installed
+    assert widget.logic.ensureDependencies() is False and len(installs) == 2
 
 
 #: Calls whose text arguments the user reads (windowTitle="BrainUNet", the product's name, excepted).
