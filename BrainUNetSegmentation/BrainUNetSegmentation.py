@@ -879,7 +879,7 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
             import PyTorchUtils
         except ImportError:
             return [_("the PyTorch extension")]
-        missing = [] if PyTorchUtils.PyTorchUtilsLogic().torchInstalled() else ["torch"]
+        missing = [] if self._torchInstalled(PyTorchUtils.PyTorchUtilsLogic()) else ["torch"]
         return missing + self.missingPythonPackages()
 
     def ensureDependencies(self, askConfirmation: bool = True) -> bool:
@@ -897,7 +897,7 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
                                    "Manager, restart Slicer and try again."))
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         missing = self.missingPythonPackages()
-        if not torchLogic.torchInstalled():
+        if not self._torchInstalled(torchLogic):
             packages = _(" and these Python packages: {names}").format(names=", ".join(missing)) if missing else ""
             # The PyTorch extension picks the CUDA build wherever an NVIDIA driver is found: 2 to 3 GB, where
             # the CPU-only build is about 200 MB and runs BrainUNet in seconds. On a slow connection that
@@ -943,6 +943,21 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
                 return False
             self._installing(missing, lambda: slicer.util.pip_install(" ".join(missing)))
         return True
+
+    @staticmethod
+    def _torchInstalled(torchLogic) -> bool:
+        """The PyTorch extension's check, which imports torch; a half-installed or damaged PyTorch (on Windows
+        most often a DLL that fails to load) raises BrainUNetError saying how to repair it."""
+        from brainunet.errors import BrainUNetError
+
+        try:
+            return bool(torchLogic.torchInstalled())
+        except Exception as exc:
+            reason = " ".join(str(exc).split())[:200] or exc.__class__.__name__
+            raise BrainUNetError(_(
+                "PyTorch is installed but cannot be loaded ({reason}). Repair it in Utilities → PyTorch Utils: "
+                "Uninstall, restart Slicer, then press Apply here again to install it anew. Nothing in the scene "
+                "was changed.").format(reason=reason)) from exc
 
     @staticmethod
     def nvidiaDriverPresent() -> bool:

@@ -265,6 +265,33 @@ def test_an_install_that_fails_offline_says_how_to_go_on_and_apply_works_again(h
         widget.logic.ensureDependencies(askConfirmation=False)
 
 
+def test_a_pytorch_that_fails_to_load_says_how_to_repair_it(harness, monkeypatch):
+    """A half-installed PyTorch (on Windows, a DLL that fails to load) makes the PyTorch extension's check
+    raise; Apply says it cannot be loaded and how to reinstall it, adds nothing, and can be pressed again."""
+    ui, widget = harness.ui, harness.widget
+
+    class DamagedTorchLogic:
+        def torchInstalled(self):
+            raise OSError("[WinError 126] The specified module could not be found. Error loading c10.dll")
+
+        def installTorch(self, **kwargs):
+            raise AssertionError("nothing is installed over a damaged PyTorch")
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=DamagedTorchLogic))
+    del widget.logic.ensureDependencies  # the real one
+    add_case(harness)
+    widget.enter()
+    count = harness.scene.GetNumberOfNodes()
+    ui.applyButton.click()
+    (message,) = harness.errors()
+    assert "PyTorch is installed but cannot be loaded" in message and "c10.dll" in message
+    assert "PyTorch Utils" in message and "Uninstall, restart Slicer" in message
+    assert harness.questions == [] and harness.scene.GetNumberOfNodes() == count and widget._run is None
+    assert text(ui.applyButton) == "Apply" and ui.applyButton.isEnabled()
+    with pytest.raises(Exception, match="cannot be loaded"):  # the self-test's check says the same
+        widget.logic.missingDependencies()
+
+
 def test_on_a_computer_with_an_nvidia_gpu_the_question_offers_the_small_cpu_build(harness, monkeypatch):
     """The PyTorch extension installs the 2-3 GB CUDA build wherever an NVIDIA driver is found; the first
     Apply's question says so, OK installs the 200 MB CPU-only build, and Cancel says where the other is."""
