@@ -29,6 +29,8 @@ if str(SRC) not in sys.path:
 RESULTS = ROOT / "benchmarks" / "results"
 REAL_DATA = ROOT.parent / "shared" / "data" / "real"
 DEV_CASE = REAL_DATA / "BraTS2021_00006"
+# a scan as a clinic exports it (skull on, 5.5 mm slices, T2W and FLAIR moved): what our users load
+CLINIC_CASE = REAL_DATA / "raw_clinical_case" / "native"
 CHILD_MARK = "BENCH_RESULT_JSON="
 
 

@@ -7,6 +7,10 @@ so each stage's time is what it costs in the real pipeline.
 
     python benchmarks/pipeline.py                 # real dev case, 5 runs
     python benchmarks/pipeline.py --smoke         # runnable check on a tiny synthetic case
+
+With the real dev case, the runs also take turns with the same command on the raw clinical case's
+``native/`` scan when it is there (skull on, 5.5 mm slices, T2W and FLAIR moved): what a clinic's export
+costs on top of a BraTS-preprocessed case (brain extraction, registration, a larger grid).
 """
 from __future__ import annotations
 
@@ -87,10 +91,14 @@ def main(argv=None):
         return child_stages(case, args.model)
     repeats = 1 if args.smoke else args.repeats
     files = common.case_files(case)
-    whole_runs, fp32_runs, stage_runs = [], [], []
+    clinic = common.CLINIC_CASE if case == common.DEV_CASE and common.CLINIC_CASE.is_dir() else None
+    whole_runs, fp32_runs, stage_runs, clinic_runs = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(repeats):  # interleaved so that machine noise hits all alike
             whole_runs.append(common.measure(cli_argv(files, Path(tmp), args.threads, args.model), args.threads))
+            if clinic is not None:
+                clinic_runs.append(common.measure(cli_argv(common.case_files(clinic), Path(tmp), args.threads,
+                                                           args.model), args.threads))
             fp32_runs.append(common.measure(cli_argv(files, Path(tmp), args.threads, args.model, "fp32"), args.threads))
             child = [sys.executable, __file__, "--child", "--case", str(case)] + (["--model", args.model] if args.model else [])
             stage_runs.append(common.measure(child, args.threads))
@@ -103,12 +111,19 @@ def main(argv=None):
     fp32 = {"wall_s": st.median(r["wall_s"] for r in fp32_runs),
             "peak_rss_gb": st.median(r["peak_rss_gb"] for r in fp32_runs),
             "runs_wall_s": [r["wall_s"] for r in fp32_runs]}
+    clinic_whole = {"case": str(clinic), "wall_s": st.median(r["wall_s"] for r in clinic_runs),
+                    "peak_rss_gb": st.median(r["peak_rss_gb"] for r in clinic_runs),
+                    "max_peak_rss_gb": max(r["peak_rss_gb"] for r in clinic_runs),
+                    "runs_wall_s": [r["wall_s"] for r in clinic_runs]} if clinic_runs else None
     stages = {k: st.median(r["child"][k] for r in stage_runs) for k in STAGES}
     precision = stage_runs[0]["child"].get("precision")
     rows = [[f"whole pipeline (`brainunet segment`, fresh process; precision auto = {precision} here)",
              whole["wall_s"], whole["peak_rss_gb"], len(whole_runs)],
             ["whole pipeline, `--precision fp32` (what a CPU without native bf16 runs)", fp32["wall_s"],
              fp32["peak_rss_gb"], len(fp32_runs)]]
+    if clinic_whole:
+        rows.append(["whole pipeline on a clinic's export (`raw_clinical_case/native`: skull on, 5.5 mm slices, "
+                     "T2W and FLAIR moved)", clinic_whole["wall_s"], clinic_whole["peak_rss_gb"], len(clinic_runs)])
     names = {"import_s": "Python + torch + brainunet imports", "model_load_s": "model load (fp16 file → fp32)",
              "load_s": "read 3 NIfTI files", "preprocess_s": "align, reorient, crop, bias-correct (N4), normalise, resample to 2 mm",
              "inference_s": f"network inference ({precision})", "label_map_s": "probabilities → label map on the T1CE grid",
@@ -118,6 +133,7 @@ def main(argv=None):
     table = common.md_table(["what", "median wall s", "peak RSS GB", "runs"], rows)
     payload = {"case": str(case), "model": stage_runs[0]["child"].get("model"), "threads": args.threads,
                "working_shape": stage_runs[0]["child"].get("working_shape"), "whole": whole, "whole_fp32": fp32,
+               "whole_clinic_export": clinic_whole,
                "precision_auto": precision,
                "stages_median": stages, "stage_runs": [r["child"] for r in stage_runs],
                "stage_process_peak_rss_gb": [r["peak_rss_gb"] for r in stage_runs]}
