@@ -96,3 +96,28 @@ def test_a_registration_that_cannot_have_worked_is_refused(phantom):
     far = dict(volumes, t2f=Volume(other, rigid(0.0, [0.5, 0.0, 0.0]) @ volumes["t2f"].affine, "t2f"))
     with pytest.raises(InputError, match="shares almost no structure"):
         pipeline.prepare_inputs(far, pipeline.load_model("intensity-baseline"), notes=[])
+
+
+def test_two_moved_sequences_are_registered_together_and_noted_in_their_order(phantom):
+    """A clinic's export: T2W and FLAIR both moved. Both are registered back (two at a time) and noted in
+    the sequences' order; an optional sequence (the native T1) that cannot be registered is reported to
+    the caller, not refused, and a required one is refused."""
+    volumes, _ = phantom
+    ref = volumes["t1c"]
+    noise = np.random.default_rng(0).uniform(0, 1000, ref.data.shape).astype(np.float32)
+    moved = {"t1c": ref,
+             "t2w": Volume(volumes["t2w"].data, rigid(-4.0, [-3.0, 2.0, 1.0]) @ volumes["t2w"].affine, "t2w"),
+             "t2f": Volume(volumes["t2f"].data, rigid(5.0, [4.0, -3.0, 2.0]) @ volumes["t2f"].affine, "t2f"),
+             "t1n": Volume(noise, rigid(0.0, [0.5, 0.0, 0.0]) @ ref.affine, "t1n")}
+    aligned = {k: resample_to_grid(v, ref.data.shape, ref.affine) for k, v in moved.items()}
+    notes, failed = [], []
+    registration.register_to_reference(moved, aligned, "t1c", notes, optional=("t1n",),
+                                       on_optional_failure=lambda key, exc: failed.append((key, str(exc))))
+    assert [n.split(" registered to T1CE")[0] for n in notes] == ["T2W", "FLAIR"], notes
+    assert [key for key, _ in failed] == ["t1n"] and "shares almost no structure" in failed[0][1]
+    brain = ref.data > 0
+    for key in ("t2w", "t2f"):
+        assert np.corrcoef(aligned[key][brain], volumes[key].data[brain])[0, 1] > 0.97
+    required = {k: moved[k] for k in ("t1c", "t1n")}
+    with pytest.raises(InputError, match="shares almost no structure"):
+        registration.register_to_reference(required, {k: aligned[k] for k in required}, "t1c", [])
