@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     # All three are needed, except that a model trained with modality dropout copes with one missing
     # (old protocols often lack a sequence); pipeline.load_inputs says what is missing.
     # each a .nii / .nii.gz, .nrrd / .mha file, or a folder holding one DICOM series
-    p.add_argument("--t1c", help="T1 contrast-enhanced (reference grid of the output); each input is a .nii, "
-                                 ".nii.gz, .nrrd or .mha file, or a folder holding one DICOM series")
+    p.add_argument("--t1c", help="T1 after contrast (reference grid of the output; a T1 without contrast here "
+                                 "gives a wrong ET, undetected: without a contrast T1, leave --t1c out); each "
+                                 "input is a .nii, .nii.gz, .nrrd or .mha file, or a folder holding one DICOM "
+                                 "series")
     p.add_argument("--t2w", help="T2-weighted")
     p.add_argument("--t2f", help="T2-FLAIR (reference grid when T1CE is missing)")
     p.add_argument("--t1n", help="native T1 (optional; used in statistics)")
