@@ -469,7 +469,7 @@ def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(t
     env_cache = os.environ.get("BRAINUNET_CASE_CACHE")
     os.environ["BRAINUNET_CASE_CACHE"] = str(tmp_path / "cache")
     try:
-        assert cli.main(argv + ["--final"]) == 0
+        assert cli.main(argv + ["--final", "--threads", "2"]) == 0  # how this job runs, not part of the recipe
         rows = crossval.read_cases(out)
         names = sorted(p.name for p in data.iterdir())
         for condition in crossval.CONDITIONS:
@@ -479,6 +479,7 @@ def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(t
         for i, held in enumerate(folds.values()):
             trained = json.loads((out / f"fold{i}" / "config.json").read_text())
             assert trained["steps"] == 3 and trained["init_weights"].endswith("model.pt")
+            assert trained["threads"] == 2  # --threads, over the recipe's 1
             assert sorted({r["case"] for r in rows if r["fold"] == i}) == sorted(held)  # scored only where held out
             assert len(list((out / f"fold{i}" / "heldout").glob("*.npz"))) == len(held)
             for condition in ("no-t2w", "no-t1c"):

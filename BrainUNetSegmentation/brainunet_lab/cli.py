@@ -101,6 +101,9 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=300, help="training steps per fold model (default 300)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--fold", type=int, action="append", help="run only this fold (repeatable; for parallel jobs)")
+    p.add_argument("--threads", type=int, help="torch CPU threads of this process, instead of the recipe's (not part "
+                                               "of the recipe: on 2 cores, two jobs of --threads 1 with other --fold "
+                                               "train 1.46x faster than one of 2 threads, BENCHMARKS.md section 8)")
     p.add_argument("--pack", help="train from a case pack (brainunet cv-pack) instead of --data; needs --train-only")
     p.add_argument("--train-only", action="store_true",
                    help="train the fold models without scoring them (score later with --data DIR --resume)")
@@ -388,6 +391,8 @@ def cmd_cv(args) -> int:
         raise InputError(f"--folds {args.folds}: cross-validation needs at least 2 folds.")
     if args.steps < 1:
         raise InputError(f"--steps {args.steps}: give at least 1 step.")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads {args.threads}: give at least 1 thread.")
     overrides = read_json(args.config) if args.config else None
     if not args.data and not args.pack:
         raise InputError("Give --data DIR (labelled cases) or --pack DIR (brainunet cv-pack) with --train-only.")
@@ -395,7 +400,7 @@ def cmd_cv(args) -> int:
                   overrides=overrides, device=args.device, seed=args.seed, resume=args.resume, final=args.final,
                   progress=args.progress == "bar", time_limit_s=args.time_limit * 60 if args.time_limit else None,
                   only_folds=set(args.fold) if args.fold else None, log=lambda m: print(m, flush=True),
-                  pack=args.pack, train_only=args.train_only)
+                  pack=args.pack, train_only=args.train_only, threads=args.threads)
     if not done:
         print(f"Stopped at the time limit; continue with the same command and --resume ({args.output}).")
     return 0

@@ -70,11 +70,13 @@ def _finished_weights(run_dir: Path, steps: int) -> Path | None:
 def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int = 5, scratch: bool = False,
            overrides: dict | None = None, device: str = "auto", seed: int = 0, resume: bool = False,
            final: bool = False, progress: bool = True, time_limit_s: float | None = None,
-           only_folds=None, log=print, pack=None, train_only: bool = False):
+           only_folds=None, log=print, pack=None, train_only: bool = False, threads: int | None = None):
     """Train and score every fold (skipping folds already scored), then optionally the final model.
     ``pack``: train from a case pack (``brainunet cv-pack``) instead of ``data_dir``; scoring needs the
     cases' files, so with a pack pass ``train_only`` and score later here with ``--data ... --resume``
     (finished fold models are then scored, not retrained).
+    ``threads``: torch CPU threads of this process instead of the recipe's; how a job runs, not what it
+    learns, so a run resumes with another count (only the order of floating-point sums changes).
     Returns True when everything asked for is done, False when the time limit stopped it (resume later)."""
     from .realdata import find_labelled_cases, institution_folds, load_packed_cases
     from .training import TrainConfig, check_not_learned, train
@@ -90,6 +92,8 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
         packed = load_packed_cases(pack)
         case_names = [c.name for c in packed]
     config = recipe_config(base_model, steps, scratch, device, seed, overrides)
+    if threads:
+        config = TrainConfig(**{**config.to_dict(), "threads": int(threads)})
     if config.init_weights:  # before anything is written: a refused run leaves no folder
         check_not_learned(config.init_weights, case_names, log)
     recipe = {"data": str(Path(data_dir or pack).resolve()), "base_model": None if scratch else str(config.init_weights),
