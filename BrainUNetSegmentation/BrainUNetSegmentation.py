@@ -908,9 +908,9 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
                 question = _("BrainUNet needs PyTorch{packages}. This computer has an NVIDIA GPU, for which "
                              "PyTorch is a download of 2 to 3 GB; OK installs the CPU-only build instead, about "
                              "200 MB, on which a BrainUNet run takes seconds. For the GPU build, press Cancel and "
-                             "install PyTorch in the PyTorch Utils module (Utilities) first. They are installed once, from the "
-                             "internet; on a slow connection this takes minutes, during which Slicer does not "
-                             "respond. Install now?").format(packages=packages)
+                             "install PyTorch in the PyTorch Utils module (Utilities) first. They are installed "
+                             "once, from the internet; on a slow connection this takes minutes, during which "
+                             "Slicer does not respond. Install now?").format(packages=packages)
             else:
                 question = _("BrainUNet needs PyTorch (a download of about 200 MB){packages}. They are installed "
                              "once, from the internet; on a slow connection this takes minutes, during which "

@@ -101,9 +101,10 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=300, help="training steps per fold model (default 300)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--fold", type=int, action="append", help="run only this fold (repeatable; for parallel jobs)")
-    p.add_argument("--threads", type=int, help="torch CPU threads of this process, instead of the recipe's (not part "
-                                               "of the recipe: on 2 cores, two jobs of --threads 1 with other --fold "
-                                               "train about 1.3x faster than one of 2 threads, BENCHMARKS.md section 8)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads of this process, instead of the recipe's (not part of the recipe: on 2 "
+                        "cores, two jobs of --threads 1 with other --fold train about 1.3x faster than one of 2 "
+                        "threads, BENCHMARKS.md section 8)")
     p.add_argument("--pack", help="train from a case pack (brainunet cv-pack) instead of --data; needs --train-only")
     p.add_argument("--train-only", action="store_true",
                    help="train the fold models without scoring them (score later with --data DIR --resume)")
