@@ -162,8 +162,14 @@ def test_device_choice(monkeypatch, gpu):
     if gpu:
         assert resolve_device("cuda") == "cuda" and resolve_device("cuda:1") == "cuda:1"
     else:
+        monkeypatch.setattr(torch.version, "cuda", "12.4")  # a GPU build on a computer without a GPU
         with pytest.raises(InputError, match="no.*available; choose device 'cpu' or 'auto'"):
             resolve_device("cuda")
+        monkeypatch.setattr(torch.version, "cuda", None)  # the CPU-only build: where the GPU build comes from
+        for device in ("cuda", "cuda:1"):
+            with pytest.raises(InputError, match="CPU-only build; choose device 'cpu' or 'auto', or install "
+                                                 "PyTorch's GPU build"):
+                resolve_device(device)
     with pytest.raises(InputError, match="Unknown device 'tpu'"):
         resolve_device("tpu")
 

@@ -25,7 +25,11 @@ def resolve_device(device: str = "auto") -> str:
     device = (device or "auto").lower()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        if torch.version.cuda is None:  # the CPU-only build, which the Slicer panel installs on slow connections
+            raise InputError("A GPU (CUDA) was requested, but this PyTorch is the CPU-only build; choose device "
+                             "'cpu' or 'auto', or install PyTorch's GPU build (in 3D Slicer: Utilities → PyTorch "
+                             "Utils) to use the GPU.")
         raise InputError("A GPU (CUDA) was requested but none is available; choose device 'cpu' or 'auto'.")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise InputError(f"Unknown device '{device}'; choose auto, cpu or cuda.")
