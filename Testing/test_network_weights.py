@@ -1,3 +1,4 @@
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -166,10 +167,14 @@ def test_device_choice(monkeypatch, gpu):
         with pytest.raises(InputError, match="no.*available; choose device 'cpu' or 'auto'"):
             resolve_device("cuda")
         monkeypatch.setattr(torch.version, "cuda", None)  # the CPU-only build: where the GPU build comes from
+        monkeypatch.setattr(sys, "platform", "linux")
         for device in ("cuda", "cuda:1"):
-            with pytest.raises(InputError, match="CPU-only build; choose device 'cpu' or 'auto', or install "
-                                                 "PyTorch's GPU build"):
+            with pytest.raises(InputError, match="CPU-only build; choose device 'cpu' or 'auto'. To use the GPU, "
+                                                 "replace it with the GPU build .*Uninstall, restart Slicer"):
                 resolve_device(device)
+        monkeypatch.setattr(sys, "platform", "darwin")  # no CUDA build exists there: the plain message
+        with pytest.raises(InputError, match="no.*available; choose device 'cpu' or 'auto'"):
+            resolve_device("cuda")
     with pytest.raises(InputError, match="Unknown device 'tpu'"):
         resolve_device("tpu")
 

@@ -7,7 +7,6 @@ module's wiring (names, signals, parameter node, run/cancel/import flow), not th
 from __future__ import annotations
 
 import ast
-import shutil
 import sys
 import time
 import types
@@ -288,7 +287,9 @@ def test_a_pytorch_that_fails_to_load_says_how_to_repair_it(harness, monkeypatch
     assert "PyTorch Utils" in message and "Uninstall, restart Slicer" in message
     assert harness.questions == [] and harness.scene.GetNumberOfNodes() == count and widget._run is None
     assert text(ui.applyButton) == "Apply" and ui.applyButton.isEnabled()
-    with pytest.raises(Exception, match="cannot be loaded"):  # the self-test's check says the same
+    from brainunet.errors import BrainUNetError
+
+    with pytest.raises(BrainUNetError, match="cannot be loaded"):  # the self-test's check says the same
         widget.logic.missingDependencies()
 
 
@@ -309,17 +310,8 @@ def test_on_a_computer_with_an_nvidia_gpu_the_question_offers_the_small_cpu_buil
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=TorchLogic))
     monkeypatch.setattr(type(widget.logic), "missingPythonPackages", lambda self: [])
     del widget.logic.ensureDependencies  # the real one
-    real_which = shutil.which
-
-    def which_where(nvidia):
-        def which(name, *args, **kwargs):
-            if name == "nvidia-smi":
-                return "/usr/bin/nvidia-smi" if nvidia else None
-            return real_which(name, *args, **kwargs)
-        return which
-
     for nvidia, backend in ((True, "cpu"), (False, None)):
-        monkeypatch.setattr(shutil, "which", which_where(nvidia))
+        monkeypatch.setattr(type(widget.logic), "nvidiaDriverPresent", staticmethod(lambda nvidia=nvidia: nvidia))
         harness.answers[:] = [True]
         assert widget.logic.ensureDependencies() is True
         assert installs[-1]["forceComputationBackend"] == backend and installs[-1]["askConfirmation"] is False
@@ -329,6 +321,17 @@ def test_on_a_computer_with_an_nvidia_gpu_the_question_offers_the_small_cpu_buil
     assert "NVIDIA" not in plain_question and "about 200 MB" in plain_question
     harness.answers[:] = [False]  # declined: nothing installed
     assert widget.logic.ensureDependencies() is False and len(installs) == 2
+
+
+def test_an_nvidia_driver_is_found_by_its_nvidia_smi_on_the_path(harness, monkeypatch, tmp_path):
+    """The check light-the-torch makes before it picks a CUDA build: nvidia-smi on the PATH."""
+    detect = type(harness.widget.logic).nvidiaDriverPresent
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert detect() is False
+    tool = tmp_path / ("nvidia-smi.exe" if sys.platform == "win32" else "nvidia-smi")
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    assert detect() is True
 
 
 #: Calls whose text arguments the user reads (windowTitle="BrainUNet", the product's name, excepted).

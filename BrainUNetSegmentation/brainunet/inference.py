@@ -11,6 +11,7 @@ import itertools
 import logging
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -26,10 +27,12 @@ def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        if torch.version.cuda is None:  # the CPU-only build, which the Slicer panel installs on slow connections
+        # the CPU-only build on Linux or Windows (the Slicer panel offers it where an NVIDIA driver is found)
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None and sys.platform != "darwin":
             raise InputError("A GPU (CUDA) was requested, but this PyTorch is the CPU-only build; choose device "
-                             "'cpu' or 'auto', or install PyTorch's GPU build (in 3D Slicer: Utilities → PyTorch "
-                             "Utils) to use the GPU.")
+                             "'cpu' or 'auto'. To use the GPU, replace it with the GPU build (in 3D Slicer: "
+                             "Utilities → PyTorch Utils: Uninstall, restart Slicer, then Install with a cuda "
+                             "backend).")
         raise InputError("A GPU (CUDA) was requested but none is available; choose device 'cpu' or 'auto'.")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise InputError(f"Unknown device '{device}'; choose auto, cpu or cuda.")

@@ -2,12 +2,12 @@
 
 Scanner coordinates already align sequences of one session unless the patient moved. Each sequence is
 registered rigidly (6 degrees of freedom) to the reference with Mattes mutual information (SimpleITK,
-which Slicer ships too), on coarse grids (8, 4, then 2 mm) so it takes about a second. A movement under
-``MOVED_MM`` is treated as none (the images keep their scanner alignment, untouched); a larger one is
-corrected; a registration that cannot have worked (images sharing no structure, or a
-movement no patient makes in a scanner) is refused with a message instead of segmenting misaligned
-images. A movement that does not improve the match by ``MIN_GAIN`` is the optimiser's noise, not the
-patient's: the sequences are left as they are.
+which Slicer ships too), on coarse grids (8, 4, then 2 mm) so it takes seconds (3.4 s a sequence on the
+raw clinical case). A movement under ``MOVED_MM`` is treated as none (the images keep their scanner
+alignment, untouched); a larger one is corrected; a registration that cannot have worked (images sharing
+no structure, or a movement no patient makes in a scanner) is refused with a message instead of segmenting
+misaligned images. A movement that does not improve the match by ``MIN_GAIN`` is the optimiser's noise,
+not the patient's: the sequences are left as they are.
 """
 from __future__ import annotations
 
@@ -153,18 +153,18 @@ def register_to_reference(volumes: dict, aligned: dict, ref_key: str, notes: lis
             if key != ref_key and not same_grid(volumes[key], reference.data.shape, reference.affine)]
     if not keys:
         return
-    reference_levels = registration_levels(reference)
     own_notes = {key: [] for key in keys}
 
     def register(key):
-        try:
-            _register_one(volumes, aligned, key, ref_key, reference, reference_levels, own_notes[key])
+        try:  # each thread makes its own SimpleITK images of the reference: ITK's filters write to their inputs
+            _register_one(volumes, aligned, key, ref_key, reference, own_notes[key])
         except InputError as exc:
             return exc
         return None
 
     # two at a time: SimpleITK's optimiser keeps two cores only partly busy on these small grids (the raw
-    # clinical case, whose T2W and FLAIR moved, runs 1.1x faster so, with the same labels: BENCHMARKS.md)
+    # clinical case, whose T2W and FLAIR moved, gave the same labels and a median run 1.1x faster:
+    # BENCHMARKS.md)
     with ThreadPoolExecutor(max_workers=min(2, len(keys))) as pool:
         failures = dict(zip(keys, pool.map(register, keys)))
     for key in keys:  # notes and refusals in the sequences' order, as if one after the other
@@ -181,7 +181,7 @@ def register_if_it_moved(volumes: dict, aligned: dict, key: str, ref_key: str, n
     replaced. A match that fails or is implausible leaves it as it was: the caller's warning follows."""
     before = aligned[key]
     try:
-        _register_one(volumes, aligned, key, ref_key, volumes[ref_key], None, notes)
+        _register_one(volumes, aligned, key, ref_key, volumes[ref_key], notes)
     except InputError as exc:
         log.info("%s not registered: %s", key, exc)
         return False
@@ -196,13 +196,12 @@ def check_full_series(name: str, shape) -> None:
                          "not the full series. Select the whole 3D series.")
 
 
-def _register_one(volumes, aligned, key, ref_key, reference, reference_levels, notes):
-    """``register_to_reference`` for one sequence; returns the reference's levels (made once, reused)."""
+def _register_one(volumes, aligned, key, ref_key, reference, notes):
+    """``register_to_reference`` for one sequence."""
     name, ref_name = MODALITY_NAMES.get(key, key), MODALITY_NAMES.get(ref_key, ref_key)
     check_full_series(name, volumes[key].data.shape)
-    reference_levels = reference_levels or registration_levels(reference)
     try:
-        reg = register_rigid(reference, volumes[key], fixed_levels=reference_levels)
+        reg = register_rigid(reference, volumes[key])
     except RuntimeError as exc:  # SimpleITK: too few voxels or samples to match on (its text goes to the log)
         log.warning("registration of %s to %s failed: %s", name, ref_name, exc)
         raise InputError(f"{name} could not be registered to {ref_name}: too little of it overlaps the "
@@ -215,7 +214,7 @@ def _register_one(volumes, aligned, key, ref_key, reference, reference_levels, n
                          "scan. Check the selection.")
     gain = (reg.metric_before - reg.metric_after) / max(abs(reg.metric_before), 1e-6)
     if gain < MIN_GAIN or reg.moved_mm < MOVED_MM:
-        return reference_levels  # the sequences line up already: a move that does not match better is noise
+        return  # the sequences line up already: a move that does not match better is noise
     if reg.moved_mm > MAX_PLAUSIBLE_MM or reg.rotation_deg > MAX_PLAUSIBLE_DEG:
         raise InputError(f"{name} could not be registered to {ref_name} (the best rigid match moves it "
                          f"{reg.moved_mm:.0f} mm and turns it {reg.rotation_deg:.0f}°, more than a patient "
@@ -224,4 +223,3 @@ def _register_one(volumes, aligned, key, ref_key, reference, reference_levels, n
     aligned[key] = resample_registered(volumes[key], reference, reg.transform)
     notes.append(f"{name} registered to {ref_name} (the patient moved: {reg.translation_mm:.1f} mm, "
                  f"{reg.rotation_deg:.1f}°)")
-    return reference_levels

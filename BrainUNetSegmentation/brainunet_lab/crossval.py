@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
@@ -67,6 +68,13 @@ def _finished_weights(run_dir: Path, steps: int) -> Path | None:
     return path if training.get("finished") and int(training.get("steps", -1)) == int(steps) else None
 
 
+def _write_json(path: Path, obj) -> None:
+    """Written whole or not at all: jobs of other folds (``--fold``) read and write the same run files."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int = 5, scratch: bool = False,
            overrides: dict | None = None, device: str = "auto", seed: int = 0, resume: bool = False,
            final: bool = False, progress: bool = True, time_limit_s: float | None = None,
@@ -109,7 +117,7 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
             raise InputError(f"{output_dir} was started with another recipe ({recipe_path}); resume it with the "
                              "same settings, or choose another output folder.")
     output_dir.mkdir(parents=True, exist_ok=True)
-    recipe_path.write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
+    _write_json(recipe_path, recipe)
 
     t = time.perf_counter()
     if pack is not None:
@@ -119,8 +127,7 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
     log(f"{len(cases)} cases preprocessed or read from the cache in {time.perf_counter() - t:.0f} s")
     names = [c.name for c in cases]
     splits = institution_folds(names, [c.wt_volume_ml for c in cases], folds)
-    (output_dir / "folds.json").write_text(json.dumps({f"fold{i}": [names[j] for j in s] for i, s in enumerate(splits)},
-                                                      indent=2) + "\n", encoding="utf-8")
+    _write_json(output_dir / "folds.json", {f"fold{i}": [names[j] for j in s] for i, s in enumerate(splits)})
 
     def remaining():
         return None if deadline is None else max(1.0, deadline - time.monotonic())
