@@ -92,13 +92,14 @@ def main(argv=None):
     repeats = 1 if args.smoke else args.repeats
     files = common.case_files(case)
     clinic = common.CLINIC_CASE if case == common.DEV_CASE and common.CLINIC_CASE.is_dir() else None
+    clinic_files = common.case_files(clinic) if clinic is not None else None
     whole_runs, fp32_runs, stage_runs, clinic_runs = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(repeats):  # interleaved so that machine noise hits all alike
             whole_runs.append(common.measure(cli_argv(files, Path(tmp), args.threads, args.model), args.threads))
             if clinic is not None:
-                clinic_runs.append(common.measure(cli_argv(common.case_files(clinic), Path(tmp), args.threads,
-                                                           args.model), args.threads))
+                clinic_runs.append(common.measure(cli_argv(clinic_files, Path(tmp), args.threads, args.model),
+                                                  args.threads))
             fp32_runs.append(common.measure(cli_argv(files, Path(tmp), args.threads, args.model, "fp32"), args.threads))
             child = [sys.executable, __file__, "--child", "--case", str(case)] + (["--model", args.model] if args.model else [])
             stage_runs.append(common.measure(child, args.threads))

@@ -69,24 +69,22 @@ LEVELS_MM = (8.0, 4.0, 2.0)
 
 
 def registration_levels(volume: Volume) -> dict:
-    """The normalised image at each level (mm -> SimpleITK image), full resolution under None: made once
-    for the reference and reused for every sequence registered to it."""
+    """The normalised image at each level (mm -> SimpleITK image), full resolution under None."""
     import SimpleITK as sitk
 
     image = sitk.Normalize(to_sitk(volume))
     return {None: image, **{mm: _shrunk(image, mm) for mm in LEVELS_MM}}
 
 
-def register_rigid(fixed: Volume, moving: Volume, seed: int = 1, fixed_levels: dict | None = None) -> Registration:
+def register_rigid(fixed: Volume, moving: Volume, seed: int = 1) -> Registration:
     """Rigid transform taking the fixed (reference) grid's points to the moving image's, by mutual
     information on ~8, 4 and 2 mm grids (deterministic for a given ``seed``; SimpleITK reads a seed of 0
-    as "from the wall clock", so 0 is refused). ``fixed_levels``: the fixed image's
-    ``registration_levels``, when already made."""
+    as "from the wall clock", so 0 is refused)."""
     import SimpleITK as sitk
 
     if seed == sitk.sitkWallClock:
         raise ValueError("register_rigid: seed 0 means a random seed in SimpleITK; give a positive seed.")
-    fixed_levels = fixed_levels or registration_levels(fixed)
+    fixed_levels = registration_levels(fixed)
     moving_levels = registration_levels(moving)
     f = fixed_levels[None]
     centre = f.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in f.GetSize()])
