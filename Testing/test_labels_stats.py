@@ -104,6 +104,36 @@ def test_et_post_processing_rules():
     assert np.array_equal(both, out)
 
 
+def test_region_decoding_thresholds_decide_core_and_et_inside_the_tumour():
+    from brainunet import postprocess
+    from brainunet.settings import Postprocessing
+
+    # (background, NETC, SNFH, ET) per voxel, one voxel each along x
+    probs = np.array([
+        [0.10, 0.10, 0.45, 0.35],  # SNFH by argmax; core share 0.45/0.9 = 0.5; ET share 0.35/0.45 = 0.78
+        [0.10, 0.50, 0.10, 0.30],  # NETC by argmax; core share 0.89; ET share 0.375
+        [0.10, 0.20, 0.10, 0.60],  # ET by argmax; ET share 0.75
+        [0.70, 0.10, 0.10, 0.10],  # background: never touched
+    ], np.float32).T.reshape(4, 4, 1, 1)
+    labels = lambda **rule: postprocess.apply(probs, None, Postprocessing(**rule)).ravel().tolist()
+    assert labels() == [2, 1, 3, 0]
+    assert labels(core_threshold=0.5) == [3, 1, 3, 0]  # the first voxel reaches the core share: its ET wins
+    assert labels(core_threshold=0.6) == [2, 1, 3, 0]
+    assert labels(core_threshold=0.95) == [2, 2, 2, 0]  # no voxel is that sure of core
+    assert labels(et_threshold=0.3) == [2, 3, 3, 0]  # only core voxels change; SNFH stays
+    assert labels(et_threshold=0.8) == [2, 1, 1, 0]
+    assert labels(core_threshold=0.5, et_threshold=0.8) == [1, 1, 1, 0]
+    assert labels(tumour_threshold=0.95, core_threshold=0.5) == [0, 0, 0, 0]  # decoding stays inside the tumour
+    zero = np.zeros((4, 2, 1, 1), np.float32)
+    zero[2, 0] = 1.0  # SNFH sure; its core share is 0
+    zero[0, 1] = 1.0  # background sure
+    assert postprocess.apply(zero, None, Postprocessing(core_threshold=0.4, et_threshold=0.5)).ravel().tolist() == [2, 0]
+    for bad in (0, 1, 1.5, -0.2):
+        with pytest.raises(ValueError, match="core_threshold must be between 0 and 1"):
+            Postprocessing(core_threshold=bad)
+    assert Postprocessing(et_threshold="0.4").et_threshold == 0.4  # --set values arrive as JSON numbers or text
+
+
 def test_small_components_go_but_never_the_largest():
     from brainunet import postprocess
 

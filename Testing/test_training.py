@@ -758,6 +758,40 @@ def test_a_postprocessing_stage_must_gain_the_minimum_to_change_the_rule(tmp_pat
     assert chosen["tumour_threshold"] == 0.3
 
 
+def test_region_decoding_search_finds_the_et_share_argmax_misses(tmp_path, capsys):
+    """An enhancing core the network calls a little less likely ET than NETC: the argmax labels it NETC, the
+    ET-share threshold of ``--region-decoding`` finds it, and the plain search never offers that rule."""
+    from brainunet_lab import crossval
+
+    reference = np.zeros((12, 12, 12), np.uint8)
+    reference[2:10, 2:10, 2:10] = 2
+    reference[4:8, 4:8, 4:8] = 3  # 64 ET voxels inside SNFH
+    probs = np.zeros((4, 12, 12, 12), np.float32)
+    probs[0] = 1.0
+    probs[:, reference == 2] = np.array([0.05, 0.05, 0.85, 0.05])[:, None]
+    probs[:, reference == 3] = np.array([0.05, 0.5, 0.05, 0.4])[:, None]  # ET share 0.44: NETC by argmax
+    for fold in ("fold0", "fold1"):
+        folder = tmp_path / "run" / fold / "heldout"
+        folder.mkdir(parents=True)
+        np.savez(folder / "case.npz", probs=probs, mask=np.ones_like(reference, bool), reference=reference)
+    heldout = crossval.load_heldout([tmp_path / "run"])
+
+    plain_rows, plain = crossval.sweep_postprocess(heldout)
+    assert plain["et_threshold"] is None and all(r["et_threshold"] is None for r in plain_rows)
+    rows, chosen = crossval.sweep_postprocess(heldout, stages=crossval.postprocess_stages(region_decoding=True))
+    assert chosen["et_threshold"] in (0.3, 0.4) and chosen["core_threshold"] is None
+    best = next(r for r in rows if all(r[k] == chosen[k] for k in crossval.RULE_KEYS))
+    assert best["dice_ET"] == 1.0 and plain_rows[0]["dice_ET"] == 0.0
+    assert len(rows) == sum(len(values) for _, values in crossval.postprocess_stages(True))  # a row per rule a stage lists
+    nested, rules = crossval.nested_postprocess(heldout, stages=crossval.postprocess_stages(True))
+    assert nested["dice_ET"] == 1.0 and all(r["et_threshold"] in (0.3, 0.4) for r in rules.values())
+
+    assert cli.main(["cv-postprocess", str(tmp_path / "run"), "--region-decoding"]) == 0
+    register = capsys.readouterr().out.split("register with: ")[1]
+    assert "--set et_threshold=0.3" in register or "--set et_threshold=0.4" in register
+    assert "--set core_threshold=null" in register
+
+
 def test_cv_errors_measures_excess_volume_and_how_far_it_lies(tmp_path, capsys):
     """A case whose prediction adds a far blob to the reference tumour: ratio and far share as drawn."""
     from brainunet_lab.crossval import volume_errors

@@ -4,25 +4,52 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .labels import CLASS_LABELS, ET, NETC
+from .labels import CLASS_LABELS, ET, NETC, SNFH
 from .settings import Postprocessing
 
 
 def probabilities_to_labels(probs: np.ndarray, mask: np.ndarray | None = None,
-                            tumour_threshold: float | None = None) -> np.ndarray:
+                            tumour_threshold: float | None = None, core_threshold: float | None = None,
+                            et_threshold: float | None = None) -> np.ndarray:
     """Argmax over (background, NETC, SNFH, ET) probabilities; with ``tumour_threshold`` a voxel is
     tumour when P(tumour) = 1 - P(background) reaches it, and then takes its most likely subregion.
     The threshold corrects a network's systematic over- or under-segmentation (a recall-weighted
     Tversky loss over-segments); ``brainunet cv-postprocess`` picks it on real held-out cases
-    (``brainunet calibrate`` on held-out engine cases, for a model trained on the engine only)."""
+    (``brainunet calibrate`` on held-out engine cases, for a model trained on the engine only).
+
+    Region decoding, as BraTS scores (whole tumour, core inside it, ET inside the core): with
+    ``core_threshold`` a tumour voxel is core when its share of core, (P(NETC) + P(ET)) / P(tumour), reaches
+    it (else SNFH), and core voxels take the more likely of NETC and ET; with ``et_threshold`` a core voxel
+    is ET when P(ET) / (P(NETC) + P(ET)) reaches it (else NETC)."""
     classes = np.asarray(CLASS_LABELS, dtype=np.uint8)
     if tumour_threshold is None:
         labels = classes[np.argmax(probs, axis=0)]
     else:
         tumour = (1.0 - probs[0]) >= float(tumour_threshold)
         labels = np.where(tumour, classes[1:][np.argmax(probs[1:], axis=0)], 0).astype(np.uint8)
+    if core_threshold is not None or et_threshold is not None:
+        labels = _decode_regions(probs, labels, core_threshold, et_threshold)
     if mask is not None:
         labels[~mask] = 0
+    return labels
+
+
+def _decode_regions(probs: np.ndarray, labels: np.ndarray, core_threshold: float | None,
+                    et_threshold: float | None) -> np.ndarray:
+    """The subregions of the tumour voxels of ``labels`` by the core and ET shares (``probabilities_to_labels``)."""
+    tumour = labels > 0
+    netc, snfh, et = (probs[i][tumour].astype(np.float32) for i in range(1, 4))
+    sub = labels[tumour]
+    core_p = netc + et
+    if core_threshold is not None:
+        core = core_p >= float(core_threshold) * np.maximum(core_p + snfh, np.finfo(np.float32).tiny)
+        sub = np.where(core, np.where(et > netc, ET.label, NETC.label), SNFH.label)
+    if et_threshold is not None:
+        is_core = (sub == NETC.label) | (sub == ET.label)
+        is_et = et >= float(et_threshold) * np.maximum(core_p, np.finfo(np.float32).tiny)
+        sub = np.where(is_core, np.where(is_et, ET.label, NETC.label), sub)
+    labels = labels.copy()
+    labels[tumour] = sub
     return labels
 
 
@@ -127,7 +154,7 @@ def apply(probs: np.ndarray, mask: np.ndarray | None, rules: Postprocessing, vox
     """Probabilities (background, NETC, SNFH, ET) on the native crop grid -> labels, with every
     post-processing rule of a model's settings (the one place the pipeline and cross-validation share).
     The rules' sizes are in 1 mm voxels (mm³); ``voxel_mm3`` is the volume of one voxel of ``probs``."""
-    labels = probabilities_to_labels(probs, mask, rules.tumour_threshold)
+    labels = probabilities_to_labels(probs, mask, rules.tumour_threshold, rules.core_threshold, rules.et_threshold)
     labels = remove_small_components(labels, native_voxels(rules.min_component_voxels, voxel_mm3))
     if rules.components_need_core:
         labels = remove_components_without_core(labels)

@@ -50,6 +50,11 @@ class Preprocessing:
 class Postprocessing:
     """Probabilities -> labels (``postprocess.apply``); chosen by cross-validation (``cv-postprocess``)."""
     tumour_threshold: float | None = None  # None: argmax over background and the three regions
+    # Region decoding inside the tumour (None: the argmax over the three regions decides): a tumour voxel is
+    # core (NETC or ET) when (P(NETC) + P(ET)) / P(tumour) reaches core_threshold, else SNFH; a core voxel is
+    # ET when P(ET) / (P(NETC) + P(ET)) reaches et_threshold, else NETC.
+    core_threshold: float | None = None
+    et_threshold: float | None = None
     # Sizes are in 1 mm voxels (mm³: 3000 is 3 mL) whatever the scan's grid, so a rule chosen on 1 mm cases
     # removes the same volume from a 5.5 mm clinical scan (postprocess.native_voxels).
     min_component_voxels: int = 0  # tumour components smaller than this go (the largest always stays)
@@ -63,6 +68,11 @@ class Postprocessing:
             object.__setattr__(self, "tumour_threshold", float(self.tumour_threshold))
             if not 0.0 < self.tumour_threshold <= 1.0:  # a probability; outside it, all or nothing is tumour
                 raise ValueError(f"tumour_threshold must be above 0 and at most 1, not {self.tumour_threshold:g}")
+        for name in ("core_threshold", "et_threshold"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
+                if not 0.0 < getattr(self, name) < 1.0:  # a share of a probability; 0 or 1 would make one region all
+                    raise ValueError(f"{name} must be between 0 and 1, not {getattr(self, name):g}")
         for name in ("min_component_voxels", "min_et_component_voxels", "et_to_netc_below_voxels"):
             object.__setattr__(self, name, int(getattr(self, name) or 0))
             if getattr(self, name) < 0:

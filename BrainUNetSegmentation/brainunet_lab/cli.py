@@ -170,6 +170,9 @@ def add_commands(sub) -> None:
     p.add_argument("--ensemble", action="store_true",
                    help="average the runs' held-out probabilities case by case (runs of the same folds): what an "
                         "ensemble of their models would give")
+    p.add_argument("--region-decoding", action="store_true",
+                   help="also search the core and ET thresholds (which subregion a tumour voxel is, by region as "
+                        "BraTS scores) right after the P(tumour) threshold")
     p.add_argument("--condition", choices=[c for c in CONDITIONS if c != "all"],
                    help="choose the rule for when this sequence is missing, starting from the rule chosen with "
                         "every sequence (the held-out cases scored without it)")
@@ -570,13 +573,14 @@ def _rule_text(rule: dict) -> str:
 
 
 def cmd_cv_postprocess(args) -> int:
-    from .crossval import RULE_KEYS, load_heldout, nested_postprocess, sweep_postprocess
+    from .crossval import RULE_KEYS, load_heldout, nested_postprocess, postprocess_stages, sweep_postprocess
     from .evaluation import write_metrics_csv
 
     every = load_heldout(args.runs, ensemble=args.ensemble)
+    stages = postprocess_stages(args.region_decoding)
     if args.condition:
-        return _cv_postprocess_condition(args, every)
-    rows, chosen = sweep_postprocess(every, min_gain=args.min_gain)
+        return _cv_postprocess_condition(args, every, stages)
+    rows, chosen = sweep_postprocess(every, min_gain=args.min_gain, stages=stages)
     if args.output:
         write_metrics_csv(rows, args.output)
     first = rows[0]  # argmax, nothing removed
@@ -584,7 +588,7 @@ def cmd_cv_postprocess(args) -> int:
     for name, r in (("none", first), ("chosen", best)):
         print(f"{name:6s} {_rule_text(r)}: {_dice_line(r)}")
     if args.nested:
-        row, rules = nested_postprocess(every, min_gain=args.min_gain)
+        row, rules = nested_postprocess(every, min_gain=args.min_gain, stages=stages)
         print(f"nested (each fold scored with the rule chosen on the others): {_dice_line(row, 'cases')}")
         for fold, rule in rules.items():
             print(f"  {fold}: {_rule_text(rule)}")
@@ -592,13 +596,13 @@ def cmd_cv_postprocess(args) -> int:
     return 0
 
 
-def _cv_postprocess_condition(args, every) -> int:
+def _cv_postprocess_condition(args, every, stages) -> int:
     from .crossval import (RULE_KEYS, condition_settings, load_heldout, nested_condition_postprocess,
                            sweep_condition_postprocess)
     from .evaluation import write_metrics_csv
 
     without = load_heldout(args.runs, args.condition, args.ensemble)
-    rows, shared, chosen = sweep_condition_postprocess(every, without, args.min_gain)
+    rows, shared, chosen = sweep_condition_postprocess(every, without, args.min_gain, stages)
     if args.output:
         write_metrics_csv(rows, args.output)
     scored = {tuple(r[k] for k in RULE_KEYS): r for r in rows}
@@ -606,7 +610,7 @@ def _cv_postprocess_condition(args, every) -> int:
         row = scored[tuple(rule[k] for k in RULE_KEYS)]
         print(f"{name} ({_rule_text(rule)}), {args.condition}: {_dice_line(row)}")
     if args.nested:
-        shared_row, own_row, rules = nested_condition_postprocess(every, without, args.min_gain)
+        shared_row, own_row, rules = nested_condition_postprocess(every, without, args.min_gain, stages)
         print(f"nested, every-sequence rule chosen on the other folds: {_dice_line(shared_row)}")
         print(f"nested, {args.condition} rule chosen on the other folds: {_dice_line(own_row)}")
         for fold, rule in rules.items():

@@ -362,8 +362,23 @@ POSTPROCESS_STAGES = (
     (("min_et_component_voxels", "et_to_netc_below_voxels"), ((0, 0), (20, 0), (100, 0), (0, 100), (0, 500),
                                                               (20, 100), (100, 500))),
 )
-RULE_KEYS = ("tumour_threshold", "min_component_voxels", "components_need_core", "min_et_component_voxels",
-             "et_to_netc_below_voxels")
+#: Region decoding (``cv-postprocess --region-decoding``), searched right after the P(tumour) threshold: which
+#: subregion a tumour voxel is by its share of core, then a core voxel by its share of ET (as BraTS scores:
+#: whole tumour, core inside it, ET inside the core), instead of the argmax over the three subregions.
+REGION_DECODING_STAGES = (
+    ("core_threshold", (None, 0.3, 0.4, 0.5, 0.6, 0.7)),
+    ("et_threshold", (None, 0.3, 0.4, 0.5, 0.6, 0.7)),
+)
+RULE_KEYS = ("tumour_threshold", "core_threshold", "et_threshold", "min_component_voxels", "components_need_core",
+             "min_et_component_voxels", "et_to_netc_below_voxels")
+
+
+def postprocess_stages(region_decoding: bool = False) -> tuple:
+    """The post-processing search's stages, in order; with ``region_decoding`` the core and ET thresholds
+    follow the P(tumour) threshold."""
+    if not region_decoding:
+        return POSTPROCESS_STAGES
+    return POSTPROCESS_STAGES[:1] + REGION_DECODING_STAGES + POSTPROCESS_STAGES[1:]
 
 
 def _no_rule() -> dict:
@@ -453,8 +468,10 @@ def _voxel_mm3(stored) -> float:
 MIN_POSTPROCESS_GAIN = 0.005
 
 
-def _choose_postprocess(cases, start: dict | None, min_gain: float = MIN_POSTPROCESS_GAIN) -> tuple[list[dict], dict]:
+def _choose_postprocess(cases, start: dict | None, min_gain: float = MIN_POSTPROCESS_GAIN,
+                        stages: tuple | None = None) -> tuple[list[dict], dict]:
     chosen = {**_no_rule(), **(start or {})}
+    stages = POSTPROCESS_STAGES if stages is None else stages
     scored, known = [], {}  # a stage's starting rule is the previous stage's winner: scored once
 
     def score(rule):
@@ -463,7 +480,7 @@ def _choose_postprocess(cases, start: dict | None, min_gain: float = MIN_POSTPRO
             known[key] = _score_rules(cases, [rule])[0]
         return dict(known[key])
 
-    for keys, values in POSTPROCESS_STAGES:
+    for keys, values in stages:
         keys = keys if isinstance(keys, tuple) else (keys,)
         rules = [{**chosen, **dict(zip(keys, v if isinstance(v, tuple) else (v,)))} for v in values]
         rows = [score(rule) for rule in rules]
@@ -474,31 +491,33 @@ def _choose_postprocess(cases, start: dict | None, min_gain: float = MIN_POSTPRO
     return scored, chosen
 
 
-def sweep_postprocess(heldout, start: dict | None = None,
-                      min_gain: float = MIN_POSTPROCESS_GAIN) -> tuple[list[dict], dict]:
+def sweep_postprocess(heldout, start: dict | None = None, min_gain: float = MIN_POSTPROCESS_GAIN,
+                      stages: tuple | None = None) -> tuple[list[dict], dict]:
     """Post-processing chosen by cross-validation: stage by stage (threshold, whole-tumour components,
     ET rules), each stage keeps the rule with the best mean of the five regions' held-out Dice if it beats
     the stage's starting rule by ``min_gain``, the earlier stages' choices fixed. Returns (every rule
     scored, the chosen rule). ``start``: the settings the first stage starts from (default: argmax,
-    nothing removed). ``heldout``: ``load_heldout``'s cases."""
-    return _choose_postprocess([case for _, case in heldout], start, min_gain)
+    nothing removed). ``heldout``: ``load_heldout``'s cases; ``stages``: ``postprocess_stages()``."""
+    return _choose_postprocess([case for _, case in heldout], start, min_gain, stages)
 
 
-def sweep_condition_postprocess(every, without, min_gain: float = MIN_POSTPROCESS_GAIN):
+def sweep_condition_postprocess(every, without, min_gain: float = MIN_POSTPROCESS_GAIN,
+                                stages: tuple | None = None):
     """Post-processing for when one sequence is missing: the search of ``sweep_postprocess`` on the held-out
     cases scored without the sequence (``without``), starting from the rule the same search chooses on
     ``every`` (the cases scored with every sequence: the rule to register for them), so a stage departs from
     it only for a gain of ``min_gain``. Returns (every rule scored, the rule chosen with every sequence, the
     rule chosen without the sequence)."""
-    _, shared = sweep_postprocess(every, min_gain=min_gain)
+    _, shared = sweep_postprocess(every, min_gain=min_gain, stages=stages)
     cases = [case for _, case in without]
-    rows, chosen = _choose_postprocess(cases, shared, min_gain)
+    rows, chosen = _choose_postprocess(cases, shared, min_gain, stages)
     if not any(all(r[k] == shared[k] for k in RULE_KEYS) for r in rows):  # a starting value no stage lists
         rows = _score_rules(cases, [shared]) + rows
     return rows, shared, chosen
 
 
-def nested_condition_postprocess(every, without, min_gain: float = MIN_POSTPROCESS_GAIN):
+def nested_condition_postprocess(every, without, min_gain: float = MIN_POSTPROCESS_GAIN,
+                                 stages: tuple | None = None):
     """``nested_postprocess`` for a missing sequence: each fold's held-out cases, scored without the
     sequence, get (a) the rule chosen with every sequence on the other folds and (b) that rule refined on
     the other folds' cases scored without the sequence. Returns (mean row of a, mean row of b,
@@ -506,8 +525,8 @@ def nested_condition_postprocess(every, without, min_gain: float = MIN_POSTPROCE
     cases = without
     shared_case, own_case, rules = [], [], {}
     for fold in sorted({name for name, _ in cases}):
-        _, shared = _choose_postprocess([c for name, c in every if name != fold], None, min_gain)
-        _, rules[fold] = _choose_postprocess([c for name, c in cases if name != fold], shared, min_gain)
+        _, shared = _choose_postprocess([c for name, c in every if name != fold], None, min_gain, stages)
+        _, rules[fold] = _choose_postprocess([c for name, c in cases if name != fold], shared, min_gain, stages)
         held = [c for name, c in cases if name == fold]
         shared_case += _case_dice(held, shared)
         own_case += _case_dice(held, rules[fold])
@@ -520,8 +539,8 @@ def condition_settings(condition: str, chosen: dict) -> dict:
     return {f"{condition}.{k}": chosen[k] for k in RULE_KEYS}
 
 
-def nested_postprocess(heldout, start: dict | None = None,
-                       min_gain: float = MIN_POSTPROCESS_GAIN) -> tuple[dict, dict]:
+def nested_postprocess(heldout, start: dict | None = None, min_gain: float = MIN_POSTPROCESS_GAIN,
+                       stages: tuple | None = None) -> tuple[dict, dict]:
     """What the post-processing search is worth on cases it did not see: each fold's held-out cases are
     scored with the rule chosen (as ``sweep_postprocess`` chooses) on the other folds' cases. The rule
     chosen on all cases is scored on those same cases, so its figures are a little optimistic; this
@@ -529,7 +548,7 @@ def nested_postprocess(heldout, start: dict | None = None,
     cases = heldout
     per_case, rules = [], {}
     for fold in sorted({name for name, _ in cases}):
-        _, rules[fold] = _choose_postprocess([c for name, c in cases if name != fold], start, min_gain)
+        _, rules[fold] = _choose_postprocess([c for name, c in cases if name != fold], start, min_gain, stages)
         per_case += _case_dice([c for name, c in cases if name == fold], rules[fold])
     return _mean_row(per_case), rules
 
