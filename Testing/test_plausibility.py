@@ -111,6 +111,17 @@ def test_a_constant_image_gives_no_correlation_and_no_warning():
         assert plausibility.t2w_likeness(aligned) is None and plausibility.contrast_warnings(aligned) == []
 
 
+def test_rank_correlation_is_spearmans_ties_included():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 40, 5000).astype(np.float32)  # many ties, as in integer MRI intensities
+    b = a + rng.normal(0, 15, 5000).round()
+    for x, y in ((a, b), (a, -b), (a, rng.permutation(b)), (b[:7], a[:7])):
+        assert plausibility.rank_correlation(x, y) == pytest.approx(spearmanr(x, y).correlation, abs=1e-9)
+    assert np.isnan(plausibility.rank_correlation(np.full(10, 2.0), np.arange(10.0)))
+
+
 def test_swapped_t1ce_and_t2w_give_a_warning_naming_them():
     volumes, _ = synthetic.make_case(seed=2, shape=(96, 112, 80), spacing=(1.6, 1.6, 1.6))
     model = pipeline.load_model("intensity-baseline")
