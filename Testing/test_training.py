@@ -500,6 +500,13 @@ def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(t
         capsys.readouterr()
         assert cli.main(argv + ["--resume"]) == 0  # everything scored already: nothing retrained
         assert "| all | 4 |" in capsys.readouterr().out
+        # the final model alone, as a job beside the folds' jobs: no fold is trained or scored
+        alone = tmp_path / "cv-final-only"
+        assert cli.main([a if a != str(out) else str(alone) for a in argv] + ["--final-only"]) == 0
+        assert (alone / "final" / "model.pt").is_file() and not list(alone.glob("fold*/"))
+        assert learned(alone / "final" / "model.pt") == names
+        assert cli.main(argv + ["--final-only", "--fold", "0"]) == 2
+        assert "--final-only trains no fold" in capsys.readouterr().err
         assert cli.main(["cv-report", str(out)]) == 0
         report = capsys.readouterr().out
         assert "| no-t2w | 4 |" in report and "| no-t1c | 4 |" in report and "| other | 4 |" in report

@@ -109,6 +109,8 @@ def add_commands(sub) -> None:
     p.add_argument("--train-only", action="store_true",
                    help="train the fold models without scoring them (score later with --data DIR --resume)")
     p.add_argument("--final", action="store_true", help="after the folds, train the recipe on every case")
+    p.add_argument("--final-only", action="store_true",
+                   help="train only the model on every case, no fold (a job beside --fold jobs, which never train it)")
     _add_run_args(p)
 
     p = sub.add_parser("cv-pack", help="compact copies of preprocessed labelled cases (tumour box, 8-bit) for a "
@@ -400,11 +402,13 @@ def cmd_cv(args) -> int:
     overrides = read_json(args.config) if args.config else None
     if not args.data and not args.pack:
         raise InputError("Give --data DIR (labelled cases) or --pack DIR (brainunet cv-pack) with --train-only.")
+    if args.final_only and args.fold:
+        raise InputError("--final-only trains no fold: run the --fold jobs apart.")
     done = run_cv(args.data, args.output, args.model, args.steps, args.folds, scratch=args.scratch,
                   overrides=overrides, device=args.device, seed=args.seed, resume=args.resume, final=args.final,
                   progress=args.progress == "bar", time_limit_s=args.time_limit * 60 if args.time_limit else None,
                   only_folds=set(args.fold) if args.fold else None, log=lambda m: print(m, flush=True),
-                  pack=args.pack, train_only=args.train_only, threads=args.threads)
+                  pack=args.pack, train_only=args.train_only, threads=args.threads, final_only=args.final_only)
     if not done:
         print(f"Stopped at the time limit; continue with the same command and --resume ({args.output}).")
     return 0

@@ -78,8 +78,11 @@ def _write_json(path: Path, obj) -> None:
 def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int = 5, scratch: bool = False,
            overrides: dict | None = None, device: str = "auto", seed: int = 0, resume: bool = False,
            final: bool = False, progress: bool = True, time_limit_s: float | None = None,
-           only_folds=None, log=print, pack=None, train_only: bool = False, threads: int | None = None):
+           only_folds=None, log=print, pack=None, train_only: bool = False, threads: int | None = None,
+           final_only: bool = False):
     """Train and score every fold (skipping folds already scored), then optionally the final model.
+    ``final_only``: only the final model, no fold (a job beside the jobs of the folds: ``only_folds``
+    jobs never train it).
     ``pack``: train from a case pack (``brainunet cv-pack``) instead of ``data_dir``; scoring needs the
     cases' files, so with a pack pass ``train_only`` and score later here with ``--data ... --resume``
     (finished fold models are then scored, not retrained).
@@ -133,7 +136,7 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
         return None if deadline is None else max(1.0, deadline - time.monotonic())
 
     for i, held in enumerate(splits):
-        if only_folds is not None and i not in only_folds:
+        if final_only or (only_folds is not None and i not in only_folds):
             continue
         fold_dir = output_dir / f"fold{i}"
         if (fold_dir / "scores.csv").exists():
@@ -157,11 +160,11 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
         log(f"fold {i}: " + "  ".join(f"{k} {np.mean([r[f'dice_{k}'] for r in rows if r['condition'] == 'all']):.3f}"
                                       for k in REGION_KEYS))
     done = [output_dir / f"fold{i}" / "scores.csv" for i in range(folds)]
-    if not train_only and all(p.exists() for p in done):
+    if not train_only and not final_only and all(p.exists() for p in done):
         rows = [r for p in done for r in _read_rows(p)]
         _write_rows(rows, output_dir / "cases.csv")
         log(format_report(output_dir))
-    if final and only_folds is None and _finished_weights(output_dir / "final", steps) is None:
+    if (final_only or (final and only_folds is None)) and _finished_weights(output_dir / "final", steps) is None:
         if deadline is not None and time.monotonic() >= deadline:
             return False
         final_config = TrainConfig(**config.to_dict())
