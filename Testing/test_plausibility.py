@@ -120,6 +120,7 @@ def test_rank_correlation_is_spearmans_ties_included():
     for x, y in ((a, b), (a, -b), (a, rng.permutation(b)), (b[:7], a[:7])):
         assert plausibility.rank_correlation(x, y) == pytest.approx(spearmanr(x, y).correlation, abs=1e-9)
     assert np.isnan(plausibility.rank_correlation(np.full(10, 2.0), np.arange(10.0)))
+    assert np.isnan(plausibility.rank_correlation(np.array([1.0, np.nan, 3.0]), np.arange(3.0)))
 
 
 def test_swapped_t1ce_and_t2w_give_a_warning_naming_them():

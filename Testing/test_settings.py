@@ -63,6 +63,21 @@ def test_missing_sequence_postprocessing_is_typed_stored_and_applied_only_withou
     assert "postprocessing_missing" not in ModelSettings().to_stored()
 
 
+def test_region_decoding_is_stored_only_when_set():
+    """A weights file without the region-decoding settings loads in releases that predate them; one that uses
+    them stores them (and such a release refuses it by name instead of running without them)."""
+    plain = ModelSettings.from_flat({"tumour_threshold": 0.75, "modality_dropout": True})
+    assert not {"core_threshold", "et_threshold"} & plain.to_stored()["postprocessing"].keys()
+    assert ModelSettings.from_stored(plain.to_stored()) == plain
+    decoded = plain.with_overrides({"et_threshold": 0.4, "no-t1c.et_threshold": None, "no-t2w.core_threshold": None})
+    stored = decoded.to_stored()
+    assert stored["postprocessing"]["et_threshold"] == 0.4 and "core_threshold" not in stored["postprocessing"]
+    # unset without T1CE while set with every sequence: kept, or the every-sequence value would apply there
+    assert stored["postprocessing_missing"] == {"t1c": {"et_threshold": None}}
+    again = ModelSettings.from_stored(stored)
+    assert again.postprocessing_for(("t1c",)).et_threshold is None and again.postprocessing_for(("t2w",)).et_threshold == 0.4
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("no-adc.tumour_threshold", 0.5, r"unknown setting no-adc\.tumour_threshold.*t1c, t2w, t2f"),
     ("no-t2w.spacing_mm", [1, 1, 1], r"unknown setting no-t2w\.spacing_mm.*post-processing setting"),

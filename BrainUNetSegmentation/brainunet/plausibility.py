@@ -15,7 +15,6 @@ Warnings (a note in the run's output and in the log), because the input may stil
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -141,10 +140,8 @@ def t2w_likeness(aligned: dict) -> tuple[float, float] | None:
         return None
     images, brain = sampled
     t2w = images["t2w"][brain]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a constant image: no correlation, and no check
-        likeness = (rank_correlation(images["t1c"][brain], t2w), rank_correlation(images["t2f"][brain], t2w))
-    return likeness if all(np.isfinite(likeness)) else None
+    likeness = (rank_correlation(images["t1c"][brain], t2w), rank_correlation(images["t2f"][brain], t2w))
+    return likeness if all(np.isfinite(likeness)) else None  # a constant image: no correlation, and no check
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -155,8 +152,10 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation of two samples (NaN when either is constant). Here rather than
-    ``scipy.stats.spearmanr``: importing ``scipy.stats`` costs about a second of every run."""
+    """Spearman's rank correlation of two samples (NaN when either is constant or not finite). Here rather
+    than ``scipy.stats.spearmanr``: importing ``scipy.stats`` costs about a second of every run."""
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
     ra, rb = _average_ranks(np.ravel(a)), _average_ranks(np.ravel(b))
     ra -= ra.mean()
     rb -= rb.mean()

@@ -38,11 +38,11 @@ def _decode_regions(probs: np.ndarray, labels: np.ndarray, core_threshold: float
                     et_threshold: float | None) -> np.ndarray:
     """The subregions of the tumour voxels of ``labels`` by the core and ET shares (``probabilities_to_labels``)."""
     tumour = labels > 0
-    netc, snfh, et = (probs[i][tumour].astype(np.float32) for i in range(1, 4))
+    background, netc, et = (probs[i][tumour].astype(np.float32) for i in (0, 1, 3))
     sub = labels[tumour]
     core_p = netc + et
-    if core_threshold is not None:
-        core = core_p >= float(core_threshold) * np.maximum(core_p + snfh, np.finfo(np.float32).tiny)
+    if core_threshold is not None:  # P(tumour) as the tumour threshold reads it: 1 - P(background)
+        core = core_p >= float(core_threshold) * np.maximum(1.0 - background, np.finfo(np.float32).tiny)
         sub = np.where(core, np.where(et > netc, ET.label, NETC.label), SNFH.label)
     if et_threshold is not None:
         is_core = (sub == NETC.label) | (sub == ET.label)

@@ -81,6 +81,9 @@ class Postprocessing:
         object.__setattr__(self, "components_need_core", _flag(self.components_need_core, "components_need_core"))
 
 
+#: Post-processing settings a weights file stores only when set: a file without them loads in releases that
+#: predate them, and one that needs them is refused there (as an unknown setting) instead of run without them.
+STORED_WHEN_SET = ("core_threshold", "et_threshold")
 PREPROCESSING_KEYS = tuple(f.name for f in fields(Preprocessing))
 POSTPROCESSING_KEYS = tuple(f.name for f in fields(Postprocessing))
 MISSING_PREFIX = "no-"
@@ -162,8 +165,13 @@ class ModelSettings:
         def plain(d):
             return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
-        stored = {"preprocessing": plain(asdict(self.preprocessing)),
-                  "postprocessing": plain(asdict(self.postprocessing))}
-        if self.missing_postprocessing:
-            stored["postprocessing_missing"] = {m: dict(changed) for m, changed in self.missing_postprocessing.items()}
+        def needed(d, own=None):  # an unset STORED_WHEN_SET key is left out where it changes nothing
+            own = own or {}
+            return {k: v for k, v in d.items() if not (k in STORED_WHEN_SET and v is None and own.get(k) is None)}
+
+        post = asdict(self.postprocessing)
+        stored = {"preprocessing": plain(asdict(self.preprocessing)), "postprocessing": plain(needed(post))}
+        missing = {m: needed(changed, post) for m, changed in self.missing_postprocessing.items()}
+        if any(missing.values()):
+            stored["postprocessing_missing"] = {m: changed for m, changed in missing.items() if changed}
         return stored

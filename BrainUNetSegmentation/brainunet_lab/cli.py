@@ -571,13 +571,14 @@ def _dice_line(row: dict, cases: str = "held-out cases") -> str:
 
 
 def _rule_text(rule: dict) -> str:
-    from .crossval import RULE_KEYS
+    from .crossval import rule_settings
 
-    return ", ".join(f"{k}={rule[k]}" for k in RULE_KEYS)
+    return ", ".join(f"{k}={v}" for k, v in rule_settings(rule).items())
 
 
 def cmd_cv_postprocess(args) -> int:
-    from .crossval import RULE_KEYS, load_heldout, nested_postprocess, postprocess_stages, sweep_postprocess
+    from .crossval import (RULE_KEYS, load_heldout, nested_postprocess, postprocess_stages, rule_settings,
+                           sweep_postprocess)
     from .evaluation import write_metrics_csv
 
     every = load_heldout(args.runs, ensemble=args.ensemble)
@@ -596,7 +597,7 @@ def cmd_cv_postprocess(args) -> int:
         print(f"nested (each fold scored with the rule chosen on the others): {_dice_line(row, 'cases')}")
         for fold, rule in rules.items():
             print(f"  {fold}: {_rule_text(rule)}")
-    print("register with: " + " ".join(f"--set {k}={json.dumps(chosen[k])}" for k in RULE_KEYS))
+    print("register with: " + " ".join(f"--set {k}={json.dumps(v)}" for k, v in rule_settings(chosen).items()))
     return 0
 
 

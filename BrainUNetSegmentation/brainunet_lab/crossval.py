@@ -96,7 +96,7 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
     output_dir = Path(output_dir)
     if pack is None:
         case_names = [c.name for c in find_labelled_cases(data_dir)]  # a bad folder is reported before loading
-    elif not train_only:
+    elif not (train_only or final_only):
         raise InputError("Held-out cases are scored from their files: with --pack, pass --train-only and score "
                          "later with --data DIR --resume.")
     else:
@@ -374,6 +374,14 @@ REGION_DECODING_STAGES = (
 )
 RULE_KEYS = ("tumour_threshold", "core_threshold", "et_threshold", "min_component_voxels", "components_need_core",
              "min_et_component_voxels", "et_to_netc_below_voxels")
+
+
+def rule_settings(rule: dict) -> dict:
+    """A rule's settings to print and to register: every key, but the region-decoding ones only when set
+    (unset, they change nothing, and a model registered without them loads in older releases)."""
+    from brainunet.settings import STORED_WHEN_SET
+
+    return {k: rule[k] for k in RULE_KEYS if not (k in STORED_WHEN_SET and rule[k] is None)}
 
 
 def postprocess_stages(region_decoding: bool = False) -> tuple:
