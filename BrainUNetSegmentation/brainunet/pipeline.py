@@ -253,8 +253,12 @@ def segment(volumes: dict[str, Volume], model: LoadedModel, device: str = "cpu",
     if missing:
         names = ", ".join(MODALITY_NAMES.get(m, m) for m in missing)
         # a note, not only a log line: it stays with the statistics (table, CSV) the result is read from
-        notes.append(f"{names} missing: segmented without it, with lower accuracy"
-                     + (" (above all ET and the tumour core, which need T1CE)." if "t1c" in missing else "."))
+        if "t1c" in missing:  # cross-validated ET Dice without T1CE is below 0.1 (MODEL_CARD.md): a guess
+            notes.append(f"{names} missing: segmented without it. Without contrast, the enhancing tumour (ET) and the "
+                         "tumour core (ET + NETC) cannot be told apart: their segments and volumes are not reliable; "
+                         "read the whole tumour (WT) only.")
+        else:
+            notes.append(f"{names} missing: segmented without it, with lower accuracy.")
     report(0.02, f"Aligning inputs to the {MODALITY_NAMES.get(ref_key, ref_key)} grid")
     aligned, prepared = prepare_inputs(volumes, model, allow_missing=bool(missing), notes=notes,
                                        report=lambda f, message: report(0.02 + 0.08 * f, message))
