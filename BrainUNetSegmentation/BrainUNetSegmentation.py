@@ -1058,7 +1058,8 @@ def columnTitle(column: str) -> str:
     # a table built per call, not at import: each title is translated where it is shown, like every text here
     titles = {
         "region": _("Region"), "name": _("Name"), "voxels": _("Voxels"), "volume_ml": _("Volume (mL)"),
-        "centroid_r": _("Centroid R (mm)"), "centroid_a": _("Centroid A (mm)"), "centroid_s": _("Centroid S (mm)"),
+        "centroid_r_mm": _("Centroid R (mm)"), "centroid_a_mm": _("Centroid A (mm)"),
+        "centroid_s_mm": _("Centroid S (mm)"),
         "max_diameter_mm": _("Max diameter (mm)"),
     }
     if column in titles:

@@ -51,7 +51,7 @@ def test_statistics_match_numpy():
         assert r["mean_T1CE"] == pytest.approx(t1c[mask].mean(), rel=1e-5)
         assert r["median_T1CE"] == pytest.approx(np.median(t1c[mask]), rel=1e-5)
         centroid = affine[:3, :3] @ np.argwhere(mask).mean(0) + affine[:3, 3]
-        assert [r["centroid_r"], r["centroid_a"], r["centroid_s"]] == pytest.approx(centroid.tolist())
+        assert [r["centroid_r_mm"], r["centroid_a_mm"], r["centroid_s_mm"]] == pytest.approx(centroid.tolist())
         pts = np.argwhere(mask) @ affine[:3, :3].T
         assert len(pts) < 3000  # small enough for the brute-force diameter
         assert r["max_diameter_mm"] == pytest.approx(np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1)).max())

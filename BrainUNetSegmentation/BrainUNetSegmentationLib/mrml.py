@@ -343,9 +343,9 @@ STATISTICS_COLUMNS = {
     "name": ("", "Region name"),
     "voxels": ("voxels", "Voxels of the region on the reference volume's grid"),
     "volume_ml": ("mL", "Volume of the region"),
-    "centroid_r": ("mm", "Centroid, right (RAS)"),
-    "centroid_a": ("mm", "Centroid, anterior (RAS)"),
-    "centroid_s": ("mm", "Centroid, superior (RAS)"),
+    "centroid_r_mm": ("mm", "Centroid, right (RAS)"),
+    "centroid_a_mm": ("mm", "Centroid, anterior (RAS)"),
+    "centroid_s_mm": ("mm", "Centroid, superior (RAS)"),
     "max_diameter_mm": ("mm", "Largest 3D diameter of the region"),
 }
 

@@ -12,7 +12,8 @@ from scipy.spatial.distance import pdist
 from .imageio import MODALITY_NAMES
 from .labels import ALL_REGIONS
 
-BASE_COLUMNS = ["region", "name", "voxels", "volume_ml", "centroid_r", "centroid_a", "centroid_s", "max_diameter_mm"]
+BASE_COLUMNS = ["region", "name", "voxels", "volume_ml", "centroid_r_mm", "centroid_a_mm", "centroid_s_mm",
+                "max_diameter_mm"]
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -57,7 +58,7 @@ def region_statistics(labels: np.ndarray, affine: np.ndarray, intensities: dict[
             ras = affine[:3, :3] @ centroid + affine[:3, 3]
         else:
             ras = (np.nan, np.nan, np.nan)
-        row.update(centroid_r=float(ras[0]), centroid_a=float(ras[1]), centroid_s=float(ras[2]),
+        row.update(centroid_r_mm=float(ras[0]), centroid_a_mm=float(ras[1]), centroid_s_mm=float(ras[2]),
                    max_diameter_mm=max_diameter_mm(mask, affine))
         for key, image in intensities.items():
             label = MODALITY_NAMES.get(key, key)
