@@ -757,8 +757,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if segmentationNode is None:
             return _("The segmentation of these statistics was removed from the scene; they are as computed last.")
         try:
-            tableNode = self.logic.ownStatisticsTable(segmentationNode, tableNode)
-            changed = self.logic.update_statistics(segmentationNode, tableNode)
+            tableNode, changed = self.logic.updateOwnStatistics(segmentationNode, tableNode)
         except Exception as exc:  # the reference volume removed, or an unexpected failure: the table stays
             return _("The statistics could not be computed again ({reason}); they are as computed last.").format(
                 reason=str(exc) or exc.__class__.__name__)
@@ -1013,6 +1012,19 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
         own.SetName(self.scene.GenerateUniqueName(f"{segmentationNode.GetName()} statistics"))
         segmentationNode.SetNodeReferenceID(STATISTICS_TABLE_REFERENCE, own.GetID())
         return own
+
+    def updateOwnStatistics(self, segmentationNode, tableNode):
+        """Compute the statistics of ``segmentationNode`` again into its own table (``ownStatisticsTable``);
+        returns (table, whether a figure changed). When they cannot be computed, the copy made for a cloned
+        result is removed again and the clone refers to the shared table as before: the scene is unchanged."""
+        own = self.ownStatisticsTable(segmentationNode, tableNode)
+        try:
+            return own, self.update_statistics(segmentationNode, own)
+        except BaseException:
+            if own is not tableNode:
+                segmentationNode.SetNodeReferenceID(STATISTICS_TABLE_REFERENCE, tableNode.GetID())
+                self.scene.RemoveNode(own)
+            raise
 
     def _tableSharedWithAnother(self, segmentationNode, tableNode) -> bool:
         from BrainUNetSegmentationLib import mrml

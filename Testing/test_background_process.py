@@ -185,3 +185,15 @@ def test_on_windows_the_worker_gets_no_console_window_and_its_own_process_group(
     flags = calls[0]["creationflags"]
     assert flags & 0x08000000 and flags & 0x00000200
     assert "start_new_session" not in calls[0]
+
+
+def test_the_worker_writes_utf8_whatever_the_code_page_of_its_pipe(scene, tmp_path, monkeypatch):
+    """On Windows a pipe carries the ANSI code page (here cp1252 stands for it): the worker is told to write
+    UTF-8, which the run decodes, so a note such as "rotated 13.4°" arrives as written."""
+    from BrainUNetSegmentationLib.logic import BrainUNetLogic
+
+    monkeypatch.setenv("PYTHONIOENCODING", "cp1252")
+    env = BrainUNetLogic(scene, sys.executable, str(tmp_path)).worker_environment()
+    out = subprocess.run([sys.executable, "-c", "print('rotated 13.4\u00b0 \u2192 registered')"], env=env,
+                         stdout=subprocess.PIPE, check=True).stdout
+    assert out.decode("utf-8").strip() == "rotated 13.4\u00b0 \u2192 registered"

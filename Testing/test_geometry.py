@@ -132,3 +132,15 @@ def test_label_output_keeps_reference_header_geometry(tmp_path, synthetic_case):
     assert np.allclose(ref.header.get_qform(), lab.header.get_qform())
     assert set(np.unique(np.asarray(lab.dataobj))) <= {0, 1, 2, 3}
     assert load_volume(synthetic_case["t1c"]).data.shape == lab.shape
+
+
+def test_an_integer_volume_is_resampled_without_rounding():
+    """Slicer holds most scans as int16: resampled onto another grid (Update statistics does it) they keep
+    their fractions, as the worker's float32 volumes do, so the same segments give the same medians."""
+    data = np.arange(6 * 6 * 6, dtype=np.int16).reshape(6, 6, 6) * 3
+    shifted = np.eye(4)
+    shifted[:3, 3] = 0.5  # half a voxel along each axis: every value is a mean of eight
+    as_int = resample_to_grid(Volume(data, np.eye(4), "T2W"), (5, 5, 5), shifted)
+    as_float = resample_to_grid(Volume(data.astype(np.float32), np.eye(4), "T2W"), (5, 5, 5), shifted)
+    assert as_int.dtype == np.float32
+    assert np.array_equal(as_int, as_float) and not np.array_equal(as_int, np.round(as_int))

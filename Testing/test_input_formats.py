@@ -339,3 +339,16 @@ def test_a_study_folder_far_larger_than_a_study_is_refused(tmp_path, monkeypatch
     with pytest.raises(InputError, match="more than 3 folders, far more than one study"):
         sequences.find_study_inputs(tmp_path / "disk")
 
+
+@pytest.mark.parametrize("name", ["t1c.mgz", "t1c.mgh", "t1c.img"])
+def test_a_freesurfer_or_analyze_file_is_refused_saying_how_to_convert_it(tmp_path, name):
+    """nibabel reads them, but MGH has no NIfTI header to write the labels with and Analyze no left-right
+    orientation (nibabel would guess it): refused before any work, saying what BrainUNet reads."""
+    data = np.random.default_rng(0).random((12, 14, 10)).astype(np.float32)
+    kind = nib.AnalyzeImage if name.endswith(".img") else nib.MGHImage
+    nib.save(kind(data, np.diag([2.0, 2.0, 2.0, 1.0])), str(tmp_path / name))
+    with pytest.raises(InputError, match=r"t1c\.\w+ is not NIfTI .*NIfTI \(\.nii, \.nii\.gz\), NRRD.*convert"):
+        load_volume(tmp_path / name, "T1CE")
+    pair = nib.Nifti1Pair(data, np.diag([2.0, 2.0, 2.0, 1.0]))  # NIfTI as a .hdr/.img pair: oriented, read
+    nib.save(pair, str(tmp_path / "pair.img"))
+    assert np.array_equal(load_volume(tmp_path / "pair.img", "T1CE").data, data)

@@ -319,3 +319,26 @@ def test_a_cancel_while_a_file_is_read_is_a_cancel_not_a_corrupt_file(tmp_path, 
     monkeypatch.setattr(torch, "load", cancelled)
     with pytest.raises(Cancelled):
         weights.load_weights(tiny_weights[0])
+
+
+def test_a_label_map_is_written_under_the_name_asked_for_and_not_with_the_scans_display(tmp_path):
+    """A mixed-case ending (Case1.Nii.gz) is written under that very name, gzip-compressed (nibabel would
+    write case1.nii.gz beside it); the T1CE's display window, colour map and intent stay with the T1CE."""
+    import gzip
+
+    import nibabel as nib
+
+    from brainunet.imageio import load_volume, save_label_nifti
+
+    scan = nib.Nifti1Image(np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8), np.diag([1.0, 1.0, 3.0, 1.0]))
+    scan.header["cal_min"], scan.header["cal_max"], scan.header["aux_file"] = 0, 1200, b"hot"
+    scan.header.set_intent("z score")
+    nib.save(scan, str(tmp_path / "t1c.nii.gz"))
+    labels = np.zeros((6, 7, 8), np.uint8)
+    labels[2:4, 2:4, 2:4] = 3
+    out = save_label_nifti(labels, load_volume(tmp_path / "t1c.nii.gz", "T1CE"), tmp_path / "Case1.Nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Case1.Nii.gz", "t1c.nii.gz"]
+    written = nib.Nifti1Image.from_bytes(gzip.decompress(out.read_bytes()))
+    assert np.array_equal(np.asanyarray(written.dataobj), labels) and np.allclose(written.affine, scan.affine)
+    assert written.header["cal_min"] == 0 and written.header["cal_max"] == 0
+    assert written.header["aux_file"] == b"" and written.header.get_intent()[0] == "none"

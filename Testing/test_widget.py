@@ -892,6 +892,18 @@ def test_a_run_into_a_copy_of_a_result_gives_the_copy_its_own_table(harness):
     assert widget.logic.statisticsForDisplay(first_table) == corrected
     assert widget.logic.statisticsForDisplay(own) != corrected
 
+    # a clone whose statistics cannot be computed (its volume's reference gone): no table is left behind
+    orphan = harness.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Clone without its volume")
+    orphan.Copy(first)
+    orphan.RemoveNodeReferenceIDs("BrainUNetReferenceVolume")
+    count = harness.scene.GetNumberOfNodes()
+    ui.outputSegmentationSelector.setCurrentNode(orphan)
+    ui.updateStatisticsButton.click()
+    assert "could not be computed again" in ui.statusLabel.text()
+    assert harness.scene.GetNumberOfNodes() == count
+    assert orphan.GetNodeReference("BrainUNetStatistics") is first_table
+    assert widget.logic.statisticsForDisplay(first_table) == corrected
+
 
 def test_reload_drops_the_bridge_and_the_runtime_so_edits_take_effect(harness):
     names = [n for n in sys.modules if n.split(".")[0] in ("BrainUNetSegmentationLib", "brainunet")]

@@ -362,11 +362,14 @@ class BrainUNetLogic:
         return name
 
     def worker_environment(self) -> dict:
-        """The environment of a worker process: this package importable, output unbuffered, and the
+        """The environment of a worker process: this package importable, output unbuffered UTF-8, and the
         user's BrainUNet folder (registered models)."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env["PYTHONUNBUFFERED"] = "1"
+        # UTF-8 on every platform: on Windows a pipe would otherwise carry the ANSI code page and notes such
+        # as "rotated 13.4°" would arrive garbled
+        env["PYTHONIOENCODING"] = "utf-8"
         if self.user_home:
             env["BRAINUNET_HOME"] = str(self.user_home)
         return env

@@ -5,6 +5,7 @@ what to do. Nothing here modifies the input files.
 """
 from __future__ import annotations
 
+import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,7 +115,7 @@ class DicomSeries:
 
 
 def load_volume(path, name: str | None = None) -> Volume:
-    """Read a NIfTI (or any format nibabel reads), an NRRD / MetaImage file, a folder holding one DICOM
+    """Read a NIfTI (single file or .hdr/.img pair), an NRRD / MetaImage file, a folder holding one DICOM
     series (as a scanner exports it), or a ``DicomSeries`` as a checked float32 volume."""
     import nibabel as nib
 
@@ -134,7 +135,7 @@ def load_volume(path, name: str | None = None) -> Volume:
                          "you may read it (its permissions, or copy it to your own folder) and try again.") from exc
     if path.name.lower().endswith(SITK_SUFFIXES):
         return _load_with_sitk(path, name)
-    if gzipped and not path.name.lower().endswith(".gz"):
+    if gzipped and not path.name.lower().endswith((".gz", ".mgz")):  # .mgz: gzipped MGH, refused below
         raise InputError(f"{name}: {path.name} is gzip-compressed but its name does not end in .gz; rename it to "
                          f"{path.name}.gz (or {path.stem}.nii.gz) and try again.")
     try:
@@ -144,6 +145,12 @@ def load_volume(path, name: str | None = None) -> Volume:
     except Exception as exc:
         raise InputError(f"{name}: {path.name} cannot be read as an image ({type(exc).__name__}: "
                          f"{str(exc)[:120]}). The file is corrupt, truncated or not NIfTI: export it again.") from exc
+    if not isinstance(img, nib.Nifti1Pair):  # NIfTI-1 and -2, single file or pair
+        # MGH and Analyze images lack NIfTI's header (the labels are written with the input's), and
+        # Analyze has no left-right orientation: nibabel would guess it
+        raise InputError(f"{name}: {path.name} is not NIfTI (it reads as {type(img).__name__}). BrainUNet reads NIfTI (.nii, .nii.gz), NRRD, MetaImage and DICOM: convert it "
+                         "first (load it in 3D Slicer and save it as .nii.gz, or mri_convert for FreeSurfer's "
+                         ".mgz).")
     voxels = int(np.prod([int(n) for n in img.shape], dtype=np.int64)) if img.shape else 0
     if voxels > MAX_VOXELS:
         dims = " x ".join(str(int(n)) for n in img.shape)
@@ -332,6 +339,11 @@ def save_label_nifti(labels: np.ndarray, reference: Volume, path) -> Path:
     img.header["scl_inter"] = 0
     # lets a later run recognise its own result, unchanged, and replace it (outputs.replaceable)
     img.header["descrip"] = label_mark(labels, LABEL_DESCRIPTION).encode()
+    # a label map, not the T1CE: viewers would take its display window and colour map from these
+    img.header["cal_min"] = 0
+    img.header["cal_max"] = 0
+    img.header["aux_file"] = b""
+    img.header.set_intent("none")
     if header is not None:
         # Keep the reference's exact qform/sform codes so viewers place the labels identically.
         img.set_qform(*reference.header.get_qform(coded=True))
@@ -339,8 +351,12 @@ def save_label_nifti(labels: np.ndarray, reference: Volume, path) -> Path:
         if img.header["qform_code"] == 0 and img.header["sform_code"] == 0:
             img.set_sform(reference.affine, code=1)
     path = Path(path)
+    # Written as bytes: nibabel picks the format by a case-sensitive ending (x.Nii fails, and x.Nii.gz is
+    # written as x.nii.gz beside the name asked for).
     if path.name.lower().endswith(".nii"):
-        path.write_bytes(img.to_bytes())  # nibabel picks the format by a case-sensitive ending: x.Nii fails
+        path.write_bytes(img.to_bytes())
+    elif path.name.lower().endswith(".nii.gz"):
+        path.write_bytes(gzip.compress(img.to_bytes(), compresslevel=1))  # nibabel's level: fast, as small
     else:
         nib.save(img, str(path))
     return path

@@ -35,9 +35,10 @@ def resample_to_grid(moving: Volume, shape, affine, order: int = 1) -> np.ndarra
         raise InputError(f"{moving.name} does not overlap the reference image in physical space; the images are "
                          "from different patients or sessions, or one has a wrong origin. Register them first "
                          "(e.g. General Registration (BRAINS)).")
+    # float32 output whatever the input's type: an int16 volume (as Slicer holds one) is not rounded
     out = ndimage.affine_transform(moving.data, ref_to_moving[:3, :3], offset=ref_to_moving[:3, 3],
                                    output_shape=tuple(shape), order=order, mode="constant", cval=0.0,
-                                   prefilter=False)
+                                   prefilter=False, output=np.float32)
     if not np.any(out):
         raise InputError(f"{moving.name} covers none of the reference image after alignment; check that the "
                          "images belong together and are registered.")
