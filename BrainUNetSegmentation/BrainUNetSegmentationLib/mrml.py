@@ -299,8 +299,10 @@ def segmentation_contents(segmentation_node) -> tuple:
 
 
 def segment_mask(segmentation_node, segment_id: str, reference_node) -> np.ndarray:
-    """One segment as a bool array on the reference grid (``[i, j, k]``)."""
-    labelmap = segmentation_node.GetScene().AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    """One segment as a bool array on the reference grid (``[i, j, k]``); the scene is left as it was."""
+    scene = segmentation_node.GetScene()
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     try:
         ids = vtk.vtkStringArray()
         ids.InsertNextValue(segment_id)
@@ -310,7 +312,11 @@ def segment_mask(segmentation_node, segment_id: str, reference_node) -> np.ndarr
             raise RuntimeError(f"could not export segment {segment_id}")
         return slicer.util.arrayFromVolume(labelmap).transpose(2, 1, 0) > 0
     finally:
-        segmentation_node.GetScene().RemoveNode(labelmap)
+        # the export adds a display node and a colour table beside the label map: all of them go again
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in reversed([n for n in added if n.GetID() not in before]):
+            if node.GetScene() is scene:  # not removed already along with the label map
+                scene.RemoveNode(node)
 
 
 def segmentation_to_labels(segmentation_node, reference_node) -> np.ndarray:

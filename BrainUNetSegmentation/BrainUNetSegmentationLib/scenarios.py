@@ -51,8 +51,11 @@ def scenario_segmentation_from_labels(scene):
         check(np.allclose(segment.GetColor(), region.color, atol=1e-6), f"segment {region.key} has colour {segment.GetColor()}")
         entry = segment.GetTerminology() if hasattr(segment, "GetTerminology") else segment.GetTag("TerminologyEntry")
         check(region.snomed_type[1] in entry, f"segment {region.key} has terminology {entry!r}")
+    count = scene.GetNumberOfNodes()
     back = mrml.segmentation_to_labels(seg, nodes["t1c"])
     check(np.array_equal(back, labels), "the segmentation does not round-trip the label map")
+    check(scene.GetNumberOfNodes() == count, f"reading the segments back left {scene.GetNumberOfNodes() - count} "
+          "node(s) in the scene")
     return seg
 
 
