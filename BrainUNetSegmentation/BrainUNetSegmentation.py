@@ -780,18 +780,21 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             slicer.util.errorDisplay(_("There is no statistics table to export: run the segmentation first."),
                                      windowTitle="BrainUNet")
             return
-        status = self._updateStatistics(segmentationNode, tableNode)  # the file holds the segments as they are
-        tableNode = self._resultNodes()[1] or tableNode  # a copied result's own table, made by the update
-        defaultPath = os.path.join(os.path.expanduser("~"), f"{tableNode.GetName()}.csv")
-        path = qt.QFileDialog.getSaveFileName(self.uiWidget, _("Export statistics"), defaultPath,
+        # the path first: a dialog cancelled leaves the table (and a cloned result's shared one) untouched
+        name = tableNode.GetName()
+        if segmentationNode is not None and self.logic._tableSharedWithAnother(segmentationNode, tableNode):
+            name = f"{segmentationNode.GetName()} statistics"  # the name of the table the clone gets
+        path = qt.QFileDialog.getSaveFileName(self.uiWidget, _("Export statistics"),
+                                              os.path.join(os.path.expanduser("~"), f"{name}.csv"),
                                               _("CSV files (*.csv)"))
         if isinstance(path, tuple):  # PySide6 returns (path, filter); PythonQt the path only
             path = path[0]
         if not path:
-            self._setStatus(status)
             return
         if not path.lower().endswith(".csv"):
             path += ".csv"
+        status = self._updateStatistics(segmentationNode, tableNode)  # the file holds the segments as they are
+        tableNode = self._resultNodes()[1] or tableNode  # a copied result's own table, made by the update
         with slicer.util.tryWithErrorDisplay(_("Could not save the statistics to {path}.").format(path=path),
                                              waitCursor=True):
             self.logic.exportStatisticsCsv(tableNode, path)

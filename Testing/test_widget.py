@@ -715,6 +715,10 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
     assert ui.resultsTableView.item(0, 2).text() == "0"
     assert int(ui.resultsTableView.item(3, 2).text()) == tc_voxels - et_voxels
     seg.GetSegmentation().RemoveSegment("NETC")
+    shown = widget.logic.statisticsForDisplay(table)
+    widget_harness.FileDialog.answers[:] = [""]
+    ui.exportCsvButton.click()  # the file dialog cancelled: the table is not computed again
+    assert widget.logic.statisticsForDisplay(table) == shown and harness.errors() == []
     widget_harness.FileDialog.answers[:] = [tmp_path / "edited"]
     ui.exportCsvButton.click()  # exporting computes them again first
     edited = (tmp_path / "edited.csv").read_text(encoding="utf-8").splitlines()
@@ -903,6 +907,16 @@ def test_a_run_into_a_copy_of_a_result_gives_the_copy_its_own_table(harness):
     assert harness.scene.GetNumberOfNodes() == count
     assert orphan.GetNodeReference("BrainUNetStatistics") is first_table
     assert widget.logic.statisticsForDisplay(first_table) == corrected
+
+    # Export CSV on another clone, its file dialog cancelled: no table of its own either
+    exported = harness.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Clone to export")
+    exported.Copy(first)
+    count = harness.scene.GetNumberOfNodes()
+    ui.outputSegmentationSelector.setCurrentNode(exported)
+    widget_harness.FileDialog.answers[:] = [""]
+    ui.exportCsvButton.click()
+    assert harness.scene.GetNumberOfNodes() == count and harness.errors() == []
+    assert exported.GetNodeReference("BrainUNetStatistics") is first_table
 
 
 def test_reload_drops_the_bridge_and_the_runtime_so_edits_take_effect(harness):
