@@ -174,6 +174,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._resultSegmentationNodeID = None
         self._autoFilled = {}  # role -> ID of the node the panel filled in by itself (not filled in again)
         self._chosenByUser = set()  # roles whose volume the user selected: never emptied by the panel
+        self._sceneImportedWhileHidden = False  # shown (choices, latest result) when the panel is entered
         self._timer = None
         self._models = []  # BrainUNetSegmentationLib.logic.ModelChoice per item of the model combo box
 
@@ -269,7 +270,11 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             return
         self._entered = True
         self.updateModelList()  # a model added for this user (Add model file...) since shows up
-        self.initializeParameterNode()
+        if self._sceneImportedWhileHidden and self._run is None:
+            self._sceneImportedWhileHidden = False
+            self._showImportedScene()
+        else:
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         if self._cleanedUp:
@@ -285,6 +290,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
     def onSceneEndClose(self, caller, event) -> None:
         self._autoFilled = {}
         self._chosenByUser = set()
+        self._sceneImportedWhileHidden = False
         if self._entered:
             self.initializeParameterNode()
 
@@ -314,7 +320,14 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                 roles=_(" and ").join(emptied)))
 
     def onSceneEndImport(self, caller, event) -> None:
-        """A scene (or a scene file dropped in) was loaded: show its saved choices and its latest result."""
+        """A scene (or a scene file dropped in) was loaded: show its saved choices and its latest result;
+        with the panel hidden, when it is shown (a scene loaded in another module gains no BrainUNet node)."""
+        if not self._entered:
+            self._sceneImportedWhileHidden = True
+            return
+        self._showImportedScene()
+
+    def _showImportedScene(self) -> None:
         if self._run is None:
             saved = self.logic.getParameterNode()
             if any(getattr(saved, role) is not None for role in INPUT_SELECTORS):

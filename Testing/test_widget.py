@@ -1105,6 +1105,25 @@ def test_closing_the_scene_cancels_the_run(harness):
     assert widget.logic.getParameterNode().t1c is nodes["t1c"]
 
 
+def test_a_scene_loaded_with_the_panel_hidden_is_left_as_loaded_until_the_panel_is_shown(harness):
+    """A scene opened while another module is shown gains no BrainUNet choices (they would be saved with
+    it); entering the panel then fills them in and shows the scene's latest result, as with the panel open."""
+    ui, widget = harness.ui, harness.widget
+    widget.enter()
+    widget.exit()
+    harness.scene.Clear(0)  # File > Close scene, then a scene is loaded
+    harness.scene.StartState(harness.scene.ImportState)
+    nodes = add_case(harness)
+    harness.scene.EndState(harness.scene.ImportState)
+    process_events(0.3)
+    saved = harness.scene.GetSingletonNode("BrainUNetSegmentation", "vtkMRMLScriptedModuleNode")
+    roles = [saved.GetNthNodeReferenceRole(i) for i in range(saved.GetNumberOfNodeReferenceRoles())] if saved else []
+    assert not [role for role in roles if saved.GetNodeReferenceID(role)]  # no volume chosen in it
+    assert widget._parameterNode is None and ui.t1cSelector.currentNode() is None
+    widget.enter()
+    assert ui.t1cSelector.currentNode() is nodes["t1c"] and widget.logic.getParameterNode().t2f is nodes["t2f"]
+
+
 def test_an_exception_in_a_qt_slot_fails_the_test():
     """The harness turns an exception that Qt would only print into a failure when its block ends."""
     from PySide6 import QtCore
