@@ -675,9 +675,12 @@ def kill_tree(process: subprocess.Popen, grace_s: float = 0.5) -> None:
     leave the network running. SIGTERM first (the worker exits cleanly, writing nothing), then SIGKILL
     for whatever is left; blocks at most ``grace_s`` plus the kill."""
     if os.name == "nt":
-        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True,
-                       creationflags=subprocess.CREATE_NO_WINDOW)
-        process.wait()
+        try:
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True,
+                           creationflags=subprocess.CREATE_NO_WINDOW, timeout=10)
+            process.wait(grace_s + 5)
+        except subprocess.TimeoutExpired:  # taskkill refused or stuck: leave the process rather than hang Slicer
+            pass
         return
     import signal
 
