@@ -14,6 +14,7 @@ read with ``widget.property("name")`` and written with setters, so the same code
 """
 
 import os
+import time
 
 import ctk  # noqa: F401  (Slicer modules' standard import; the CTK widgets come from the .ui file)
 import qt
@@ -152,6 +153,10 @@ class BrainUNetSegmentationParameterNode:
 
 
 class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    #: A click on Cancel this soon after Apply turned into it is the second click of a double-click on
+    #: Apply (Windows' longest double-click is 0.5 s), not a cancel.
+    cancelIgnoredForS = 0.5
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -175,6 +180,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._autoFilled = {}  # role -> ID of the node the panel filled in by itself (not filled in again)
         self._chosenByUser = set()  # roles whose volume the user selected: never emptied by the panel
         self._sceneImportedWhileHidden = False  # shown (choices, latest result) when the panel is entered
+        self._cancelShownAt = float("-inf")  # when Apply last became Cancel
         self._timer = None
         self._models = []  # BrainUNetSegmentationLib.logic.ModelChoice per item of the model combo box
 
@@ -611,7 +617,8 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
     def onApplyButton(self, *args) -> None:
         """Apply starts a run; while a run is going the same button cancels it."""
         if self._run is not None:
-            self.cancelRun()
+            if time.monotonic() - self._cancelShownAt >= self.cancelIgnoredForS:
+                self.cancelRun()
             return
         if self._starting or self._importing:  # a click while a start installs or asks, or a result comes in
             return
@@ -630,6 +637,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             finally:
                 self._starting = False
                 self._updateApplyButton()  # Apply again, or Cancel once the run started
+                self._cancelShownAt = time.monotonic()
 
     def _startRun(self) -> bool:
         """Start a run with the panel's inputs; False if the user declined to install what it needs."""

@@ -487,6 +487,23 @@ def test_a_second_click_while_apply_installs_starts_nothing_more(harness):
     assert widget._run is None and text(ui.applyButton) == "Apply" and ui.applyButton.isEnabled()
 
 
+def test_a_double_click_on_apply_starts_the_run_and_does_not_cancel_it(harness):
+    """The second click of a double-click reaches the button once it says Cancel: it is not taken as one;
+    a click on Cancel a moment later is."""
+    ui, widget = harness.ui, harness.widget
+    widget.cancelIgnoredForS = type(widget).cancelIgnoredForS
+    add_case(harness)
+    widget.enter()
+    ui.deviceComboBox.setCurrentIndex(1)  # cpu
+    ui.applyButton.click()
+    ui.applyButton.click()
+    run = widget._run
+    assert run is not None and text(ui.applyButton) == "Cancel" and run.state == "running"
+    time.sleep(widget.cancelIgnoredForS)
+    ui.applyButton.click()
+    assert widget._run is None and run.state == "cancelled" and text(ui.applyButton) == "Apply"
+
+
 def test_the_panel_follows_its_parameter_node(harness):
     """A scene loaded with the module open, or a script, changes the parameter node: the panel shows it,
     and does not write its older values back over it."""

@@ -555,6 +555,7 @@ class WidgetHarness:
         parent.setLayout(QtWidgets.QVBoxLayout())
         self.parent = parent
         self.widget = self.module.BrainUNetSegmentationWidget(parent)
+        self.widget.cancelIgnoredForS = 0.0  # a test's Cancel right after Apply is meant (a test sets it back)
         self.widget.setup()
         self.ui = self.widget.ui
 
