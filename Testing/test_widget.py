@@ -162,7 +162,7 @@ def test_module_description_and_light_imports(harness):
     assert parent.contributors and parent.helpText.strip() and parent.acknowledgementText.strip()
     # Slicer imports every module at start-up: nothing heavy at module scope.
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
-    allowed = {"os", "qt", "ctk", "slicer", "vtk", "slicer.ScriptedLoadableModule", "slicer.util",
+    allowed = {"os", "time", "qt", "ctk", "slicer", "vtk", "slicer.ScriptedLoadableModule", "slicer.util",
                "slicer.parameterNodeWrapper", "slicer.i18n"}
     for node in tree.body:
         if isinstance(node, ast.Import):
