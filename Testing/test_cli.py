@@ -225,11 +225,18 @@ def test_batch_skip_existing_resumes_an_interrupted_batch(tmp_path):
     _two_cases(data)
     out.mkdir()
     (out / "case-a-seg.nii.gz").write_bytes(b"from the interrupted run")
+    (out / "case-a-stats.csv").write_text("region,name\n")
     r = brainunet("batch", data, "--output-dir", out, "--skip-existing", "--progress", "none")
     assert r.returncode == 0, r.stderr
-    assert f"case-a: skipped, {out / 'case-a-seg.nii.gz'} already exists" in r.stderr
+    assert f"case-a: skipped, {out / 'case-a-seg.nii.gz'} and its statistics already exist" in r.stderr
     assert (out / "case-a-seg.nii.gz").read_bytes() == b"from the interrupted run"  # left as it was
-    assert not (out / "case-a-stats.csv").exists() and (out / "case-b-seg.nii.gz").exists()
+    assert (out / "case-a-stats.csv").read_text() == "region,name\n" and (out / "case-b-seg.nii.gz").exists()
+    assert "1 of 2 cases segmented" in r.stdout and "1 skipped" in r.stdout
+    # a case cut short between its two files (killed, the power gone): segmented again, its own labels replaced
+    (out / "case-b-stats.csv").unlink()
+    r = brainunet("batch", data, "--output-dir", out, "--skip-existing", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert "case-b: skipped" not in r.stderr and (out / "case-b-stats.csv").is_file()
     assert "1 of 2 cases segmented" in r.stdout and "1 skipped" in r.stdout
     # without the option every case is segmented again: its own result replaced, a file it did not write kept
     own = (out / "case-b-seg.nii.gz").stat().st_mtime_ns

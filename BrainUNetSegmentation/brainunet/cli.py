@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write <case>-seg.nii.gz and <case>-stats.csv (default: DIR/brainunet)")
     p.add_argument("--format", default="nii.gz", choices=["nii.gz", "seg.nrrd"])
     p.add_argument("--skip-existing", action="store_true",
-                   help="skip a case whose labels file (<case>-seg.FORMAT) is already in the output folder, "
-                        "e.g. to resume an interrupted batch")
+                   help="skip a case whose labels (<case>-seg.FORMAT, not empty) and statistics "
+                        "(<case>-stats.csv) are both in the output folder, e.g. to resume an interrupted batch")
     _add_model_args(p)
 
     p = sub.add_parser("demo", help="segment the built-in synthetic case; writes labels, .seg.nrrd, CSV and PNG",
@@ -275,9 +275,10 @@ def cmd_batch(args) -> int:
         for n, case in enumerate(cases):
             out = out_dir / f"{case.name}-seg.{args.format}"
             stats = out_dir / f"{case.name}-stats.csv"
-            if args.skip_existing and out.exists():
+            # both files, the labels not empty: a case cut short between its two files is segmented again
+            if args.skip_existing and out.is_file() and out.stat().st_size > 0 and stats.is_file():
                 skipped += 1
-                _say(args, f"{case.name}: skipped, {out} already exists")
+                _say(args, f"{case.name}: skipped, {out} and its statistics already exist")
                 progress((n + 1) / len(cases), f"{case.name}: skipped")
                 continue
 
