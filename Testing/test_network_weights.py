@@ -325,3 +325,60 @@ def test_mirror_tta_averages_the_image_and_its_left_right_mirror():
     assert np.allclose(mirrored, flipped[:, ::-1], atol=1e-5)
     assert np.allclose(mirrored, (plain + predict_probabilities(
         net, np.ascontiguousarray(image[:, ::-1]), (32, 24, 16))[:, ::-1]) / 2, atol=1e-5)
+
+
+def test_registrations_at_once_keep_each_others_entries_and_a_dead_processs_lock_is_taken_over(tmp_path):
+    """Jobs registering at once (one per fold, a shared BRAINUNET_HOME) take turns on the registry; a lock
+    held by a live BrainUNet makes a registration wait and then say so; one left by a dead process is taken over."""
+    import os
+    import threading
+    import time
+
+    registry = tmp_path / "models" / "registry.json"
+    src = tmp_path / "w.pt"
+    weights.save_weights(src, BrainUNet(NetworkConfig(features=(4, 8))), "t")
+    errors = []
+
+    def register(name):
+        try:
+            weights.register_model(src, name, registry_path=registry)
+        except Exception as exc:  # reported below, with the others' outcome
+            errors.append(exc)
+
+    jobs = [threading.Thread(target=register, args=(f"fold{i}",)) for i in range(4)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    assert errors == []
+    assert {e.name for e in weights.load_registry(registry)} == {f"fold{i}" for i in range(4)}
+    lock = Path(str(registry) + ".lock")
+    assert not lock.exists() and not list(registry.parent.glob("*.tmp"))
+    lock.touch()
+    with pytest.raises(WeightsError, match="being changed by another BrainUNet.*remove .*registry.json.lock"):
+        with weights.registry_lock(registry, wait_s=0.2):
+            pass
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    weights.register_model(src, "fold4", registry_path=registry)
+    assert not lock.exists() and weights.load_registry(registry)[0].name == "fold4"
+
+
+def test_model_names_differing_only_in_case_are_refused_and_a_newer_kind_of_model_is_left_out(tmp_path, caplog):
+    """On Windows and macOS Clinic.pt and clinic.pt are one file: the second name is refused. A model of a kind
+    that a newer BrainUNet registered in the same folder is left out with a warning; the others still run."""
+    registry = tmp_path / "models" / "registry.json"
+    src = tmp_path / "w.pt"
+    weights.save_weights(src, BrainUNet(NetworkConfig(features=(4, 8))), "t")
+    weights.register_model(src, "Clinic", registry_path=registry)
+    with pytest.raises(WeightsError, match="'Clinic' is already registered.*upper and lower case"):
+        weights.register_model(src, "clinic", registry_path=registry)
+    assert [e.name for e in weights.load_registry(registry)] == ["Clinic"]
+    assert sorted(p.name for p in registry.parent.glob("*.pt")) == ["Clinic.pt"]
+    text = registry.read_text(encoding="utf-8")
+    registry.write_text(text.replace('"models": [', '"models": [{"name": "future", "kind": "cascade"}, '),
+                        encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        assert [e.name for e in weights.load_registry(registry)] == ["Clinic"]
+    assert "future" in caplog.text and "Update BrainUNet" in caplog.text
+    weights.register_model(src, "second", registry_path=registry)  # the newer entry is kept for its version
+    assert '"future"' in registry.read_text(encoding="utf-8")

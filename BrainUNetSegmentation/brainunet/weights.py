@@ -16,9 +16,12 @@ tree is never written (it is read-only in a signed macOS bundle and replaced on 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import time
 import tempfile
 import urllib.request
 from dataclasses import dataclass, field
@@ -97,6 +100,9 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+MODEL_KINDS = ("network", "baseline")
+
+
 def load_registry(path: Path | None = None, user_registry: Path | None = None) -> list[ModelEntry]:
     """The entries of one registry file, or (``path`` None) the user's registered models first (from
     ``user_registry``, default ``user_registry_path()``), then the bundled ones (a user entry of the same
@@ -119,13 +125,20 @@ def load_registry(path: Path | None = None, user_registry: Path | None = None) -
     # a hand-edited file: every entry must name a model and say what kind it is, or it cannot be run
     if not isinstance(models, list) or not all(
             isinstance(d, dict) and isinstance(d.get("name"), str) and d["name"].strip()
-            and d.get("kind") in ("network", "baseline")
+            and isinstance(d.get("kind"), str) and d["kind"].strip()
             and all(isinstance(d.get(k), (str, type(None))) for k in ("file", "description", "sha256", "url"))
             for d in models):
         raise WeightsError(f"The model registry {path} is not a list of models (each with a name and a kind, "
-                           f"network or baseline); {_registry_advice(path)}")
+                           f"such as network or baseline); {_registry_advice(path)}")
     entries = []
+    unknown = [d["name"] for d in models if d["kind"] not in MODEL_KINDS]
+    if unknown:  # added by a newer BrainUNet sharing this folder: the others stay usable
+        logging.getLogger(__name__).warning(
+            "%s: model(s) %s are of a kind this BrainUNet does not know (a newer version registered them); they "
+            "are left out here. Update BrainUNet to use them.", path, ", ".join(unknown))
     for d in models:
+        if d["kind"] not in MODEL_KINDS:
+            continue
         known = {k: d[k] for k in ("name", "kind", "description", "file", "sha256", "url") if k in d}
         known.setdefault("description", "")
         extra = {k: v for k, v in d.items() if k not in known}
@@ -288,8 +301,10 @@ def load_weights(path: Path, expected_sha256: str | None = None, device: str = "
     if not path.is_file():
         raise WeightsError(f"Weights file not found: {path}.")
     if expected_sha256 and sha256_of(path) != expected_sha256:
-        raise WeightsError(f"Weights file {path} is corrupt (checksum mismatch); reinstall BrainUNet or "
-                           "download the file again.")
+        raise WeightsError(f"Weights file {path} is corrupt (checksum mismatch). A model that came with "
+                           "BrainUNet: reinstall BrainUNet or download the file again; a model you added: register "
+                           "its file again (brainunet register FILE --name NAME --replace; in Slicer, Add model "
+                           "file...).")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Cancelled:  # SIGTERM (Slicer's Cancel) raised while reading: a cancel, not a corrupt file
@@ -327,8 +342,6 @@ def register_model(weights_file: Path, name: str, description: str = "", setting
     _, payload = load_weights(Path(weights_file))
     try:
         registry_path.parent.mkdir(parents=True, exist_ok=True)
-        if not registry_path.exists():
-            registry_path.write_text(json.dumps({"models": []}, indent=2) + "\n", encoding="utf-8")
         return _register(payload, registry_path, name, description, settings, fields)
     except OSError as exc:
         raise WeightsError(f"The model cannot be written into {registry_path.parent} ({exc.strerror or exc}); free "
@@ -357,19 +370,61 @@ def _register(payload: dict, registry_path: Path, name: str, description: str, s
         entry["inputs"] = {"sequences": list(model_settings.preprocessing.modalities),
                            "one_may_be_missing": model_settings.preprocessing.modality_dropout}
         entry.update(fields or {})
-        with open(registry_path, encoding="utf-8") as f:
-            registry = json.load(f)
-        registry["models"] = [entry] + [m for m in registry["models"] if m.get("name") != name]
-        os.replace(staged, target)
-        write_registry(registry_path, registry)
+        with registry_lock(registry_path):  # two registrations at once: each keeps the other's entry
+            registry = {"models": []}
+            if registry_path.exists():
+                with open(registry_path, encoding="utf-8") as f:
+                    registry = json.load(f)
+            # Windows' and macOS' file systems ignore case: Clinic.pt and clinic.pt are one file
+            clash = [m.get("name") for m in registry["models"]
+                     if m.get("name") != name and str(m.get("name")).casefold() == name.casefold()]
+            if clash:
+                raise WeightsError(f"A model named '{clash[0]}' is already registered ({registry_path}); names that "
+                                   "differ only in upper and lower case share one file on Windows and macOS. "
+                                   f"Choose another name, or replace it under the name '{clash[0]}'.")
+            registry["models"] = [entry] + [m for m in registry["models"] if m.get("name") != name]
+            os.replace(staged, target)
+            write_registry(registry_path, registry)
     finally:
         staged.unlink(missing_ok=True)
     return load_registry(registry_path)[0]
 
 
+@contextlib.contextmanager
+def registry_lock(registry_path: Path, wait_s: float = 30.0, stale_s: float = 120.0):
+    """Hold ``<registry>.lock`` (created exclusively) while a registry is read, changed and written. A lock
+    older than ``stale_s`` is that of a process that died holding it: taken over."""
+    lock = Path(str(registry_path) + ".lock")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            break
+        except FileExistsError:
+            try:
+                if time.time() - lock.stat().st_mtime > stale_s:
+                    lock.unlink(missing_ok=True)
+                    continue
+            except FileNotFoundError:  # released meanwhile
+                continue
+            if time.monotonic() > deadline:
+                raise WeightsError(f"{registry_path} is being changed by another BrainUNet for over {wait_s:.0f} s; "
+                                   f"try again when it has finished (or remove {lock} if none is running).") from None
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def write_registry(path: Path, registry: dict) -> None:
-    """Replace a registry file whole (a crash leaves the old one, never half a file)."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(registry, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Replace a registry file whole (a crash leaves the old one, never half a file); the temporary file has
+    a name of its own, so that two writers never share one."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}-", suffix=".tmp", dir=Path(path).parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(json.dumps(registry, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
