@@ -247,6 +247,21 @@ def test_batch_skip_existing_resumes_an_interrupted_batch(tmp_path):
     assert (out / "case-b-seg.nii.gz").stat().st_mtime_ns != own
 
 
+def test_batch_refuses_case_folders_whose_names_differ_only_in_case(tmp_path):
+    """Case1 and case1 side by side (a Linux disk) would write one result over the other on a Windows, macOS
+    or USB disk: refused before any case, naming them."""
+    from brainunet import synthetic
+
+    data = tmp_path / "data"
+    synthetic.write_case(data / "Case1", "Case1", seed=1, shape=(40, 48, 36))
+    if (data / "case1").exists():
+        pytest.skip("this file system ignores case")
+    synthetic.write_case(data / "case1", "case1", seed=2, shape=(40, 48, 36))
+    r = brainunet("batch", data, "--progress", "none")
+    assert r.returncode == 2 and "Case1 and case1 differ only in upper and lower case" in r.stderr
+    assert not (data / "brainunet").exists()
+
+
 def test_demo_passes_precision_and_threads_to_segment(tmp_path, monkeypatch):
     from brainunet import cli
 

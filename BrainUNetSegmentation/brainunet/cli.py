@@ -253,6 +253,13 @@ def cmd_batch(args) -> int:
         # every other patient's segmentation would land among this patient's images
         raise InputError(f"--output-dir {out_dir} is the case folder {inside} or inside it; choose a folder "
                          f"outside the case folders (the default is {data_dir / 'brainunet'}).")
+    by_name: dict[str, list[str]] = {}
+    for case in cases:
+        by_name.setdefault(case.name.casefold(), []).append(case.name)
+    clashes = [" and ".join(names) for names in by_name.values() if len(names) > 1]
+    if clashes:  # on Windows', macOS' or a USB disk's file system their outputs would be one file
+        raise InputError(f"Case folders {'; '.join(clashes)} differ only in upper and lower case: their results "
+                         "would overwrite each other where case is ignored (Windows, macOS, USB disks). Rename one.")
     others = [f.name for f in folders if f not in cases and f.resolve() != out_real]
     if not cases:
         raise InputError(f"No case folders in {data_dir}; expected one folder per case holding its T1CE, T2W and "
