@@ -377,6 +377,20 @@ def test_user_visible_texts_go_through_translation():
     assert not found, f"texts shown without _(): {found}"
 
 
+def test_the_bridges_messages_go_through_translation_too():
+    """The bridge's InputError texts reach the panel's message boxes and status line: wrapped in _() as well
+    (Slicer's tr inside Slicer, the text itself under slicer-core)."""
+    lib = MODULE_FILE.parent / "BrainUNetSegmentationLib"
+    found = []
+    for path in (lib / "logic.py", lib / "mrml.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_":
+                assert len(node.args) == 1 and isinstance(node.args[0], ast.Constant), ast.unparse(node)
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("InputError", "BrainUNetError"):
+                found += [(path.name, text) for a in node.args for text in _untranslated_texts(a)]
+    assert not found, f"texts shown without _(): {found}"
+
+
 # ---------------------------------------------------------------------------------------------
 # (b) auto-fill on enter
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import mrml
+from .mrml import _  # Slicer's translation where Slicer runs (see mrml)
 from brainunet.protocol import LEFT_OUT_NOTE, PROGRESS_PREFIX, RESULT_PREFIX
 from brainunet.errors import BrainUNetError, InputError
 from brainunet.imageio import MODALITY_NAMES
@@ -303,7 +304,7 @@ class BrainUNetLogic:
         # One missing sequence is left to the model to accept (modality dropout) or refuse, with its
         # own message from the background process; two missing is never enough.
         if len(missing) > 1:
-            raise InputError(f"Select the {', '.join(missing)} volumes first.")
+            raise InputError(_("Select the {volumes} volumes first.").format(volumes=", ".join(missing)))
         volumes = {}
         for role, node in inputs.items():
             if node is None:
@@ -324,7 +325,7 @@ class BrainUNetLogic:
         raises InputError for a path that is not a file or a name that cannot be used."""
         weights_file = Path(weights_file)
         if not weights_file.is_file():
-            raise InputError(f"{weights_file} is not a file; choose a BrainUNet weights file (.pt).")
+            raise InputError(_("{path} is not a file; choose a BrainUNet weights file (.pt).").format(path=weights_file))
         name = self.model_name(name)
         # a model of the same name is replaced: the panel asks before it starts this
         cmd = [self.python_executable, "-m", "brainunet", "register", str(weights_file), "--name", name,
@@ -342,11 +343,12 @@ class BrainUNetLogic:
             state = run.wait(timeout_s)
         except TimeoutError:
             run.cancel()
-            raise InputError(f"The model could not be added: the check did not end in {timeout_s:.0f} s.") from None
+            raise InputError(_("The model could not be added: the check did not end in {seconds} s.").format(
+                seconds=f"{timeout_s:.0f}")) from None
         finally:
             run.cleanup()
         if state != "done":
-            raise InputError(f"The model could not be added: {run.error}")
+            raise InputError(_("The model could not be added: {reason}").format(reason=run.error))
         return run.model_name
 
     @staticmethod
@@ -357,7 +359,7 @@ class BrainUNetLogic:
 
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name.strip()).strip("-.")
         if not name:
-            raise InputError("Give the model a name (letters, digits, '-', '_' or '.').")
+            raise InputError(_("Give the model a name (letters, digits, '-', '_' or '.')."))
         weights.check_user_model_name(name)
         return name
 
@@ -448,7 +450,7 @@ class BrainUNetLogic:
         from brainunet.statistics import read_csv
 
         if run.state != "done":
-            raise BrainUNetError(run.error or f"The run has not finished (state: {run.state}).")
+            raise BrainUNetError(run.error or _("The run has not finished (state: {state}).").format(state=run.state))
         try:
             written = nib.load(str(run.outputs["labels"]))
             labels = np.asarray(written.dataobj).astype(np.uint8)
@@ -457,16 +459,16 @@ class BrainUNetLogic:
             # the scene may have changed while the worker ran: never import into a removed node, nor onto a
             # reference whose geometry is no longer the one the worker segmented
             if reference.GetScene() is not self.scene:
-                raise InputError(f"The reference volume {reference.GetName()} was removed from the scene while "
-                                 "BrainUNet ran; load it again and press Apply.")
+                raise InputError(_("The reference volume {name} was removed from the scene while BrainUNet ran; load "
+                                   "it again and press Apply.").format(name=reference.GetName()))
             image = reference.GetImageData()
             if image is None or image.GetPointData().GetScalars() is None:
-                raise InputError(f"The reference volume {reference.GetName()} lost its image data while BrainUNet "
-                                 "ran; load the image again and press Apply.")
+                raise InputError(_("The reference volume {name} lost its image data while BrainUNet ran; load the "
+                                   "image again and press Apply.").format(name=reference.GetName()))
             if (labels.shape != tuple(image.GetDimensions())
                     or not np.allclose(mrml.ijk_to_ras(reference), written.affine, atol=1e-3)):
-                raise InputError(f"The reference volume {reference.GetName()} was moved, transformed or changed "
-                                 "while BrainUNet ran; press Apply again to segment it as it is now.")
+                raise InputError(_("The reference volume {name} was moved, transformed or changed while BrainUNet ran; "
+                                   "press Apply again to segment it as it is now.").format(name=reference.GetName()))
             if segmentation_node is not None and segmentation_node.GetScene() is not self.scene:
                 segmentation_node = None  # the chosen output was deleted during the run: a new one
             if table_node is not None and table_node.GetScene() is not self.scene:
@@ -570,8 +572,9 @@ class BrainUNetLogic:
 
         reference = segmentation_node.GetNodeReference(REFERENCE_VOLUME_REFERENCE)
         if reference is None or reference.GetImageData() is None:
-            raise InputError(f"The statistics of \"{segmentation_node.GetName()}\" cannot be computed again: the "
-                             "volume it was segmented on is no longer in the scene (or it is not a BrainUNet result).")
+            raise InputError(_("The statistics of \"{name}\" cannot be computed again: the volume it was segmented "
+                               "on is no longer in the scene (or it is not a BrainUNet result).").format(
+                                   name=segmentation_node.GetName()))
         labels = mrml.segmentation_to_labels(segmentation_node, reference)
         affine = mrml.ijk_to_ras(reference)
         old_notes = [n for n in (table_node.GetAttribute(mrml.NOTES_ATTRIBUTE) or "").split("\n") if n]

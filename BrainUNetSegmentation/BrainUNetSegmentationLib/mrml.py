@@ -14,6 +14,12 @@ import vtk
 from vtk.util import numpy_support
 
 from brainunet.errors import InputError
+
+try:  # the bridge's messages reach the user: Slicer's translation, the English text where Slicer is absent
+    from slicer.i18n import tr as _
+except ImportError:  # slicer-core (tests, scripts) has no translation layer
+    def _(text: str) -> str:
+        return text
 from brainunet.imageio import Volume, check_volume, check_voxels
 from brainunet.labels import SUBREGIONS
 
@@ -50,8 +56,8 @@ def ijk_to_ras(volume_node) -> np.ndarray:
     parent = volume_node.GetParentTransformNode()
     if parent is not None:
         if not parent.IsTransformToWorldLinear():
-            raise InputError(f"{volume_node.GetName()} is under a non-linear transform; harden it first "
-                             "(Data module: right-click > Harden transform).")
+            raise InputError(_("{name} is under a non-linear transform; harden it first (Data module: right-click > "
+                               "Harden transform).").format(name=volume_node.GetName()))
         to_world = vtk.vtkMatrix4x4()
         parent.GetMatrixTransformToWorld(to_world)
         affine = _matrix_to_numpy(to_world) @ affine
@@ -62,10 +68,10 @@ def _scalar_voxels(volume_node, name: str) -> np.ndarray:
     """The node's voxels as a view ``[k, j, i]`` on its image data (no copy); InputError if it has none."""
     image = volume_node.GetImageData()
     if image is None or image.GetPointData().GetScalars() is None or image.GetNumberOfPoints() == 0:
-        raise InputError(f"{name} has no image data. Load the image again.")
+        raise InputError(_("{name} has no image data. Load the image again.").format(name=name))
     if image.GetNumberOfScalarComponents() != 1:
-        raise InputError(f"{name} has {image.GetNumberOfScalarComponents()} components per "
-                         "voxel (colour or vector image); BrainUNet needs a scalar MRI volume.")
+        raise InputError(_("{name} has {count} components per voxel (colour or vector image); BrainUNet needs a "
+                           "scalar MRI volume.").format(name=name, count=image.GetNumberOfScalarComponents()))
     return np.asarray(slicer.util.arrayFromVolume(volume_node))
 
 
@@ -106,7 +112,7 @@ def load_volume_file(scene, path, name: str | None = None):
     if not storage.ReadData(node):
         scene.RemoveNode(node)
         scene.RemoveNode(storage)
-        raise InputError(f"Slicer could not read {path}.")
+        raise InputError(_("Slicer could not read {path}.").format(path=path))
     return node
 
 
