@@ -802,9 +802,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                                      windowTitle="BrainUNet")
             return
         # the path first: a dialog cancelled leaves the table (and a cloned result's shared one) untouched
-        name = tableNode.GetName()
-        if segmentationNode is not None and self.logic._tableSharedWithAnother(segmentationNode, tableNode):
-            name = f"{segmentationNode.GetName()} statistics"  # the name of the table the clone gets
+        name = self.logic.ownStatisticsTableName(segmentationNode, tableNode)
         path = qt.QFileDialog.getSaveFileName(self.uiWidget, _("Export statistics"),
                                               os.path.join(os.path.expanduser("~"), f"{name}.csv"),
                                               _("CSV files (*.csv)"))
@@ -1033,9 +1031,16 @@ class BrainUNetSegmentationLogicBase(ScriptedLoadableModuleLogic):
         if tableNode is None or not self._tableSharedWithAnother(segmentationNode, tableNode):
             return tableNode
         own = self.scene.CopyNode(tableNode)
-        own.SetName(self.scene.GenerateUniqueName(f"{segmentationNode.GetName()} statistics"))
+        own.SetName(self.scene.GenerateUniqueName(self.ownStatisticsTableName(segmentationNode, tableNode)))
         segmentationNode.SetNodeReferenceID(STATISTICS_TABLE_REFERENCE, own.GetID())
         return own
+
+    def ownStatisticsTableName(self, segmentationNode, tableNode) -> str:
+        """The name of the table ``ownStatisticsTable`` gives: the table's own, or for a cloned result sharing
+        another's table, that of the clone's copy."""
+        if segmentationNode is None or not self._tableSharedWithAnother(segmentationNode, tableNode):
+            return tableNode.GetName()
+        return f"{segmentationNode.GetName()} statistics"
 
     def updateOwnStatistics(self, segmentationNode, tableNode):
         """Compute the statistics of ``segmentationNode`` again into its own table (``ownStatisticsTable``);

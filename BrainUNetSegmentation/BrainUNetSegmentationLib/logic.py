@@ -325,7 +325,8 @@ class BrainUNetLogic:
         raises InputError for a path that is not a file or a name that cannot be used."""
         weights_file = Path(weights_file)
         if not weights_file.is_file():
-            raise InputError(_("{path} is not a file; choose a BrainUNet weights file (.pt).").format(path=weights_file))
+            raise InputError(_("{path} is not a file; choose a BrainUNet weights file (.pt).").format(
+                path=weights_file))
         name = self.model_name(name)
         # a model of the same name is replaced: the panel asks before it starts this
         cmd = [self.python_executable, "-m", "brainunet", "register", str(weights_file), "--name", name,

@@ -14,14 +14,14 @@ import vtk
 from vtk.util import numpy_support
 
 from brainunet.errors import InputError
+from brainunet.imageio import Volume, check_volume, check_voxels
+from brainunet.labels import SUBREGIONS
 
 try:  # the bridge's messages reach the user: Slicer's translation, the English text where Slicer is absent
     from slicer.i18n import tr as _
 except ImportError:  # slicer-core (tests, scripts) has no translation layer
     def _(text: str) -> str:
         return text
-from brainunet.imageio import Volume, check_volume, check_voxels
-from brainunet.labels import SUBREGIONS
 
 
 def new_headless_scene():

@@ -148,9 +148,9 @@ def load_volume(path, name: str | None = None) -> Volume:
     if not isinstance(img, nib.Nifti1Pair):  # NIfTI-1 and -2, single file or pair
         # MGH and Analyze images lack NIfTI's header (the labels are written with the input's), and
         # Analyze has no left-right orientation: nibabel would guess it
-        raise InputError(f"{name}: {path.name} is not NIfTI (it reads as {type(img).__name__}). BrainUNet reads NIfTI (.nii, .nii.gz), NRRD, MetaImage and DICOM: convert it "
-                         "first (load it in 3D Slicer and save it as .nii.gz, or mri_convert for FreeSurfer's "
-                         ".mgz).")
+        raise InputError(f"{name}: {path.name} is not NIfTI (it reads as {type(img).__name__}). BrainUNet reads "
+                         "NIfTI (.nii, .nii.gz), NRRD, MetaImage and DICOM: convert it first (load it in 3D Slicer "
+                         "and save it as .nii.gz, or mri_convert for FreeSurfer's .mgz).")
     voxels = int(np.prod([int(n) for n in img.shape], dtype=np.int64)) if img.shape else 0
     if voxels > MAX_VOXELS:
         dims = " x ".join(str(int(n)) for n in img.shape)

@@ -130,19 +130,19 @@ def load_registry(path: Path | None = None, user_registry: Path | None = None) -
             for d in models):
         raise WeightsError(f"The model registry {path} is not a list of models (each with a name and a kind, "
                            f"such as network or baseline); {_registry_advice(path)}")
-    entries = []
-    unknown = [d["name"] for d in models if d["kind"] not in MODEL_KINDS]
-    if unknown:  # added by a newer BrainUNet sharing this folder: the others stay usable
-        logging.getLogger(__name__).warning(
-            "%s: model(s) %s are of a kind this BrainUNet does not know (a newer version registered them); they "
-            "are left out here. Update BrainUNet to use them.", path, ", ".join(unknown))
+    entries, unknown = [], []
     for d in models:
-        if d["kind"] not in MODEL_KINDS:
+        if d["kind"] not in MODEL_KINDS:  # added by a newer BrainUNet sharing this folder: the others stay usable
+            unknown.append(d["name"])
             continue
         known = {k: d[k] for k in ("name", "kind", "description", "file", "sha256", "url") if k in d}
         known.setdefault("description", "")
         extra = {k: v for k, v in d.items() if k not in known}
         entries.append(ModelEntry(**known, extra=extra, base_dir=path.parent))
+    if unknown:
+        logging.getLogger(__name__).warning(
+            "%s: model(s) %s are of a kind this BrainUNet does not know (a newer version registered them); they "
+            "are left out here. Update BrainUNet to use them.", path, ", ".join(unknown))
     return entries
 
 
