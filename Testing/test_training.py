@@ -149,6 +149,37 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in whole.history], rel=1e-5)
 
 
+def test_a_cancel_during_the_weight_update_leaves_a_checkpoint_whose_step_matches_its_weights(tmp_path, monkeypatch):
+    """SIGTERM (a preempted or stopped job; the CLI turns it into Cancelled) landing inside the optimiser update
+    waits until the update is counted and recorded: the checkpoint's step, AdamW's own step count, the schedule
+    and the history agree, so --resume does not apply an update twice."""
+    import signal
+
+    from brainunet.errors import Cancelled
+
+    update = torch.optim.lr_scheduler.LambdaLR.step
+
+    def update_then_terminate(self, *args, **kwargs):
+        update(self, *args, **kwargs)
+        if self.last_epoch == 4:  # the fourth training update, between the weights and the step count
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def cancel(*_):
+        raise Cancelled()
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", update_then_terminate)
+    previous = signal.signal(signal.SIGTERM, cancel)
+    try:
+        with pytest.raises(Cancelled, match="Training stopped at step 4 of 12"):
+            train(tiny_config(steps=12, crops_per_case=3, validation_cases=0), tmp_path / "run", progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 4 and saved["scheduler"]["last_epoch"] == 4
+    assert {float(state["step"]) for state in saved["optimizer"]["state"].values()} == {4.0}
+    assert [r["step"] for r in read_history(tmp_path / "run" / "history.csv")] == [1, 2, 3, 4]
+
+
 def _write_brats_folder(root, layouts=("2023", "2021", "2023")):
     """Labelled synthetic cases of different tumour sizes; one in BraTS 2021 naming with label 4 for ET."""
     import nibabel as nib
@@ -507,6 +538,33 @@ def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(t
         assert learned(alone / "final" / "model.pt") == names
         assert cli.main(argv + ["--final-only", "--fold", "0"]) == 2
         assert "--final-only trains no fold" in capsys.readouterr().err
+        # the folds stay those the fold models learned on: resuming over another set of cases is refused
+        import shutil
+        fewer = tmp_path / "fewer"
+        shutil.copytree(data, fewer)
+        shutil.rmtree(fewer / names[0])
+        assert cli.main([a if a != str(data) else str(fewer) for a in argv] + ["--resume"]) == 2
+        assert f"1 of its cases missing ({names[0]})" in capsys.readouterr().err
+        assert json.loads((out / "folds.json").read_text()) == folds
+        # cv-rescore scores finished fold models only, each on cases it never learned from
+        broken = tmp_path / "cv-broken"
+        shutil.copytree(out, broken)
+        payload = torch.load(broken / "fold0" / "model.pt", weights_only=True)
+        payload["extra"]["training"]["finished"] = False
+        torch.save(payload, broken / "fold0" / "model.pt")
+        rescore = ["cv-rescore", str(broken), "--data", str(data), "--tag", "t"]
+        assert cli.main(rescore) == 2
+        assert "model.pt is not a finished training of 3 steps" in capsys.readouterr().err
+        shutil.copy(out / "fold1" / "model.pt", broken / "fold0" / "model.pt")  # fold 1's model learned fold 0's cases
+        assert cli.main(rescore) == 2
+        assert "has learned from 2 of the cases it would be scored on" in capsys.readouterr().err
+        # cv-postprocess pools scored folds only, and only runs of one split
+        (broken / "fold1" / "scores.csv").unlink()
+        assert cli.main(["cv-postprocess", str(broken)]) == 0
+        assert f"({len(folds['fold0'])} held-out cases)" in capsys.readouterr().out
+        (broken / "folds.json").write_text(json.dumps({"fold0": folds["fold1"], "fold1": folds["fold0"]}))
+        assert cli.main(["cv-postprocess", str(out), str(broken)]) == 2
+        assert "split the cases into folds differently" in capsys.readouterr().err
         assert cli.main(["cv-report", str(out)]) == 0
         report = capsys.readouterr().out
         assert "| no-t2w | 4 |" in report and "| no-t1c | 4 |" in report and "| other | 4 |" in report
@@ -534,6 +592,10 @@ def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(t
         assert len(strict) == len(rows) and "| all | 4 |" in capsys.readouterr().out
         wt = {(r["case"], r["condition"]): r["dice_WT"] for r in rows}
         assert any(r["dice_WT"] != wt[(r["case"], r["condition"])] for r in strict)  # the settings were applied
+        # a preprocessing setting reaches the preparation of the cases, not only the label of the table
+        coarse = ["--set", "spacing_mm=[8,8,8]", "--tag", "coarse"]
+        assert cli.main(["cv-rescore", str(out), "--data", str(data)] + coarse) == 0
+        assert any(r["dice_WT"] != wt[(r["case"], r["condition"])] for r in crossval.read_cases(out, "coarse"))
         # a rule of its own without T2W: applied to the no-t2w rows, and to them only
         assert cli.main(["cv-rescore", str(out), "--data", str(data), "--set", "no-t2w.tumour_threshold=0.99",
                          "--set", "no-t2w.min_component_voxels=10", "--tag", "own"]) == 0
@@ -551,7 +613,6 @@ def test_cli_cross_validation_scores_every_case_once_per_condition_and_resumes(t
                          "--set", "patch_size=[16,16,16]"]) == 2
         assert "only post-processing settings" in capsys.readouterr().err
         # a run whose missing-sequence probabilities were not kept gets them from cv-rescore --keep
-        import shutil
         for folder in out.glob("fold*/heldout/no-t*"):
             shutil.rmtree(folder)
         assert cli.main(["cv-rescore", str(out), "--data", str(data), "--tag", "kept", "--keep"]) == 0
@@ -664,8 +725,7 @@ def test_nested_postprocess_scores_each_fold_with_the_rule_chosen_without_it(tmp
         probs[0][blob] = 0.5 if fold == "fold0" else 0.08
         probs[2][blob] = 0.5 if fold == "fold0" else 0.92
         folder = tmp_path / "run" / fold / "heldout"
-        folder.mkdir(parents=True)
-        np.savez(folder / "case.npz", probs=probs, mask=np.ones_like(reference, bool), reference=reference)
+        _write_heldout(folder, probs, reference)
     heldout = crossval.load_heldout([tmp_path / "run"])
     _, chosen = crossval.sweep_postprocess(heldout)
     row, rules = crossval.nested_postprocess(heldout)
@@ -676,9 +736,12 @@ def test_nested_postprocess_scores_each_fold_with_the_rule_chosen_without_it(tmp
     assert row["mean"] < best_in_sample  # choosing on the scored cases flatters; nested does not
 
 
-def _write_heldout(folder, probs, reference):
-    folder.mkdir(parents=True)
-    np.savez(folder / "case.npz", probs=probs, mask=np.ones_like(reference, bool), reference=reference)
+def _write_heldout(folder, probs, reference, **extra):
+    """One kept held-out case of a scored fold (cv-postprocess reads folds whose scores.csv is there)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "case.npz", probs=probs, mask=np.ones_like(reference, bool), reference=reference, **extra)
+    fold = folder.parent if folder.name == "heldout" else folder.parent.parent
+    (fold / "scores.csv").touch()
 
 
 def test_a_missing_sequence_gets_its_own_rule_only_where_its_held_out_cases_want_one(tmp_path, monkeypatch):
@@ -754,8 +817,7 @@ def test_a_postprocessing_stage_must_gain_the_minimum_to_change_the_rule(tmp_pat
     probs[0][reference == 2], probs[2][reference == 2] = 0.2, 0.8
     probs[0][2, 2, 2], probs[2][2, 2, 2] = 0.6, 0.4  # one tumour voxel only the threshold finds
     folder = tmp_path / "run" / "fold0" / "heldout"
-    folder.mkdir(parents=True)
-    np.savez(folder / "case.npz", probs=probs, mask=np.ones_like(reference, bool), reference=reference)
+    _write_heldout(folder, probs, reference)
 
     rows, chosen = crossval.sweep_postprocess(crossval.load_heldout([tmp_path / "run"]), min_gain=0.0)
     gain = rows[1]["mean"] - rows[0]["mean"]
@@ -780,8 +842,7 @@ def test_region_decoding_search_finds_the_et_share_argmax_misses(tmp_path, capsy
     probs[:, reference == 3] = np.array([0.05, 0.5, 0.05, 0.4])[:, None]  # ET share 0.44: NETC by argmax
     for fold in ("fold0", "fold1"):
         folder = tmp_path / "run" / fold / "heldout"
-        folder.mkdir(parents=True)
-        np.savez(folder / "case.npz", probs=probs, mask=np.ones_like(reference, bool), reference=reference)
+        _write_heldout(folder, probs, reference)
     heldout = crossval.load_heldout([tmp_path / "run"])
 
     plain_rows, plain = crossval.sweep_postprocess(heldout)
@@ -813,8 +874,7 @@ def test_cv_errors_measures_excess_volume_and_how_far_it_lies(tmp_path, capsys):
     tumour[6, 2:6, 2:6] = True  # 16 voxels touching the tumour
     probs[0][tumour], probs[2][tumour] = 0.0, 1.0
     folder = tmp_path / "run" / "fold0" / "heldout"
-    folder.mkdir(parents=True)
-    np.savez(folder / "case.npz", probs=probs, mask=np.ones_like(reference, bool), reference=reference,
+    _write_heldout(folder, probs, reference,
              spacing=np.array([1.0, 1.0, 1.0]))
     row = volume_errors([tmp_path / "run"])[0]
     assert row["reference_ml"] == pytest.approx(0.064) and row["predicted_ml"] == pytest.approx(0.144)

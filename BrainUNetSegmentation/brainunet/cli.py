@@ -62,7 +62,8 @@ def _positive_int(text: str) -> int:
 
 
 def _add_model_args(p):
-    p.add_argument("--model", help="registry name or weights file (default: best installed model)")
+    p.add_argument("--model", help="registry name or weights file "
+                   "(default: the model registered last, else the bundled one)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the network")
     p.add_argument("--tta", action="store_true", help="test-time augmentation over the 8 flips: 8 network passes; "
                                                       "no more accurate in cross-validation (MODEL_CARD.md)")

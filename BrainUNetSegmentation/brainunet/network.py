@@ -39,7 +39,7 @@ class NetworkConfig:
         return cls(**known)
 
 
-#: The paper's configuration (~22 M parameters).
+#: The paper's configuration (about 23 M parameters; BENCHMARKS.md counts them).
 PAPER_CONFIG = NetworkConfig(features=(32, 64, 128, 256, 512), blocks_per_level=1)
 
 

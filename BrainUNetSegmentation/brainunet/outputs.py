@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import stat
+import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,18 +160,29 @@ def check_outputs(outputs: dict[str, Path], inputs=()) -> dict[str, Path]:
 
 
 @contextmanager
-def _signals_held():
-    """SIGINT and SIGTERM wait until the block ends (POSIX main thread; elsewhere a no-op)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    except (AttributeError, ValueError, OSError):  # Windows, or not the main thread
+def signals_held():
+    """SIGINT and SIGTERM that arrive in the block are handled when it ends (main thread; elsewhere a no-op).
+    Python-level deferral rather than a signal mask: the mask is per thread, and the kernel hands a signal to
+    any thread that does not block it (torch's workers), whose handler flag the main thread then acts on."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    pending: list[tuple[int, object]] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not None}  # installed outside Python: left alone
+    for signum in previous:
+        signal.signal(signum, lambda received, frame: pending.append((received, frame)))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum, frame in pending[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 class OutputSet:
@@ -218,7 +230,7 @@ class OutputSet:
                 final = self.outputs[key]
                 if final.exists() and not replaceable(key, final):
                     raise OutputError(_not_replaceable(final) + " Nothing was written.")
-        with _signals_held():
+        with signals_held():
             previous: dict[str, Path] = {}  # output -> a copy of the file it replaces, until all are in place
             placed: list[str] = []
             try:

@@ -48,7 +48,8 @@ class LoadedModel:
 
 
 def load_model(model: str | Path | None = None, device: str = "cpu", progress=None) -> LoadedModel:
-    """``model``: None (best installed), a registry name, or a path to a weights file."""
+    """``model``: None ($BRAINUNET_MODEL, else the model registered last, else the bundled one), a registry
+    name, or a path to a weights file."""
     resolved = weights_mod.resolve_model(model, progress=progress)
     if resolved.kind == "baseline":
         return LoadedModel(resolved.name, "baseline", ModelSettings(), None, resolved.description)

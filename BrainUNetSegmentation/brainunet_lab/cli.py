@@ -65,7 +65,8 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("calibrate", help="choose a model's tumour threshold on held-out data-engine cases "
                                          "(corrects systematic over- or under-segmentation)")
-    p.add_argument("--model", help="registry name or weights file (default: best installed model)")
+    p.add_argument("--model", help="registry name or weights file "
+                   "(default: the model registered last, else the bundled one)")
     p.add_argument("--synthetic", type=int, default=12, metavar="N", help="engine cases (default 12)")
     p.add_argument("--seed", type=int, default=11,
                    help="engine seed set (default 11; keep it apart from the one you report with evaluate)")
@@ -80,7 +81,8 @@ def add_commands(sub) -> None:
                    help="glob of each case's label file instead of *_seg / *-seg, e.g. 'algo_segmentation*.nii.gz' "
                         "to fine-tune on another algorithm's output as pseudo-labels")
     p.add_argument("--output", required=True, help="run folder (with --folds: fold<i>/ subfolders and folds.csv)")
-    p.add_argument("--model", help="registry name or weights file to start from (default: best installed model)")
+    p.add_argument("--model", help="registry name or weights file to start from "
+                   "(default: the model registered last, else the bundled one)")
     p.add_argument("--steps", type=int, default=500, help="training steps per model (default 500)")
     p.add_argument("--folds", type=int, help="K-fold cross-validation first, then a final model on all cases")
     p.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
@@ -95,7 +97,8 @@ def add_commands(sub) -> None:
     p.add_argument("--data", help="folder of BraTS-layout case folders with a *_seg / *-seg file")
     p.add_argument("--output", required=True, help="run folder (fold<i>/, cases.csv, optional final/)")
     p.add_argument("--model", help="registry name or weights file whose network and preprocessing the recipe "
-                                   "uses, and whose weights it starts from (default: best installed model)")
+                                   "uses, and whose weights it starts from "
+                                   "(default: the model registered last, else the bundled one)")
     p.add_argument("--scratch", action="store_true", help="start from random weights (same network)")
     p.add_argument("--config", help="JSON of training settings (same keys as train), e.g. a recipe in configs/")
     p.add_argument("--steps", type=int, default=300, help="training steps per fold model (default 300)")
@@ -117,7 +120,8 @@ def add_commands(sub) -> None:
                                        "machine without the data, such as the GPU machine")
     p.add_argument("--data", required=True, help="folder of BraTS-layout case folders with a *_seg / *-seg file")
     p.add_argument("--output", required=True, help="pack folder (keep it out of git: e.g. .cache/pack-1mm)")
-    p.add_argument("--model", help="model whose preprocessing the recipe uses (default: best installed model)")
+    p.add_argument("--model", help="model whose preprocessing the recipe uses "
+                   "(default: the model registered last, else the bundled one)")
     p.add_argument("--config", help="the recipe's JSON settings (its spacing_mm decides the pack's grid)")
     p.add_argument("--margin-mm", type=float, default=24.0, help="brain kept around the tumour (default 24)")
 

@@ -3,7 +3,8 @@
 ``brainunet cv`` trains one model per fold (5 by default: folds by patient, stratified by institution and
 tumour size, ``realdata.institution_folds``), each on the other folds' cases, and scores it on the cases it
 never saw, through the inference path: every sequence, and without T2W and without T1CE (the missing
-sequence becomes the zero channel inference gives it). Held-out class probabilities are kept, so
+sequence becomes the zero channel inference gives it; the case is prepared once with every sequence, where
+inference prepares it from those present, so the crop and normalisation can differ slightly). Held-out class probabilities are kept, so
 post-processing rules are chosen by the same cross-validation (``brainunet cv-postprocess``, with
 ``--condition`` for a missing sequence) without retraining. ``brainunet cv-report`` prints the tables (per
 region, per institution, per condition, mean and spread over folds) that MODEL_CARD.md copies.
@@ -15,6 +16,7 @@ condition), optional ``final/`` (the recipe on every case: the model that ships)
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import time
@@ -53,19 +55,61 @@ def load_cases(data_dir, config, cache=True, progress=None):
                                bias_correction=config.bias_correction, cache=cache, progress=progress)
 
 
+def _training_record(path: Path) -> dict | None:
+    """What a model.pt records of its training (steps, finished, ...), or None when there is none to read."""
+    import torch
+
+    if not Path(path).is_file():
+        return None
+    try:
+        return dict(torch.load(path, map_location="cpu", weights_only=True)["extra"]["training"])
+    except Exception:
+        return None
+
+
 def _finished_weights(run_dir: Path, steps: int) -> Path | None:
     """A run folder's model.pt when it holds a finished training of ``steps`` steps (e.g. brought back
     from the GPU machine without its checkpoint)."""
-    import torch
-
     path = Path(run_dir) / "model.pt"
-    if not path.is_file() or (Path(run_dir) / "checkpoint.pt").exists():
+    if (Path(run_dir) / "checkpoint.pt").exists():
         return None
-    try:
-        training = torch.load(path, map_location="cpu", weights_only=True)["extra"]["training"]
-    except Exception:
+    training = _training_record(path)
+    return path if training and training.get("finished") and int(training.get("steps", -1)) == int(steps) else None
+
+
+def _saved_folds(output_dir: Path, case_names, folds: int) -> list[list[str]] | None:
+    """The held-out names of each fold of a run that has its folds already, checked against the cases given now:
+    the split depends on every case (dealt by institution and size), so another set of cases would re-split
+    them, and the fold models already trained would be scored on cases they learned from."""
+    path = Path(output_dir) / "folds.json"
+    if not path.is_file():
         return None
-    return path if training.get("finished") and int(training.get("steps", -1)) == int(steps) else None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    held = [list(saved.get(f"fold{i}", [])) for i in range(folds)]
+    before, now = sorted(n for names in held for n in names), sorted(case_names)
+    if len(saved) != folds or before != now:
+        extra, missing = sorted(set(now) - set(before)), sorted(set(before) - set(now))
+        detail = "; ".join(part for part in (
+            f"{len(extra)} not in it ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})" if extra else "",
+            f"{len(missing)} of its cases missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+            if missing else "") if part)
+        raise InputError(f"{output_dir} was split into folds over other cases "
+                         f"({path}: {detail or 'another number of folds'}); its fold models learned from cases that "
+                         "would now be held out. Resume with the same cases, or start another output folder.")
+    return held
+
+
+def _check_held_out(weights, held_names) -> None:
+    """Refuse to score a model on cases it learned from (a model copied into the wrong fold folder, a run
+    resumed over other cases): the figures would not be held-out figures."""
+    from .training import learned_cases
+
+    seen = sorted(learned_cases(weights)[0] & set(held_names))
+    if seen:
+        raise InputError(f"{weights} has learned from {len(seen)} of the cases it would be scored on "
+                         f"({', '.join(seen[:3])}{', ...' if len(seen) > 3 else ''}): "
+                         "its scores would not be held out. Check that each fold folder holds its own fold's model "
+                         "(folds.json).")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -119,6 +163,7 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
                 {k: recipe[k] for k in ("steps", "folds", "overrides", "scratch", "seed")}:
             raise InputError(f"{output_dir} was started with another recipe ({recipe_path}); resume it with the "
                              "same settings, or choose another output folder.")
+    saved_folds = _saved_folds(output_dir, case_names, folds)
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_json(recipe_path, recipe)
 
@@ -129,8 +174,12 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
         cases = load_cases(data_dir, config, progress=(lambda f, m: None) if not progress else None)
     log(f"{len(cases)} cases preprocessed or read from the cache in {time.perf_counter() - t:.0f} s")
     names = [c.name for c in cases]
-    splits = institution_folds(names, [c.wt_volume_ml for c in cases], folds)
-    _write_json(output_dir / "folds.json", {f"fold{i}": [names[j] for j in s] for i, s in enumerate(splits)})
+    if saved_folds is None:
+        splits = institution_folds(names, [c.wt_volume_ml for c in cases], folds)
+        _write_json(output_dir / "folds.json", {f"fold{i}": [names[j] for j in s] for i, s in enumerate(splits)})
+    else:  # the split the fold models were trained on, whatever the split of these cases would be now
+        index = {n: j for j, n in enumerate(names)}
+        splits = [[index[n] for n in held] for held in saved_folds]
 
     def remaining():
         return None if deadline is None else max(1.0, deadline - time.monotonic())
@@ -191,9 +240,11 @@ def score_fold(weights, held_cases, fold: int, keep_dir, device: str = "auto",
     from .evaluation import evaluate_case, find_reference
     from .realdata import institution, read_labels
 
+    _check_held_out(weights, [c.name for c in held_cases])
     device = resolve_device(device)
     loaded = pipeline.load_model(weights, device=device)
     model_settings = loaded.settings.with_overrides(settings, "--set")
+    loaded = dataclasses.replace(loaded, settings=model_settings)  # preprocessing overrides reach prepare_inputs
     if keep_dir is not None:
         keep_dir = Path(keep_dir)
         keep_dir.mkdir(parents=True, exist_ok=True)
@@ -235,9 +286,13 @@ def _crop_reference(reference, prepared):
 
 
 def _write_rows(rows, path):
+    """Written whole or not at all: a fold's scores.csv marks it done."""
     from .evaluation import write_metrics_csv
 
-    write_metrics_csv(rows, path, CASE_FIELDS)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_metrics_csv(rows, tmp, CASE_FIELDS)
+    os.replace(tmp, path)
 
 
 def _read_rows(path) -> list[dict]:
@@ -274,11 +329,21 @@ def rescore(run_dir, data_dir, settings: dict, tag: str, device: str = "auto", l
     if not folds_file.is_file():
         raise InputError(f"{run_dir} is not a cross-validation run (no folds.json).")
     paths = {p.name: p for p in find_labelled_cases(data_dir)}
+    steps = json.loads((run_dir / "recipe.json").read_text(encoding="utf-8"))["steps"] \
+        if (run_dir / "recipe.json").is_file() else None
     rows = []
     for i, names in enumerate(json.loads(folds_file.read_text(encoding="utf-8")).values()):
         weights = run_dir / f"fold{i}" / "model.pt"
-        if not weights.is_file():
-            raise InputError(f"{weights} is missing; finish the cross-validation first (brainunet cv ... --resume).")
+        training = _training_record(weights)
+        if training is None or not training.get("finished") or \
+                (steps is not None and int(training.get("steps", -1)) != int(steps)):
+            state = "missing" if not weights.is_file() else "not a finished training" + (
+                f" of {steps} steps" if steps is not None else "")
+            raise InputError(f"{weights} is {state}; finish the cross-validation first (brainunet cv ... --resume).")
+        missing = [n for n in names if n not in paths]
+        if missing:
+            raise InputError(f"{data_dir} lacks {len(missing)} of fold {i}'s held-out cases "
+                             f"({', '.join(missing[:3])}); give the folder the run was made from.")
         held = [SimpleNamespace(name=n, path=paths[n]) for n in names]
         rows += score_fold(weights, held, i, run_dir / f"fold{i}" / "heldout" if keep else None, device, settings,
                            tta, keep_conditions=tuple(c for c in CONDITIONS if c != "all"))
@@ -427,7 +492,14 @@ def _heldout_files(run_dirs, condition: str = "all") -> list[tuple[str, Path]]:
     if condition not in CONDITIONS:
         raise InputError(f"Unknown condition {condition}; one of {', '.join(CONDITIONS)}.")
     pattern, depth = ("fold*/heldout/*.npz", 1) if condition == "all" else (f"fold*/heldout/{condition}/*.npz", 2)
-    files = [(p.parents[depth].name, p) for d in run_dirs for p in sorted(Path(d).glob(pattern))]
+    splits = {Path(d): (Path(d) / "folds.json").read_text(encoding="utf-8") for d in run_dirs
+              if (Path(d) / "folds.json").is_file()}
+    if len({json.dumps(json.loads(t), sort_keys=True) for t in splits.values()}) > 1:
+        raise InputError("These runs split the cases into folds differently (folds.json): pooled, a fold's rule could "
+                         "be chosen on its own cases. Pool runs made over the same cases and folds.")
+    # a fold's probabilities count once it is scored (scores.csv): an interrupted scoring leaves a partial set
+    files = [(p.parents[depth].name, p) for d in run_dirs for p in sorted(Path(d).glob(pattern))
+             if (p.parents[depth] / "scores.csv").is_file()]
     if not files:
         raise InputError(f"No kept held-out probabilities ({pattern}); " +
                          ("run brainunet cv first." if condition == "all" else

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from brainunet.errors import Cancelled, InputError
 from brainunet.labels import ALL_REGIONS, CLASS_LABELS
+from brainunet.outputs import signals_held
 from brainunet.settings import POSTPROCESSING_KEYS, ModelSettings, Postprocessing, Preprocessing
 
 SEED_STRIDE = 1_000_003  # training case seed = config.seed * SEED_STRIDE + case index
@@ -593,8 +594,9 @@ class _Optimisation:
                 self.model, device_ids=[device] if device.startswith("cuda") else None,
                 find_unused_parameters=not config.deep_supervision)
 
-    def train_step(self, x, y) -> tuple[float, float]:
-        """One optimiser step on a batch; returns (loss averaged over the ranks, the step's learning rate)."""
+    def train_step(self, x, y, then=None) -> tuple[float, float]:
+        """One optimiser step on a batch; returns (loss averaged over the ranks, the step's learning rate).
+        ``then(loss, lr)`` (recording the step) runs before a cancel can land."""
         if self.cpu_bf16:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 outputs = self.net(x)
@@ -607,16 +609,22 @@ class _Optimisation:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        value = loss.detach()
-        if self.world > 1:
-            torch.distributed.all_reduce(value)
-            value /= self.world
-        self.step += 1
-        return float(value), lr
+        # A cancel (SIGTERM, Ctrl-C) waits until the weights, the step count and the history agree: raised
+        # inside AdamW's per-parameter loop it would leave a checkpoint one update ahead of its step count.
+        with signals_held():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            value = loss.detach()
+            if self.world > 1:
+                torch.distributed.all_reduce(value)
+                value /= self.world
+            self.step += 1
+            value = float(value)
+            if then is not None:
+                then(value, lr)
+        return value, lr
 
     def checkpoint(self, config: TrainConfig, seconds: float) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -736,6 +744,11 @@ def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, 
                    dynamic_ncols=True)
     t_start = time.perf_counter()
     last_saved = opt.step
+
+    def record(loss, lr):
+        history.append({"step": opt.step, "loss": loss, "lr": lr,
+                        "seconds": round(opt.elapsed_before + time.perf_counter() - t_start, 2)})
+
     model.train()
     try:
         for first, images, labels in (loader if opt.step < config.steps else []):
@@ -744,15 +757,12 @@ def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, 
                     continue  # resumed in the middle of a chunk
                 if stopping():
                     break
-                loss, lr = opt.train_step(images[g].to(device, non_blocking=True),
-                                          labels[g].to(device, non_blocking=True).long())
-                step = opt.step
-                row = {"step": step, "loss": loss, "lr": lr,
-                       "seconds": round(opt.elapsed_before + time.perf_counter() - t_start, 2)}
+                opt.train_step(images[g].to(device, non_blocking=True),
+                               labels[g].to(device, non_blocking=True).long(), then=record)
+                step, row = opt.step, history[-1]
                 validation_due = bool(config.validate_every) and step % config.validate_every == 0 and step < config.steps
                 if is_main and validation_due:
                     row.update(validate(step))
-                history.append(row)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
