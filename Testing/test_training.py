@@ -671,6 +671,15 @@ def test_institution_folds_spread_institutions_and_tumour_sizes():
     assert all(len(smallest & set(f)) == 1 and len(largest & set(f)) == 1 for f in folds)
     with pytest.raises(InputError, match="only 3"):
         institution_folds(names[:3], volumes[:3], 5)
+    # a patient's time points (BraTS 2023 names) stay in one fold; with one scan per patient nothing changes
+    timepoints = ["BraTS-GLI-00001-000", "BraTS-GLI-00001-001", "BraTS-GLI-00002-000", "BraTS-GLI-00003-000",
+                  "BraTS-GLI-00003-001", "BraTS-GLI-00004-000"]
+    for split in (institution_folds(timepoints, [1.0, 9.0, 2.0, 3.0, 4.0, 5.0], k) for k in (2, 3, 4)):
+        fold_of = {timepoints[i]: f for f, held in enumerate(split) for i in held}
+        assert fold_of["BraTS-GLI-00001-000"] == fold_of["BraTS-GLI-00001-001"]
+        assert fold_of["BraTS-GLI-00003-000"] == fold_of["BraTS-GLI-00003-001"]
+    with pytest.raises(InputError, match="of different patients, but there are only 4"):
+        institution_folds(timepoints, [1.0] * 6, 5)
 
 
 def test_gpu_script_trains_from_a_pack_and_the_folds_are_scored_here_without_retraining(tiny_run, tmp_path):

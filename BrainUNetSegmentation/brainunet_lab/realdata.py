@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,8 +240,8 @@ def check_fold_count(n: int, k: int) -> None:
     if k < 2:
         raise InputError(f"Cross-validation needs at least 2 folds (got {k}).")
     if n < k:
-        raise InputError(f"{k}-fold cross-validation needs at least {k} labelled cases, but there are only {n}. "
-                         f"Use --folds {n} or fewer (at least 2), or add cases.")
+        raise InputError(f"{k}-fold cross-validation needs at least {k} labelled cases of different patients, but "
+                         f"there are only {n}. Use --folds {n} or fewer (at least 2), or add cases.")
 
 
 INSTITUTIONS = ("2013", "CBICA", "TCIA", "TMC")
@@ -256,24 +257,35 @@ def institution(case_name: str) -> str:
     return "other"
 
 
-def institution_folds(names, wt_volumes, k: int) -> list[list[int]]:
-    """``k`` held-out folds (lists of case indices) stratified by institution and tumour size.
+def patient(case_name: str) -> str:
+    """The patient of a case name: BraTS 2023 names a patient's scans ``BraTS-GLI-00000-000``, ``-001``, ...
+    (time points); any other name is a patient of its own (BraTS 2018 and 2021 hold one scan per patient)."""
+    match = re.fullmatch(r"(BraTS-[A-Za-z]+-\d+)-\d+", case_name)
+    return match.group(1) if match else case_name
 
-    Institutions are taken largest first; inside each, cases are sorted by whole-tumour volume and dealt
-    round-robin, continuing where the previous institution stopped. Every fold so gets its share of each
-    institution and of small and large tumours, and fold sizes differ by at most one. Deterministic: the
-    folds depend only on the cases, so every recipe is scored on the same splits.
+
+def institution_folds(names, wt_volumes, k: int) -> list[list[int]]:
+    """``k`` held-out folds (lists of case indices) by patient, stratified by institution and tumour size.
+
+    A patient's scans (``patient``) stay in one fold: a model must not be scored on a time point of a
+    patient it learned from. Institutions are taken largest first; inside each, patients are sorted by
+    whole-tumour volume (their scans' mean) and dealt round-robin, continuing where the previous institution
+    stopped. Every fold so gets its share of each institution and of small and large tumours, and with one
+    scan per patient fold sizes differ by at most one. Deterministic: the folds depend only on the cases, so
+    every recipe is scored on the same splits.
     """
-    n = len(names)
-    check_fold_count(n, k)
-    groups: dict[str, list[int]] = {}
+    patients: dict[str, list[int]] = {}
     for i, name in enumerate(names):
-        groups.setdefault(institution(name), []).append(i)
+        patients.setdefault(patient(name), []).append(i)
+    check_fold_count(len(patients), k)
+    groups: dict[str, list[str]] = {}
+    for key, cases in patients.items():
+        groups.setdefault(institution(names[cases[0]]), []).append(key)
     folds: list[list[int]] = [[] for _ in range(k)]
     dealt = 0
     for inst in sorted(groups, key=lambda g: (-len(groups[g]), g)):
-        for idx in sorted(groups[inst], key=lambda i: (float(wt_volumes[i]), names[i])):
-            folds[dealt % k].append(idx)
+        for key in sorted(groups[inst], key=lambda p: (float(np.mean([wt_volumes[i] for i in patients[p]])), p)):
+            folds[dealt % k].extend(patients[key])
             dealt += 1
     return [sorted(f) for f in folds]
 

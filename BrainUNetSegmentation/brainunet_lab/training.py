@@ -444,9 +444,14 @@ def plot_curves(history: list[dict], path: Path, title: str = ""):
 
 
 def _atomic_save(obj, path: Path):
+    """An interruption while saving never leaves a truncated checkpoint; the data reach the disk before the
+    rename, so a power cut (a clinic's machine, a preempted node) cannot leave an empty one either."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # an interruption while saving never leaves a truncated checkpoint
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _hardware(device, world_size: int) -> str:
@@ -924,7 +929,8 @@ def finetune(base_model, data_dir, output_dir, steps: int, folds: int | None = N
     algorithm).
     """
     from .evaluation import write_metrics_csv, write_results
-    from .realdata import check_fold_count, evaluate_model, find_labelled_cases, institution_folds, load_labelled_cases
+    from .realdata import (check_fold_count, evaluate_model, find_labelled_cases, institution_folds,
+                           load_labelled_cases, patient)
 
     deadline = time.monotonic() + time_limit_s if time_limit_s else None
 
@@ -933,7 +939,7 @@ def finetune(base_model, data_dir, output_dir, steps: int, folds: int | None = N
 
     case_names = [c.name for c in find_labelled_cases(data_dir, label_pattern)]  # a bad folder is reported first
     if folds:
-        check_fold_count(len(case_names), int(folds))  # too few cases: say so before loading anything
+        check_fold_count(len({patient(n) for n in case_names}), int(folds))  # too few: say so before loading
     config = finetune_config(base_model, steps, lr, engine_fraction, device, seed, overrides)
     if folds:
         check_not_learned(config.init_weights, case_names, print)
