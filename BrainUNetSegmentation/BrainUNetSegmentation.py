@@ -177,6 +177,9 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._dependenciesReady = False
         self._resultTableNodeID = None
         self._resultSegmentationNodeID = None
+        self._observedResultNode = None  # the shown result's segmentation, whose edits outdate its statistics
+        self._statisticsOutdated = False  # its segments were edited after the shown statistics were computed
+        self._computingStatistics = False
         self._autoFilled = {}  # role -> ID of the node the panel filled in by itself (not filled in again)
         self._chosenByUser = set()  # roles whose volume the user selected: never emptied by the panel
         self._sceneImportedWhileHidden = False  # shown (choices, latest result) when the panel is entered
@@ -234,11 +237,28 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.progressBar.setValue(0)
         self._showResults(None)
         self.updateModelList()
-        self.initializeParameterNode()
         try:  # set up again by Reload while shown: Slicer does not call enter() then
             self._entered = slicer.util.selectedModule() == "BrainUNetSegmentation"
         except Exception:  # no main window (a test harness)
             pass
+        if self._sceneHoldsBrainUNetWork():
+            # Slicer builds the panel when it is first shown: a scene opened before that (a saved .mrb
+            # opened at start-up) is shown as one imported while the panel was hidden
+            if self._entered:
+                self._showImportedScene()
+            else:
+                self._sceneImportedWhileHidden = True
+        else:
+            self.initializeParameterNode()
+
+    def _sceneHoldsBrainUNetWork(self) -> bool:
+        """Whether the scene holds BrainUNet's saved choices or a BrainUNet result (read without adding a
+        parameter node to it)."""
+        saved = slicer.mrmlScene.GetSingletonNode("BrainUNetSegmentation", "vtkMRMLScriptedModuleNode")
+        if saved is not None and any(saved.GetNodeReferenceID(saved.GetNthNodeReferenceRole(i))
+                                     for i in range(saved.GetNumberOfNodeReferenceRoles())):
+            return True
+        return self.logic.latestResult()[0] is not None
 
     def cleanup(self) -> None:
         """Called when the application closes or the module is reloaded: stop the run, drop observers."""
@@ -255,6 +275,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.removeObservers()
         self._parameterNode = None
         self._observedParameterNode = None
+        self._observedResultNode = None
         self._cleanedUp = True
         self._entered = False
 
@@ -281,6 +302,12 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self._showImportedScene()
         else:
             self.initializeParameterNode()
+        if self._statisticsOutdated and self._run is None:  # corrected in Segment Editor meanwhile
+            segmentationNode, tableNode = self._resultNodes()
+            if tableNode is not None:
+                with slicer.util.WaitCursor():
+                    status = self._updateStatistics(segmentationNode, tableNode)
+                self._setStatus(_("The segments were edited: ") + status)
 
     def exit(self) -> None:
         if self._cleanedUp:
@@ -743,6 +770,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                 run, self._runOutputSegmentation, show3D=self._parameterNode.show3D if self._parameterNode else False)
         except Exception as exc:
             message = _("Could not load the results: {reason}").format(reason=str(exc) or exc.__class__.__name__)
+            self.ui.progressBar.setValue(0)  # the worker's 100 % is not a result
             self._setStatus(message)
             return lambda: slicer.util.errorDisplay(message, windowTitle="BrainUNet")
         # the output choice is left as it was: with "Create new segmentation", the next Apply (often another
@@ -777,11 +805,14 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         was, and the message says why, when it cannot be done)."""
         if segmentationNode is None:
             return _("The segmentation of these statistics was removed from the scene; they are as computed last.")
+        self._computingStatistics = True
         try:
             tableNode, changed = self.logic.updateOwnStatistics(segmentationNode, tableNode)
         except Exception as exc:  # the reference volume removed, or an unexpected failure: the table stays
             return _("The statistics could not be computed again ({reason}); they are as computed last.").format(
                 reason=str(exc) or exc.__class__.__name__)
+        finally:
+            self._computingStatistics = False
         self._showResults(tableNode)
         return (_("Statistics computed again from the segments as they are now.") if changed
                 else _("The statistics already match the segments."))
@@ -812,7 +843,8 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             return
         if not path.lower().endswith(".csv"):
             path += ".csv"
-        status = self._updateStatistics(segmentationNode, tableNode)  # the file holds the segments as they are
+        with slicer.util.WaitCursor():  # computing them again takes seconds on a clinic's grids
+            status = self._updateStatistics(segmentationNode, tableNode)  # the file holds the segments as they are
         tableNode = self._resultNodes()[1] or tableNode  # a copied result's own table, made by the update
         with slicer.util.tryWithErrorDisplay(_("Could not save the statistics to {path}.").format(path=path),
                                              waitCursor=True):
@@ -827,6 +859,33 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
 
     def _onLog(self, line) -> None:
         self.ui.logTextEdit.appendPlainText(line)
+
+    #: edits of a segmentation that change its statistics (Segment Editor paints the source representation;
+    #: a 3D surface made for display changes other representations only)
+    SEGMENT_EDIT_EVENTS = ("SegmentAdded", "SegmentRemoved", "SourceRepresentationModified")
+
+    def _observeResultSegments(self, segmentationNode) -> None:
+        """Follow the edits of the shown result's segments: its statistics are marked outdated, and computed
+        again when the panel is shown next (corrections are made in Segment Editor, another module)."""
+        self._statisticsOutdated = False
+        if segmentationNode is self._observedResultNode:
+            return
+        events = [getattr(slicer.vtkSegmentation, name) for name in self.SEGMENT_EDIT_EVENTS]
+        if self._observedResultNode is not None:
+            for event in events:
+                self.removeObserver(self._observedResultNode, event, self.onResultSegmentsEdited)
+        self._observedResultNode = segmentationNode
+        if segmentationNode is not None:
+            for event in events:
+                self.addObserver(segmentationNode, event, self.onResultSegmentsEdited)
+
+    def onResultSegmentsEdited(self, caller, event) -> None:
+        if self._computingStatistics or self._importing or self._statisticsOutdated:
+            return
+        self._statisticsOutdated = True
+        if self._entered:
+            self._setStatus(_("The segments were edited after these statistics were computed: press Update "
+                              "statistics to compute them again."))
 
     def _setStatus(self, text) -> None:
         self.ui.statusLabel.setText(text)
@@ -846,6 +905,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         table = self.ui.resultsTableView
         table.clear()
         self._resultTableNodeID = tableNode.GetID() if tableNode is not None else None
+        self._observeResultSegments(self._resultNodes()[0] if tableNode is not None else None)
         self.ui.exportCsvButton.setEnabled(tableNode is not None)
         self.ui.updateStatisticsButton.setEnabled(tableNode is not None)
         if tableNode is None:

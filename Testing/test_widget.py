@@ -1155,6 +1155,60 @@ def test_a_scene_loaded_with_the_panel_hidden_is_left_as_loaded_until_the_panel_
     assert ui.t1cSelector.currentNode() is nodes["t1c"] and widget.logic.getParameterNode().t2f is nodes["t2f"]
 
 
+def test_a_scene_opened_before_the_panel_was_first_shown_shows_its_result_when_the_panel_is(harness):
+    """Slicer builds the panel the first time it is shown: a saved scene opened before that (at start-up, from
+    the Welcome module) shows its latest result's statistics when the panel opens, as one opened later does."""
+    apply_on_a_case(harness)
+    (result,) = harness.nodes_of("vtkMRMLSegmentationNode")
+    before = harness.widget
+    before.exit()
+    before.cleanup()
+    before.uiWidget.setMRMLScene(None)  # its selectors stop observing the scene, as the harness's tear-down does
+    harness.create_widget()  # the panel of the next Slicer session, built after the scene was opened
+    ui, widget = harness.ui, harness.widget
+    assert ui.resultsTableView.rowCount() == 0  # built, not shown: nothing done yet
+    widget.enter()
+    assert ui.resultsTableView.rowCount() == 5 and ui.exportCsvButton.isEnabled()
+    assert widget._resultNodes() == (result, result.GetNodeReference("BrainUNetStatistics"))
+    assert harness.errors() == [] and before._cleanedUp
+
+
+def test_segments_corrected_in_segment_editor_outdate_the_statistics_until_they_are_computed_again(harness):
+    """Corrections made in another module (Segment Editor) are counted when the panel is shown again; an edit
+    while it is shown says the figures are outdated; the panel's own Update statistics does not."""
+    ui, widget = harness.ui, harness.widget
+    apply_on_a_case(harness)
+    (result,) = harness.nodes_of("vtkMRMLSegmentationNode")
+    assert ui.resultsTableView.item(0, 2).text() != "0"  # ET voxels
+    widget.exit()  # to Segment Editor
+    result.GetSegmentation().RemoveSegment("ET")
+    assert ui.resultsTableView.item(0, 2).text() != "0"  # hidden, not yet computed
+    widget.enter()
+    assert ui.resultsTableView.item(0, 2).text() == "0"
+    assert ui.statusLabel.text().startswith("The segments were edited: Statistics computed again")
+    result.GetSegmentation().RemoveSegment("SNFH")  # while the panel is shown
+    assert "press Update statistics" in ui.statusLabel.text() and widget._statisticsOutdated
+    ui.updateStatisticsButton.click()
+    assert not widget._statisticsOutdated and ui.statusLabel.text().startswith("Statistics computed again")
+    widget.exit()
+    widget.enter()
+    assert not ui.statusLabel.text().startswith("The segments were edited")
+    assert harness.errors() == []
+
+
+def test_a_result_that_cannot_be_loaded_leaves_no_full_progress_bar(harness, monkeypatch):
+    ui, widget = harness.ui, harness.widget
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the reference volume was removed")
+
+    monkeypatch.setattr(widget.logic, "importAndShow", fail)
+    apply_on_a_case(harness)
+    assert "Could not load the results: the reference volume was removed" in ui.statusLabel.text()
+    assert ui.progressBar.value() == 0 and text(ui.applyButton) == "Apply"
+    assert harness.nodes_of("vtkMRMLSegmentationNode") == []
+
+
 def test_an_exception_in_a_qt_slot_fails_the_test():
     """The harness turns an exception that Qt would only print into a failure when its block ends."""
     from PySide6 import QtCore
