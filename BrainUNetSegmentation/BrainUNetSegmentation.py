@@ -590,9 +590,10 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.applyButton.setEnabled(len(missing) <= (0 if needsAll else 1) and not twice)
         if twice:
             a, b = twice[0]
-            self.ui.applyButton.setToolTip(_("The same volume is selected as {first} and {second}; select the "
-                                             "right volume for each.").format(first=MODALITY_NAMES[a],
-                                                                              second=MODALITY_NAMES[b]))
+            reason = _("The same volume is selected as {first} and {second}; select the right volume for "
+                       "each.").format(first=MODALITY_NAMES[a], second=MODALITY_NAMES[b])
+            self.ui.applyButton.setToolTip(reason)
+            self._setStatus(reason)  # a slip the greyed-out Apply alone would not explain
         elif len(missing) > 1:
             self.ui.applyButton.setToolTip(_("Select the {volumes} volumes first.").format(
                 volumes=_(" and ").join(missing)))

@@ -985,6 +985,7 @@ def test_apply_is_disabled_until_two_sequences_are_selected(harness):
     # one volume chosen for two sequences: refused before anything runs
     ui.t2wSelector.setCurrentNode(ui.t2fSelector.currentNode())
     assert not ui.applyButton.isEnabled() and "The same volume is selected as T2W and FLAIR" in ui.applyButton.toolTip()
+    assert ui.statusLabel.text() == ui.applyButton.toolTip()  # said where the user looks, not only on hover
     ui.t2wSelector.setCurrentNode(None)
     assert ui.applyButton.isEnabled()
     ui.t2fSelector.setCurrentNode(None)
