@@ -177,13 +177,11 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._dependenciesReady = False
         self._resultTableNodeID = None
         self._resultSegmentationNodeID = None
-        self._observedResultNode = None  # the shown result's segmentation, whose edits outdate its statistics
-        self._statisticsOutdated = False  # its segments were edited after the shown statistics were computed
-        self._computingStatistics = False
         self._autoFilled = {}  # role -> ID of the node the panel filled in by itself (not filled in again)
         self._chosenByUser = set()  # roles whose volume the user selected: never emptied by the panel
         self._sceneImportedWhileHidden = False  # shown (choices, latest result) when the panel is entered
         self._cancelShownAt = float("-inf")  # when Apply last became Cancel
+        self._applyRefusalShown = None  # the status line's "same volume twice", cleared once it is mended
         self._timer = None
         self._models = []  # BrainUNetSegmentationLib.logic.ModelChoice per item of the model combo box
 
@@ -275,7 +273,6 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.removeObservers()
         self._parameterNode = None
         self._observedParameterNode = None
-        self._observedResultNode = None
         self._cleanedUp = True
         self._entered = False
 
@@ -302,12 +299,12 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self._showImportedScene()
         else:
             self.initializeParameterNode()
-        if self._statisticsOutdated and self._run is None:  # corrected in Segment Editor meanwhile
-            segmentationNode, tableNode = self._resultNodes()
-            if tableNode is not None:
-                with slicer.util.WaitCursor():
-                    status = self._updateStatistics(segmentationNode, tableNode)
-                self._setStatus(_("The segments were edited: ") + status)
+        segmentationNode, tableNode = self._resultNodes()
+        if self._run is None and self.logic.statistics_outdated(segmentationNode, tableNode):
+            # corrected in Segment Editor meanwhile: the table follows the segments as they are now
+            with slicer.util.WaitCursor():
+                status = self._updateStatistics(segmentationNode, tableNode)
+            self._setStatus(_("The segments were edited: ") + status)
 
     def exit(self) -> None:
         if self._cleanedUp:
@@ -560,12 +557,19 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if table is not None:
             self._resultSegmentationNodeID = node.GetID()
             self._showResults(table)
+            self._sayIfOutdated(node, table)
 
     def _showLatestResult(self) -> None:
         """Show the statistics of the scene's latest BrainUNet result (a saved scene opened again)."""
         segmentationNode, tableNode = self.logic.latestResult()
         self._resultSegmentationNodeID = segmentationNode.GetID() if segmentationNode is not None else None
         self._showResults(tableNode)
+        self._sayIfOutdated(segmentationNode, tableNode)
+
+    def _sayIfOutdated(self, segmentationNode, tableNode) -> None:
+        if self.logic.statistics_outdated(segmentationNode, tableNode):
+            self._setStatus(_("The segments of \"{name}\" were edited after these statistics were computed: press "
+                              "Update statistics to compute them again.").format(name=segmentationNode.GetName()))
 
     def _updateApplyButton(self) -> None:
         """Apply is enabled once the inputs can run (two of T1CE, T2W and FLAIR at least); while a run
@@ -593,7 +597,13 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             reason = _("The same volume is selected as {first} and {second}; select the right volume for "
                        "each.").format(first=MODALITY_NAMES[a], second=MODALITY_NAMES[b])
             self.ui.applyButton.setToolTip(reason)
-            self._setStatus(reason)  # a slip the greyed-out Apply alone would not explain
+            if reason != self._applyRefusalShown:  # a slip the greyed-out Apply alone would not explain
+                self._setStatus(reason)
+                self._applyRefusalShown = reason
+        elif self._applyRefusalShown is not None:
+            if self.ui.statusLabel.text() == self._applyRefusalShown:
+                self._setStatus("")
+            self._applyRefusalShown = None
         elif len(missing) > 1:
             self.ui.applyButton.setToolTip(_("Select the {volumes} volumes first.").format(
                 volumes=_(" and ").join(missing)))
@@ -806,14 +816,11 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         was, and the message says why, when it cannot be done)."""
         if segmentationNode is None:
             return _("The segmentation of these statistics was removed from the scene; they are as computed last.")
-        self._computingStatistics = True
         try:
             tableNode, changed = self.logic.updateOwnStatistics(segmentationNode, tableNode)
         except Exception as exc:  # the reference volume removed, or an unexpected failure: the table stays
             return _("The statistics could not be computed again ({reason}); they are as computed last.").format(
                 reason=str(exc) or exc.__class__.__name__)
-        finally:
-            self._computingStatistics = False
         self._showResults(tableNode)
         return (_("Statistics computed again from the segments as they are now.") if changed
                 else _("The statistics already match the segments."))
@@ -861,33 +868,6 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
     def _onLog(self, line) -> None:
         self.ui.logTextEdit.appendPlainText(line)
 
-    #: edits of a segmentation that change its statistics (Segment Editor paints the source representation;
-    #: a 3D surface made for display changes other representations only)
-    SEGMENT_EDIT_EVENTS = ("SegmentAdded", "SegmentRemoved", "SourceRepresentationModified")
-
-    def _observeResultSegments(self, segmentationNode) -> None:
-        """Follow the edits of the shown result's segments: its statistics are marked outdated, and computed
-        again when the panel is shown next (corrections are made in Segment Editor, another module)."""
-        self._statisticsOutdated = False
-        if segmentationNode is self._observedResultNode:
-            return
-        events = [getattr(slicer.vtkSegmentation, name) for name in self.SEGMENT_EDIT_EVENTS]
-        if self._observedResultNode is not None:
-            for event in events:
-                self.removeObserver(self._observedResultNode, event, self.onResultSegmentsEdited)
-        self._observedResultNode = segmentationNode
-        if segmentationNode is not None:
-            for event in events:
-                self.addObserver(segmentationNode, event, self.onResultSegmentsEdited)
-
-    def onResultSegmentsEdited(self, caller, event) -> None:
-        if self._computingStatistics or self._importing or self._statisticsOutdated:
-            return
-        self._statisticsOutdated = True
-        if self._entered:
-            self._setStatus(_("The segments were edited after these statistics were computed: press Update "
-                              "statistics to compute them again."))
-
     def _setStatus(self, text) -> None:
         self.ui.statusLabel.setText(text)
 
@@ -906,7 +886,6 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         table = self.ui.resultsTableView
         table.clear()
         self._resultTableNodeID = tableNode.GetID() if tableNode is not None else None
-        self._observeResultSegments(self._resultNodes()[0] if tableNode is not None else None)
         self.ui.exportCsvButton.setEnabled(tableNode is not None)
         self.ui.updateStatisticsButton.setEnabled(tableNode is not None)
         if tableNode is None:

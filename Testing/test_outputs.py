@@ -342,3 +342,33 @@ def test_a_label_map_is_written_under_the_name_asked_for_and_not_with_the_scans_
     assert np.array_equal(np.asanyarray(written.dataobj), labels) and np.allclose(written.affine, scan.affine)
     assert written.header["cal_min"] == 0 and written.header["cal_max"] == 0
     assert written.header["aux_file"] == b"" and written.header.get_intent()[0] == "none"
+
+
+def test_signals_arriving_in_a_held_block_are_each_handled_once_when_it_ends():
+    """A block that must not be cut (moving outputs into place, a training update) defers SIGINT and SIGTERM:
+    each signal that came is handled once at its end, in order, by the handler in place before (an ignored
+    one stays ignored and does not swallow the other), and the handlers are put back."""
+    import signal
+    import time
+
+    from brainunet.outputs import signals_held
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    seen = []
+
+    def record(signum, frame):
+        seen.append(signum)
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job started in the background of a script
+        signal.signal(signal.SIGTERM, record)
+        with signals_held():
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGTERM):
+                os.kill(os.getpid(), signum)
+            time.sleep(0.05)
+            assert seen == []  # held
+        assert seen == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is record
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)

@@ -180,6 +180,26 @@ def test_a_cancel_during_the_weight_update_leaves_a_checkpoint_whose_step_matche
     assert [r["step"] for r in read_history(tmp_path / "run" / "history.csv")] == [1, 2, 3, 4]
 
 
+def test_a_run_resumed_on_other_cases_records_every_case_it_learned_from(tmp_path):
+    """What a model learned from is what keeps its held-out scores honest: resumed on other cases (a fold
+    split again), it records the cases of both parts, and is refused for scoring on any of them."""
+    from brainunet_lab.realdata import load_labelled_case
+    from brainunet_lab.training import check_held_out
+
+    cases = []
+    for name, seed in (("case_a", 3), ("case_b", 4)):
+        synthetic.write_case(tmp_path / name, name, seed=seed, shape=(40, 48, 36))
+        cases.append(load_labelled_case(tmp_path / name, (4.0, 4.0, 4.0)))
+    config = tiny_config(steps=4, validation_cases=0, engine_fraction=0.0)
+    train(config, tmp_path / "run", progress=False, data=cases[:1], validation_data=[], stop_after_step=2)
+    train(config, tmp_path / "run", resume=True, progress=False, data=cases[1:], validation_data=[])
+    learned = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["extra"]["training"]["real_case_names"]
+    assert learned == ["case_a", "case_b"]
+    with pytest.raises(InputError, match="has learned from 1 of the cases it would be scored on"):
+        check_held_out(tmp_path / "run" / "model.pt", ["case_a", "case_c"])
+    check_held_out(tmp_path / "run" / "model.pt", ["case_c"])
+
+
 def _write_brats_folder(root, layouts=("2023", "2021", "2023")):
     """Labelled synthetic cases of different tumour sizes; one in BraTS 2021 naming with label 4 for ET."""
     import nibabel as nib

@@ -987,7 +987,7 @@ def test_apply_is_disabled_until_two_sequences_are_selected(harness):
     assert not ui.applyButton.isEnabled() and "The same volume is selected as T2W and FLAIR" in ui.applyButton.toolTip()
     assert ui.statusLabel.text() == ui.applyButton.toolTip()  # said where the user looks, not only on hover
     ui.t2wSelector.setCurrentNode(None)
-    assert ui.applyButton.isEnabled()
+    assert ui.applyButton.isEnabled() and ui.statusLabel.text() == ""  # mended: no longer said
     ui.t2fSelector.setCurrentNode(None)
     assert harness.widget.logic.getParameterNode().t2w is None
     assert not ui.applyButton.isEnabled() and "T2W and FLAIR" in ui.applyButton.toolTip()
@@ -1174,12 +1174,14 @@ def test_a_scene_opened_before_the_panel_was_first_shown_shows_its_result_when_t
     assert harness.errors() == [] and before._cleanedUp
 
 
-def test_segments_corrected_in_segment_editor_outdate_the_statistics_until_they_are_computed_again(harness):
-    """Corrections made in another module (Segment Editor) are counted when the panel is shown again; an edit
-    while it is shown says the figures are outdated; the panel's own Update statistics does not."""
+def test_segments_corrected_in_segment_editor_are_counted_when_the_panel_is_shown_again(harness):
+    """Corrections made in another module (Segment Editor) are counted when the panel is shown again; a result
+    chosen (or a saved scene's) whose segments were edited after its table says so; a table of a scene saved
+    by an older version, which does not record what it was computed from, is left as it is."""
     ui, widget = harness.ui, harness.widget
     apply_on_a_case(harness)
     (result,) = harness.nodes_of("vtkMRMLSegmentationNode")
+    table = result.GetNodeReference("BrainUNetStatistics")
     assert ui.resultsTableView.item(0, 2).text() != "0"  # ET voxels
     widget.exit()  # to Segment Editor
     result.GetSegmentation().RemoveSegment("ET")
@@ -1187,13 +1189,22 @@ def test_segments_corrected_in_segment_editor_outdate_the_statistics_until_they_
     widget.enter()
     assert ui.resultsTableView.item(0, 2).text() == "0"
     assert ui.statusLabel.text().startswith("The segments were edited: Statistics computed again")
-    result.GetSegmentation().RemoveSegment("SNFH")  # while the panel is shown
-    assert "press Update statistics" in ui.statusLabel.text() and widget._statisticsOutdated
-    ui.updateStatisticsButton.click()
-    assert not widget._statisticsOutdated and ui.statusLabel.text().startswith("Statistics computed again")
     widget.exit()
+    widget._setStatus("")
+    widget.enter()  # nothing edited since: nothing computed
+    assert ui.statusLabel.text() == ""
+    result.GetSegmentation().RemoveSegment("SNFH")
+    ui.outputSegmentationSelector.setCurrentNode(result)  # the result chosen as output: its table is shown
+    assert ui.statusLabel.text().startswith(f'The segments of "{result.GetName()}" were edited after these')
+    ui.updateStatisticsButton.click()
+    assert ui.statusLabel.text().startswith("Statistics computed again")
+    assert not widget.logic.statistics_outdated(result, table)
+    result.GetSegmentation().RemoveSegment("NETC")
+    table.RemoveAttribute("BrainUNet.SegmentsDigest")  # a table an older version wrote
+    widget.exit()
+    widget._setStatus("")
     widget.enter()
-    assert not ui.statusLabel.text().startswith("The segments were edited")
+    assert ui.statusLabel.text() == ""
     assert harness.errors() == []
 
 

@@ -38,6 +38,9 @@ PROVENANCE_MODEL = "BrainUNet.Model"
 PROVENANCE_QUALITY = "BrainUNet.Quality"
 PROVENANCE_VERSION = "BrainUNet.Version"
 PROVENANCE_DATE = "BrainUNet.Date"
+#: on a statistics table: a digest of the segments it was computed from (saved with the scene), so a panel
+#: shown again, or a scene opened again, knows when the segments were corrected after it
+SEGMENTS_DIGEST_ATTRIBUTE = "BrainUNet.SegmentsDigest"
 
 def missing_inputs(inputs: dict, roles=None) -> list[str]:
     """The names of the sequences ``roles`` (default: T1CE, T2W and FLAIR) that ``inputs`` (role -> node) lacks."""
@@ -510,9 +513,17 @@ class BrainUNetLogic:
                         node.SetAttribute(key, value)
                 for node, name in renamed.items():
                     node.SetName(name)
+                table.SetAttribute(SEGMENTS_DIGEST_ATTRIBUTE, segments_digest(seg))
         finally:
             run.cleanup()
         return seg, table
+
+    @staticmethod
+    def statistics_outdated(segmentation_node, table_node) -> bool:
+        """Whether the segments were edited after ``table_node`` was computed from them (False when the
+        table does not say what it was computed from, as in scenes saved by older versions)."""
+        recorded = table_node.GetAttribute(SEGMENTS_DIGEST_ATTRIBUTE) if table_node is not None else None
+        return bool(recorded) and segmentation_node is not None and recorded != segments_digest(segmentation_node)
 
     def _names_after(self, reference, segmentation_node, table_node) -> dict:
         """New names for a result (and its table) about to be replaced by one made from ``reference``,
@@ -603,6 +614,7 @@ class BrainUNetLogic:
             # the segments as made keep the figures of a volume removed since: compare what can be computed
             table_rows = [{k: t[k] for k in r if k in t} for r, t in zip(rows, table_rows)]
         if _same_rows(rows, table_rows):
+            table_node.SetAttribute(SEGMENTS_DIGEST_ATTRIBUTE, segments_digest(segmentation_node))
             return False
         notes = [n for n in old_notes if not n.startswith(RECOMPUTED_NOTE)]
         note = f"{RECOMPUTED_NOTE} ({time.strftime('%Y-%m-%d %H:%M')})"
@@ -612,6 +624,7 @@ class BrainUNetLogic:
         if gone:
             note += f"; the intensities of {', '.join(gone)} are left out (no longer in the scene)"
         mrml.statistics_table(self.scene, rows, table_node=table_node, notes=notes + [note + "."])
+        table_node.SetAttribute(SEGMENTS_DIGEST_ATTRIBUTE, segments_digest(segmentation_node))
         return True
 
     def segment(self, inputs: dict, options: RunOptions | None = None, timeout: float | None = None, **kw):
@@ -626,6 +639,14 @@ class BrainUNetLogic:
             run.cleanup()
             raise BrainUNetError(run.error)
         return self.import_results(run)
+
+
+def segments_digest(segmentation_node) -> str:
+    """A short digest of ``mrml.segmentation_contents`` ("" when they cannot be read)."""
+    import hashlib
+
+    contents = contents_or_none(segmentation_node)
+    return "" if contents is None else hashlib.sha1(repr(contents).encode("utf-8")).hexdigest()
 
 
 def contents_or_none(segmentation_node):

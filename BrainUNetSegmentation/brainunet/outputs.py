@@ -175,14 +175,26 @@ def signals_held():
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum, frame in pending[:1]:
+        _restore_handlers(list(previous.items()))
+        handled = set()
+        for signum, frame in pending:  # each signal once, in the order they came (as the kernel merges them)
+            if signum in handled:
+                continue
+            handled.add(signum)
             handler = previous[signum]
             if callable(handler):
                 handler(signum, frame)
             elif handler == signal.SIG_DFL:
                 signal.raise_signal(signum)
+
+
+def _restore_handlers(items) -> None:
+    """Each handler put back even when a signal lands between two of them (its exception then goes on)."""
+    if items:
+        try:
+            signal.signal(*items[0])
+        finally:
+            _restore_handlers(items[1:])
 
 
 class OutputSet:

@@ -99,19 +99,6 @@ def _saved_folds(output_dir: Path, case_names, folds: int) -> list[list[str]] | 
     return held
 
 
-def _check_held_out(weights, held_names) -> None:
-    """Refuse to score a model on cases it learned from (a model copied into the wrong fold folder, a run
-    resumed over other cases): the figures would not be held-out figures."""
-    from .training import learned_cases
-
-    seen = sorted(learned_cases(weights)[0] & set(held_names))
-    if seen:
-        raise InputError(f"{weights} has learned from {len(seen)} of the cases it would be scored on "
-                         f"({', '.join(seen[:3])}{', ...' if len(seen) > 3 else ''}): "
-                         "its scores would not be held out. Check that each fold folder holds its own fold's model "
-                         "(folds.json).")
-
-
 def _write_json(path: Path, obj) -> None:
     """Written whole or not at all: jobs of other folds (``--fold``) read and write the same run files."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -133,7 +120,7 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
     ``threads``: torch CPU threads of this process instead of the recipe's; how a job runs, not what it
     learns, so a run resumes with another count (only the order of floating-point sums changes).
     Returns True when everything asked for is done, False when the time limit stopped it (resume later)."""
-    from .realdata import find_labelled_cases, institution_folds, load_packed_cases
+    from .realdata import check_fold_count, find_labelled_cases, institution_folds, load_packed_cases, patient
     from .training import TrainConfig, check_not_learned, train
 
     deadline = time.monotonic() + time_limit_s if time_limit_s else None
@@ -146,6 +133,7 @@ def run_cv(data_dir, output_dir, base_model=None, steps: int = 300, folds: int =
     else:
         packed = load_packed_cases(pack)
         case_names = [c.name for c in packed]
+    check_fold_count(len({patient(n) for n in case_names}), folds)  # before anything is loaded or written
     config = recipe_config(base_model, steps, scratch, device, seed, overrides)
     if threads:
         config = TrainConfig(**{**config.to_dict(), "threads": int(threads)})
@@ -239,8 +227,9 @@ def score_fold(weights, held_cases, fold: int, keep_dir, device: str = "auto",
 
     from .evaluation import evaluate_case, find_reference
     from .realdata import institution, read_labels
+    from .training import check_held_out
 
-    _check_held_out(weights, [c.name for c in held_cases])
+    check_held_out(weights, [c.name for c in held_cases])
     device = resolve_device(device)
     loaded = pipeline.load_model(weights, device=device)
     model_settings = loaded.settings.with_overrides(settings, "--set")
@@ -337,6 +326,9 @@ def rescore(run_dir, data_dir, settings: dict, tag: str, device: str = "auto", l
         training = _training_record(weights)
         if training is None or not training.get("finished") or \
                 (steps is not None and int(training.get("steps", -1)) != int(steps)):
+            if training is not None and training.get("finished"):
+                raise InputError(f"{weights} is a training of {training.get('steps')} steps, not of the run's {steps} "
+                                 f"({run_dir / 'recipe.json'}): put back the run's own fold model.")
             state = "missing" if not weights.is_file() else "not a finished training" + (
                 f" of {steps} steps" if steps is not None else "")
             raise InputError(f"{weights} is {state}; finish the cross-validation first (brainunet cv ... --resume).")
@@ -494,7 +486,8 @@ def _heldout_files(run_dirs, condition: str = "all") -> list[tuple[str, Path]]:
     pattern, depth = ("fold*/heldout/*.npz", 1) if condition == "all" else (f"fold*/heldout/{condition}/*.npz", 2)
     splits = {Path(d): (Path(d) / "folds.json").read_text(encoding="utf-8") for d in run_dirs
               if (Path(d) / "folds.json").is_file()}
-    if len({json.dumps(json.loads(t), sort_keys=True) for t in splits.values()}) > 1:
+    if len({json.dumps({f: sorted(names) for f, names in json.loads(t).items()}, sort_keys=True)
+            for t in splits.values()}) > 1:
         raise InputError("These runs split the cases into folds differently (folds.json): pooled, a fold's rule could "
                          "be chosen on its own cases. Pool runs made over the same cases and folds.")
     # a fold's probabilities count once it is scored (scores.csv): an interrupted scoring leaves a partial set

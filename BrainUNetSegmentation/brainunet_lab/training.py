@@ -721,7 +721,9 @@ def _train(config: TrainConfig, output_dir: Path, resume: bool, progress: bool, 
 
         seconds = opt.elapsed_before + time.perf_counter() - t_start
         state = opt.checkpoint(config, seconds)
-        state["learned_cases"] = {"names": sorted(learned_names), "unnamed": learned_unnamed}
+        # with the cases trained on so far: a run resumed on other cases still records all it learned from
+        state["learned_cases"] = {"names": sorted(learned_names | {c.name for c in data or []}),
+                                  "unnamed": learned_unnamed}
         _atomic_save(state, checkpoint_path)
         write_history(history, output_dir / "history.csv")
         plot_curves(history, output_dir / "curves.png", f"{config.name or output_dir.name}: step {opt.step} of {config.steps}")
@@ -851,6 +853,17 @@ def check_not_learned(weights_file, case_names, log=print) -> None:
             "record; if any of them is among these cases, its scores are not held out.")
 
 
+def check_held_out(weights, held_names) -> None:
+    """Refuse to score a model on cases it learned from (a model copied into the wrong fold folder, a run
+    resumed over other cases): the figures would not be held-out figures."""
+    seen = sorted(learned_cases(weights)[0] & set(held_names))
+    if seen:
+        raise InputError(f"{weights} has learned from {len(seen)} of the cases it would be scored on "
+                         f"({', '.join(seen[:3])}{', ...' if len(seen) > 3 else ''}): "
+                         "its scores would not be held out. Check that each fold folder holds its own fold's model "
+                         "(folds.json), and resume a run only with the cases it started with.")
+
+
 def resolve_network(model):
     """The weights file and registry settings of a trained network named by ``model`` (weights.resolve_model)."""
     from brainunet import weights as weights_mod
@@ -961,6 +974,7 @@ def finetune(base_model, data_dir, output_dir, steps: int, folds: int | None = N
                 return result
             if int(os.environ.get("RANK", "0")) != 0:
                 continue  # under torchrun rank 0 alone scores the folds and writes
+            check_held_out(result.weights, [c.name for c in held_cases])
             rows = evaluate_model(result.weights, [c.path for c in held_cases], device=_eval_device(device),
                                   label_pattern=label_pattern)
             mean = write_results(rows, fold_dir / "heldout.csv")
