@@ -600,11 +600,12 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             if reason != self._applyRefusalShown:  # a slip the greyed-out Apply alone would not explain
                 self._setStatus(reason)
                 self._applyRefusalShown = reason
-        elif self._applyRefusalShown is not None:
+            return
+        if self._applyRefusalShown is not None:
             if self.ui.statusLabel.text() == self._applyRefusalShown:
                 self._setStatus("")
             self._applyRefusalShown = None
-        elif len(missing) > 1:
+        if len(missing) > 1:
             self.ui.applyButton.setToolTip(_("Select the {volumes} volumes first.").format(
                 volumes=_(" and ").join(missing)))
         elif missing and needsAll:

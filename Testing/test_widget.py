@@ -988,6 +988,7 @@ def test_apply_is_disabled_until_two_sequences_are_selected(harness):
     assert ui.statusLabel.text() == ui.applyButton.toolTip()  # said where the user looks, not only on hover
     ui.t2wSelector.setCurrentNode(None)
     assert ui.applyButton.isEnabled() and ui.statusLabel.text() == ""  # mended: no longer said
+    assert "T2W is not selected" in ui.applyButton.toolTip()  # and the tooltip tells the state it is in now
     ui.t2fSelector.setCurrentNode(None)
     assert harness.widget.logic.getParameterNode().t2w is None
     assert not ui.applyButton.isEnabled() and "T2W and FLAIR" in ui.applyButton.toolTip()
