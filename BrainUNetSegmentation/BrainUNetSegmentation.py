@@ -13,8 +13,10 @@ read with ``widget.property("name")`` and written with setters, so the same code
 (PythonQt) and in the PySide6 widget test (Testing/test_widget.py).
 """
 
+import logging
 import os
 import time
+import traceback
 
 import ctk  # noqa: F401  (Slicer modules' standard import; the CTK widgets come from the .ui file)
 import qt
@@ -182,6 +184,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._sceneImportedWhileHidden = False  # shown (choices, latest result) when the panel is entered
         self._cancelShownAt = float("-inf")  # when Apply last became Cancel
         self._applyRefusalShown = None  # the status line's "same volume twice", cleared once it is mended
+        self._sceneCloses = 0  # scenes closed so far: a start that waited on an install checks it is still the same
         self._timer = None
         self._models = []  # BrainUNetSegmentationLib.logic.ModelChoice per item of the model combo box
 
@@ -214,6 +217,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
 
@@ -312,10 +316,21 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self._entered = False  # a running segmentation keeps going; the timer still polls it
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._run is not None:  # its input nodes are about to disappear
+        self._sceneCloses += 1
+        cancelled = self._run is not None
+        if cancelled:  # its input nodes are about to disappear
             self.cancelRun(_("Cancelled because the scene was closed; nothing was changed."))
         self._parameterNode = None
+        # nothing of the closed scene stays on the panel (the next scene's node IDs start again from 1)
+        self._resultSegmentationNodeID = None
+        self._runOutputSegmentation = None
+        self._applyRefusalShown = None
+        self.ui.segmentationShow3DButton.setSegmentationNode(None)
         self._showResults(None)
+        if not cancelled:  # a "Done" with a full bar would describe a result that is gone
+            self.ui.progressBar.setValue(0)
+            self.ui.logTextEdit.clear()
+            self._setStatus("")
 
     def onSceneEndClose(self, caller, event) -> None:
         self._autoFilled = {}
@@ -328,10 +343,30 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if self._entered and self._run is None and not slicer.mrmlScene.IsImporting():
             self._fillTimer.start()
 
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeRemoved(self, caller, event, node) -> None:
+        """The shown result's table or segmentation deleted (Data module): the panel stops showing figures
+        whose table is gone, and shows the scene's latest result, if any."""
+        if self._cleanedUp or self._run is not None or self._importing or slicer.mrmlScene.IsClosing():
+            return
+        removed = node.GetID() if node is not None else None
+        if removed is None or removed not in (self._resultTableNodeID, self._resultSegmentationNodeID):
+            return
+        if removed == self._resultSegmentationNodeID:
+            self._resultSegmentationNodeID = None
+            if self.ui.segmentationShow3DButton.segmentationNode() is node:
+                self.ui.segmentationShow3DButton.setSegmentationNode(None)
+        if removed == self._resultTableNodeID or self._resultTableNodeID is None:
+            self._showResults(None)
+            if self._entered:
+                self._showLatestResult()
+
     def onFillTimer(self) -> None:
         if not self._entered or self._run is not None or self._parameterNode is None:
             return
-        if slicer.mrmlScene.IsBatchProcessing():  # a loader is still adding volumes: wait for the end
+        if slicer.mrmlScene.IsBatchProcessing() or self._starting or self._importing:
+            # a loader still adding volumes, or Apply waiting on an install: the inputs Apply was pressed
+            # with are not changed under it; looked at again afterwards
             self._fillTimer.start()
             return
         # a role the panel filled while only one volume matched it, now matched by a second volume loaded
@@ -361,8 +396,10 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if self._run is None:
             saved = self.logic.getParameterNode()
             if any(getattr(saved, role) is not None for role in INPUT_SELECTORS):
-                # a scene saved with BrainUNet's choices: an input left empty there stays empty
+                # a scene saved with BrainUNet's choices: an input left empty there stays empty, and one
+                # chosen there is the user's choice, never emptied by the panel
                 self._autoFilled = {role: node.GetID() for role, node in self.logic.guess_inputs().items()}
+                self._chosenByUser |= {role for role in INPUT_SELECTORS if getattr(saved, role) is not None}
             self.initializeParameterNode()
             output = self.ui.outputSegmentationSelector.currentNode()
             if output is None or output.GetNodeReference(STATISTICS_TABLE_REFERENCE) is None:
@@ -684,6 +721,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self.initializeParameterNode()
         self.updateParameterNodeFromGUI()
         inputs = self.selectedInputs()
+        sceneCloses = self._sceneCloses
         if not self._dependenciesReady:
             with slicer.util.WaitCursor():
                 self.logic.check_inputs(inputs)  # say what is missing before offering to install anything
@@ -695,7 +733,9 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                 self._setStatus(_("BrainUNet needs PyTorch and a few Python packages; nothing was run."))
                 return False
             self._dependenciesReady = True
-            if self._parameterNode is None:  # the scene was closed while the packages were installed
+            if self._parameterNode is None or self._sceneCloses != sceneCloses:
+                # the scene was closed (and perhaps another opened) while the packages were installed: its
+                # volumes are not the ones Apply was pressed for
                 self._setStatus(_("The scene was closed; nothing was run."))
                 return False
             inputs = self.selectedInputs()
@@ -781,10 +821,12 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             segmentationNode, tableNode = self.logic.importAndShow(
                 run, self._runOutputSegmentation, show3D=self._parameterNode.show3D if self._parameterNode else False)
         except Exception as exc:
+            logging.exception("BrainUNet: the results could not be loaded")  # the traceback, for a bug report
             message = _("Could not load the results: {reason}").format(reason=str(exc) or exc.__class__.__name__)
             self.ui.progressBar.setValue(0)  # the worker's 100 % is not a result
             self._setStatus(message)
-            return lambda: slicer.util.errorDisplay(message, windowTitle="BrainUNet")
+            details = "\n".join(run.log[-50:] + ["", traceback.format_exc()])
+            return lambda: slicer.util.errorDisplay(message, windowTitle="BrainUNet", detailedText=details)
         # the output choice is left as it was: with "Create new segmentation", the next Apply (often another
         # patient) never replaces this result or the corrections made to it
         self.ui.segmentationShow3DButton.setSegmentationNode(segmentationNode)
@@ -820,6 +862,7 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         try:
             tableNode, changed = self.logic.updateOwnStatistics(segmentationNode, tableNode)
         except Exception as exc:  # the reference volume removed, or an unexpected failure: the table stays
+            logging.exception("BrainUNet: the statistics could not be computed again")
             return _("The statistics could not be computed again ({reason}); they are as computed last.").format(
                 reason=str(exc) or exc.__class__.__name__)
         self._showResults(tableNode)
@@ -852,6 +895,10 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             return
         if not path.lower().endswith(".csv"):
             path += ".csv"
+            # the dialog asked about replacing the name as typed, not this one (Qt's own dialog adds no suffix)
+            if os.path.exists(path) and not slicer.util.confirmOkCancelDisplay(
+                    _("{path} already exists. Replace it?").format(path=path), windowTitle="BrainUNet"):
+                return
         with slicer.util.WaitCursor():  # computing them again takes seconds on a clinic's grids
             status = self._updateStatistics(segmentationNode, tableNode)  # the file holds the segments as they are
         tableNode = self._resultNodes()[1] or tableNode  # a copied result's own table, made by the update

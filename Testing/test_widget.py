@@ -7,6 +7,7 @@ module's wiring (names, signals, parameter node, run/cancel/import flow), not th
 from __future__ import annotations
 
 import ast
+import logging
 import sys
 import time
 import types
@@ -162,7 +163,7 @@ def test_module_description_and_light_imports(harness):
     assert parent.contributors and parent.helpText.strip() and parent.acknowledgementText.strip()
     # Slicer imports every module at start-up: nothing heavy at module scope.
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
-    allowed = {"os", "time", "qt", "ctk", "slicer", "vtk", "slicer.ScriptedLoadableModule", "slicer.util",
+    allowed = {"logging", "os", "time", "traceback", "qt", "ctk", "slicer", "vtk", "slicer.ScriptedLoadableModule", "slicer.util",
                "slicer.parameterNodeWrapper", "slicer.i18n"}
     for node in tree.body:
         if isinstance(node, ast.Import):
@@ -481,6 +482,24 @@ def test_a_volume_filled_in_alone_is_emptied_when_a_second_one_matches_and_a_sav
     assert ui.t2wSelector.currentNode() is None and ui.t1cSelector.currentNode() is axial
 
 
+def test_an_input_chosen_in_a_saved_scene_is_kept_when_a_second_volume_matches(harness):
+    from brainunet import synthetic
+    from BrainUNetSegmentationLib import mrml
+
+    ui, widget = harness.ui, harness.widget
+    nodes = add_case(harness)
+    widget.enter()
+    assert ui.t1cSelector.currentNode() is nodes["t1c"]  # filled in by the panel, then saved with the scene
+    widget._autoFilled, widget._chosenByUser = {}, set()  # the scene opened again, in a new session
+    harness.scene.StartState(harness.scene.ImportState)
+    harness.scene.EndState(harness.scene.ImportState)
+    volumes, _ = synthetic.make_case(seed=2, shape=SHAPE)
+    mrml.add_volume_node(harness.scene, volumes["t1c"], "SAG T1 POST GD")
+    process_events(0.5)
+    assert ui.t1cSelector.currentNode() is nodes["t1c"]
+    assert harness.errors() == []
+
+
 def test_a_second_click_while_apply_installs_starts_nothing_more(harness):
     ui, widget = harness.ui, harness.widget
     add_case(harness)
@@ -499,6 +518,52 @@ def test_a_second_click_while_apply_installs_starts_nothing_more(harness):
     assert text(ui.applyButton) == "Cancel" and ui.applyButton.isEnabled()
     ui.applyButton.click()
     assert widget._run is None and text(ui.applyButton) == "Apply" and ui.applyButton.isEnabled()
+
+
+def test_a_scene_closed_while_apply_installs_runs_nothing_on_the_next_one(harness):
+    """pip runs Qt's event loop: the user may close the scene, and open another patient's, before the install
+    ends. Apply was pressed for the first scene's volumes: nothing runs on volumes the user never checked."""
+    ui, widget = harness.ui, harness.widget
+    add_case(harness)
+    widget.enter()
+    ui.deviceComboBox.setCurrentIndex(1)  # cpu
+
+    def install_while_the_scene_changes(askConfirmation=True):
+        harness.dependency_checks.append(askConfirmation)
+        harness.scene.Clear(0)
+        add_case(harness, names=("Next_T1CE", "Next_T2", "Next_FLAIR"), seed=1)
+        process_events(0.5)
+        return True
+
+    widget.logic.ensureDependencies = install_while_the_scene_changes
+    ui.applyButton.click()
+    assert harness.dependency_checks == [True] and widget._run is None
+    assert "scene was closed; nothing was run" in ui.statusLabel.text()
+    assert harness.messages == [] and text(ui.applyButton) == "Apply"
+    harness.wait_until(lambda: ui.t1cSelector.currentNode() is not None, 5)
+    assert ui.t1cSelector.currentNode().GetName() == "Next_T1CE"  # the new scene, ready for its own Apply
+
+
+def test_a_volume_loaded_while_apply_installs_does_not_change_the_inputs_it_was_pressed_with(harness):
+    ui, widget = harness.ui, harness.widget
+    nodes = add_case(harness)
+    widget.enter()
+    ui.deviceComboBox.setCurrentIndex(1)  # cpu
+    assert ui.t1cSelector.currentNode() is nodes["t1c"]
+
+    def install_while_a_series_loads(askConfirmation=True):
+        harness.dependency_checks.append(askConfirmation)
+        add_case(harness, names=("Other_T1CE", "Other_T2", "Other_FLAIR"), seed=1)  # matches every role again
+        process_events(0.5)  # the panel's fill check would run now
+        return True
+
+    widget.logic.ensureDependencies = install_while_a_series_loads
+    ui.applyButton.click()
+    assert widget._run is not None
+    parameters = widget.logic.getParameterNode()
+    assert (parameters.t1c, parameters.t2w, parameters.t2f) == (nodes["t1c"], nodes["t2w"], nodes["t2f"])
+    widget.cancelRun()
+    assert harness.errors() == []
 
 
 def test_a_double_click_on_apply_starts_the_run_and_does_not_cancel_it(harness):
@@ -728,6 +793,20 @@ def test_apply_runs_in_background_and_shows_results(harness, tmp_path):
     ui.exportCsvButton.click()
     lines = (tmp_path / "stats.csv").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 6 and lines[0].startswith("region,name,voxels,volume_ml")
+    # "stats" typed again: the file the suffix makes it exists, and it is replaced only when the user says so
+    (tmp_path / "stats.csv").write_text("an earlier patient's figures", encoding="utf-8")
+    widget_harness.FileDialog.answers[:] = [tmp_path / "stats"]
+    harness.answers[:] = [False]
+    ui.exportCsvButton.click()
+    assert len(harness.questions) == 1 and "stats.csv already exists" in harness.questions[0]
+    assert (tmp_path / "stats.csv").read_text(encoding="utf-8") == "an earlier patient's figures"
+    widget_harness.FileDialog.answers[:] = [tmp_path / "stats"]
+    harness.answers[:] = [True]
+    ui.exportCsvButton.click()
+    assert (tmp_path / "stats.csv").read_text(encoding="utf-8").splitlines() == lines
+    assert harness.busy_cursor_at_questions == [False, False]  # asked with the ordinary cursor
+    harness.questions.clear()
+    harness.busy_cursor_at_questions.clear()
     status = ui.statusLabel.text()
     widget_harness.FileDialog.answers[:] = [tmp_path / "no such folder" / "stats"]
     ui.exportCsvButton.click()  # an unwritable place: a message with the reason, the panel usable
@@ -1138,6 +1217,41 @@ def test_closing_the_scene_cancels_the_run(harness):
     assert widget.logic.getParameterNode().t1c is nodes["t1c"]
 
 
+def test_closing_the_scene_after_a_result_leaves_nothing_of_it_on_the_panel(harness):
+    ui, widget = harness.ui, harness.widget
+    apply_on_a_case(harness)
+    assert ui.progressBar.value() == 100 and ui.statusLabel.text().startswith("Done")
+    assert ui.segmentationShow3DButton.segmentationNode() is not None
+    harness.scene.Clear(0)  # File > Close scene
+    assert ui.progressBar.value() == 0 and ui.statusLabel.text() == "" and ui.logTextEdit.toPlainText() == ""
+    assert ui.segmentationShow3DButton.segmentationNode() is None
+    assert widget._resultNodes() == (None, None) and ui.resultsTableView.rowCount() == 0
+    assert not ui.exportCsvButton.isEnabled() and not ui.updateStatisticsButton.isEnabled()
+    assert harness.errors() == []
+
+
+def test_a_statistics_table_deleted_in_the_data_module_is_no_longer_shown(harness):
+    ui, widget = harness.ui, harness.widget
+    apply_on_a_case(harness)
+    (result,) = harness.nodes_of("vtkMRMLSegmentationNode")
+    harness.scene.RemoveNode(result.GetNodeReference("BrainUNetStatistics"))
+    assert ui.resultsTableView.rowCount() == 0 and widget._resultNodes()[1] is None
+    assert not ui.exportCsvButton.isEnabled() and not ui.updateStatisticsButton.isEnabled()
+    # a second result, then the first one's segmentation deleted: the second stays shown
+    ui.applyButton.click()
+    harness.wait_until(lambda: widget._run is None, RUN_TIMEOUT_S)
+    second = [node for node in harness.nodes_of("vtkMRMLSegmentationNode") if node is not result]
+    assert len(second) == 1 and widget._resultNodes()[0] is second[0]
+    harness.scene.RemoveNode(result)
+    assert widget._resultNodes() == (second[0], second[0].GetNodeReference("BrainUNetStatistics"))
+    assert ui.resultsTableView.rowCount() == 5
+    # the shown result's segmentation deleted: its table is still the last figures, and says so when updated
+    harness.scene.RemoveNode(second[0])
+    ui.updateStatisticsButton.click()
+    assert "segmentation of these statistics was removed" in ui.statusLabel.text()
+    assert harness.errors() == []
+
+
 def test_a_scene_loaded_with_the_panel_hidden_is_left_as_loaded_until_the_panel_is_shown(harness):
     """A scene opened while another module is shown gains no BrainUNet choices (they would be saved with
     it); entering the panel then fills them in and shows the scene's latest result, as with the panel open."""
@@ -1209,15 +1323,20 @@ def test_segments_corrected_in_segment_editor_are_counted_when_the_panel_is_show
     assert harness.errors() == []
 
 
-def test_a_result_that_cannot_be_loaded_leaves_no_full_progress_bar(harness, monkeypatch):
+def test_a_result_that_cannot_be_loaded_leaves_no_full_progress_bar(harness, monkeypatch, caplog):
     ui, widget = harness.ui, harness.widget
 
     def fail(*args, **kwargs):
         raise RuntimeError("the reference volume was removed")
 
     monkeypatch.setattr(widget.logic, "importAndShow", fail)
-    apply_on_a_case(harness)
+    with caplog.at_level(logging.ERROR):
+        apply_on_a_case(harness)
     assert "Could not load the results: the reference volume was removed" in ui.statusLabel.text()
+    # the traceback reaches the console (a bug report), the message box holds the worker's log and it
+    assert any(record.exc_info and "the reference volume was removed" in str(record.exc_info[1])
+               for record in caplog.records)
+    assert "Traceback" in harness.details[-1] and "in fail" in harness.details[-1]
     assert ui.progressBar.value() == 0 and text(ui.applyButton) == "Apply"
     assert harness.nodes_of("vtkMRMLSegmentationNode") == []
 

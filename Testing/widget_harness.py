@@ -433,6 +433,7 @@ class WidgetHarness:
 
     def __init__(self):
         self.messages: list[str] = []
+        self.details: list[str] = []  # the detailedText of each errorDisplay call
         self.warnings: list[str] = []  # warningDisplay texts
         self.questions: list[str] = []  # confirmOkCancelDisplay texts
         self.answers: list[bool] = []  # the user's answers to them, in order (a question without one fails)
@@ -510,6 +511,7 @@ class WidgetHarness:
 
     def _error_display(self, text, *args, **kwargs):
         self.messages.append(str(text))
+        self.details.append(str(kwargs.get("detailedText", "")))
         shown = sys.exc_info()[1]  # tryWithErrorDisplay shows the exception it handles, then re-raises it
         if shown is not None:
             self._shown_exceptions.append(shown)
