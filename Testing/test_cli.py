@@ -364,13 +364,28 @@ def test_nan_and_inf_voxels(tmp_path, synthetic_case):
     (np.array([[[0.0, 1e39]] * 2] * 2), np.eye(4), "beyond the float32 range"),
     (np.random.rand(8, 8, 8), np.diag([1.0, 1.0, 0.0, 1.0]), "invalid voxel-to-world matrix"),
     (np.random.rand(8, 8, 8), np.full((4, 4), np.nan), "invalid voxel-to-world matrix"),
-], ids=["empty", "5d", "complex", "beyond-float32", "zero-spacing", "nan-matrix"])
+    (np.random.rand(8, 8, 8), np.diag([0.016, 0.016, 0.016, 1.0]), "voxels are 0.016 x 0.016 x 0.016 mm"),
+    (np.random.rand(8, 8, 8), np.diag([1.0, 1.0, 32.0, 1.0]), "voxels are 1 x 1 x 32 mm"),
+    (np.random.rand(160, 8, 8), np.diag([8.0, 1.0, 1.0, 1.0]), "a field of view of 1280 x 8 x 8 mm"),
+], ids=["empty", "5d", "complex", "beyond-float32", "zero-spacing", "nan-matrix", "spacing-in-metres",
+        "slices-too-thick", "field-of-view-too-large"])
 def test_volumes_that_cannot_be_images_are_refused(data, affine, message):
     from brainunet.errors import InputError
     from brainunet.imageio import check_volume
 
     with pytest.raises(InputError, match=re.escape(message)):
         check_volume(data, affine, "T2W")
+
+
+def test_a_header_with_a_wrong_spacing_is_refused_before_anything_runs(tmp_path, synthetic_case):
+    """Spacing in the wrong unit (metres for mm) would resample the brain to a few voxels and fail deep in the
+    network, or to billions and run out of memory: refused with the reason, exit 2, nothing written."""
+    img = nib.load(str(synthetic_case["t2f"]))
+    affine = img.affine.copy()
+    affine[:3, :3] *= 0.001
+    p = _save(tmp_path, "metres.nii.gz", np.asarray(img.dataobj), affine)
+    message = _bad(tmp_path, synthetic_case, t2f=p)
+    assert "header's spacing is wrong" in message and "Traceback" not in message
 
 
 def test_a_4d_file_of_one_frame_is_read_as_its_3d_volume(tmp_path, synthetic_case):

@@ -85,7 +85,24 @@ def check_voxels(data: np.ndarray, affine: np.ndarray, name: str) -> np.ndarray:
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(f"{name} has an invalid voxel-to-world matrix (zero or undefined spacing); "
                          "re-export it with correct geometry.")
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    extent = spacing * np.asarray(data.shape[:3], dtype=float)
+    if spacing.min() < MIN_SPACING_MM or spacing.max() > MAX_SPACING_MM or extent.max() > MAX_EXTENT_MM:
+        # a header whose spacing is in the wrong unit or lost: the brain would be resampled to a few voxels
+        # (the network fails) or to hundreds of millions (memory runs out), or segmented at a wrong size
+        size = " x ".join(f"{v:.3g}" for v in spacing)
+        fov = " x ".join(f"{v:.0f}" for v in extent)
+        raise InputError(f"{name}'s voxels are {size} mm (a field of view of {fov} mm): no head MRI has voxels "
+                         f"that size (from {MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm, a field of view up to "
+                         f"{MAX_EXTENT_MM:g} mm), so its header's spacing is wrong. Export the series again "
+                         "from the scanner or PACS, or set its spacing right (3D Slicer: Volumes module, Volume "
+                         "Information).")
     return data
+
+
+MIN_SPACING_MM = 0.1  # the finest clinical MRI is ~0.2 mm in-plane
+MAX_SPACING_MM = 15.0  # the thickest clinical slices are ~10 mm
+MAX_EXTENT_MM = 700.0  # a whole-body coronal field of view is ~500 mm
 
 
 MAX_VOXELS = 2**30  # 1024^3: no MRI volume comes near (a 0.5 mm whole-head scan is ~2^27)
