@@ -132,6 +132,29 @@ def test_batch_goes_on_after_an_unexpected_error_in_one_case(tmp_path, tiny_weig
     assert "1 of 2 cases segmented" in captured.out and "1 failed" in captured.out
 
 
+def test_an_unexpected_error_in_segment_ends_with_one_error_line_and_leaves_no_output(tmp_path, synthetic_case,
+                                                                                      tiny_weights, monkeypatch, capsys):
+    """A bug deep inside (here the network raising as torch does): the traceback for a report, then one "error:"
+    line (the line the Slicer panel shows), exit 1, and no file in the output folder."""
+    from brainunet import inference
+
+    def failing(*args, **kwargs):
+        raise ValueError("Expected more than 1 spatial element when training")
+
+    monkeypatch.setattr(inference, "predict_probabilities", failing)
+    out = tmp_path / "out"
+    code = _main_in_process(["segment", "--t1c", synthetic_case["t1c"], "--t2w", synthetic_case["t2w"], "--t2f",
+                             synthetic_case["t2f"], "--output", out / "labels.nii.gz", "--model", tiny_weights[0],
+                             "--device", "cpu", "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback" in err and "in failing" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: BrainUNet stopped on an unexpected error (ValueError: Expected more than 1")
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [last]
+    assert not out.exists() or list(out.iterdir()) == []
+
+
 def test_batch_takes_sequences_named_as_a_scanner_names_them_and_fails_a_folder_without_any(tmp_path, tiny_weights,
                                                                                             capsys):
     """A case exported with the scanner's names is segmented (the rules of segment --study, each choice

@@ -15,11 +15,12 @@ import logging
 import signal
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 from .errors import BrainUNetError, Cancelled, InputError, WeightsError
-from .protocol import (EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_CODES_HELP, EXIT_WEIGHTS, PROGRESS_PREFIX,  # noqa: F401
-                       RESULT_PREFIX)
+from .protocol import (EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_CODES_HELP, EXIT_UNEXPECTED, EXIT_WEIGHTS,  # noqa: F401
+                       PROGRESS_PREFIX, RESULT_PREFIX)
 
 PLUGIN_GROUP = "brainunet.commands"
 PLUGIN_LOADERS: list = []  # add-on command loaders given directly (python -m brainunet_lab), besides entry points
@@ -524,6 +525,16 @@ def main(argv=None) -> int:
     except BrainUNetError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    except MemoryError:
+        print("error: the computer ran out of memory; no partial output was left. Close other programs and try "
+              "again, or run on a computer with more memory.", file=sys.stderr, flush=True)
+        return EXIT_UNEXPECTED
+    except Exception as exc:  # a bug: its traceback for the report, and one line that says what happened
+        traceback.print_exc()
+        print(f"error: BrainUNet stopped on an unexpected error ({type(exc).__name__}: {str(exc)[:200]}); no "
+              "partial output was left. The lines above say where it happened: please report them.",
+              file=sys.stderr, flush=True)
+        return EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ LEFT_OUT_NOTE = "left out of the statistics"
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2  # one "error: ..." line says what to fix
 EXIT_WEIGHTS = 3  # missing or corrupt weights
+EXIT_UNEXPECTED = 1  # a failure BrainUNet did not foresee (a bug, or memory): its traceback, then one "error:" line
 EXIT_CANCELLED = 130
 
-EXIT_CODES_HELP = ("exit status: 0 done; 2 bad input (one 'error:' line says what to fix); "
-                   "3 missing or corrupt weights; 130 cancelled")
+EXIT_CODES_HELP = ("exit status: 0 done; 1 an unexpected error (its traceback, then one 'error:' line); "
+                   "2 bad input (one 'error:' line says what to fix); 3 missing or corrupt weights; 130 cancelled")
