@@ -187,6 +187,29 @@ def test_batch_takes_sequences_named_as_a_scanner_names_them_and_fails_a_folder_
     assert not (out / "t1-only-seg.nii.gz").exists() and not (out / "unnamed-seg.nii.gz").exists()
 
 
+def test_batch_fails_a_case_with_two_images_named_as_one_sequence_and_completes_brats_names_by_scanner_names(
+        tmp_path, tiny_weights, capsys):
+    """Two files named as T1CE: which one is meant is not for the name order to decide, so the case fails naming
+    both. BraTS names without a T2W beside a scanner-named T2 ("AX T2 TSE"): the T2 is taken, with a note,
+    rather than segmenting without it."""
+    import shutil
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    _two_cases(data)
+    shutil.copy(data / "case-a" / "case-a-t2w.nii.gz", data / "case-a" / "case-a_t1ce.nii.gz")  # a second "T1CE"
+    (data / "case-b" / "case-b-t2w.nii.gz").rename(data / "case-b" / "AX T2 TSE.nii.gz")
+    code = _main_in_process(["batch", data, "--output-dir", out, "--model", tiny_weights[0], "--device", "cpu",
+                             "--progress", "none"])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert "case-a: failed, nothing written: 2 images are named as T1CE: case-a-t1c.nii.gz, case-a_t1ce.nii.gz" \
+        in captured.err
+    assert not (out / "case-a-seg.nii.gz").exists() and (out / "case-b-seg.nii.gz").exists()
+    assert "case-b: Study: T2W: " in captured.err and "AX T2 TSE.nii.gz" in captured.err
+    assert "T2W missing" not in captured.err
+    assert "1 of 2 cases segmented" in captured.out and "1 failed: case-a" in captured.out
+
+
 def test_a_case_folder_is_one_with_images_at_any_depth_or_behind_a_link(tmp_path):
     from brainunet.cli import _holds_images
 

@@ -415,7 +415,7 @@ def _case_inputs(case: Path) -> tuple[dict, list[str]]:
     try:
         files = find_case_files(case)
         if files.keys() & {"t1c", "t2w", "t2f"}:
-            return files, []
+            return _completed_by_scanner_names(case, files)
         images = _image_files(case)
     except OSError as exc:
         raise InputError(f"the folder cannot be read ({exc.strerror or type(exc).__name__}); check its "
@@ -431,6 +431,31 @@ def _case_inputs(case: Path) -> tuple[dict, list[str]]:
                            "as a scanner does (T1 POST, T2, FLAIR), or give them one by one to brainunet segment "
                            "--t1c ... --t2w ... --t2f ...") from None
     return found, list(notes.values())
+
+
+def _completed_by_scanner_names(case: Path, files: dict) -> tuple[dict, list[str]]:
+    """A case whose BraTS names leave a sequence out: an image of the folder that a scanner's name gives that
+    sequence (``AX T2 TSE.nii.gz``) is taken for it, with a note, rather than segmenting without it."""
+    import os
+
+    from .errors import BrainUNetError
+    from .sequences import find_study_inputs
+
+    missing = {"t1c", "t2w", "t2f"} - files.keys()
+    used = {os.path.realpath(os.fspath(p)) for p in files.values()}
+    if not missing or all(os.path.realpath(p) in used for p in _image_files(case)):
+        return files, []
+    try:
+        study, notes = find_study_inputs(case)
+    except BrainUNetError:  # nothing recognisable among the rest: the case runs on its BraTS names alone
+        return files, []
+    taken = []
+    for role in ("t1c", "t2w", "t2f"):
+        path = study.get(role)
+        if role in missing and path is not None and os.path.realpath(os.fspath(path)) not in used:
+            files[role] = path
+            taken.append(notes.get(role, ""))
+    return files, [note for note in taken if note]
 
 
 def cmd_demo(args) -> int:

@@ -396,13 +396,20 @@ def find_case_files(case_dir) -> dict[str, Path]:
     case_dir = Path(case_dir)
     found: dict[str, Path] = {}
     entries = sorted(p for p in case_dir.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX")
-    files = [p for suffixes in ((".nii.gz", ".nii"), SITK_SUFFIXES) for p in entries
-             if p.is_file() and p.name.lower().endswith(suffixes)]
-    folders = [p for p in entries if p.is_dir()]
-    for p in files + folders:
-        stem = (image_stem(p.name) if p.is_file() else None) or p.name
-        suffix = stem.replace("-", "_").split("_")[-1].lower()
-        for key, options in MODALITY_SUFFIXES.items():
-            if suffix in options and key not in found:
-                found[key] = p
+    kinds = [[p for p in entries if p.is_file() and p.name.lower().endswith((".nii.gz", ".nii"))],
+             [p for p in entries if p.is_file() and p.name.lower().endswith(SITK_SUFFIXES)],
+             [p for p in entries if p.is_dir()]]
+    for kind in kinds:  # a kind found for a sequence wins over the kinds after it
+        matches: dict[str, list[Path]] = {}
+        for p in kind:
+            stem = (image_stem(p.name) if p.is_file() else None) or p.name
+            suffix = stem.replace("-", "_").split("_")[-1].lower()
+            for key, options in MODALITY_SUFFIXES.items():
+                if suffix in options and key not in found:
+                    matches.setdefault(key, []).append(p)
+        for key, paths in matches.items():
+            if len(paths) > 1:  # which one is meant is not for the name order to decide
+                raise InputError(f"{len(paths)} images are named as {MODALITY_NAMES.get(key, key)}: "
+                                 f"{', '.join(p.name for p in paths)}; keep one of them in the folder {case_dir}.")
+            found[key] = paths[0]
     return found
