@@ -1,5 +1,6 @@
 """Inputs as clinics and Slicer save them: NRRD / MetaImage files and folders of one DICOM series, read into
 the same voxels and world geometry as the NIfTI they were made from."""
+import re
 import time
 
 import nibabel as nib
@@ -66,6 +67,17 @@ def test_an_nrrd_or_metaimage_file_reads_as_its_nifti(tmp_path, synthetic_case, 
     a, b = load_volume(source, "T2W"), load_volume(other, "T2W")
     assert np.array_equal(a.data, b.data)
     assert np.allclose(a.affine, b.affine, atol=1e-4)
+
+
+def test_one_dicom_file_given_for_a_sequence_asks_for_its_series_folder(tmp_path, synthetic_case):
+    """A DICOM file is one slice: it is not called corrupt, and the message names the folder to give."""
+    source = _oblique_nifti(tmp_path, synthetic_case)
+    folder = tmp_path / "dicom" / "FLAIR"
+    _write_dicom_series(sitk.ReadImage(str(source)), folder, "FLAIR AX", "1.2.826.0.1.3680043.2.1125.9")
+    first = sorted(folder.iterdir())[0]
+    with pytest.raises(InputError, match=re.escape(f"{first.name} is one DICOM file, a single slice of its series. "
+                                                   f"Give the folder that holds the whole series ({folder})")):
+        load_volume(first, "FLAIR")
 
 
 def test_a_dicom_series_folder_reads_as_its_nifti(tmp_path, synthetic_case):

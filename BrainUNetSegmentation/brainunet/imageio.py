@@ -146,10 +146,14 @@ def load_volume(path, name: str | None = None) -> Volume:
         return _load_dicom_series(path, name)
     try:
         with path.open("rb") as f:
-            gzipped = f.read(2) == b"\x1f\x8b"
+            head = f.read(132)
     except OSError as exc:  # no read permission (a file copied from another user's account), a device error
         raise InputError(f"{name}: {path} cannot be opened ({exc.strerror or type(exc).__name__}). Check that "
                          "you may read it (its permissions, or copy it to your own folder) and try again.") from exc
+    gzipped = head[:2] == b"\x1f\x8b"
+    if head[128:132] == b"DICM":  # one file of a series: a slice, not the volume
+        raise InputError(f"{name}: {path.name} is one DICOM file, a single slice of its series. Give the folder that "
+                         f"holds the whole series ({path.parent}) instead of the file.")
     if path.name.lower().endswith(SITK_SUFFIXES):
         return _load_with_sitk(path, name)
     if gzipped and not path.name.lower().endswith((".gz", ".mgz")):  # .mgz: gzipped MGH, refused below
