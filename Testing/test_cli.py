@@ -155,6 +155,35 @@ def test_an_unexpected_error_in_segment_ends_with_one_error_line_and_leaves_no_o
     assert not out.exists() or list(out.iterdir()) == []
 
 
+def test_ctrl_c_while_the_outputs_are_moved_into_place_says_they_were_written(tmp_path, synthetic_case, tiny_weights,
+                                                                               monkeypatch, capsys):
+    """Ctrl-C is held while the outputs are moved into place (all or none): once they are, the message says they
+    were written rather than "nothing was written"."""
+    import os
+    import signal
+
+    from brainunet import outputs
+
+    real_replace, moved = os.replace, []
+
+    def replace_then_interrupt(source, target):
+        real_replace(source, target)
+        moved.append(target)
+        if len(moved) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(outputs.os, "replace", replace_then_interrupt)
+    out = tmp_path / "out"
+    code = _main_in_process(["segment", "--t1c", synthetic_case["t1c"], "--t2w", synthetic_case["t2w"], "--t2f",
+                             synthetic_case["t2f"], "--output", out / "labels.nii.gz", "--stats", out / "stats.csv",
+                             "--model", tiny_weights[0], "--device", "cpu", "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 130 and len(moved) == 2
+    assert (out / "labels.nii.gz").exists() and (out / "stats.csv").exists()
+    assert "nothing was written" not in err
+    assert f"error: stopped once its outputs were written: {out / 'labels.nii.gz'}, {out / 'stats.csv'}" in err
+
+
 def test_batch_takes_sequences_named_as_a_scanner_names_them_and_fails_a_folder_without_any(tmp_path, tiny_weights,
                                                                                             capsys):
     """A case exported with the scanner's names is segmented (the rules of segment --study, each choice

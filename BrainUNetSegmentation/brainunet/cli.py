@@ -538,11 +538,11 @@ def main(argv=None) -> int:
                 "register": cmd_register}
     try:
         return (handlers.get(args.command) or args.handler)(args)
-    except Cancelled as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_CANCELLED
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written.", file=sys.stderr, flush=True)
+    except (Cancelled, KeyboardInterrupt) as exc:
+        written = getattr(exc, "outputs_written", None)  # the stop came as the outputs were moved into place
+        message = (f"stopped once its outputs were written: {', '.join(map(str, written.values()))}" if written
+                   else str(exc) if isinstance(exc, Cancelled) else "interrupted; nothing was written.")
+        print(f"error: {message}", file=sys.stderr, flush=True)
         return EXIT_CANCELLED
     except WeightsError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

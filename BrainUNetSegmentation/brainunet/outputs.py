@@ -30,7 +30,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import BrainUNetError, InputError
+from .errors import BrainUNetError, Cancelled, InputError
 
 TEMP_PREFIX = ".brainunet-"
 # file systems allow 255 bytes a name; the temporary name (temp_path) adds the prefix and 9 characters
@@ -242,6 +242,15 @@ class OutputSet:
                 final = self.outputs[key]
                 if final.exists() and not replaceable(key, final):
                     raise OutputError(_not_replaceable(final) + " Nothing was written.")
+        try:
+            self._move_into_place()
+        except (KeyboardInterrupt, Cancelled) as exc:  # held through the moves, acted on once they were done
+            if not self.temps:  # every output is in place: the message must not say that nothing was written
+                exc.outputs_written = dict(self.outputs)
+            raise
+        return dict(self.outputs)
+
+    def _move_into_place(self) -> None:
         with signals_held():
             previous: dict[str, Path] = {}  # output -> a copy of the file it replaces, until all are in place
             placed: list[str] = []
@@ -268,7 +277,6 @@ class OutputSet:
                 aside.unlink(missing_ok=True)
             self.temps = {}
             self.created = []
-        return dict(self.outputs)
 
     def _take_back(self, placed, previous) -> list[str]:
         """Undo the moves of ``placed``: an output that replaced a file gets that file back, a new one is
