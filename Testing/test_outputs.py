@@ -167,10 +167,16 @@ def test_a_run_replaces_its_own_unchanged_results_but_refuses_any_other_existing
     nrrd.write(str(resaved), voxels, header)
     table, picture = out / "mine.csv", out / "photo.png"
     table.write_text("patient,volume\nA,12\n")
+    annotated = out / "annotated.csv"  # our table with a reader's note added, or a column of their own
+    annotated.write_text((out / "x.csv").read_text() + "reviewed by Dr X: ET volume confirmed\n")
+    with_column = out / "with-column.csv"
+    with_column.write_text("\n".join(line + (",checked" if i else ",review") for i, line in
+                                     enumerate((out / "x.csv").read_text().splitlines())) + "\n")
     Image.new("RGB", (4, 4)).save(picture)
     for option, target in [("--output", expert), ("--output", scan), ("--output", corrected_nifti),
                            ("--output", edited), ("--output", resaved), ("--seg-nrrd", resaved),
-                           ("--stats", table), ("--overlay", picture)]:
+                           ("--stats", table), ("--stats", annotated), ("--stats", with_column),
+                           ("--overlay", picture)]:
         before = target.read_bytes()
         chosen = dict(names, **{option: target})
         assert run("segment", *case_args(synthetic_case), *[str(v) for kv in chosen.items() for v in kv]) == 2

@@ -41,7 +41,10 @@ MAX_OUTPUT_NAME_BYTES = 255 - len(TEMP_PREFIX) - 9
 SIGNATURE = "BrainUNet"
 #: Header field of a ``.seg.nrrd`` written by BrainUNet (value: ``label_mark(labels)``).
 SEG_NRRD_FIELD = "BrainUNet_Output"
-STATISTICS_HEADER_START = "region,name,voxels,volume_ml"
+#: The statistics table's first columns (the sequences' mean and median follow); defined here, not in
+#: statistics.py, which imports scipy: checking an output must stay light
+STATISTICS_COLUMNS = ["region", "name", "voxels", "volume_ml", "centroid_r_mm", "centroid_a_mm", "centroid_s_mm",
+                      "max_diameter_mm"]
 _DIGEST_TAG = "; labels sha256 "
 
 
@@ -83,8 +86,22 @@ def replaceable(key: str, path: Path) -> bool:
             return True
         name = path.name.lower()
         if key == "stats":
-            with open(path, encoding="utf-8", errors="replace") as f:
-                return f.readline(4096).strip().startswith(STATISTICS_HEADER_START)
+            import csv
+
+            from .imageio import MODALITY_NAMES
+            from .labels import REGIONS_BY_KEY
+
+            if path.stat().st_size > 1_000_000:  # ours holds a few rows
+                return False
+            with open(path, newline="", encoding="utf-8", errors="replace") as f:
+                rows = list(csv.reader(f))
+            # as written: our columns (the sequences' mean and median after the geometry), then a row per
+            # region, nothing else: a note or a column added is the reader's work
+            ours = {f"{stat}_{name}" for stat in ("mean", "median") for name in MODALITY_NAMES.values()}
+            header = rows[0] if rows else []
+            return (header[:len(STATISTICS_COLUMNS)] == STATISTICS_COLUMNS
+                    and all(column in ours for column in header[len(STATISTICS_COLUMNS):])
+                    and all(len(row) == len(header) and row[0] in REGIONS_BY_KEY for row in rows[1:]))
         if key == "overlay":
             from PIL import Image
 

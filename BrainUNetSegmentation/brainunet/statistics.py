@@ -11,9 +11,9 @@ from scipy.spatial.distance import pdist
 
 from .imageio import MODALITY_NAMES
 from .labels import ALL_REGIONS
+from .outputs import STATISTICS_COLUMNS
 
-BASE_COLUMNS = ["region", "name", "voxels", "volume_ml", "centroid_r_mm", "centroid_a_mm", "centroid_s_mm",
-                "max_diameter_mm"]
+BASE_COLUMNS = STATISTICS_COLUMNS
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
