@@ -352,11 +352,11 @@ class BrainUNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         removed = node.GetID() if node is not None else None
         if removed is None or removed not in (self._resultTableNodeID, self._resultSegmentationNodeID):
             return
-        if removed == self._resultSegmentationNodeID:
+        if removed == self._resultSegmentationNodeID:  # its table stays shown: the figures as computed last
             self._resultSegmentationNodeID = None
             if self.ui.segmentationShow3DButton.segmentationNode() is node:
                 self.ui.segmentationShow3DButton.setSegmentationNode(None)
-        if removed == self._resultTableNodeID or self._resultTableNodeID is None:
+        else:
             self._showResults(None)
             if self._entered:
                 self._showLatestResult()

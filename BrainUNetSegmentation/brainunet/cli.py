@@ -438,7 +438,6 @@ def _completed_by_scanner_names(case: Path, files: dict) -> tuple[dict, list[str
     sequence (``AX T2 TSE.nii.gz``) is taken for it, with a note, rather than segmenting without it."""
     import os
 
-    from .errors import BrainUNetError
     from .sequences import find_study_inputs
 
     missing = {"t1c", "t2w", "t2f"} - files.keys()

@@ -40,11 +40,16 @@ class Volume:
 
     @property
     def spacing(self) -> np.ndarray:
-        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        return affine_spacing(self.affine)
 
     @property
     def voxel_volume_mm3(self) -> float:
         return float(abs(np.linalg.det(self.affine[:3, :3])))
+
+
+def affine_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size (mm) along each voxel axis of a voxel-to-world matrix."""
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
 
 
 def check_volume(data: np.ndarray, affine: np.ndarray, name: str) -> np.ndarray:
@@ -85,7 +90,7 @@ def check_voxels(data: np.ndarray, affine: np.ndarray, name: str) -> np.ndarray:
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(f"{name} has an invalid voxel-to-world matrix (zero or undefined spacing); "
                          "re-export it with correct geometry.")
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = affine_spacing(affine)
     extent = spacing * np.asarray(data.shape[:3], dtype=float)
     if spacing.min() < MIN_SPACING_MM or spacing.max() > MAX_SPACING_MM or extent.max() > MAX_EXTENT_MM:
         # a header whose spacing is in the wrong unit or lost: the brain would be resampled to a few voxels

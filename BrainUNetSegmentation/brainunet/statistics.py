@@ -13,8 +13,6 @@ from .imageio import MODALITY_NAMES
 from .labels import ALL_REGIONS
 from .outputs import STATISTICS_COLUMNS
 
-BASE_COLUMNS = STATISTICS_COLUMNS
-
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice overlap of two masks; 1 when both are empty (the BraTS convention)."""
@@ -71,7 +69,7 @@ def region_statistics(labels: np.ndarray, affine: np.ndarray, intensities: dict[
 
 def write_csv(rows, path) -> Path:
     path = Path(path)
-    columns = list(rows[0].keys()) if rows else BASE_COLUMNS
+    columns = list(rows[0].keys()) if rows else STATISTICS_COLUMNS
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

@@ -837,13 +837,19 @@ def learned_cases(weights_file) -> tuple[set[str], int]:
     return names, unnamed
 
 
+def _learned_among(weights_file, case_names) -> tuple[list[str], str, int]:
+    """(the cases of ``case_names`` the weights learned from, the first of them as text, how many cases they
+    learned from without a name on record)."""
+    seen, unnamed = learned_cases(weights_file)
+    overlap = sorted(seen & set(case_names))
+    return overlap, ", ".join(overlap[:3]) + (", ..." if len(overlap) > 3 else ""), unnamed
+
+
 def check_not_learned(weights_file, case_names, log=print) -> None:
     """Refuse to cross-validate from a start model that learned from any of the cases to be held out: their
     scores would not be held-out scores. Cases learned from without a name on record get a note."""
-    seen, unnamed = learned_cases(weights_file)
-    overlap = sorted(seen & set(case_names))
+    overlap, listed, unnamed = _learned_among(weights_file, case_names)
     if overlap:
-        listed = ", ".join(overlap[:3]) + (", ..." if len(overlap) > 3 else "")
         raise InputError(f"{Path(weights_file).name} has learned from {len(overlap)} of these cases ({listed}), so "
                          "their held-out scores would not be held out. Start from a model that has not seen them "
                          "(--model; the bundled recipe starts from brainunet-2mm-transfer, see MODEL_CARD.md) or "
@@ -856,10 +862,9 @@ def check_not_learned(weights_file, case_names, log=print) -> None:
 def check_held_out(weights, held_names) -> None:
     """Refuse to score a model on cases it learned from (a model copied into the wrong fold folder, a run
     resumed over other cases): the figures would not be held-out figures."""
-    seen = sorted(learned_cases(weights)[0] & set(held_names))
+    seen, listed, _ = _learned_among(weights, held_names)
     if seen:
-        raise InputError(f"{weights} has learned from {len(seen)} of the cases it would be scored on "
-                         f"({', '.join(seen[:3])}{', ...' if len(seen) > 3 else ''}): "
+        raise InputError(f"{weights} has learned from {len(seen)} of the cases it would be scored on ({listed}): "
                          "its scores would not be held out. Check that each fold folder holds its own fold's model "
                          "(folds.json), and resume a run only with the cases it started with.")
 
